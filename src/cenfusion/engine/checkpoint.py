@@ -1,0 +1,54 @@
+"""Checkpoints: atomic writes, safe reads, and the model record that rebuilds a network.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)``: ``{"format", "task", "model_config", "model", ...}`` plus,
+for training checkpoints, whatever resume needs (optimiser, stage, epoch, best score, RNG).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cenfusion.errors import CenError
+
+FORMAT = "cenfusion-v1"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
+    """Read a cenfusion checkpoint with ``weights_only=True`` on the CPU.
+
+    ``task`` (e.g. ``"segmentation"``) is checked against the checkpoint's own.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CenError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CenError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CenError(
+            f"{path}: not a cenfusion checkpoint (released CEN files: `cen convert-official`)"
+        )
+    if task is not None and state.get("task") != task:
+        raise CenError(f"{path}: a {state.get('task')} checkpoint, expected {task}")
+    return state

@@ -1,0 +1,291 @@
+"""CEN RefineNet: a timm BatchNorm backbone in CEN form plus the full multi-path RefineNet.
+
+Every convolution (encoder and decoder) is shared by the modalities; only the encoder's
+BatchNorms are private, with channel exchange after each bottleneck's ``bn2``. The decoder
+has no normalisation, reads its input channels from the backbone's ``feature_info`` and
+follows the released system layer for layer (CEN_SPEC §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cenfusion.errors import CenError
+from cenfusion.fusion import (
+    RESNET_EXCHANGE_POINTS,
+    AlphaEnsemble,
+    convert,
+    set_frozen_stats,
+    split_modalities,
+    stack_modalities,
+)
+
+RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
+LOCAL_WEIGHT_SUFFIXES = {".pth", ".pt", ".tar", ".safetensors", ".bin"}
+
+
+def _hf_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+def conv3x3(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
+
+
+class ResidualConvUnit(nn.Module):
+    """``x + conv(relu(conv_b(relu(x))))``; the first conv has a bias, the second none."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels, bias=True)
+        self.conv2 = conv3x3(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+def rcu_block(channels: int, units: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualConvUnit(channels) for _ in range(units)))
+
+
+class ChainedResidualPool(nn.Module):
+    """Chain of ``[maxpool 5x5 stride 1, conv3x3]``, each output added to the running sum."""
+
+    def __init__(self, channels: int, stages: int = 4) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(conv3x3(channels, channels) for _ in range(stages))
+
+    def forward(self, x: Tensor) -> Tensor:
+        top = x
+        for conv in self.convs:
+            top = conv(F.max_pool2d(top, 5, stride=1, padding=2))
+            x = x + top
+        return x
+
+
+class RefineStage(nn.Module):
+    """One RefineNet level.
+
+    ``reduce`` (in -> width), RCU(2), optionally ``fuse`` (width -> width) plus the upsampled
+    deeper path, ReLU, CRP(4), RCU(3), optionally ``project`` (width -> out) and bilinear
+    upsampling (``align_corners=True``) to the next level's size.
+    """
+
+    def __init__(self, in_channels: int, width: int, out_channels: int | None, fuse: bool):
+        super().__init__()
+        self.reduce = conv3x3(in_channels, width)
+        self.rcu_in = rcu_block(width, 2)
+        self.fuse = conv3x3(width, width) if fuse else None
+        self.crp = ChainedResidualPool(width)
+        self.rcu_out = rcu_block(width, 3)
+        self.project = conv3x3(width, out_channels) if out_channels is not None else None
+
+    def forward(self, x: Tensor, deeper: Tensor | None, out_size: Sequence[int] | None) -> Tensor:
+        x = self.rcu_in(self.reduce(x))
+        if self.fuse is not None:
+            x = self.fuse(x) + deeper
+        x = self.rcu_out(self.crp(F.relu(x)))
+        if self.project is not None:
+            x = F.interpolate(
+                self.project(x), size=tuple(out_size), mode="bilinear", align_corners=True
+            )
+        return x
+
+
+class RefineNetDecoder(nn.Module):
+    """Multi-path RefineNet over four encoder levels (strides 4, 8, 16, 32).
+
+    ``in_channels``: channels of the levels, shallow to deep (ResNet: 256, 512, 1024, 2048).
+    Dropout (``drop_rate``) acts on the two deepest levels and before the classifier.
+    Output: logits ``(N, num_classes, h1, w1)`` at the shallowest level's resolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        drop_rate: float = 0.5,
+        deep_width: int = 512,
+        width: int = 256,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"RefineNet needs 4 encoder levels, got {len(in_channels)}")
+        deep_to_shallow = list(in_channels)[::-1]
+        self.dropout = nn.Dropout(drop_rate)
+        self.stages = nn.ModuleList(
+            [RefineStage(deep_to_shallow[0], deep_width, width, fuse=False)]
+            + [RefineStage(c, width, width, fuse=True) for c in deep_to_shallow[1:3]]
+            + [RefineStage(deep_to_shallow[3], width, None, fuse=True)]
+        )
+        self.classifier = conv3x3(width, num_classes, bias=True)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        l1, l2, l3, l4 = features
+        levels = [self.dropout(l4), self.dropout(l3), l2, l1]
+        x: Tensor | None = None
+        for i, stage in enumerate(self.stages):
+            out_size = levels[i + 1].shape[-2:] if i + 1 < len(levels) else None
+            x = stage(levels[i], x, out_size)
+        return self.classifier(self.dropout(x))
+
+
+@dataclass(frozen=True)
+class CENRefineNetConfig:
+    """Everything needed to rebuild a :class:`CENRefineNet` (saved inside checkpoints)."""
+
+    backbone: str = "resnet101"
+    num_classes: int = 40
+    num_modalities: int = 2
+    bn_threshold: float = 2e-2
+    drop_rate: float = 0.5
+    exchange_at: tuple[str, ...] = RESNET_EXCHANGE_POINTS
+    ensemble_detach: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CENRefineNetConfig:
+        d = dict(d)
+        d["exchange_at"] = tuple(d.get("exchange_at", RESNET_EXCHANGE_POINTS))
+        return cls(**d)
+
+
+class CENRefineNet(nn.Module):
+    """CEN segmentation network: shared encoder/decoder, private BNs, alpha ensemble.
+
+    ``forward(inputs)``: a list of ``M`` tensors ``(B, 3, H, W)`` or the stacked
+    ``(M*B, 3, H, W)``; returns ``M + 1`` logit tensors ``(B, K, ceil(H/4), ceil(W/4))``,
+    one per modality in input order, the ensemble last.
+    """
+
+    def __init__(self, config: CENRefineNetConfig, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if encoder is None:
+            encoder = create_encoder(config.backbone)
+        self.encoder = convert(
+            encoder, config.num_modalities, config.exchange_at, config.bn_threshold
+        )
+        self.decoder = RefineNetDecoder(
+            self.encoder.feature_info.channels(), config.num_classes, config.drop_rate
+        )
+        self.ensemble = AlphaEnsemble(config.num_modalities, detach=config.ensemble_detach)
+
+    @property
+    def num_modalities(self) -> int:
+        return self.config.num_modalities
+
+    def forward_stacked(self, x: Tensor) -> Tensor:
+        """Stacked ``(M*B, 3, H, W)`` -> per-modality logits ``(M, B, K, h, w)``."""
+        return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
+
+    def forward(self, inputs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+        if not isinstance(inputs, Tensor) and len(inputs) != self.num_modalities:
+            raise ValueError(f"expected {self.num_modalities} modalities, got {len(inputs)}")
+        heads = self.forward_stacked(stack_modalities(inputs))
+        return [*heads.unbind(0), self.ensemble(heads)]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoder (the lower learning rate group of the recipe)."""
+        return list(self.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Decoder, classifier and ensemble weights (the higher learning rate group)."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+
+def create_encoder(backbone: str, pretrained: str | Path | None = None) -> nn.Module:
+    """A timm feature backbone (4 levels, strides 4..32), optionally with ImageNet weights.
+
+    ``pretrained``: a timm pretrained tag (``"tv_in1k"``: torchvision's weights, as released)
+    or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored).
+    """
+    local = pretrained is not None and Path(pretrained).suffix in LOCAL_WEIGHT_SUFFIXES
+    remote = pretrained is not None and not local
+    name = f"{backbone}.{pretrained}" if remote else backbone
+    try:
+        encoder = timm.create_model(
+            name, features_only=True, out_indices=(1, 2, 3, 4), pretrained=remote
+        )
+    except RuntimeError as err:
+        raise CenError(f"backbone {name!r}: {err}") from err
+    except OSError as err:
+        raise CenError(
+            f"could not fetch pretrained weights {name!r} ({type(err).__name__}); with no "
+            f"network, put the file in the Hugging Face cache ({_hf_cache()}) or torch hub "
+            f"cache ({torch.hub.get_dir()}), or pass --pretrained PATH"
+        ) from err
+    if local:
+        _load_local_weights(encoder, Path(pretrained))
+    return encoder
+
+
+def _load_local_weights(encoder: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CenError(f"--pretrained {path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CenError(f"--pretrained {path}: not a readable state dict ({err})") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    expected = encoder.state_dict().keys()
+    state = {k: v for k, v in state.items() if k in expected}
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CenError(f"--pretrained {path}: lacks backbone weight {missing[0]!r}")
+    encoder.load_state_dict(state)
+
+
+def create_cen_refinenet(
+    depth: int = 101,
+    num_classes: int = 40,
+    num_modalities: int = 2,
+    bn_threshold: float = 2e-2,
+    pretrained: str | Path | None = None,
+    backbone: str | None = None,
+    drop_rate: float = 0.5,
+    frozen_bn: bool | None = None,
+    ensemble_detach: bool = True,
+) -> CENRefineNet:
+    """Build a CEN RefineNet.
+
+    ``depth`` picks ResNet-50/101/152 (torchvision layout); ``backbone`` overrides it with
+    any timm BatchNorm CNN name. ``pretrained`` is a timm tag or a local file; its BN
+    statistics and affine parameters are copied into every modality. ``frozen_bn`` (default:
+    on exactly when pretrained) keeps the BN running statistics fixed during training.
+    """
+    if backbone is None:
+        if depth not in RESNET_DEPTHS:
+            raise CenError(f"--enc {depth}: expected one of {sorted(RESNET_DEPTHS)}")
+        backbone = RESNET_DEPTHS[depth]
+    if num_modalities < 2:
+        raise CenError(f"num_modalities={num_modalities}: CEN fuses at least 2 modalities")
+    config = CENRefineNetConfig(
+        backbone=backbone,
+        num_classes=num_classes,
+        num_modalities=num_modalities,
+        bn_threshold=bn_threshold,
+        drop_rate=drop_rate,
+        ensemble_detach=ensemble_detach,
+    )
+    model = CENRefineNet(config, create_encoder(backbone, pretrained))
+    set_frozen_stats(model, pretrained is not None if frozen_bn is None else frozen_bn)
+    return model

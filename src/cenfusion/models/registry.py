@@ -1,0 +1,44 @@
+"""Named model variants: each a small registered builder, created by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from cenfusion.errors import CenError
+from cenfusion.models.refinenet import create_cen_refinenet
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs: object) -> nn.Module:
+    """Build the registered variant ``name``; keyword arguments go to its builder."""
+    if name not in _REGISTRY:
+        raise CenError(f"model {name!r}: expected one of {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+@register_model
+def cen_refinenet_r50(**kwargs: object) -> nn.Module:
+    return create_cen_refinenet(depth=50, **kwargs)
+
+
+@register_model
+def cen_refinenet_r101(**kwargs: object) -> nn.Module:
+    return create_cen_refinenet(depth=101, **kwargs)
+
+
+@register_model
+def cen_refinenet_r152(**kwargs: object) -> nn.Module:
+    return create_cen_refinenet(depth=152, **kwargs)

@@ -1,0 +1,47 @@
+"""Segmentation models to and from checkpoints, released CEN files included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from cenfusion.errors import CenError
+from cenfusion.models.official import load_official_checkpoint
+from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
+
+TASK = "segmentation"
+
+
+def model_record(model: CENRefineNet) -> dict:
+    """What a checkpoint needs to rebuild ``model``: its config and its weights."""
+    return {"task": TASK, "model_config": model.config.to_dict(), "model": model.state_dict()}
+
+
+def model_from_checkpoint(path: str | Path) -> CENRefineNet:
+    """Rebuild the segmentation model stored in a cenfusion checkpoint."""
+    state = load_checkpoint(path, task=TASK)
+    return model_from_record(state, str(path))
+
+
+def model_from_record(state: dict, where: str) -> CENRefineNet:
+    model = CENRefineNet(CENRefineNetConfig.from_dict(state["model_config"]))
+    load_weights(model, state["model"], where)
+    return model
+
+
+def load_weights(model: nn.Module, weights: dict, where: str) -> None:
+    """Load a state dict, turning any key or shape mismatch into one clear line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise CenError(f"{where}: weights do not fit this model ({first[0].strip()})") from err
+
+
+def convert_official(source: str | Path, out: str | Path) -> CENRefineNet:
+    """Convert a released CEN ``.pth.tar`` into a cenfusion checkpoint at ``out``."""
+    model = load_official_checkpoint(source)
+    save_checkpoint(out, {**model_record(model), "source": str(source)})
+    return model

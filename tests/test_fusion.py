@@ -1,0 +1,331 @@
+import copy
+import fnmatch
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from cenfusion.fusion import (
+    RESNET_EXCHANGE_POINTS,
+    AlphaEnsemble,
+    ModalityBatchNorm2d,
+    ModalityInstanceNorm2d,
+    ModalityNorm,
+    convert,
+    exchange_stats,
+    exchanging_norms,
+    set_frozen_stats,
+    sparsity_penalty,
+)
+from cenfusion.models.refinenet import create_cen_refinenet
+
+
+class LoopNorm(nn.Module):
+    """Reference: one plain norm per modality, exchange by an explicit loop."""
+
+    def __init__(self, norm: ModalityNorm) -> None:
+        super().__init__()
+        m, c = norm.num_modalities, norm.num_features
+        if isinstance(norm, ModalityBatchNorm2d):
+            self.norms = nn.ModuleList(
+                nn.BatchNorm2d(c, eps=norm.eps, momentum=norm.momentum) for _ in range(m)
+            )
+            for i, bn in enumerate(self.norms):
+                bn.running_mean.copy_(norm.running_mean[i])
+                bn.running_var.copy_(norm.running_var[i])
+        else:
+            self.norms = nn.ModuleList(
+                nn.InstanceNorm2d(c, eps=norm.eps, affine=True) for _ in range(m)
+            )
+        with torch.no_grad():
+            for i, bn in enumerate(self.norms):
+                bn.weight.copy_(norm.weight[i])
+                bn.bias.copy_(norm.bias[i])
+        self.exchange = norm.exchange
+        self.threshold = norm.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = len(self.norms)
+        ys = [bn(chunk) for bn, chunk in zip(self.norms, x.chunk(m))]
+        if not self.exchange:
+            return torch.cat(ys)
+        outs = []
+        for i in range(m):
+            channels = []
+            for c in range(ys[i].shape[1]):
+                if self.norms[i].weight[c].abs() < self.threshold:
+                    others = [ys[j][:, c] for j in range(m) if j != i]
+                    channels.append(sum(others) / len(others))
+                else:
+                    channels.append(ys[i][:, c])
+            outs.append(torch.stack(channels, dim=1))
+        return torch.cat(outs)
+
+
+def to_reference(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, ModalityNorm):
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, child, LoopNorm(module))
+    return ref
+
+
+def ours_grad(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_parameter(name).grad
+
+
+def reference_grad(ref: nn.Module, name: str) -> torch.Tensor:
+    path, _, param = name.rpartition(".")
+    module = ref.get_submodule(path)
+    if isinstance(module, LoopNorm):
+        return torch.stack([getattr(bn, param).grad for bn in module.norms])
+    return ref.get_parameter(name).grad
+
+
+def sparsify(model: nn.Module, fraction: float = 0.3, seed: int = 0) -> None:
+    """Push a random part of every exchanging gamma under its threshold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, norm in exchanging_norms(model):
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+            low = torch.rand(norm.weight.shape, generator=g) < fraction
+            norm.weight[low] = 1e-3
+            norm.bias.normal_(0, 0.1, generator=g)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.detach().abs().max()) + 1e-7)
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_model_matches_per_modality_loop(num_modalities: int, train: bool) -> None:
+    torch.manual_seed(0)
+    model = create_cen_refinenet(
+        backbone="resnet26", num_classes=5, num_modalities=num_modalities, drop_rate=0.0
+    )
+    sparsify(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ModalityBatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+    ref = to_reference(model)
+    model.train(train)
+    ref.train(train)
+    inputs = [torch.randn(2, 3, 48, 40) for _ in range(num_modalities)]
+
+    outs = model(inputs)
+    ref_outs = ref(inputs)
+    assert len(outs) == num_modalities + 1
+    for a, b in zip(outs, ref_outs):
+        assert_close(a, b)
+
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+    ref_loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in ref_outs)
+    loss.backward()
+    ref_loss.backward()
+    checked = 0
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        assert_close(param.grad, reference_grad(ref, name))
+        checked += 1
+    assert checked == sum(1 for _ in model.parameters())
+
+    if train:
+        for name, module in model.named_modules():
+            if isinstance(module, ModalityBatchNorm2d):
+                loop = ref.get_submodule(name)
+                assert_close(module.running_mean, torch.stack([b.running_mean for b in loop.norms]))
+                assert_close(module.running_var, torch.stack([b.running_var for b in loop.norms]))
+
+
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_instance_norm_matches_per_modality_loop(num_modalities: int) -> None:
+    torch.manual_seed(1)
+    norm = ModalityInstanceNorm2d(6, num_modalities, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.weight[0, 1] = 0.01
+        norm.weight[-1, 4] = -0.05
+        norm.bias.normal_()
+    ref = LoopNorm(norm)
+    x = torch.randn(num_modalities * 2, 6, 5, 7, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref_out = norm(x), ref(x_ref)
+    assert_close(out, ref_out)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (ref_out * weights).sum().backward()
+    assert_close(x.grad, x_ref.grad)
+    assert_close(norm.weight.grad, torch.stack([n.weight.grad for n in ref.norms]))
+
+
+def hand_built_norm(gammas: torch.Tensor, threshold: float = 0.1) -> ModalityBatchNorm2d:
+    """Eval-mode norm with unit statistics and zero bias: output = gamma * input."""
+    m, c = gammas.shape
+    norm = ModalityBatchNorm2d(c, m, eps=0.0, exchange=True, threshold=threshold).eval()
+    with torch.no_grad():
+        norm.weight.copy_(gammas)
+    return norm
+
+
+def test_exchange_sources_with_hand_built_gammas() -> None:
+    gammas = torch.tensor(
+        [
+            [1.0, 0.05, 2.0, -0.01],
+            [3.0, 4.0, 0.0, -0.5],
+            [5.0, 6.0, 7.0, 0.08],
+        ]
+    )
+    norm = hand_built_norm(gammas)
+    x = torch.arange(1.0, 4.0).view(3, 1, 1, 1, 1).expand(3, 1, 4, 2, 2).reshape(3, 4, 2, 2)
+    out = norm(x)[:, :, 0, 0]
+    y = gammas * torch.arange(1.0, 4.0)[:, None]
+    expected = torch.tensor(
+        [
+            [y[0, 0], (y[1, 1] + y[2, 1]) / 2, y[0, 2], (y[1, 3] + y[2, 3]) / 2],
+            [y[1, 0], y[1, 1], (y[0, 2] + y[2, 2]) / 2, y[1, 3]],
+            [y[2, 0], y[2, 1], y[2, 2], (y[0, 3] + y[1, 3]) / 2],
+        ]
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert torch.equal(out[:, 0], y[:, 0])
+
+
+def test_two_modalities_copy_exactly_and_gradient_reaches_source() -> None:
+    gammas = torch.tensor([[0.3, 0.001, 0.7], [0.9, 0.4, 0.002]])
+    norm = hand_built_norm(gammas)
+    x = torch.randn(2 * 3, 3, 4, 4, requires_grad=True)
+    out = norm(x).view(2, 3, 3, 4, 4)
+    own = (gammas[:, None, :, None, None] * x.view(2, 3, 3, 4, 4)).detach()
+    assert torch.equal(out[0, :, 1], own[1, :, 1])
+    assert torch.equal(out[1, :, 2], own[0, :, 2])
+    assert torch.equal(out[0, :, 0], own[0, :, 0])
+    out[0, :, 1].sum().backward()
+    grad = x.grad.view(2, 3, 3, 4, 4)
+    assert torch.all(grad[1, :, 1] == gammas[1, 1])
+    assert torch.all(grad[0, :, 1] == 0)
+
+
+def test_channel_above_threshold_everywhere_is_untouched() -> None:
+    gammas = torch.tensor([[0.5, 0.0, 0.2], [0.6, 0.3, -0.01], [0.7, 0.2, 0.9]])
+    norm = hand_built_norm(gammas)
+    x = torch.randn(3 * 2, 3, 3, 3)
+    out = norm(x).view(3, 2, 3, 3, 3)
+    own = gammas[:, None, 0, None, None] * x.view(3, 2, 3, 3, 3)[:, :, 0]
+    assert torch.equal(out[:, :, 0], own)
+
+
+def test_sparsity_parts_are_disjoint_and_cover() -> None:
+    for m, c in [(2, 8), (3, 10), (4, 7)]:
+        norm = ModalityBatchNorm2d(c, m, exchange=True)
+        mask = norm.penalty_mask
+        assert torch.equal(mask.sum(0), torch.ones(c, dtype=torch.long))
+        for i in range(m):
+            owned = mask[i].nonzero().flatten()
+            assert len(owned) >= c // m
+            assert torch.equal(owned, torch.arange(owned[0], owned[-1] + 1))
+    assert torch.equal(
+        ModalityBatchNorm2d(8, 2, exchange=True).penalty_mask,
+        torch.tensor([[1] * 4 + [0] * 4, [0] * 4 + [1] * 4], dtype=torch.bool),
+    )
+
+
+def test_sparsity_penalty_value_and_lambda_zero() -> None:
+    model = nn.Sequential(
+        ModalityBatchNorm2d(4, 2, exchange=True),
+        ModalityBatchNorm2d(6, 3, exchange=True),
+        ModalityBatchNorm2d(5, 2, exchange=False),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    w0, w1 = model[0].weight, model[1].weight
+    expected = (
+        w0[0, :2].abs().sum()
+        + w0[1, 2:].abs().sum()
+        + w1[0, :2].abs().sum()
+        + w1[1, 2:4].abs().sum()
+        + w1[2, 4:].abs().sum()
+    )
+    torch.testing.assert_close(sparsity_penalty(model, 0.5), 0.5 * expected)
+    zero = sparsity_penalty(model, 0.0)
+    assert float(zero) == 0.0 and not zero.requires_grad
+
+
+def test_exchange_stats_per_point_and_overall() -> None:
+    model = nn.Sequential(
+        ModalityBatchNorm2d(4, 2, exchange=True, threshold=0.1),
+        ModalityBatchNorm2d(4, 2, exchange=True, threshold=0.1),
+    )
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0, 0.5, 0.0, 0.0], [1.0, 1.0, 0.05, 1.0]]))
+        model[1].weight.fill_(1.0)
+    stats = exchange_stats(model)
+    assert stats.per_point == {"0": 0.5, "1": 0.0}
+    assert stats.overall == pytest.approx(2 / 8)
+
+
+def test_ensemble_weights_and_detach() -> None:
+    outs = torch.randn(3, 2, 4, 5, 5, requires_grad=True)
+    ens = AlphaEnsemble(3)
+    with torch.no_grad():
+        ens.alpha.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    w = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    result = ens(outs)
+    torch.testing.assert_close(result, (w[:, None, None, None, None] * outs).sum(0))
+    result.sum().backward()
+    assert outs.grad is None and ens.alpha.grad is not None
+    AlphaEnsemble(3, detach=False)(outs).sum().backward()
+    assert outs.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "exchange_at"),
+    [
+        ("resnet26", RESNET_EXCHANGE_POINTS),
+        ("resnext50_32x4d", RESNET_EXCHANGE_POINTS),
+        ("resnext26ts", ("stages_*.*.conv2_kxk.bn",)),
+    ],
+)
+def test_convert_keeps_function_for_identical_modalities(name: str, exchange_at) -> None:
+    torch.manual_seed(0)
+    plain = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    with torch.no_grad():
+        for module in plain.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.weight.uniform_(-0.05, 1.0)
+    selected = [
+        n
+        for n, m in plain.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and any(fnmatch.fnmatchcase(n, p) for p in exchange_at)
+    ]
+    cen = convert(copy.deepcopy(plain), 3, exchange_at).eval()
+    assert not any(type(m) is nn.BatchNorm2d for m in cen.modules())
+    points = [n.removesuffix(".0") for n, _ in exchanging_norms(cen)]
+    assert len(selected) >= 8 and points == selected
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = plain(x)
+        outs = cen(torch.cat([x, x, x]))
+    for r, o in zip(ref, outs):
+        torch.testing.assert_close(o, torch.cat([r, r, r]), rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_stats_use_and_keep_running_statistics() -> None:
+    torch.manual_seed(0)
+    norm = ModalityBatchNorm2d(3, 2)
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    before = norm.running_mean.clone()
+    set_frozen_stats(norm)
+    x = torch.randn(4, 3, 5, 5)
+    train_out = norm.train()(x)
+    assert torch.equal(norm.running_mean, before)
+    torch.testing.assert_close(train_out, norm.eval()(x))

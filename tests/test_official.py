@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from cenfusion import CenError, create_cen_refinenet, load_official_checkpoint
+from cenfusion.models.official import load_official_state_dict, to_official_state_dict
+
+
+@pytest.fixture(scope="module")
+def model_and_state():
+    torch.manual_seed(0)
+    model = create_cen_refinenet(depth=50, num_classes=9, num_modalities=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        model.ensemble.alpha.copy_(torch.tensor([0.2, 1.0, -0.3]))
+    return model, to_official_state_dict(model)
+
+
+def test_released_key_layout(model_and_state) -> None:
+    _, state = model_and_state
+    expected = [
+        "module.conv1.module.weight",
+        "module.bn1.bn_2.running_var",
+        "module.layer1.0.conv1.module.weight",
+        "module.layer3.5.bn2.bn_1.weight",
+        "module.layer1.0.downsample.0.module.weight",
+        "module.layer1.0.downsample.1.bn_0.running_var",
+        "module.layer4.2.bn3.bn_2.num_batches_tracked",
+        "module.p_ims1d2_outl1_dimred.module.weight",
+        "module.p_ims1d2_outl4_dimred.module.weight",
+        "module.adapt_stage1_b.0.1_conv.module.weight",
+        "module.adapt_stage1_b.0.1_conv.module.bias",
+        "module.adapt_stage4_b.0.2_conv_relu_varout_dimred.module.weight",
+        "module.adapt_stage2_b2_joint_varout_dimred.module.weight",
+        "module.adapt_stage4_b2_joint_varout_dimred.module.weight",
+        "module.mflow_conv_g1_pool.0.4_outvar_dimred.module.weight",
+        "module.mflow_conv_g4_b.0.3_conv_relu_varout_dimred.module.weight",
+        "module.mflow_conv_g1_b3_joint_varout_dimred.module.weight",
+        "module.mflow_conv_g3_b3_joint_varout_dimred.module.weight",
+        "module.clf_conv.module.bias",
+        "module.alpha",
+    ]
+    for key in expected:
+        assert key in state, key
+    assert "module.adapt_stage1_b2_joint_varout_dimred.module.weight" not in state
+    assert "module.mflow_conv_g4_b3_joint_varout_dimred.module.weight" not in state
+    assert state["module.alpha"].shape == (3,)
+    assert state["module.p_ims1d2_outl1_dimred.module.weight"].shape == (512, 2048, 3, 3)
+    assert state["module.layer2.0.bn2.bn_0.weight"].shape == (128,)
+    decoder = [k for k in state if not k.startswith(("module.layer", "module.conv1", "module.bn1"))]
+    per_stage = [21, 22, 22, 21]  # reduce, 2+3 RCU units (w, b, w), CRP 4, fuse, project
+    assert len(decoder) == sum(per_stage) + 2 + 1
+
+
+def test_round_trip_gives_identical_outputs(model_and_state, tmp_path) -> None:
+    model, state = model_and_state
+    path = tmp_path / "cen.pth.tar"
+    torch.save({"segmenter": state, "epoch": 3, "best_val": np.float64(0.5)}, path)
+    loaded = load_official_checkpoint(path).eval()
+    assert loaded.config.num_classes == 9 and loaded.config.num_modalities == 3
+    assert loaded.config.backbone == "resnet50"
+    inputs = [torch.randn(1, 3, 40, 56) for _ in range(3)]
+    with torch.no_grad():
+        for a, b in zip(model(inputs), loaded(inputs)):
+            assert torch.equal(a, b)
+
+
+def test_incomplete_or_extra_keys_are_named(model_and_state) -> None:
+    _, state = model_and_state
+    missing = dict(state)
+    del missing["module.layer2.1.bn2.bn_2.running_mean"]
+    with pytest.raises(CenError, match=r"layer2\.1\.bn2\.bn_2\.running_mean"):
+        load_official_state_dict(missing)
+    extra = dict(state)
+    extra["module.layer2.1.bn2.bn_3.weight"] = torch.ones(128)
+    with pytest.raises(CenError, match=r"layer2\.1\.bn2\.bn_3\.weight"):
+        load_official_state_dict(extra)
+
+
+def test_unreadable_checkpoint(tmp_path) -> None:
+    with pytest.raises(CenError, match="not found"):
+        load_official_checkpoint(tmp_path / "missing.pth.tar")
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CenError, match="not a readable"):
+        load_official_checkpoint(bad)

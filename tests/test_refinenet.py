@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from cenfusion import CenError, create_cen_refinenet, create_model
+from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
+from cenfusion.models.refinenet import ResidualConvUnit
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("depth", "millions", "points"), [(101, 118.2, 33), (152, 133.9, 50)]
+)
+def test_parameter_counts_and_exchange_points(depth: int, millions: float, points: int) -> None:
+    model = create_cen_refinenet(depth=depth, num_classes=40, num_modalities=2)
+    assert abs(count(model) / 1e6 - millions) <= 0.1
+    assert len(exchanging_norms(model)) == points
+
+
+@pytest.mark.parametrize(("h", "w"), [(64, 64), (65, 50), (37, 81)])
+def test_output_shapes_and_stacked_input(h: int, w: int) -> None:
+    torch.manual_seed(0)
+    model = create_cen_refinenet(backbone="resnet26", num_classes=6, num_modalities=3).eval()
+    inputs = [torch.randn(2, 3, h, w) for _ in range(3)]
+    with torch.no_grad():
+        outs = model(inputs)
+        stacked = model(torch.cat(inputs))
+    assert len(outs) == 4
+    for o, s in zip(outs, stacked):
+        assert o.shape == (2, 6, math.ceil(h / 4), math.ceil(w / 4))
+        assert torch.equal(o, s)
+
+
+def test_wrong_modality_count_is_refused() -> None:
+    model = create_cen_refinenet(backbone="resnet26", num_classes=3, num_modalities=2)
+    with pytest.raises(ValueError, match="expected 2 modalities"):
+        model([torch.randn(1, 3, 32, 32)] * 3)
+
+
+def test_decoder_bias_placement_and_dropout() -> None:
+    model = create_cen_refinenet(backbone="resnet26", num_classes=7)
+    convs = {n: m for n, m in model.decoder.named_modules() if isinstance(m, nn.Conv2d)}
+    with_bias = sorted(n for n, m in convs.items() if m.bias is not None)
+    rcu_first = sorted(
+        f"{n}.conv1"
+        for n, m in model.decoder.named_modules()
+        if isinstance(m, ResidualConvUnit)
+    )
+    assert with_bias == sorted([*rcu_first, "classifier"])
+    assert len(rcu_first) == 4 * (2 + 3)
+    assert all(m.kernel_size == (3, 3) for m in convs.values())
+    assert [s.reduce.out_channels for s in model.decoder.stages] == [512, 256, 256, 256]
+    assert [s.reduce.in_channels for s in model.decoder.stages] == [2048, 1024, 512, 256]
+    assert model.decoder.classifier.out_channels == 7
+    assert model.decoder.dropout.p == 0.5
+
+
+def test_parameter_groups_partition_the_model() -> None:
+    model = create_cen_refinenet(backbone="resnet26", num_classes=3)
+    enc, dec = model.encoder_parameters(), model.decoder_parameters()
+    assert {id(p) for p in enc}.isdisjoint({id(p) for p in dec})
+    assert len(enc) + len(dec) == len(list(model.parameters()))
+    assert any(p is model.ensemble.alpha for p in dec)
+
+
+def test_local_pretrained_weights_copied_into_every_modality(tmp_path) -> None:
+    torch.manual_seed(0)
+    source = timm.create_model("resnet26")
+    with torch.no_grad():
+        for module in source.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.weight.normal_()
+    path = tmp_path / "r26.pth"
+    torch.save(source.state_dict(), path)
+    model = create_cen_refinenet(backbone="resnet26", num_modalities=3, pretrained=path)
+    bn = model.encoder.get_submodule("layer2.1.bn2")
+    assert isinstance(bn, ModalityBatchNorm2d) and bn.frozen_stats
+    for m in range(3):
+        assert torch.equal(bn.running_mean[m], source.layer2[1].bn2.running_mean)
+        assert torch.equal(bn.weight[m], source.layer2[1].bn2.weight)
+    assert torch.equal(model.encoder.conv1.weight, source.conv1.weight)
+    assert not create_cen_refinenet(backbone="resnet26").encoder.bn1.frozen_stats
+
+
+def test_bad_arguments_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(CenError, match="--enc 34"):
+        create_cen_refinenet(depth=34)
+    with pytest.raises(CenError, match="not found"):
+        create_cen_refinenet(backbone="resnet26", pretrained=tmp_path / "none.pth")
+    with pytest.raises(CenError, match="expected one of"):
+        create_model("cen_refinenet_r7")
