@@ -1,0 +1,272 @@
+"""Resumable, checksum-verified downloads with a progress bar.
+
+A file is streamed to ``DEST.part`` next to its destination and renamed to ``DEST`` only once
+it is complete (and its SHA-256 matches, when one is given). An interrupted transfer leaves the
+``.part`` file behind; the next attempt, in the same call or a later one, asks the server for
+the rest with an HTTP ``Range`` request and starts over when the server ignores it.
+
+Example::
+
+    path = download("https://example.org/data.mat", Path("downloads/data.mat"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from cenfusion.errors import CenError
+
+_CHUNK = 1 << 20
+_USER_AGENT = "cenfusion-downloader"
+_ADVICE = (
+    "fetch the file another way and pass its folder with --from DIR, "
+    "or point the matching URL flag at a mirror"
+)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+_RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class DownloadItem(NamedTuple):
+    """One file for :func:`download_many`; a plain ``(url, dest[, sha256])`` tuple also works."""
+
+    url: str
+    dest: Path
+    sha256: str | None = None
+
+
+class _TransferError(Exception):
+    """A network failure that a later attempt may get past."""
+
+
+def one_line(reason: object) -> str:
+    """``str(reason)`` (an exception or a message) with whitespace runs collapsed to one space."""
+    text = " ".join(str(reason).split())
+    return text or type(reason).__name__
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Progress:
+    """Byte progress that one or several concurrent transfers report into.
+
+    Each transfer reports where its current response starts and how long the whole file is;
+    the shared bar's position and total are moved by the difference to what that transfer
+    reported before, so a restart or a resume keeps the bar truthful.
+    """
+
+    def __init__(self, bar: tqdm) -> None:
+        self._bar = bar
+        self._lock = threading.Lock()
+
+    def adjust(self, done: int, total: int) -> None:
+        """Move the bar by ``done`` bytes and its total by ``total`` bytes (either may be < 0)."""
+        with self._lock:
+            if total:
+                self._bar.total = (self._bar.total or 0) + total
+                self._bar.refresh()
+            if done:
+                self._bar.update(done)
+
+
+def _byte_bar(desc: str, progress: bool) -> tqdm:
+    return tqdm(
+        total=0, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress
+    )
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    progress: bool = True,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch ``url`` to ``dest`` unless it is already there; return ``dest``.
+
+    Args:
+        url: http(s) URL.
+        dest: destination file; its folder is created. An existing ``dest`` is kept without
+            any request when ``sha256`` is None or matches; one that does not match is moved
+            aside to ``dest.name + ".bad"`` and fetched again.
+        sha256: expected hex digest (any case), verified after the transfer.
+        progress: show a tqdm byte bar.
+        retries: further attempts after a failed one, each resuming the ``.part`` file.
+        timeout: seconds without data after which an attempt fails.
+
+    Raises:
+        CenError: the server or network failed after all attempts (naming the URL and how to
+            get around it), or the checksum did not match (naming URL, expected and actual
+            digests; the file is kept as ``dest.name + ".bad"``).
+    """
+    with _byte_bar(Path(dest).name, progress) as bar:
+        return _fetch(url, Path(dest), sha256, _Progress(bar), retries, timeout)
+
+
+def download_many(
+    items: Iterable[DownloadItem | tuple[str, Path] | tuple[str, Path, str | None]],
+    workers: int = 4,
+    progress: bool = True,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+) -> list[Path]:
+    """Fetch several files in parallel with :func:`download`'s rules; return their paths in order.
+
+    ``items`` are :class:`DownloadItem` or ``(url, dest[, sha256])`` tuples. One byte bar shows
+    the sum of all transfers. On the first failure (in ``items`` order) the transfers not yet
+    started are cancelled, the running ones finish, and that failure is raised.
+    """
+    if workers < 1:
+        raise CenError(f"download workers: expected at least 1, got {workers}")
+    jobs = [DownloadItem(*it) for it in items]
+    seen: set[Path] = set()
+    for job in jobs:
+        key = Path(job.dest).resolve()
+        if key in seen:
+            raise CenError(f"{job.dest}: two downloads target the same file")
+        seen.add(key)
+    with _byte_bar(f"{len(jobs)} files", progress) as bar:
+        shared = _Progress(bar)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [
+                pool.submit(_fetch, j.url, Path(j.dest), j.sha256, shared, retries, timeout)
+                for j in jobs
+            ]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+
+def _fetch(
+    url: str, dest: Path, sha256: str | None, bar: _Progress, retries: int, timeout: float
+) -> Path:
+    expected = sha256.strip().lower() if sha256 else None
+    bad = dest.with_name(dest.name + ".bad")
+    if dest.is_file():
+        if expected is None or sha256_file(dest) == expected:
+            return dest
+        os.replace(dest, bad)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    attempt = 0
+    while True:
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            _transfer(url, part, bar, timeout)
+            break
+        except _TransferError as exc:
+            attempt += 1
+            if attempt > retries:
+                tries = f" after {attempt} attempts" if attempt > 1 else ""
+                raise CenError(f"cannot download {url}{tries}: {exc}; {_ADVICE}") from None
+            made_progress = part.exists() and part.stat().st_size > before
+            if not made_progress:
+                time.sleep(min(attempt, 5))
+    if expected is not None:
+        actual = sha256_file(part)
+        if actual != expected:
+            os.replace(part, bad)
+            raise CenError(
+                f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
+                f"the file was kept as {bad}"
+            )
+    os.replace(part, dest)
+    return dest
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | None:
+    """Open ``url`` from byte ``offset``; None when the server says the part is already whole."""
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            whole = _UNSATISFIED_RANGE.fullmatch(exc.headers.get("Content-Range", "").strip())
+            exc.close()
+            if whole and int(whole[1]) == offset:
+                return None
+            return _open(url, 0, timeout)
+        exc.close()
+        reason = f"HTTP {exc.code} {exc.reason}"
+        if exc.code in _RETRYABLE_HTTP:
+            raise _TransferError(reason) from None
+        raise CenError(f"cannot download {url}: {reason}; {_ADVICE}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise _TransferError(one_line(reason)) from None
+
+
+def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
+    """One attempt: append the rest of ``url`` to ``part`` (or rewrite it when not resumable)."""
+    offset = part.stat().st_size if part.exists() else 0
+    response = _open(url, offset, timeout)
+    if response is None:
+        bar.adjust(offset, offset)
+        return
+    with response:
+        start, total = 0, None
+        length = response.headers.get("Content-Length")
+        if offset and response.status == 206:
+            span = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if span is None or int(span[1]) != offset:
+                part.unlink()
+                raise _TransferError(
+                    f"server answered a resume from byte {offset} with an unexpected range; "
+                    "starting over"
+                )
+            start = offset
+            total = int(span[3]) if span[3] != "*" else None
+        if total is None and length is not None and length.isdigit():
+            total = start + int(length)
+        reported_total = total or 0
+        bar.adjust(start, reported_total)
+        received = start
+        try:
+            with open(part, "ab" if start else "wb") as f:
+                while chunk := _read(response):
+                    f.write(chunk)
+                    received += len(chunk)
+                    bar.adjust(len(chunk), 0)
+            if total is not None and received != total:
+                raise _TransferError(f"connection closed after {received} of {total} bytes")
+        except BaseException:
+            bar.adjust(-received, -reported_total)
+            raise
+        if total is None:
+            bar.adjust(0, received)
+
+
+def _read(response: http.client.HTTPResponse) -> bytes:
+    """The next block of ``response``; b"" at its end (or where the server cut it short)."""
+    try:
+        return response.read(_CHUNK)
+    except (http.client.HTTPException, OSError) as exc:
+        raise _TransferError(f"connection lost ({one_line(exc)})") from None

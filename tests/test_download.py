@@ -1,0 +1,229 @@
+"""Downloads against a local HTTP server (127.0.0.1) that honours Range and can cut a transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cenfusion.data.download import download, download_many
+from cenfusion.errors import CenError
+
+
+@dataclass
+class FileServer:
+    """What the handler serves and how it misbehaves; ``requests`` logs (path, Range header)."""
+
+    base: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a cut
+    ignore_range: bool = False
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            """Keep the test output quiet."""
+
+        def do_GET(self) -> None:
+            state.requests.append((self.path, self.headers.get("Range")))
+            body = state.files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            start = 0
+            match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+            if match and not state.ignore_range:
+                start = int(match[1])
+                if start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            cut = state.cut_after.pop(self.path, None)
+            if cut is None:
+                self.wfile.write(body[start:])
+                return
+            self.wfile.write(body[start : start + cut])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
+    return Handler
+
+
+@pytest.fixture()
+def server() -> Iterator[FileServer]:
+    state = FileServer()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _payload(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed * 13 + (i >> 8)) % 251 for i in range(size))
+
+
+def test_download_writes_file_and_verifies_checksum(server: FileServer, tmp_path: Path) -> None:
+    body = _payload(300_000)
+    server.files["/a.bin"] = body
+    dest = tmp_path / "sub" / "a.bin"
+    got = download(
+        f"{server.base}/a.bin",
+        dest,
+        sha256=hashlib.sha256(body).hexdigest().upper(),
+        progress=False,
+    )
+    assert got == dest and dest.read_bytes() == body
+    assert not (tmp_path / "sub" / "a.bin.part").exists()
+
+
+def test_existing_file_is_skipped_without_a_request(server: FileServer, tmp_path: Path) -> None:
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"already here")
+    assert download(f"{server.base}/a.bin", dest, progress=False) == dest
+    digest = hashlib.sha256(b"already here").hexdigest()
+    assert download(f"{server.base}/a.bin", dest, sha256=digest, progress=False) == dest
+    assert server.requests == []
+
+
+def test_existing_file_with_wrong_checksum_is_fetched_again(
+    server: FileServer, tmp_path: Path
+) -> None:
+    body = _payload(1000)
+    server.files["/a.bin"] = body
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"stale")
+    download(f"{server.base}/a.bin", dest, sha256=hashlib.sha256(body).hexdigest(), progress=False)
+    assert dest.read_bytes() == body
+    assert (tmp_path / "a.bin.bad").read_bytes() == b"stale"
+
+
+def test_cut_connection_resumes_within_one_call(server: FileServer, tmp_path: Path) -> None:
+    body = _payload(2_500_000, seed=1)
+    server.files["/big.bin"] = body
+    server.cut_after["/big.bin"] = 1_000_000
+    dest = tmp_path / "big.bin"
+    download(
+        f"{server.base}/big.bin", dest, sha256=hashlib.sha256(body).hexdigest(), progress=False
+    )
+    assert dest.read_bytes() == body
+    assert [r for _, r in server.requests] == [None, "bytes=1000000-"]
+
+
+def test_cut_connection_leaves_part_that_a_later_call_resumes(
+    server: FileServer, tmp_path: Path
+) -> None:
+    body = _payload(500_000, seed=2)
+    server.files["/big.bin"] = body
+    server.cut_after["/big.bin"] = 123_457
+    dest = tmp_path / "big.bin"
+    url = f"{server.base}/big.bin"
+    with pytest.raises(CenError, match=re.escape(url)) as info:
+        download(url, dest, retries=0, progress=False)
+    assert "--from DIR" in str(info.value) and "\n" not in str(info.value)
+    part = tmp_path / "big.bin.part"
+    assert part.read_bytes() == body[:123_457] and not dest.exists()
+    download(url, dest, progress=False)
+    assert dest.read_bytes() == body and not part.exists()
+    assert server.requests[-1] == ("/big.bin", "bytes=123457-")
+
+
+def test_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
+    body = _payload(200_000, seed=3)
+    server.files["/a.bin"] = body
+    server.ignore_range = True
+    (tmp_path / "a.bin.part").write_bytes(b"x" * 5000)
+    download(f"{server.base}/a.bin", tmp_path / "a.bin", progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == body
+    assert server.requests == [("/a.bin", "bytes=5000-")]
+
+
+def test_complete_part_file_is_finished_on_416(server: FileServer, tmp_path: Path) -> None:
+    body = _payload(4000, seed=4)
+    server.files["/a.bin"] = body
+    (tmp_path / "a.bin.part").write_bytes(body)
+    download(f"{server.base}/a.bin", tmp_path / "a.bin", progress=False)
+    assert (tmp_path / "a.bin").read_bytes() == body
+
+
+def test_checksum_mismatch_keeps_file_aside(server: FileServer, tmp_path: Path) -> None:
+    body = _payload(5000, seed=5)
+    server.files["/a.bin"] = body
+    dest = tmp_path / "a.bin"
+    url = f"{server.base}/a.bin"
+    wrong = "0" * 64
+    with pytest.raises(CenError) as info:
+        download(url, dest, sha256=wrong, progress=False)
+    message = str(info.value)
+    assert url in message and wrong in message and hashlib.sha256(body).hexdigest() in message
+    assert not dest.exists() and not (tmp_path / "a.bin.part").exists()
+    assert (tmp_path / "a.bin.bad").read_bytes() == body
+
+
+def test_http_error_names_url_and_alternatives(server: FileServer, tmp_path: Path) -> None:
+    url = f"{server.base}/missing.bin"
+    with pytest.raises(CenError, match=r"404.*--from DIR") as info:
+        download(url, tmp_path / "m.bin", progress=False)
+    assert url in str(info.value)
+    assert len(server.requests) == 1  # a 404 is not retried
+
+
+def test_unreachable_server_names_url(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x.bin"
+    with pytest.raises(CenError, match=re.escape(url) + r".*--from DIR"):
+        download(url, tmp_path / "x.bin", retries=0, progress=False, timeout=5)
+    assert not os.listdir(tmp_path)
+
+
+def test_download_many_in_parallel(server: FileServer, tmp_path: Path) -> None:
+    bodies = {f"/f{k}.bin": _payload(50_000 + k, seed=k) for k in range(5)}
+    server.files.update(bodies)
+    server.cut_after["/f2.bin"] = 7000
+    items = [
+        (f"{server.base}{p}", tmp_path / p[1:], hashlib.sha256(b).hexdigest())
+        for p, b in bodies.items()
+    ]
+    paths = download_many(items, workers=3, progress=False)
+    assert paths == [tmp_path / p[1:] for p in bodies]
+    assert all((tmp_path / p[1:]).read_bytes() == b for p, b in bodies.items())
+
+
+def test_download_many_rejects_duplicate_targets(tmp_path: Path) -> None:
+    items = [("http://127.0.0.1:9/a", tmp_path / "a"), ("http://127.0.0.1:9/b", tmp_path / "a")]
+    with pytest.raises(CenError, match="same file"):
+        download_many(items, progress=False)
+
+
+def test_download_many_raises_first_failure(server: FileServer, tmp_path: Path) -> None:
+    server.files["/ok.bin"] = b"fine"
+    items = [
+        (f"{server.base}/ok.bin", tmp_path / "ok.bin"),
+        (f"{server.base}/nope.bin", tmp_path / "nope.bin"),
+    ]
+    with pytest.raises(CenError, match=r"nope\.bin"):
+        download_many(items, workers=2, progress=False)
