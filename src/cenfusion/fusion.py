@@ -67,20 +67,26 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
     return (channel >= bounds[:-1, None]) & (channel < bounds[1:, None])
 
 
-def _others_mean_matrix(num_modalities: int) -> Tensor:
-    """``(M, M)`` matrix whose row ``m`` averages every modality but ``m``.
+def _modality_channels(x: Tensor, num_modalities: int) -> Tensor:
+    """``(M*B, C, H, W)`` -> ``(B, M*C, H*W)``: modalities side by side on the channel axis."""
+    n, c, h, w = x.shape
+    b = n // num_modalities
+    return x.view(num_modalities, b, c, h * w).transpose(0, 1).reshape(b, num_modalities * c, h * w)
 
-    For two modalities it is the exact swap ``[[0, 1], [1, 0]]``.
-    """
-    w = torch.full((num_modalities, num_modalities), 1.0 / (num_modalities - 1))
-    return w.fill_diagonal_(0.0)
+
+def _modality_batch(y: Tensor, num_modalities: int, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_modality_channels`, back to ``shape`` ``(M*B, C, H, W)``."""
+    b, mc, s = y.shape
+    return y.view(b, num_modalities, mc // num_modalities, s).transpose(0, 1).reshape(shape)
 
 
 class ModalityNorm(nn.Module):
     """Shared part of the private norms: ``(M, C)`` affine parameters and the exchange.
 
-    Subclasses compute the normalised tensor ``(M, B, C, S)``; this class applies the per
-    modality affine transform and, when ``exchange`` is set, the channel exchange.
+    Subclasses normalise. Without exchange the per-modality affine is one broadcast operation
+    on the ``(M, B, C, H*W)`` view. With exchange the batch is laid out as ``(B, M*C, H*W)``
+    and the exchange is a gather along that channel axis: for two modalities an exact copy of
+    the other modality's channel, for more the mean of the others.
     """
 
     def __init__(
@@ -111,9 +117,6 @@ class ModalityNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.register_buffer(
-            "others_mean", _others_mean_matrix(max(num_modalities, 2)), persistent=False
-        )
-        self.register_buffer(
             "penalty_mask", _part_mask(num_modalities, num_features), persistent=False
         )
 
@@ -121,13 +124,33 @@ class ModalityNorm(nn.Module):
         """``(M, C)`` bool: channels that take the other modalities' values."""
         return self.weight.detach().abs() < self.threshold
 
-    def _affine_and_exchange(self, xhat: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``xhat`` ``(M, B, C, S)`` times ``scale`` plus ``shift`` (both ``(M, C)``), exchanged."""
-        y = torch.addcmul(shift[:, None, :, None], xhat, scale[:, None, :, None])
+    def _exchange(self, y: Tensor) -> Tensor:
+        """Exchange in the ``(B, M*C, S)`` layout (modality-major channels)."""
+        m, c = self.num_modalities, self.num_features
+        mask = self.exchange_mask().reshape(-1)
+        own = torch.arange(m * c, device=y.device)
+        if m == 2:
+            return y.index_select(1, torch.where(mask, (own + c) % (2 * c), own))
+        others = sum(y.index_select(1, (own + k * c) % (m * c)) for k in range(1, m))
+        return torch.where(mask[None, :, None], others / (m - 1), y)
+
+    def _affine(self, xhat: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``xhat * scale + shift`` per modality and channel (``scale``, ``shift``: ``(M, C)``).
+
+        ``xhat``: the stacked batch ``(M*B, C, H, W)``; returns the same shape, exchanged.
+        """
+        m = self.num_modalities
+        scale, shift = scale.to(xhat.dtype), shift.to(xhat.dtype)
         if not self.exchange:
-            return y
-        others = torch.einsum("nm,mbcs->nbcs", self.others_mean.to(y.dtype), y)
-        return torch.where(self.exchange_mask()[:, None, :, None], others, y)
+            n, c, h, w = xhat.shape
+            y = torch.addcmul(
+                shift[:, None, :, None], xhat.view(m, n // m, c, h * w), scale[:, None, :, None]
+            )
+            return y.view(n, c, h, w)
+        y = torch.addcmul(
+            shift.reshape(1, -1, 1), _modality_channels(xhat, m), scale.reshape(1, -1, 1)
+        )
+        return _modality_batch(self._exchange(y), m, xhat.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -142,6 +165,7 @@ class ModalityBatchNorm2d(ModalityNorm):
     Each modality has its own running statistics and affine parameters, ``(M, C)`` each.
     With ``frozen_stats`` the running statistics are used and kept even in training mode,
     the setting of the paper for ImageNet-pretrained encoders (only gamma and beta learn).
+    Batch statistics come from one fused BatchNorm over the ``(B, M*C, H*W)`` layout.
     """
 
     def __init__(
@@ -163,22 +187,23 @@ class ModalityBatchNorm2d(ModalityNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.num_modalities
-        n, c, h, w = x.shape
-        xs = x.reshape(m, n // m, c, h * w)
-        if self.training and not self.frozen_stats:
-            var, mean = torch.var_mean(xs.float(), dim=(1, 3), correction=0)
-            with torch.no_grad():
-                count = xs.shape[1] * xs.shape[3]
-                unbiased = var * (count / max(count - 1, 1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-                self.num_batches_tracked.add_(1)
-        else:
-            mean, var = self.running_mean, self.running_var
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
-        y = self._affine_and_exchange(xs, scale.to(x.dtype), shift.to(x.dtype))
-        return y.reshape(n, c, h, w)
+        if not self.training or self.frozen_stats:
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            return self._affine(x, scale, self.bias - self.running_mean * scale)
+        y = F.batch_norm(
+            _modality_channels(x, m),
+            self.running_mean.view(-1),
+            self.running_var.view(-1),
+            self.weight.reshape(-1),
+            self.bias.reshape(-1),
+            training=True,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        self.num_batches_tracked.add_(1)
+        if self.exchange:
+            y = self._exchange(y)
+        return _modality_batch(y, m, x.shape)
 
     @torch.no_grad()
     def load_from_batchnorm(self, bn: nn.BatchNorm2d) -> None:
@@ -214,12 +239,7 @@ class ModalityInstanceNorm2d(ModalityNorm):
         xhat = F.instance_norm(x, eps=self.eps)
         if self.weight is None:
             return xhat
-        m = self.num_modalities
-        n, c, h, w = x.shape
-        y = self._affine_and_exchange(
-            xhat.reshape(m, n // m, c, h * w), self.weight.to(x.dtype), self.bias.to(x.dtype)
-        )
-        return y.reshape(n, c, h, w)
+        return self._affine(xhat, self.weight, self.bias)
 
 
 class AlphaEnsemble(nn.Module):

@@ -150,6 +150,8 @@ class CENRefineNetConfig:
     drop_rate: float = 0.5
     exchange_at: tuple[str, ...] = RESNET_EXCHANGE_POINTS
     ensemble_detach: bool = True
+    decoder_width: int = 256
+    decoder_deep_width: int = 512
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +180,11 @@ class CENRefineNet(nn.Module):
             encoder, config.num_modalities, config.exchange_at, config.bn_threshold
         )
         self.decoder = RefineNetDecoder(
-            self.encoder.feature_info.channels(), config.num_classes, config.drop_rate
+            self.encoder.feature_info.channels(),
+            config.num_classes,
+            config.drop_rate,
+            deep_width=config.decoder_deep_width,
+            width=config.decoder_width,
         )
         self.ensemble = AlphaEnsemble(config.num_modalities, detach=config.ensemble_detach)
 
@@ -264,6 +270,7 @@ def create_cen_refinenet(
     drop_rate: float = 0.5,
     frozen_bn: bool | None = None,
     ensemble_detach: bool = True,
+    decoder_width: int = 256,
 ) -> CENRefineNet:
     """Build a CEN RefineNet.
 
@@ -271,13 +278,16 @@ def create_cen_refinenet(
     any timm BatchNorm CNN name. ``pretrained`` is a timm tag or a local file; its BN
     statistics and affine parameters are copied into every modality. ``frozen_bn`` (default:
     on exactly when pretrained) keeps the BN running statistics fixed during training.
+    ``num_modalities=1`` gives the same network on a single modality (no exchange), the
+    baseline CEN is compared with. ``decoder_width`` (256 as released; the deepest RefineNet
+    level uses twice that) can shrink the decoder for small CPU runs.
     """
     if backbone is None:
         if depth not in RESNET_DEPTHS:
             raise CenError(f"--enc {depth}: expected one of {sorted(RESNET_DEPTHS)}")
         backbone = RESNET_DEPTHS[depth]
-    if num_modalities < 2:
-        raise CenError(f"num_modalities={num_modalities}: CEN fuses at least 2 modalities")
+    if num_modalities < 1:
+        raise CenError(f"num_modalities={num_modalities}: expected at least 1")
     config = CENRefineNetConfig(
         backbone=backbone,
         num_classes=num_classes,
@@ -285,6 +295,9 @@ def create_cen_refinenet(
         bn_threshold=bn_threshold,
         drop_rate=drop_rate,
         ensemble_detach=ensemble_detach,
+        exchange_at=RESNET_EXCHANGE_POINTS if num_modalities > 1 else (),
+        decoder_width=decoder_width,
+        decoder_deep_width=2 * decoder_width,
     )
     model = CENRefineNet(config, create_encoder(backbone, pretrained))
     set_frozen_stats(model, pretrained is not None if frozen_bn is None else frozen_bn)
