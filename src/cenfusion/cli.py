@@ -4,28 +4,55 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cenfusion.errors import CenError
+from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 
-Command = Callable[[argparse.Namespace], None]
+
+def _demo(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from cenfusion.segmentation.config import SYNTHETIC
+    from cenfusion.segmentation.demo import run_demo
+
+    run_demo(replace(SYNTHETIC, runs=args.runs, seed=args.seed, device=args.device))
 
 
-def _forward_demo(args: argparse.Namespace) -> None:
-    import torch
+def _seg_train(args: argparse.Namespace) -> None:
+    from cenfusion.segmentation.train import config_for, train
 
-    from cenfusion import create_cen_refinenet, exchange_stats
-
-    torch.manual_seed(args.seed)
-    model = create_cen_refinenet(depth=args.enc, num_classes=40, num_modalities=2).eval()
-    params = sum(p.numel() for p in model.parameters())
-    inputs = [torch.randn(1, 3, args.size, args.size) for _ in range(2)]
-    with torch.no_grad():
-        outs = model(inputs)
-    print(f"CEN RefineNet ResNet-{args.enc}: {params / 1e6:.1f} M parameters")
-    print(f"heads: {', '.join(str(tuple(o.shape)) for o in outs)} (rgb, depth, ensemble)")
-    print(f"exchange fraction (penalised gammas below threshold): {exchange_stats(model).overall:.3f}")
+    overrides = {
+        "exp": args.exp,
+        "runs": args.runs,
+        "data": args.data,
+        "train_list": args.train_list,
+        "val_list": args.val_list,
+        "modalities": args.modalities,
+        "mask_column": args.mask_column,
+        "depth_scale": args.depth_scale,
+        "num_classes": args.num_classes,
+        "enc": args.enc,
+        "backbone": args.backbone,
+        "pretrained": args.pretrained,
+        "num_epoch": args.num_epoch,
+        "lr_enc": args.lr_enc,
+        "lr_dec": args.lr_dec,
+        "lamda": args.lamda,
+        "bn_threshold": args.bn_threshold,
+        "batch_size": args.batch_size,
+        "crop_size": args.crop_size,
+        "val_every": args.val_every,
+        "workers": args.workers,
+        "seed": args.seed,
+        "device": args.device,
+        "gpu": args.gpu,
+        "amp": args.amp,
+        "max_iters": args.max_iters,
+    }
+    cfg = config_for(args.preset, args.config, overrides, args.resume)
+    train(cfg, resume=args.resume, evaluate_only=args.evaluate, save_img=args.save_img)
 
 
 def _convert_official(args: argparse.Namespace) -> None:
@@ -36,15 +63,282 @@ def _convert_official(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
 
 
+def _data_synthetic(args: argparse.Namespace) -> None:
+    from cenfusion.data.synthetic import generate_segmentation_dataset
+
+    out = generate_segmentation_dataset(
+        args.out, args.num_train, args.num_val, tuple(args.size), args.seed
+    )
+    print(f"wrote {out}")
+
+
+def _data_nyudv2(args: argparse.Namespace) -> None:
+    from cenfusion.data.nyudv2 import NyuUrls, prepare_nyudv2
+
+    defaults = NyuUrls()
+    urls = NyuUrls(
+        labeled=args.labeled_url or defaults.labeled,
+        splits=args.splits_url or defaults.splits,
+        class_mapping=args.mapping_url or defaults.class_mapping,
+    )
+    print(f"wrote {prepare_nyudv2(args.out, from_dir=args.from_dir, urls=urls)}")
+
+
+def _data_sunrgbd(args: argparse.Namespace) -> None:
+    from cenfusion.data.sunrgbd import prepare_sunrgbd
+
+    out = prepare_sunrgbd(
+        args.out,
+        from_dir=args.from_dir,
+        base_url=args.base_url,
+        use_refined_depth=not args.raw_depth,
+    )
+    print(f"wrote {out}")
+
+
+def _add_seg_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or evaluate CEN segmentation (runs/EXP/)")
+    p.add_argument("-c", "--exp", help="experiment name: writes runs/EXP/")
+    p.add_argument("--runs", type=Path, help="folder of experiments (default runs/)")
+    p.add_argument(
+        "--preset",
+        choices=("synthetic", "nyudv2"),
+        help="defaults: synthetic without --data, nyudv2 with it",
+    )
+    p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
+    p.add_argument("--resume", type=Path, help="checkpoint to continue from (or to evaluate)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate --resume on val")
+    p.add_argument("--save-img", action="store_true", help="with --evaluate: write panels")
+    p.add_argument("--data", type=Path, help="data root with list files (default: synthetic)")
+    p.add_argument("--train-list")
+    p.add_argument("--val-list")
+    p.add_argument(
+        "--modalities",
+        nargs="+",
+        help="inputs in order: rgb depth (NYUDv2 layout) or NAME:COLUMN:KIND",
+    )
+    p.add_argument("--mask-column", type=int, help="list-file column of the mask (default 1)")
+    p.add_argument("--depth-scale", type=float, help="multiplies raw depth PNG values")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--enc", type=int, choices=(50, 101, 152), help="ResNet depth")
+    p.add_argument("--backbone", help="any timm BatchNorm CNN name (overrides --enc)")
+    p.add_argument("--pretrained", help="timm tag (tv_in1k), a weights file, or none")
+    p.add_argument("--num-epoch", type=int, nargs="+", help="epochs per stage")
+    p.add_argument("--lr-enc", type=float, nargs="+", help="encoder lr per stage")
+    p.add_argument("--lr-dec", type=float, nargs="+", help="decoder lr per stage")
+    p.add_argument("--lamda", type=float, help="L1 sparsity weight (added once per head)")
+    p.add_argument("--bn-threshold", type=float, help="exchange threshold on |gamma|")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--val-every", type=int, help="validate every N epochs")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--gpu", type=int, help="CUDA device index")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision")
+    p.add_argument("--max-iters", type=int, help="cap iterations per epoch (smoke runs)")
+    p.set_defaults(run=_seg_train)
+
+
+def _seg_predict(args: argparse.Namespace) -> None:
+    from cenfusion.segmentation.predict import gather_cli_inputs, predict
+
+    inputs, modalities = gather_cli_inputs(args.folders, args.rgb, args.depth, args.input)
+    written = predict(
+        args.checkpoint,
+        inputs,
+        args.out,
+        depth_scale=args.depth_scale,
+        size=tuple(args.size) if args.size else None,
+        heads=args.heads,
+        device=args.device,
+        official=args.official,
+        modalities=modalities,
+        num_classes=args.num_classes,
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+
+
+def _seg_eval(args: argparse.Namespace) -> None:
+    from cenfusion.segmentation.evaluate import eval_config, protocols_for, run_evaluation
+
+    overrides = {
+        "exp": args.exp,
+        "runs": args.runs,
+        "data": args.data,
+        "val_list": args.val_list,
+        "modalities": args.modalities,
+        "mask_column": args.mask_column,
+        "depth_scale": args.depth_scale,
+        "num_classes": args.num_classes,
+        "workers": args.workers,
+        "device": args.device,
+        "gpu": args.gpu,
+        "amp": args.amp,
+    }
+    cfg = eval_config(args.preset, args.config, overrides, args.resume)
+    protocols = protocols_for(args.ms, args.scales, args.flip)
+    run_evaluation(cfg, args.resume, protocols, save=args.exp is not None)
+
+
+def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="segment one's own RGB-D images with a checkpoint (ours or released)",
+        description="Writes OUT/<stem>_color.png, _label.png (raw classes) and _overlay.png "
+        "per input. Depth PNG values are multiplied by --depth-scale; zeros (holes) stay "
+        "zero, as in training. Folders are paired by file stem.",
+    )
+    p.add_argument("checkpoint", type=Path, help="cenfusion checkpoint or released .pth.tar")
+    p.add_argument(
+        "folders",
+        type=Path,
+        nargs="*",
+        metavar="FOLDER",
+        help="folder with one subfolder per modality (rgb/, depth/)",
+    )
+    p.add_argument(
+        "--rgb", type=Path, nargs="+", action="extend", default=[], help="RGB image(s) or folder(s)"
+    )
+    p.add_argument(
+        "--depth",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="depth PNG(s) or folder(s), matching --rgb one to one",
+    )
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME[:KIND]=PATH",
+        help="another modality (KIND rgb, depth or gray; default NAME)",
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--depth-scale",
+        type=float,
+        default=1 / 5000,
+        help="multiplies raw depth PNG values (default 1/5000, NYUDv2 mm)",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="size the network sees; outputs keep each image's own size",
+    )
+    p.add_argument("--heads", action="store_true", help="also write each modality's head")
+    p.add_argument("--num-classes", type=int, help="refuse a checkpoint with another count")
+    p.add_argument(
+        "--official",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force (or rule out) the released .pth.tar format (default: detect)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(run=_seg_predict)
+
+
+def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="validation scores: single scale (released) and multi-scale + flip",
+        description="Always prints the released single-scale protocol; --ms adds scales "
+        "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged).",
+    )
+    p.add_argument("--resume", type=Path, required=True, help="checkpoint (ours or released)")
+    p.add_argument("-c", "--exp", help="append the scores to runs/EXP/metrics.jsonl")
+    p.add_argument("--runs", type=Path, help="folder of experiments (default runs/)")
+    p.add_argument(
+        "--preset",
+        choices=("synthetic", "nyudv2"),
+        help="base settings when the checkpoint holds none",
+    )
+    p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
+    p.add_argument("--data", type=Path, help="data root with list files")
+    p.add_argument("--val-list")
+    p.add_argument(
+        "--modalities",
+        nargs="+",
+        help="inputs in order: rgb depth (NYUDv2 layout) or NAME:COLUMN:KIND",
+    )
+    p.add_argument("--mask-column", type=int, help="list-file column of the mask (default 1)")
+    p.add_argument("--depth-scale", type=float, help="multiplies raw depth PNG values")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--ms", action="store_true", help="also multi-scale 0.5-1.5 + flip")
+    p.add_argument("--scales", type=float, nargs="+", help="scales of the extra protocol")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirror inputs too (default: on with --ms)",
+    )
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--gpu", type=int, help="CUDA device index")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision")
+    p.set_defaults(run=_seg_eval)
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    syn = sub.add_parser("synthetic", help="write the embedded RGB-D data set")
+    syn.add_argument("out", type=Path)
+    syn.add_argument("--num-train", type=int, default=200)
+    syn.add_argument("--num-val", type=int, default=50)
+    syn.add_argument("--size", type=int, nargs=2, default=(120, 160), metavar=("H", "W"))
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(run=_data_synthetic)
+
+    nyu = sub.add_parser("nyudv2", help="download and convert NYU Depth v2 (40 classes)")
+    nyu.add_argument("out", type=Path)
+    nyu.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        help="folder with the downloaded files, or a released preprocessed set",
+    )
+    nyu.add_argument("--labeled-url", help="mirror of nyu_depth_v2_labeled.mat")
+    nyu.add_argument("--splits-url", help="mirror of splits.mat")
+    nyu.add_argument("--mapping-url", help="mirror of classMapping40.mat")
+    nyu.set_defaults(run=_data_nyudv2)
+
+    sun = sub.add_parser("sunrgbd", help="download and convert SUN RGB-D (37 classes)")
+    sun.add_argument("out", type=Path)
+    sun.add_argument(
+        "--from",
+        dest="from_dir",
+        type=Path,
+        help="folder with SUNRGBD(.zip) and SUNRGBDtoolbox(.zip)",
+    )
+    sun.add_argument("--base-url", default="http://rgbd.cs.princeton.edu/data/")
+    sun.add_argument("--raw-depth", action="store_true", help="depth/ instead of depth_bfx/")
+    sun.set_defaults(run=_data_sunrgbd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cen", description="CEN multimodal fusion")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="forward pass of a CEN model on random input")
-    demo.add_argument("--enc", type=int, default=101, choices=(50, 101, 152))
-    demo.add_argument("--size", type=int, default=128)
+    demo = sub.add_parser("demo", help="CEN vs single-modality models on the embedded data")
+    demo.add_argument("--runs", type=Path, default=Path("runs"))
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_forward_demo)
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.set_defaults(run=_demo)
+
+    seg = sub.add_parser("seg", help="RGB-D semantic segmentation")
+    seg_sub = seg.add_subparsers(dest="seg_command", required=True)
+    _add_seg_train(seg_sub)
+    _add_seg_predict(seg_sub)
+    _add_seg_eval(seg_sub)
+
+    data = sub.add_parser("data", help="prepare data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    _add_data(data_sub)
+    add_taskonomy_data_parser(data_sub)
+
+    add_i2i_parser(sub)
 
     conv = sub.add_parser("convert-official", help="released CEN .pth.tar -> cenfusion checkpoint")
     conv.add_argument("checkpoint", type=Path)
@@ -53,12 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: CenError) -> str:
+    """The error's own line; a DataLoader worker wraps it in a traceback, whose last line it is."""
+    last = str(err).strip().splitlines()[-1]
+    return last.removeprefix(f"{CenError.__module__}.{CenError.__name__}: ")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except CenError as err:
-        print(f"cen: error: {err}", file=sys.stderr)
+        print(f"cen: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cen: interrupted", file=sys.stderr)

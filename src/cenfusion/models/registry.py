@@ -8,6 +8,7 @@ from torch import nn
 
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.models.unet import create_cen_unet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,3 +43,20 @@ def cen_refinenet_r101(**kwargs: object) -> nn.Module:
 @register_model
 def cen_refinenet_r152(**kwargs: object) -> nn.Module:
     return create_cen_refinenet(depth=152, **kwargs)
+
+
+@register_model
+def pix2pix_unet256(**kwargs: object) -> nn.Module:
+    """The released translation generator: 8 levels, 256x256 inputs."""
+    return create_cen_unet(num_downs=8, **kwargs)
+
+
+@register_model
+def pix2pix_unet128(**kwargs: object) -> nn.Module:
+    return create_cen_unet(num_downs=7, **kwargs)
+
+
+@register_model
+def pix2pix_unet64(**kwargs: object) -> nn.Module:
+    """A 6-level generator for 64x64 CPU runs."""
+    return create_cen_unet(num_downs=6, **kwargs)

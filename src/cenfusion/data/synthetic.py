@@ -1,0 +1,706 @@
+"""The embedded default data set: synthetic indoor RGB-D scenes where fusion matters.
+
+Each image shows a box-shaped room seen by a tilted pinhole camera, with objects hung on the
+back wall, lying on the floor and standing on it. The classes are designed so that neither
+modality alone can label every pixel:
+
+==  =========  ====================================  ==============================  ========
+id  class      geometry                              appearance                      needs
+==  =========  ====================================  ==============================  ========
+0   wall       vertical room planes                  pale, nearly grey, plain        either
+1   floor      horizontal plane, height 0            wood or grey, plain or planks   either
+2   ceiling    horizontal plane, 2.5-3 m up          near white                      either
+3   poster     1 mm panel flat on the back wall      *decor* (see below)             RGB
+4   cabinet    box hung on the back wall, 20-45 cm   *decor*, same draw as poster    depth
+               deep, placed and sized like posters
+5   rug        1 mm panel flat on the floor          *decor*                         RGB
+6   crate      box standing on the floor             palette colour, dark slats      RGB
+7   block      same size and placement as crate      palette colour, plain           RGB
+255 (ignore)   small clutter boxes on the floor      any                             --
+==  =========  ====================================  ==============================  ========
+
+*decor*: a colour from the shared :data:`_DECOR_COLOURS` palette (jittered per instance),
+plain or with a checker, dot or frame pattern in a second palette colour.
+
+Pairs told apart by one modality only:
+
+- geometry only (depth needed): poster / cabinet (same colours, patterns, placement and size;
+  the cabinet protrudes from the wall).
+- appearance only (RGB needed): poster / wall and rug / floor (flush with the surface: the
+  1 mm depth step is far below the sensor noise); crate / block (identical shape
+  distribution, slats versus plain).
+- both: e.g. cabinet / wall, rug / poster, crate / cabinet.
+
+Colours are drawn per instance from palettes shared across classes, so RGB cannot separate a
+geometry pair by colour; depth cannot separate an appearance pair because their shapes come
+from the same distribution. Depth carries Kinect-like noise (sigma grows with distance
+squared), millimetre quantisation and holes (zeros) in blobs and along depth edges; RGB has
+Lambertian shading from a directional and a point light, vignetting and sensor noise.
+
+The generator is split as scene description (:func:`sample_scene`) -> per-pixel rendering
+(:func:`render`: depth, normals, labels, instances, albedo, shading, RGB, sensor depth) ->
+writers (:func:`generate_segmentation_dataset`), so other domains (normals, shading, edges)
+can be written from the same scenes. Everything is vectorised numpy; the default set
+(200 + 50 images of 120x160) takes a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import zoom
+
+from cenfusion.errors import CenError
+
+CLASS_NAMES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug", "crate", "block")
+WALL, FLOOR, CEILING, POSTER, CABINET, RUG, CRATE, BLOCK = range(len(CLASS_NAMES))
+IGNORE_INDEX = 255
+#: Colours for drawing label maps, one row per class id (uint8 ``(K, 3)``).
+PALETTE = np.array(
+    [
+        [190, 190, 160],  # wall
+        [120, 80, 40],  # floor
+        [225, 225, 250],  # ceiling
+        [230, 25, 75],  # poster
+        [60, 180, 75],  # cabinet
+        [255, 225, 25],  # rug
+        [0, 130, 200],  # crate
+        [245, 130, 48],  # block
+    ],
+    dtype=np.uint8,
+)
+#: Version of the generator; bump it when the images change so caches are regenerated.
+GENERATOR_VERSION = 1
+MARKER_FILE = "cenfusion-synthetic.json"
+
+#: Saturated object colours (albedo 0..1) shared by posters, cabinets, rugs, crates, blocks.
+_DECOR_COLOURS = np.array(
+    [
+        [0.80, 0.15, 0.15],
+        [0.90, 0.50, 0.10],
+        [0.90, 0.80, 0.15],
+        [0.25, 0.65, 0.20],
+        [0.10, 0.60, 0.60],
+        [0.15, 0.35, 0.80],
+        [0.15, 0.15, 0.45],
+        [0.50, 0.20, 0.65],
+        [0.85, 0.30, 0.60],
+    ]
+)
+_FLOOR_COLOURS = np.array(
+    [[0.55, 0.38, 0.22], [0.42, 0.28, 0.17], [0.68, 0.54, 0.38], [0.45, 0.45, 0.47]]
+)
+_DECOR_PATTERNS = ("plain", "checker", "dots", "frame")
+#: Per face axis of a box (x, y, z face): which local axes span the face as (u, v).
+_U_AXIS = np.array([2, 0, 0])
+_V_AXIS = np.array([1, 2, 1])
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """Albedo of a surface as a function of face coordinates ``(u, v)`` in metres.
+
+    ``pattern`` mixes ``base`` and ``second``: plain, checker / dots (cell ``period``), frame
+    (a border ``period / 4`` wide), slats (dark line every ``period`` along v), planks (seam
+    every ``period`` along u, each plank slightly tinted). ``grain`` scales a smooth
+    surface-attached variation made of two sinusoids (``waves``: rows of (fu, fv, phase), in
+    cycles per metre), so texture stays fixed to the surface when the camera moves.
+    """
+
+    base: tuple[float, float, float]
+    second: tuple[float, float, float]
+    pattern: str
+    period: float
+    grain: float
+    waves: tuple[tuple[float, float, float], ...]
+
+
+@dataclass(frozen=True)
+class Box:
+    """An oriented box in world metres (x right, y up, z forward); ``yaw`` turns it about y."""
+
+    label: int
+    center: tuple[float, float, float]
+    half: tuple[float, float, float]
+    yaw: float
+    appearance: Appearance
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole camera at ``position``; ``tilt`` looks down, ``yaw`` turns right (radians).
+
+    ``focal`` is in image widths, so a scene renders alike at any resolution.
+    """
+
+    position: tuple[float, float, float]
+    yaw: float
+    tilt: float
+    focal: float
+
+
+@dataclass(frozen=True)
+class Lighting:
+    """Ambient + directional (``direction`` points to the light) + point light with falloff."""
+
+    ambient: float
+    direction: tuple[float, float, float]
+    directional: float
+    lamp: tuple[float, float, float]
+    lamp_strength: float
+    lamp_radius: float
+    exposure: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A room seen from inside: its walls, floor and ceiling are the faces of ``room``."""
+
+    room: Box
+    walls: Appearance
+    floor: Appearance
+    ceiling: Appearance
+    camera: Camera
+    lighting: Lighting
+    objects: tuple[Box, ...]
+
+
+def _rotation_y(angle: float) -> np.ndarray:
+    """Rotation about the vertical axis, mapping local to world coordinates ``(3, 3)``."""
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def camera_rotation(camera: Camera) -> np.ndarray:
+    """World-from-camera rotation ``(3, 3)``; camera axes as OpenCV: x right, y down, z forward."""
+    c, s = np.cos(camera.tilt), np.sin(camera.tilt)
+    tilt = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return _rotation_y(camera.yaw) @ tilt @ np.diag([1.0, -1.0, 1.0])
+
+
+def _project(camera: Camera, point: tuple[float, float, float], aspect: float) -> np.ndarray:
+    """Image position of ``point`` as fractions ``(u, v)`` of width and height (nan if behind)."""
+    local = (np.asarray(point) - np.asarray(camera.position)) @ camera_rotation(camera)
+    if local[2] <= 0.1:
+        return np.array([np.nan, np.nan])
+    return np.array(
+        [
+            0.5 + camera.focal * local[0] / local[2],
+            0.5 + camera.focal * aspect * local[1] / local[2],
+        ]
+    )
+
+
+def _in_view(camera: Camera, point: tuple[float, float, float], aspect: float) -> bool:
+    uv = _project(camera, point, aspect)
+    return bool(np.all((uv > 0.05) & (uv < 0.95)))
+
+
+def _jitter(
+    rng: np.random.Generator, colour: np.ndarray, amount: float
+) -> tuple[float, float, float]:
+    """``colour`` moved by up to ``amount`` per channel, kept inside 0.02..0.98."""
+    return tuple(np.clip(colour + rng.uniform(-amount, amount, 3), 0.02, 0.98).tolist())
+
+
+def _waves(
+    rng: np.random.Generator, low: float, high: float
+) -> tuple[tuple[float, float, float], ...]:
+    """Two random plane waves for the surface grain, frequencies in cycles per metre."""
+    angles = rng.uniform(0, np.pi, 2)
+    freqs = rng.uniform(low, high, 2)
+    phases = rng.uniform(0, 2 * np.pi, 2)
+    return tuple(
+        (float(f * np.cos(a)), float(f * np.sin(a)), float(p))
+        for f, a, p in zip(freqs, angles, phases, strict=True)
+    )
+
+
+def _decor(rng: np.random.Generator) -> Appearance:
+    """The appearance shared by posters, cabinets and rugs (one draw per instance)."""
+    first, second = rng.choice(len(_DECOR_COLOURS), size=2, replace=False)
+    return Appearance(
+        base=_jitter(rng, _DECOR_COLOURS[first], 0.08),
+        second=_jitter(rng, _DECOR_COLOURS[second], 0.08),
+        pattern=str(rng.choice(_DECOR_PATTERNS)),
+        period=float(rng.uniform(0.15, 0.35)),
+        grain=0.05,
+        waves=_waves(rng, 1.0, 4.0),
+    )
+
+
+def _box_paint(rng: np.random.Generator, slats: bool) -> Appearance:
+    """Crate (``slats``) or block: same palette draw, differing only in the pattern."""
+    base = np.asarray(_jitter(rng, _DECOR_COLOURS[rng.integers(len(_DECOR_COLOURS))], 0.08))
+    return Appearance(
+        base=tuple(base.tolist()),
+        second=tuple((base * 0.35).tolist()),
+        pattern="slats" if slats else "plain",
+        period=float(rng.uniform(0.12, 0.2)),
+        grain=0.05,
+        waves=_waves(rng, 1.0, 4.0),
+    )
+
+
+def _room_paint(rng: np.random.Generator) -> tuple[Appearance, Appearance, Appearance]:
+    """Walls (pale, nearly grey), floor (wood or grey, maybe planks) and ceiling (near white)."""
+    tint = rng.uniform(0, 1, 3)
+    wall = tuple(
+        np.clip(0.82 + 0.1 * (tint - tint.mean()) + rng.uniform(-0.1, 0.08), 0, 1).tolist()
+    )
+    walls = Appearance(
+        base=wall,
+        second=wall,
+        pattern="plain",
+        period=1.0,
+        grain=0.04,
+        waves=_waves(rng, 0.2, 0.8),
+    )
+    floor_base = np.asarray(_jitter(rng, _FLOOR_COLOURS[rng.integers(len(_FLOOR_COLOURS))], 0.05))
+    floor = Appearance(
+        base=tuple(floor_base.tolist()),
+        second=tuple((floor_base * 0.6).tolist()),
+        pattern="planks" if rng.random() < 0.5 else "plain",
+        period=float(rng.uniform(0.15, 0.3)),
+        grain=0.05,
+        waves=_waves(rng, 0.3, 1.5),
+    )
+    white = (float(rng.uniform(0.85, 0.97)),) * 3
+    ceiling = Appearance(
+        base=white,
+        second=white,
+        pattern="plain",
+        period=1.0,
+        grain=0.02,
+        waves=_waves(rng, 0.2, 0.5),
+    )
+    return walls, floor, ceiling
+
+
+def _place_on_floor(
+    rng: np.random.Generator,
+    camera: Camera,
+    aspect: float,
+    half: tuple[float, float, float],
+    x_limit: float,
+    z_range: tuple[float, float],
+    taken: list[tuple[float, float, float]],
+) -> tuple[float, float, float] | None:
+    """A visible floor position for a box of ``half`` extents, or None.
+
+    The box's footprint circle must stay clear of the circles in ``taken`` (x, z, radius);
+    the chosen one is appended there.
+    """
+    radius = float(np.hypot(half[0], half[2]))
+    low, high = z_range[0] + radius, z_range[1] - radius
+    if low >= high or x_limit <= radius:
+        return None
+    for _ in range(30):
+        x = float(rng.uniform(-x_limit + radius, x_limit - radius))
+        z = float(rng.uniform(low, high))
+        clear = all(np.hypot(x - tx, z - tz) > radius + tr + 0.05 for tx, tz, tr in taken)
+        if clear and _in_view(camera, (x, half[1], z), aspect):
+            taken.append((x, z, radius))
+            return x, half[1], z
+    return None
+
+
+def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
+    """Draw a scene description; ``aspect`` (width / height) only serves to keep objects in view."""
+    width = float(rng.uniform(3.5, 5.5))
+    depth = float(rng.uniform(3.0, 5.5))
+    height = float(rng.uniform(2.5, 3.0))
+    camera = Camera(
+        position=(float(rng.uniform(-0.25, 0.25) * width), float(rng.uniform(1.1, 1.6)), 0.0),
+        yaw=float(rng.uniform(-0.3, 0.3)),
+        tilt=float(rng.uniform(0.08, 0.3)),
+        focal=float(rng.uniform(0.75, 0.9)),
+    )
+    walls, floor, ceiling = _room_paint(rng)
+    # The room reaches 1 m behind the camera (z = 0) and ``depth`` in front of it.
+    room = Box(
+        label=WALL,
+        center=(0.0, height / 2, (depth - 1.0) / 2),
+        half=(width / 2, height / 2, (depth + 1.0) / 2),
+        yaw=0.0,
+        appearance=walls,
+    )
+    objects: list[Box] = []
+
+    # Posters and cabinets: one placement and size distribution; only the protrusion differs.
+    rects: list[tuple[float, float, float, float]] = []
+    for _ in range(int(rng.integers(2, 5))):
+        label = CABINET if rng.random() < 0.5 else POSTER
+        hx, hy = float(rng.uniform(0.25, 0.7)), float(rng.uniform(0.2, 0.55))
+        hz = float(rng.uniform(0.1, 0.225)) if label == CABINET else 0.0005
+        appearance = _decor(rng)
+        for _ in range(30):
+            x = float(rng.uniform(-width / 2 + hx + 0.05, width / 2 - hx - 0.05))
+            y = float(rng.uniform(max(0.9, 0.45 + hy), max(0.9, min(2.0, height - 0.1 - hy))))
+            free = all(
+                abs(x - rx) > hx + rhx + 0.1 or abs(y - ry) > hy + rhy + 0.1
+                for rx, ry, rhx, rhy in rects
+            )
+            if free and _in_view(camera, (x, y, depth), aspect):
+                rects.append((x, y, hx, hy))
+                objects.append(Box(label, (x, y, depth - hz), (hx, hy, hz), 0.0, appearance))
+                break
+
+    taken: list[tuple[float, float, float]] = []
+    x_limit = width / 2 - 0.05
+    if rng.random() < 0.8:
+        half = (float(rng.uniform(0.6, 1.4)), 0.0005, float(rng.uniform(0.5, 1.2)))
+        appearance = _decor(rng)
+        spot = _place_on_floor(rng, camera, aspect, half, x_limit, (1.0, depth - 0.5), [])
+        if spot is not None:
+            objects.append(Box(RUG, spot, half, float(rng.uniform(-0.5, 0.5)), appearance))
+
+    # Crates and blocks: identical shape distribution, only the paint differs. Kept 0.5 m off
+    # the back wall so they never cut into a cabinet.
+    for _ in range(int(rng.integers(1, 4))):
+        label = CRATE if rng.random() < 0.5 else BLOCK
+        half = (
+            float(rng.uniform(0.15, 0.4)),
+            float(rng.uniform(0.15, 0.45)),
+            float(rng.uniform(0.15, 0.4)),
+        )
+        appearance = _box_paint(rng, slats=label == CRATE)
+        spot = _place_on_floor(rng, camera, aspect, half, x_limit, (1.3, depth - 0.5), taken)
+        if spot is not None:
+            objects.append(
+                Box(label, spot, half, float(rng.uniform(-np.pi / 4, np.pi / 4)), appearance)
+            )
+
+    for _ in range(int(rng.integers(0, 3))):
+        half = tuple(float(v) for v in rng.uniform(0.05, 0.15, 3))
+        appearance = _box_paint(rng, slats=bool(rng.random() < 0.5))
+        spot = _place_on_floor(rng, camera, aspect, half, x_limit, (1.0, depth - 0.5), taken)
+        if spot is not None:
+            objects.append(Box(IGNORE_INDEX, spot, half, float(rng.uniform(0, np.pi)), appearance))
+
+    direction = np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.8, 1.5), rng.uniform(-1.0, -0.3)])
+    lighting = Lighting(
+        ambient=float(rng.uniform(0.3, 0.45)),
+        direction=tuple((direction / np.linalg.norm(direction)).tolist()),
+        directional=float(rng.uniform(0.35, 0.55)),
+        lamp=(
+            float(rng.uniform(-0.4, 0.4) * width),
+            height - 0.05,
+            float(rng.uniform(1.0, depth - 1.0)),
+        ),
+        lamp_strength=float(rng.uniform(0.3, 0.6)),
+        lamp_radius=float(rng.uniform(1.5, 3.0)),
+        exposure=float(rng.uniform(0.9, 1.15)),
+    )
+    return Scene(room, walls, floor, ceiling, camera, lighting, tuple(objects))
+
+
+def _slab(box: Box, origin: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Ray/box slab test in the box frame.
+
+    ``dirs`` is ``(3, P)`` (axis-major, so per-axis reductions are elementwise and fast);
+    returns per-axis entry and exit ``t`` and the ray directions in the box frame, each
+    ``(3, P)``.
+    """
+    rotation = _rotation_y(box.yaw)
+    local_origin = rotation.T @ (origin - np.asarray(box.center))
+    local_dirs = rotation.T @ dirs
+    local_dirs[np.abs(local_dirs) < 1e-9] = 1e-9
+    inverse = 1.0 / local_dirs
+    half = np.asarray(box.half)
+    t1 = (-half - local_origin)[:, None] * inverse
+    t2 = (half - local_origin)[:, None] * inverse
+    return np.minimum(t1, t2), np.maximum(t1, t2), local_dirs
+
+
+def _max3(values: np.ndarray, sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Largest (``sign`` 1) or smallest (``sign`` -1) of the 3 rows of ``values`` and its row."""
+    a, b, c = sign * values
+    best = np.maximum(a, b)
+    index = np.where(b > a, 1, 0)
+    index = np.where(c > best, 2, index)
+    return sign * np.maximum(best, c), index
+
+
+def _albedo(
+    appearance: Appearance, local: np.ndarray, axis: np.ndarray, half: np.ndarray
+) -> np.ndarray:
+    """Albedo ``(n, 3)`` of points ``local`` ``(3, n)`` on faces ``axis`` ``(n,)`` of a box."""
+    columns = np.arange(len(axis))
+    u, v = local[_U_AXIS[axis], columns], local[_V_AXIS[axis], columns]
+    hu, hv = half[_U_AXIS[axis]], half[_V_AXIS[axis]]
+    p = appearance.period
+    if appearance.pattern == "checker":
+        mix = (np.floor(u / p) + np.floor(v / p)) % 2
+    elif appearance.pattern == "dots":
+        mix = ((np.mod(u, p) - p / 2) ** 2 + (np.mod(v, p) - p / 2) ** 2 < (0.3 * p) ** 2) * 1.0
+    elif appearance.pattern == "frame":
+        mix = (np.minimum(hu - np.abs(u), hv - np.abs(v)) < p / 4) * 1.0
+    elif appearance.pattern == "slats":
+        mix = (np.mod(v + hv, p) < 0.22 * p) * 1.0
+    elif appearance.pattern == "planks":
+        mix = (np.mod(u, p) < 0.04 * p) * 1.0
+    else:
+        mix = np.zeros_like(u)
+    base, second = np.asarray(appearance.base), np.asarray(appearance.second)
+    colour = base * (1 - mix[:, None]) + second * mix[:, None]
+    if appearance.pattern == "planks":
+        # A fixed pseudo-random tint per plank index, +-8 %.
+        plank_hash = np.mod(np.sin(np.floor(u / p) * 12.9898) * 43758.5453, 1.0)
+        colour *= (1 + 0.16 * (plank_hash - 0.5))[:, None]
+    grain = sum(np.sin(2 * np.pi * (fu * u + fv * v) + ph) for fu, fv, ph in appearance.waves)
+    return np.clip(colour * (1 + appearance.grain * grain / 2)[:, None], 0.0, 1.0)
+
+
+def _sensor_depth(depth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Kinect-like depth in millimetres ``(H, W)`` uint16 from true depth in metres; 0 = hole.
+
+    Noise sigma 1.2 mm + 1.9 mm * (z - 0.4 m)^2; holes in smooth random blobs (1-5 % of the
+    image) and, with probability 0.7, on pixels next to a depth jump.
+    """
+    height, width = depth.shape
+    sigma = 0.0012 + 0.0019 * (depth - 0.4) ** 2
+    noisy = depth + rng.standard_normal(depth.shape) * sigma
+    coarse = rng.random((height // 8 + 2, width // 8 + 2))
+    field = zoom(coarse, 8, order=1)[:height, :width]
+    holes = field < np.quantile(field, rng.uniform(0.01, 0.05))
+    jump = np.zeros_like(depth, dtype=bool)
+    step_y = np.abs(np.diff(depth, axis=0)) > 0.08 + 0.02 * depth[1:]
+    step_x = np.abs(np.diff(depth, axis=1)) > 0.08 + 0.02 * depth[:, 1:]
+    jump[1:] |= step_y
+    jump[:-1] |= step_y
+    jump[:, 1:] |= step_x
+    jump[:, :-1] |= step_x
+    holes |= jump & (rng.random(depth.shape) < 0.7)
+    millimetres = np.clip(np.rint(noisy * 1000.0), 1, 65535).astype(np.uint16)
+    millimetres[holes] = 0
+    return millimetres
+
+
+def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Ray-cast ``scene`` at ``size`` = (H, W); ``rng`` draws the sensor noise only.
+
+    Returns numpy arrays:
+
+    - ``rgb`` uint8 ``(H, W, 3)``: albedo x shading x vignetting + noise.
+    - ``depth`` float32 ``(H, W)``: true z-depth in metres (distance along the optical axis).
+    - ``depth_mm`` uint16 ``(H, W)``: sensor depth, noisy, 0 in holes.
+    - ``label`` uint8 ``(H, W)``: class id, 255 on clutter.
+    - ``instance`` int32 ``(H, W)``: 0 for the room, i + 1 for ``scene.objects[i]``.
+    - ``normal`` float32 ``(H, W, 3)``: unit surface normal in camera coordinates (x right,
+      y down, z forward), facing the camera.
+    - ``albedo`` float32 ``(H, W, 3)`` in 0..1, ``shading`` float32 ``(H, W)`` >= 0.
+    """
+    height, width = size
+    camera, lighting = scene.camera, scene.lighting
+    rotation = camera_rotation(camera)
+    focal = camera.focal * width
+    v, u = np.mgrid[0:height, 0:width].reshape(2, -1) + 0.5
+    # z = 1 in camera coordinates, so the ray parameter t is the z-depth itself.
+    dirs = rotation @ np.stack([(u - width / 2) / focal, (v - height / 2) / focal, np.ones_like(u)])
+    origin = np.asarray(camera.position)
+    pixels = np.arange(u.size)
+
+    # The camera is inside the room: each ray leaves it through its nearest exit face.
+    _, t_exit, local_dirs = _slab(scene.room, origin, dirs)
+    t, axis = _max3(t_exit, sign=-1.0)
+    inward = -np.sign(local_dirs[axis, pixels])
+    surface = np.zeros(u.size, dtype=np.int32)
+    for index, box in enumerate(scene.objects, start=1):
+        t_in, t_out, box_dirs = _slab(box, origin, dirs)
+        near, box_axis = _max3(t_in)
+        far, _ = _max3(t_out, sign=-1.0)
+        hit = np.flatnonzero((near <= far) & (near > 1e-4) & (near < t))
+        t[hit] = near[hit]
+        axis[hit] = box_axis[hit]
+        inward[hit] = -np.sign(box_dirs[box_axis[hit], hit])
+        surface[hit] = index
+
+    points = origin[:, None] + t * dirs
+    label = np.empty(u.size, dtype=np.uint8)
+    normal = np.zeros((3, u.size))
+    albedo = np.zeros((u.size, 3))
+    for index, box in enumerate((scene.room, *scene.objects)):
+        sel = np.flatnonzero(surface == index)
+        if not sel.size:
+            continue
+        box_rotation = _rotation_y(box.yaw)
+        local = box_rotation.T @ (points[:, sel] - np.asarray(box.center)[:, None])
+        local_normal = np.zeros((3, sel.size))
+        local_normal[axis[sel], np.arange(sel.size)] = inward[sel]
+        normal[:, sel] = box_rotation @ local_normal
+        half = np.asarray(box.half)
+        if index > 0:
+            label[sel] = box.label
+            albedo[sel] = _albedo(box.appearance, local, axis[sel], half)
+            continue
+        horizontal = axis[sel] == 1
+        up = local_normal[1] > 0
+        for part, paint, part_label in (
+            (~horizontal, scene.walls, WALL),
+            (horizontal & up, scene.floor, FLOOR),
+            (horizontal & ~up, scene.ceiling, CEILING),
+        ):
+            label[sel[part]] = part_label
+            albedo[sel[part]] = _albedo(paint, local[:, part], axis[sel[part]], half)
+
+    to_lamp = np.asarray(lighting.lamp)[:, None] - points
+    distance = np.sqrt((to_lamp**2).sum(0))
+    lamp = np.clip((normal * to_lamp).sum(0) / distance, 0, None)
+    shading = (
+        lighting.ambient
+        + lighting.directional * np.clip(np.asarray(lighting.direction) @ normal, 0, None)
+        + lighting.lamp_strength * lamp / (1 + (distance / lighting.lamp_radius) ** 2)
+    ) * lighting.exposure
+    vignette = 1 - 0.4 * (((u - width / 2) / width) ** 2 + ((v - height / 2) / height) ** 2)
+    linear = albedo * (shading * vignette)[:, None] * 255.0
+    noise = rng.normal(0.0, rng.uniform(1.5, 3.5), linear.shape)
+    rgb = np.clip(np.rint(linear + noise), 0, 255).astype(np.uint8)
+
+    depth = t.reshape(height, width).astype(np.float32)
+    return {
+        "rgb": rgb.reshape(height, width, 3),
+        "depth": depth,
+        "depth_mm": _sensor_depth(depth, rng),
+        "label": label.reshape(height, width),
+        "instance": surface.reshape(height, width),
+        "normal": (rotation.T @ normal).T.reshape(height, width, 3).astype(np.float32),
+        "albedo": albedo.reshape(height, width, 3).astype(np.float32),
+        "shading": shading.reshape(height, width).astype(np.float32),
+    }
+
+
+def render_scene(rng: np.random.Generator, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Sample a scene with ``rng`` and render it at ``size`` = (H, W) (see :func:`render`)."""
+    scene = sample_scene(rng, aspect=size[1] / size[0])
+    return render(scene, size, rng)
+
+
+def default_data_root() -> Path:
+    """Cache folder of the default set: ``$CEN_CACHE/synthetic-v1`` (``$CEN_CACHE`` defaulting
+    to ``~/.cache/cenfusion``)."""
+    base = os.environ.get("CEN_CACHE")
+    cache = Path(base) if base else Path.home() / ".cache" / "cenfusion"
+    return cache / f"synthetic-v{GENERATOR_VERSION}"
+
+
+def _marker(num_train: int, num_val: int, size: tuple[int, int], seed: int) -> dict[str, object]:
+    return {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": list(size),
+        "seed": seed,
+        "classes": list(CLASS_NAMES),
+    }
+
+
+def _list_lines(names: list[str]) -> str:
+    """List-file text in the NYUDv2 column order: rgb, mask, depth."""
+    return "".join(f"rgb/{n}.png\tmasks/{n}.png\tdepth/{n}.png\n" for n in names)
+
+
+def generate_segmentation_dataset(
+    out: Path,
+    num_train: int = 200,
+    num_val: int = 50,
+    size: tuple[int, int] = (120, 160),
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic RGB-D segmentation set in the NYUDv2 layout and return ``out``.
+
+    Writes ``rgb/NNNNNN.png`` (8-bit RGB), ``depth/NNNNNN.png`` (16-bit, millimetres),
+    ``masks/NNNNNN.png`` (8-bit L, 255 = ignore), ``train.txt`` (images 0..num_train-1),
+    ``val.txt`` (the next num_val) and a marker file with the parameters. Image i is drawn
+    from ``numpy.random.default_rng([seed, i])``, so the set depends only on its arguments.
+    Everything is written to a hidden temporary folder next to ``out`` and renamed into place
+    at the end: an interrupted run leaves no partial set at ``out``.
+    """
+    out = Path(out)
+    if num_train < 1 or num_val < 1:
+        raise CenError(
+            f"synthetic set {out}: expected num_train and num_val >= 1, "
+            f"got {num_train} and {num_val}"
+        )
+    if min(size) < 16:
+        raise CenError(f"synthetic set {out}: image size {size} too small, expected >= 16x16")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CenError(f"synthetic set {out}: the folder already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for folder in ("rgb", "depth", "masks"):
+            (staging / folder).mkdir()
+        names = [f"{i:06d}" for i in range(num_train + num_val)]
+        for i, name in enumerate(names):
+            arrays = render_scene(np.random.default_rng([seed, i]), size)
+            Image.fromarray(arrays["rgb"]).save(staging / "rgb" / f"{name}.png", compress_level=1)
+            Image.fromarray(arrays["depth_mm"]).save(
+                staging / "depth" / f"{name}.png", compress_level=1
+            )
+            Image.fromarray(arrays["label"]).save(
+                staging / "masks" / f"{name}.png", compress_level=1
+            )
+        (staging / "train.txt").write_text(_list_lines(names[:num_train]))
+        (staging / "val.txt").write_text(_list_lines(names[num_train:]))
+        marker = _marker(num_train, num_val, tuple(size), seed)
+        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
+        staging.chmod(0o755)
+        try:
+            os.replace(staging, out)
+        except OSError as exc:
+            raise CenError(
+                f"synthetic set {out}: cannot move the finished set into place "
+                f"({exc.strerror}); expected an absent or empty folder"
+            ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_marker(root: Path) -> dict[str, object] | None:
+    path = root / MARKER_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_synthetic(
+    root: str | Path | None = None,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    size: tuple[int, int] = (120, 160),
+    seed: int = 0,
+) -> Path:
+    """Return a synthetic set at ``root`` (default :func:`default_data_root`), generating it once.
+
+    A finished set carries a marker file with its parameters; a set made with other
+    parameters is an error rather than silently reused. When several processes (e.g. DDP
+    ranks) start together, each may generate, and the first rename wins.
+    """
+    root = Path(root) if root is not None else default_data_root()
+    wanted = _marker(num_train, num_val, tuple(size), seed)
+    found = _read_marker(root)
+    if found == wanted:
+        return root
+    if found is not None:
+        raise CenError(
+            f"synthetic set {root} was made with {found}, expected {wanted}; "
+            "delete it or choose another folder"
+        )
+    try:
+        return generate_segmentation_dataset(root, num_train, num_val, tuple(size), seed)
+    except CenError:
+        if _read_marker(root) == wanted:
+            return root
+        raise

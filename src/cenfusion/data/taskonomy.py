@@ -1,0 +1,546 @@
+"""Taskonomy for multimodal image-to-image translation (CEN_SPEC §3): files, decoding, samples.
+
+Layout of a data root (the released one, and what :func:`prepare_taskonomy` and
+:func:`generate_taskonomy_dataset` write)::
+
+    ROOT/rgb/point_407_view_2_domain_rgb.png
+    ROOT/edge_texture/point_407_view_2_domain_edge_texture.png
+    ...
+    ROOT/train.txt   lines "{domain}/point_407_view_2_domain_{domain}.png"
+    ROOT/val.txt     same
+
+A split file names views, not domains: the literal ``{domain}`` is filled in per domain.
+``segment_semantic`` files end in ``_domain_segmentsemantic.png`` (its folder keeps the
+underscore). CEN's ``--img-types`` indices refer to :data:`DOMAINS`.
+
+Decoding (:func:`decode_domain`) maps every domain to float32 ``(3, H, W)`` in ``[-1, 1]``
+(``value / 127.5 - 1`` of a 0..255 intensity), so one shared network reads any of them:
+
+- 8-bit domains (rgb, normal, reshading, principal_curvature) as stored; one channel is
+  tiled to three;
+- edge_texture / edge_occlusion: 16-bit single channel, scaled to 0..255 by the dataset's
+  maxima (11355 and 11584) and clipped there;
+- depth_zbuffer / depth_euclidean: 16-bit single channel in 1/512 m; the intensity is
+  ``255 * log(1 + value) / 11.1``. The "no depth" value 65535 is not masked: as in the
+  released preprocessing it becomes ``log(65536) = 11.09``, i.e. 254.8, the far end of the
+  range, so missing depth reads as "very far";
+- segmentation domains: region ids as given (values above 255 clipped), tiled.
+
+Samples (:class:`TaskonomyDataset`) are ``{"inputs": (M, 3, S, S), "target": (3, S, S),
+"name": "point_P_view_V"}``; training augmentation resizes to ``load_size``, crops ``size``
+at random and flips with p = 0.5, with the same draw for every domain of the sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cenfusion.data.download import download_many
+from cenfusion.data.synthetic import GENERATOR_VERSION, default_data_root, render, sample_scene
+from cenfusion.errors import CenError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DOMAINS",
+    "KNOWN_DOMAINS",
+    "SYNTHETIC_DOMAINS",
+    "TaskonomyDataset",
+    "decode_domain",
+    "default_synthetic_taskonomy_root",
+    "domain_file",
+    "ensure_synthetic_taskonomy",
+    "generate_taskonomy_dataset",
+    "load_split",
+    "prepare_taskonomy",
+    "read_domain",
+    "read_split_file",
+    "resolve_domain",
+    "taskonomy_domains",
+    "view_name",
+    "write_split_file",
+]
+
+#: CEN's ``--img-types`` table: index -> Taskonomy domain.
+DOMAINS: tuple[str, ...] = (
+    "rgb",
+    "normal",
+    "reshading",
+    "depth_euclidean",
+    "depth_zbuffer",
+    "principal_curvature",
+    "edge_occlusion",
+    "edge_texture",
+    "segment_unsup2d",
+    "segment_unsup25d",
+)
+#: Domains that can be downloaded and read: the table plus semantic segmentation.
+KNOWN_DOMAINS: tuple[str, ...] = (*DOMAINS, "segment_semantic")
+#: Domains whose file names spell the domain differently from their folder.
+FILE_DOMAIN = {"segment_semantic": "segmentsemantic"}
+EDGE_MAXIMA = {"edge_texture": 11355.0, "edge_occlusion": 11584.0}
+DEPTH_DOMAINS = ("depth_euclidean", "depth_zbuffer")
+SEGMENT_DOMAINS = ("segment_unsup2d", "segment_unsup25d", "segment_semantic")
+#: Released normaliser of ``log(1 + depth)``: about ``log(65536)``.
+LOG_DEPTH_MAX = 11.1
+#: Depth PNG units per metre, and the value meaning "no depth".
+DEPTH_UNITS_PER_METRE = 512.0
+NO_DEPTH = 65535
+
+DEFAULT_BASE_URL = "https://github.com/alexsax/taskonomy-sample-model-1/raw/master"
+SPLITS = ("train", "val")
+SPLIT_TEMPLATE = "{domain}/point_%d_view_%d_domain_{domain}.png"
+_SPLIT_LINE = re.compile(r"\{domain\}/point_(\d+)_view_(\d+)_domain_\{domain\}\.png")
+_SPLIT_DATA = "taskonomy_split.json"
+
+View = tuple[int, int]
+"""A Taskonomy view: ``(point, view)``."""
+
+
+# ----------------------------------------------------------------------------- names and splits
+
+
+def resolve_domain(domain: str | int) -> str:
+    """A domain name from a name or an ``--img-types`` index (``2`` or ``"2"``)."""
+    text = str(domain)
+    if text.isdigit():
+        index = int(text)
+        if index >= len(DOMAINS):
+            raise CenError(f"img-type {index}: expected 0..{len(DOMAINS) - 1} ({_table()})")
+        return DOMAINS[index]
+    if text not in KNOWN_DOMAINS:
+        raise CenError(f"Taskonomy domain {text!r} is unknown, expected one of {_table()}")
+    return text
+
+
+def _table() -> str:
+    return ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS)) + ", segment_semantic"
+
+
+def domain_file(domain: str, view: View) -> str:
+    """Path of ``view``'s file in ``domain``, relative to the root."""
+    point, index = view
+    return f"{domain}/point_{point}_view_{index}_domain_{FILE_DOMAIN.get(domain, domain)}.png"
+
+
+def view_name(view: View) -> str:
+    return f"point_{view[0]}_view_{view[1]}"
+
+
+def load_split(split: str) -> list[View]:
+    """The released split's views (``"train"``: 1000, ``"val"``: 500), in the released order."""
+    if split not in SPLITS:
+        raise CenError(f"Taskonomy split {split!r}: expected one of {SPLITS}")
+    data = json.loads(resources.files("cenfusion.data").joinpath(_SPLIT_DATA).read_text())
+    return [tuple(int(n) for n in item.split("_")) for item in data[split]]
+
+
+def read_split_file(path: Path) -> list[View]:
+    """Views of a split file (lines ``{domain}/point_P_view_V_domain_{domain}.png``)."""
+    if not path.is_file():
+        raise CenError(
+            f"{path}: split file not found (prepare the data with `cen data taskonomy "
+            f"{path.parent}` or `cen data synthetic-taskonomy {path.parent}`)"
+        )
+    views = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _SPLIT_LINE.fullmatch(line.strip())
+        if match is None:
+            raise CenError(
+                f"{path}:{number}: expected '{{domain}}/point_P_view_V_domain_{{domain}}.png', "
+                f"got {line.strip()!r}"
+            )
+        views.append((int(match[1]), int(match[2])))
+    if not views:
+        raise CenError(f"{path}: split file lists no views")
+    return views
+
+
+def write_split_file(path: Path, views: Sequence[View]) -> None:
+    """Write a split file like the released ones (no final newline)."""
+    path.write_text("\n".join(SPLIT_TEMPLATE % view for view in views))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def read_png(path: Path) -> np.ndarray:
+    """Raw values of an image: ``(H, W)`` (any bit depth) or ``(H, W, 3)`` uint8."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
+                image = image.convert("RGB")
+            return np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CenError(f"cannot read image {path}: {exc}") from None
+
+
+def decode_domain(values: np.ndarray, domain: str, where: str = "image") -> Tensor:
+    """Raw image values of ``domain`` -> float32 ``(3, H, W)`` in ``[-1, 1]`` (module docstring).
+
+    ``values``: ``(H, W)`` or ``(H, W, 3)`` as read from the PNG; ``where`` names the file
+    in errors.
+    """
+    array = np.asarray(values)
+    sixteen_bit = domain in EDGE_MAXIMA or domain in DEPTH_DOMAINS
+    if sixteen_bit and (array.ndim != 2 or array.dtype == np.uint8):
+        raise CenError(
+            f"{where}: {domain} must be a 16-bit single-channel PNG, got {array.dtype} "
+            f"{array.shape}"
+        )
+    if not sixteen_bit and array.dtype != np.uint8 and domain not in SEGMENT_DOMAINS:
+        raise CenError(f"{where}: {domain} must be an 8-bit PNG, got {array.dtype}")
+    raw = array.astype(np.float64)
+    if domain in EDGE_MAXIMA:
+        intensity = np.clip(raw * (255.0 / EDGE_MAXIMA[domain]), 0.0, 255.0)
+    elif domain in DEPTH_DOMAINS:
+        intensity = np.log1p(raw) * (255.0 / LOG_DEPTH_MAX)
+    else:
+        intensity = np.clip(raw, 0.0, 255.0)
+    tensor = torch.from_numpy((intensity / 127.5 - 1.0).astype(np.float32))
+    if tensor.dim() == 2:
+        return tensor.expand(3, *tensor.shape).contiguous()
+    if tensor.dim() == 3 and tensor.shape[-1] == 3:
+        return tensor.permute(2, 0, 1).contiguous()
+    raise CenError(f"{where}: {domain} image of shape {array.shape} is neither grey nor RGB")
+
+
+def read_domain(path: Path, domain: str) -> Tensor:
+    """Read and decode one file of ``domain`` -> ``(3, H, W)`` in ``[-1, 1]``."""
+    return decode_domain(read_png(path), domain, str(path))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _resize(image: Tensor, size: int, domain: str) -> Tensor:
+    """``(3, H, W)`` -> ``(3, size, size)``; region ids with nearest, the rest bilinear."""
+    if image.shape[-2:] == (size, size):
+        return image
+    if domain in SEGMENT_DOMAINS:
+        return F.interpolate(image[None], size=(size, size), mode="nearest-exact")[0]
+    resized = F.interpolate(
+        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized[0].clamp_(-1.0, 1.0)
+
+
+class TaskonomyDataset(Dataset):
+    """Views of a Taskonomy root as ``{"inputs": (M, 3, S, S), "target": (3, S, S), "name"}``.
+
+    Args:
+        root: data root (module docstring).
+        split: ``"train"`` or ``"val"`` (reads ``ROOT/{split}.txt``).
+        inputs: the ``M`` input domains (names or ``--img-types`` indices), in order.
+        target: the target domain.
+        train: random crop and flip (else a plain resize to ``size``).
+        size: output side ``S``.
+        load_size: side resized to before the random crop (train only; >= ``size``).
+
+    Raises:
+        CenError: missing split file, a domain folder or file missing on disk (at
+            construction), an unreadable or wrongly encoded image (when loaded).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        inputs: Sequence[str | int],
+        target: str | int,
+        train: bool = False,
+        size: int = 256,
+        load_size: int = 286,
+    ) -> None:
+        self.root = Path(root)
+        self.inputs = [resolve_domain(d) for d in inputs]
+        self.target = resolve_domain(target)
+        if train and load_size < size:
+            raise CenError(f"load size {load_size} is smaller than the crop size {size}")
+        self.train, self.size, self.load_size = train, size, load_size
+        self.views = read_split_file(self.root / f"{split}.txt")
+        for domain in (*self.inputs, self.target):
+            self._check_domain(domain)
+
+    def _check_domain(self, domain: str) -> None:
+        folder = self.root / domain
+        hint = f"fetch it with `cen data taskonomy {self.root} --domains {domain}`"
+        index = f" (img-type {DOMAINS.index(domain)})" if domain in DOMAINS else ""
+        if not folder.is_dir():
+            raise CenError(f"domain {domain}{index} missing on disk: no folder {folder}; {hint}")
+        missing = [v for v in self.views if not (self.root / domain_file(domain, v)).is_file()]
+        if missing:
+            raise CenError(
+                f"domain {domain}{index}: {len(missing)} of {len(self.views)} files missing, "
+                f"e.g. {self.root / domain_file(domain, missing[0])}; {hint}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        view = self.views[index]
+        domains = [*self.inputs, self.target]
+        images = [read_domain(self.root / domain_file(d, view), d) for d in domains]
+        if self.train:
+            images = [_resize(im, self.load_size, d) for im, d in zip(images, domains)]
+            top, left = (
+                int(torch.randint(0, self.load_size - self.size + 1, ())) for _ in range(2)
+            )
+            images = [im[:, top : top + self.size, left : left + self.size] for im in images]
+            if bool(torch.rand(()) < 0.5):
+                images = [im.flip(-1) for im in images]
+        else:
+            images = [_resize(im, self.size, d) for im, d in zip(images, domains)]
+        stacked = torch.stack(images)
+        return {"inputs": stacked[:-1], "target": stacked[-1], "name": view_name(view)}
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def prepare_taskonomy(
+    out: str | Path,
+    domains: Sequence[str | int] = ("reshading", "edge_texture", "rgb"),
+    base_url: str = DEFAULT_BASE_URL,
+    workers: int = 4,
+    progress: bool = True,
+    splits: dict[str, Sequence[View]] | None = None,
+) -> Path:
+    """Fetch the split views of ``domains`` from the sample building into ``out``.
+
+    Each file comes on its own from ``{base_url}/{domain}/{file}`` (the repository holds
+    tens of GB across all domains; only what is asked for is fetched), ``workers`` at a time
+    with :func:`~cenfusion.data.download.download_many`: files already present are skipped
+    and interrupted ones resume. Writes ``train.txt`` and ``val.txt`` at the end.
+
+    ``splits`` (default: the released 1000/500 views) maps split names to views.
+    """
+    out = Path(out)
+    names = list(dict.fromkeys(resolve_domain(d) for d in domains))
+    if not names:
+        raise CenError("cen data taskonomy: name at least one domain with --domains")
+    chosen = {s: load_split(s) for s in SPLITS} if splits is None else dict(splits)
+    base = base_url.rstrip("/")
+    items = [
+        (f"{base}/{domain_file(domain, view)}", out / domain_file(domain, view))
+        for domain in names
+        for views in chosen.values()
+        for view in views
+    ]
+    download_many(items, workers=workers, progress=progress)
+    for split, views in chosen.items():
+        write_split_file(out / f"{split}.txt", views)
+    return out
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+#: Version of the Taskonomy writer below; bump it when the written images change.
+WRITER_VERSION = 1
+MARKER_FILE = "cenfusion-synthetic-taskonomy.json"
+SYNTHETIC_DOMAINS: tuple[str, ...] = (
+    "rgb",
+    "normal",
+    "reshading",
+    "depth_euclidean",
+    "depth_zbuffer",
+    "edge_occlusion",
+    "edge_texture",
+    "segment_unsup2d",
+)
+_SOBEL_MAX = 4.0 * np.sqrt(2.0)
+
+
+def _to_uint16(values: np.ndarray, limit: int = NO_DEPTH - 1) -> np.ndarray:
+    return np.clip(np.rint(values), 0, limit).astype(np.uint16)
+
+
+def _depth_jumps(depth: np.ndarray, tolerance: float = 0.03) -> np.ndarray:
+    """``(H, W)`` bool: pixels beside a depth discontinuity (an occlusion boundary).
+
+    Inverse depth is an affine function of the pixel coordinates on any plane, so its second
+    difference along a row or column vanishes on planes however slanted (a floor seen at a
+    grazing angle), stays small at creases (a wall meeting the floor), and is large where one
+    surface hides another. A pixel is marked where that second difference exceeds
+    ``tolerance`` times its own inverse depth.
+    """
+    inverse = 1.0 / np.maximum(depth, 1e-6)
+    jump = np.zeros(depth.shape, dtype=bool)
+    jump[1:-1] |= np.abs(inverse[2:] - 2 * inverse[1:-1] + inverse[:-2]) > tolerance * inverse[1:-1]
+    jump[:, 1:-1] |= (
+        np.abs(inverse[:, 2:] - 2 * inverse[:, 1:-1] + inverse[:, :-2])
+        > tolerance * inverse[:, 1:-1]
+    )
+    return jump
+
+
+def taskonomy_domains(arrays: dict[str, np.ndarray], focal: float) -> dict[str, np.ndarray]:
+    """The Taskonomy domains of one rendered view, as the PNG arrays the real data stores.
+
+    ``arrays`` is :func:`cenfusion.data.synthetic.render`'s output for an ``(H, W)`` image,
+    ``focal`` the camera's focal length in pixels. Each domain follows its Taskonomy
+    definition, computed from the scene:
+
+    - ``rgb``: the rendered photo, 8-bit RGB.
+    - ``normal``: camera-frame unit normals (x right, y down, z forward), ``127.5 (n + 1)``.
+    - ``reshading``: Lambertian shading by a point light at the camera, ``cos`` of the angle
+      between the normal and the ray, 8-bit grey (it depends on geometry only, not on the
+      photo's lights or albedo).
+    - ``depth_zbuffer``: z-depth, ``depth_euclidean``: distance along the ray; 16-bit in
+      1/512 m (the scenes are closed rooms, so 65535 "no depth" never occurs).
+    - ``edge_texture``: Sobel gradient magnitude of the Gaussian-blurred (sigma 1) grey photo
+      in 0..1, scaled so the largest possible magnitude is the dataset's maximum 11355.
+    - ``edge_occlusion``: depth discontinuities (:func:`_depth_jumps`; creases and slanted
+      planes do not count), blurred (sigma 1) to a soft line, peak 11584.
+    - ``segment_unsup2d``: one id per surface region (object instance x face), 8-bit.
+    """
+    height, width = arrays["depth"].shape
+    depth = arrays["depth"].astype(np.float64)
+    v, u = np.mgrid[0:height, 0:width] + 0.5
+    rays = np.stack([(u - width / 2) / focal, (v - height / 2) / focal, np.ones_like(u)], -1)
+    ray_length = np.sqrt((rays**2).sum(-1))
+    normal = arrays["normal"].astype(np.float64)
+    reshading = np.clip(-(normal * rays).sum(-1) / ray_length, 0.0, 1.0)
+    grey = arrays["rgb"].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+    grey = ndimage.gaussian_filter(grey, 1.0)
+    texture = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1)) / _SOBEL_MAX
+    jump = _depth_jumps(depth)
+    occlusion = ndimage.gaussian_filter(jump.astype(np.float64), 1.0)
+    occlusion /= max(occlusion.max(), 1e-12)
+    axis = np.abs(normal).argmax(-1)
+    positive = np.take_along_axis(normal, axis[..., None], -1)[..., 0] > 0
+    regions = arrays["instance"].astype(np.int64) * 6 + axis * 2 + positive
+    _, region_ids = np.unique(regions, return_inverse=True)
+    return {
+        "rgb": arrays["rgb"],
+        "normal": np.clip(np.rint(127.5 * (normal + 1.0)), 0, 255).astype(np.uint8),
+        "reshading": np.clip(np.rint(255.0 * reshading), 0, 255).astype(np.uint8),
+        "depth_euclidean": _to_uint16(depth * ray_length * DEPTH_UNITS_PER_METRE),
+        "depth_zbuffer": _to_uint16(depth * DEPTH_UNITS_PER_METRE),
+        "edge_occlusion": _to_uint16(occlusion * EDGE_MAXIMA["edge_occlusion"]),
+        "edge_texture": _to_uint16(texture * EDGE_MAXIMA["edge_texture"]),
+        "segment_unsup2d": np.clip(region_ids.reshape(height, width), 0, 255).astype(np.uint8),
+    }
+
+
+def _synthetic_marker(num_train: int, num_val: int, size: int, seed: int) -> dict:
+    return {
+        "generator": GENERATOR_VERSION,
+        "writer": WRITER_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": size,
+        "seed": seed,
+        "domains": list(SYNTHETIC_DOMAINS),
+    }
+
+
+def generate_taskonomy_dataset(
+    out: str | Path, num_train: int = 200, num_val: int = 50, size: int = 128, seed: int = 0
+) -> Path:
+    """Write synthetic indoor scenes in the Taskonomy layout at ``out`` and return it.
+
+    Scene ``i`` (rendered at ``size`` x ``size`` from ``numpy.random.default_rng([seed, i])``
+    by :mod:`cenfusion.data.synthetic`) becomes view ``point_i_view_0`` of every domain in
+    :data:`SYNTHETIC_DOMAINS` (see :func:`taskonomy_domains`); scenes ``0..num_train-1`` form
+    ``train.txt``, the next ``num_val`` ``val.txt``. Written to a hidden folder beside
+    ``out`` and renamed into place when complete.
+    """
+    out = Path(out)
+    if num_train < 1 or num_val < 1:
+        raise CenError(f"synthetic Taskonomy {out}: expected at least 1 train and 1 val view")
+    if size < 16:
+        raise CenError(f"synthetic Taskonomy {out}: size {size} too small, expected >= 16")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CenError(f"synthetic Taskonomy {out}: the folder exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for domain in SYNTHETIC_DOMAINS:
+            (staging / domain).mkdir()
+        views = [(i, 0) for i in range(num_train + num_val)]
+        for i, view in enumerate(views):
+            rng = np.random.default_rng([seed, i])
+            scene = sample_scene(rng, aspect=1.0)
+            arrays = render(scene, (size, size), rng)
+            encoded = taskonomy_domains(arrays, scene.camera.focal * size)
+            for domain, values in encoded.items():
+                Image.fromarray(values).save(staging / domain_file(domain, view), compress_level=1)
+        write_split_file(staging / "train.txt", views[:num_train])
+        write_split_file(staging / "val.txt", views[num_train:])
+        marker = _synthetic_marker(num_train, num_val, size, seed)
+        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
+        staging.chmod(0o755)
+        try:
+            os.replace(staging, out)
+        except OSError as exc:
+            raise CenError(
+                f"synthetic Taskonomy {out}: cannot move the finished set into place "
+                f"({exc.strerror}); expected an absent or empty folder"
+            ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def default_synthetic_taskonomy_root() -> Path:
+    """``$CEN_CACHE/synthetic-taskonomy-vG.W`` (default cache ``~/.cache/cenfusion``)."""
+    return default_data_root().parent / f"synthetic-taskonomy-v{GENERATOR_VERSION}.{WRITER_VERSION}"
+
+
+def ensure_synthetic_taskonomy(
+    root: str | Path | None = None,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """A synthetic Taskonomy set at ``root`` (default: the cache), generated on first use.
+
+    A set made with other parameters is an error rather than silently reused; when several
+    processes generate at once, the first rename wins and the others reuse it.
+    """
+    root = Path(root) if root is not None else default_synthetic_taskonomy_root()
+    wanted = _synthetic_marker(num_train, num_val, size, seed)
+    found = _read_marker(root)
+    if found == wanted:
+        return root
+    if found is not None:
+        raise CenError(
+            f"synthetic Taskonomy {root} was made with {found}, expected {wanted}; "
+            "delete it or choose another folder"
+        )
+    try:
+        return generate_taskonomy_dataset(root, num_train, num_val, size, seed)
+    except CenError:
+        if _read_marker(root) == wanted:
+            return root
+        raise
+
+
+def _read_marker(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,76 @@
+"""Device choice and torchrun-style DDP, shared by every task.
+
+Launch on several GPUs with ``torchrun --nproc-per-node N -m cenfusion.cli seg train ...``:
+the rank variables come from the environment; NCCL on CUDA, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cenfusion.errors import CenError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(
+    device: str = "auto", gpu: int | None = None, local_rank: int = 0
+) -> torch.device:
+    """``"auto"`` picks CUDA when present; ``gpu`` (the released ``--gpu`` flag) picks its index.
+
+    Under torchrun the local rank chooses the GPU.
+    """
+    if device not in {"auto", "cpu", "cuda"}:
+        raise CenError(f"--device {device}: expected auto, cpu or cuda")
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CenError("--device cuda: no CUDA device is visible (use --device cpu)")
+    index = local_rank if gpu is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 else gpu
+    if index >= torch.cuda.device_count():
+        raise CenError(f"--gpu {index}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group described by torchrun's variables (no-op when absent)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over every process, in place; identity outside distributed runs."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

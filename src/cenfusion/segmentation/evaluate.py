@@ -1,0 +1,250 @@
+"""``cen seg eval``: validation scores of a checkpoint under the released protocol and under
+multi-scale + flip test-time augmentation.
+
+- **single-scale (released protocol)**: the full image once, logits resized to the label size,
+  argmax (CEN_SPEC §2). This is :func:`cenfusion.segmentation.train.evaluate` as is.
+- **multi-scale 0.5-1.5 + flip**, as most later RGB-D papers report: the inputs resized by
+  each of 0.5, 0.75, 1, 1.25, 1.5 (photographs bilinearly, depth with nearest neighbour) and
+  each also mirrored left-right; every pass's logits are
+  resized (bilinear) to the label size, mirrored back, turned into **softmax probabilities**,
+  and the probabilities are averaged over the passes before the argmax. Averaging
+  probabilities rather than logits keeps one over-confident scale from outvoting the others.
+
+Both use the same evaluation loop and metric (one global confusion matrix per head, each
+modality and the ensemble): the augmentation is a module wrapped around the model
+(:class:`TestTimeAugmentation`), so ``train.evaluate`` runs it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.run import append_metrics, log
+from cenfusion.errors import CenError
+from cenfusion.fusion import split_modalities
+from cenfusion.metrics.segmentation import format_scores
+from cenfusion.segmentation.config import SegmentationConfig
+from cenfusion.segmentation.predict import is_foreign_checkpoint, load_segmenter, resize_input
+from cenfusion.segmentation.train import (
+    Scores,
+    build_datasets,
+    check_model_fits,
+    config_for,
+    evaluate,
+)
+
+#: The scales of the multi-scale protocol of the modern RGB-D papers.
+MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def _number(s: float) -> str:
+    return f"{s:g}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How each validation image is presented: at which ``scales``, mirrored or not."""
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise CenError(f"--scales {list(self.scales)}: expected positive numbers")
+
+    @property
+    def single_pass(self) -> bool:
+        """One pass at the image's own size: the released protocol."""
+        return self.scales == (1.0,) and not self.flip
+
+    @property
+    def label(self) -> str:
+        if self.single_pass:
+            return "single-scale (released protocol)"
+        flip = " + flip" if self.flip else ""
+        if self.scales == (1.0,):
+            return f"single-scale{flip}"
+        if self.scales == MS_SCALES:
+            return f"multi-scale 0.5-1.5{flip}"
+        return f"multi-scale {', '.join(map(_number, self.scales))}{flip}"
+
+
+SINGLE_SCALE = Protocol()
+MULTI_SCALE_FLIP = Protocol(MS_SCALES, True)
+
+
+def protocols_for(
+    ms: bool = False, scales: Sequence[float] | None = None, flip: bool | None = None
+) -> list[Protocol]:
+    """The protocols ``cen seg eval`` runs: always the released single scale, plus the
+    augmented one when ``--ms`` (scales 0.5-1.5, flip on unless ``--no-flip``), ``--scales``
+    or ``--flip`` asks for it."""
+    protocols = [SINGLE_SCALE]
+    if ms or scales or flip:
+        extra = Protocol(
+            tuple(float(s) for s in scales) if scales else (MS_SCALES if ms else (1.0,)),
+            ms if flip is None else flip,
+        )
+        if extra != SINGLE_SCALE:
+            protocols.append(extra)
+    return protocols
+
+
+class TestTimeAugmentation(nn.Module):
+    """Multi-scale (and flip) inference around a CEN segmenter.
+
+    ``forward(inputs)``: ``M`` tensors ``(B, 3, H, W)`` (or the stacked ``(M*B, 3, H, W)``);
+    returns ``M + 1`` tensors ``(B, K, H, W)``, one per head (modalities, then the ensemble):
+    the softmax probabilities averaged over every scale (and its mirror), at the input size,
+    which in validation is the label size. ``kinds`` says how each modality is resized
+    (``depth`` nearest neighbour, photographs bilinear).
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kinds: Sequence[str],
+        scales: Sequence[float] = MS_SCALES,
+        flip: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.kinds = tuple(kinds)
+        self.scales = tuple(scales)
+        self.flip = flip
+
+    def forward(self, inputs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+        if isinstance(inputs, Tensor):
+            inputs = list(split_modalities(inputs, len(self.kinds)).unbind(0))
+        if len(inputs) != len(self.kinds):
+            raise ValueError(f"expected {len(self.kinds)} modalities, got {len(inputs)}")
+        height, width = inputs[0].shape[-2:]
+        total: list[Tensor] | None = None
+        passes = 0
+        for scale in self.scales:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled = [resize_input(x, k, size) for x, k in zip(inputs, self.kinds)]
+            for mirrored in (False, True) if self.flip else (False,):
+                batch = [x.flip(-1) for x in scaled] if mirrored else scaled
+                probs = []
+                for logits in self.model(batch):
+                    up = F.interpolate(
+                        logits.float(), size=(height, width), mode="bilinear", align_corners=False
+                    )
+                    probs.append((up.flip(-1) if mirrored else up).softmax(dim=1))
+                total = probs if total is None else [t + p for t, p in zip(total, probs)]
+                passes += 1
+        return [t / passes for t in total]
+
+
+def evaluate_protocols(
+    cfg: SegmentationConfig,
+    checkpoint: str | Path,
+    protocols: Sequence[Protocol] = (SINGLE_SCALE,),
+    official: bool | None = None,
+) -> dict[str, Scores]:
+    """Scores of the checkpoint on ``cfg``'s validation split, ``{protocol label: scores}``.
+
+    The checkpoint may be ours or a released ``.pth.tar``; its modality and class counts must
+    match ``cfg``'s. Single process, batch 1 (validation images keep their own sizes).
+    """
+    device = resolve_device(cfg.device, cfg.gpu)
+    model = load_segmenter(checkpoint, official).model
+    check_model_fits(model, cfg, str(checkpoint))
+    model.to(device)
+    _, val_set = build_datasets(cfg)
+    loader = DataLoader(
+        val_set, batch_size=1, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+    )
+    kinds = [m.kind for m in val_set.modalities]
+    results: dict[str, Scores] = {}
+    for protocol in protocols:
+        net = (
+            model
+            if protocol.single_pass
+            else TestTimeAugmentation(model, kinds, protocol.scales, protocol.flip)
+        )
+        results[protocol.label] = evaluate(net, loader, cfg, device)
+    return results
+
+
+def evaluate_checkpoint(
+    cfg: SegmentationConfig,
+    checkpoint: str | Path,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    official: bool | None = None,
+) -> Scores:
+    """``{head: scores}`` of one protocol; ``scales=(1.0,)`` without flip is the released
+    single-scale evaluation, ``scales=MS_SCALES, flip=True`` the multi-scale + flip one."""
+    protocol = Protocol(tuple(float(s) for s in scales), flip)
+    return evaluate_protocols(cfg, checkpoint, [protocol], official)[protocol.label]
+
+
+def eval_config(
+    preset: str | None,
+    yaml_path: Path | None,
+    overrides: dict[str, object],
+    checkpoint: Path,
+) -> SegmentationConfig:
+    """:func:`config_for` with the checkpoint's saved config as base; a released checkpoint
+    saves none, so the preset (``nyudv2`` with ``--data``) is the base then."""
+    try:
+        return config_for(preset, yaml_path, overrides, checkpoint)
+    except CenError as err:
+        if not checkpoint.is_file() or not is_foreign_checkpoint(err):
+            raise
+        return config_for(preset, yaml_path, overrides, None)
+
+
+def run_evaluation(
+    cfg: SegmentationConfig,
+    checkpoint: str | Path,
+    protocols: Sequence[Protocol] = (SINGLE_SCALE,),
+    save: bool = False,
+    official: bool | None = None,
+) -> dict[str, Scores]:
+    """Evaluate, print one labelled table per protocol and, with ``save``, append one JSON
+    line per protocol to ``runs/EXP/metrics.jsonl``."""
+    results = evaluate_protocols(cfg, checkpoint, protocols, official)
+    for protocol in protocols:
+        scores = results[protocol.label]
+        log(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
+    if save:
+        run_dir = cfg.runs / cfg.exp
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for protocol in protocols:
+            append_metrics(
+                run_dir / "metrics.jsonl",
+                {
+                    "evaluate": str(checkpoint),
+                    "protocol": protocol.label,
+                    "scales": list(protocol.scales),
+                    "flip": protocol.flip,
+                    "val": results[protocol.label],
+                },
+            )
+    return results
+
+
+__all__ = [
+    "MS_SCALES",
+    "MULTI_SCALE_FLIP",
+    "SINGLE_SCALE",
+    "Protocol",
+    "TestTimeAugmentation",
+    "eval_config",
+    "evaluate_checkpoint",
+    "evaluate_protocols",
+    "protocols_for",
+    "run_evaluation",
+]

@@ -1,0 +1,412 @@
+"""``cen seg predict``: run a trained CEN segmenter on one's own RGB-D pictures.
+
+A checkpoint (a cenfusion one, or a released CEN ``.pth.tar``, told apart automatically) and
+one image per modality for each sample; folders are paired by file stem. Writes, per sample::
+
+    OUT/<stem>_color.png     coloured ensemble prediction
+    OUT/<stem>_label.png     raw class indices, 8-bit single channel
+    OUT/<stem>_overlay.png   the colours blended over the RGB input
+
+and with ``heads=True`` the same three files for each modality's own head
+(``<stem>_<modality>_color.png``, ...).
+
+Inputs are decoded and normalised exactly as in training (:func:`decode_image`, then
+:class:`Normalize`): RGB to ImageNet statistics, depth as raw PNG values times
+``depth_scale`` (NYUDv2: 1/5000, i.e. millimetres / 5000) with no mean/std. **Holes** (0 in
+the depth PNG, where the sensor saw nothing) stay 0: that is how the released NYUDv2 depth
+encodes missing values, so it is what the network saw during training; filling them would
+feed it values it never learned from. Resampling never blends a hole into valid depth either:
+depth is always resized with nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
+from cenfusion.data.transforms import Normalize
+from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.distributed import resolve_device
+from cenfusion.errors import CenError
+from cenfusion.models.official import load_official_checkpoint
+from cenfusion.models.refinenet import CENRefineNet
+from cenfusion.segmentation.modelio import TASK, model_from_record
+from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
+
+#: File types read from input folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+#: Weight of the prediction colours in ``_overlay.png`` (the RGB input gets the rest).
+OVERLAY_ALPHA = 0.5
+#: Messages of :func:`load_checkpoint` that mean "some other file": try the released format.
+_FOREIGN = ("not a cenfusion checkpoint", "not a readable checkpoint")
+
+
+def is_foreign_checkpoint(err: CenError) -> bool:
+    """Whether ``load_checkpoint`` refused a file as not ours (it may be a released one)."""
+    return any(m in str(err) for m in _FOREIGN)
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One input of the network: its name (used in file names) and how to decode it."""
+
+    name: str
+    kind: str
+
+    @classmethod
+    def parse(cls, text: str) -> Modality:
+        """``"rgb"``, ``"depth"``, ``"gray"``, or ``"NAME:KIND"`` for any other name."""
+        name, _, kind = text.partition(":")
+        kind = kind or name
+        if not name:
+            raise CenError(f"modality {text!r}: expected NAME or NAME:KIND")
+        if kind not in KINDS:
+            raise CenError(
+                f"modality {text!r}: kind {kind!r} is unknown; name a kind as NAME:KIND "
+                f"with KIND one of {', '.join(KINDS)}"
+            )
+        return cls(name, kind)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prediction to make: one file per modality; outputs are named after ``stem``."""
+
+    stem: str
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A segmenter read from a checkpoint, with the modality names it was trained on
+    (``None`` when the file does not say, e.g. a released checkpoint)."""
+
+    model: CENRefineNet
+    modalities: tuple[str, ...] | None
+    released: bool
+
+
+def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
+    """Read a cenfusion checkpoint or a released CEN ``.pth.tar``.
+
+    ``official=None`` detects the format: a file our loader rejects as foreign is read as a
+    released one; ``True``/``False`` force one format.
+    """
+    path = Path(path)
+    if official:
+        return LoadedModel(load_official_checkpoint(path), None, True)
+    try:
+        state = load_checkpoint(path, task=TASK)
+    except CenError as ours:
+        if official is not None or not path.is_file() or not is_foreign_checkpoint(ours):
+            raise
+        try:
+            return LoadedModel(load_official_checkpoint(path), None, True)
+        except CenError as theirs:
+            raise CenError(
+                f"{path}: neither a cenfusion checkpoint nor a released CEN one ({theirs})"
+            ) from theirs
+    saved = state.get("config") or {}
+    names = tuple(saved["modalities"]) if "modalities" in saved else None
+    return LoadedModel(model_from_record(state, str(path)), names, False)
+
+
+def check_fits(
+    loaded: LoadedModel, modalities: Sequence[Modality], num_classes: int | None, where: str
+) -> None:
+    """Refuse inputs that do not match the network: one input per modality it was trained
+    on, and (when the caller states one) its class count."""
+    config = loaded.model.config
+    given = ", ".join(m.name for m in modalities)
+    if len(modalities) != config.num_modalities:
+        trained = f" ({', '.join(loaded.modalities)})" if loaded.modalities else ""
+        raise CenError(
+            f"{where}: the model takes {config.num_modalities} modalities{trained}, "
+            f"{len(modalities)} given ({given}); CEN shares one network across exactly the "
+            f"modalities it was trained with, give one input for each"
+        )
+    if num_classes is not None and num_classes != config.num_classes:
+        raise CenError(
+            f"{where}: the model predicts {config.num_classes} classes, --num-classes says "
+            f"{num_classes}; the class count is fixed by the checkpoint's classifier"
+        )
+    if config.num_classes > 256:
+        raise CenError(f"{where}: {config.num_classes} classes do not fit an 8-bit label PNG")
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"cen: warning: {message}", file=sys.stderr)
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """``{stem: path}`` of the images in ``folder``; two files with one stem are an error."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in files:
+            raise CenError(
+                f"{folder}: two images named {path.stem} ({files[path.stem].name}, "
+                f"{path.name}); keep one"
+            )
+        files[path.stem] = path
+    return files
+
+
+def pair_folders(folders: Sequence[Path], names: Sequence[str]) -> list[Sample]:
+    """One sample per stem found in every folder; a stem missing from any folder is an error
+    naming the file without a partner."""
+    listings = [_image_files(f) for f in folders]
+    stems = sorted(set().union(*listings))
+    if not stems:
+        raise CenError(f"{', '.join(map(str, folders))}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    for stem in stems:
+        for folder, name, listing in zip(folders, names, listings):
+            if stem not in listing:
+                have = next(lst[stem] for lst in listings if stem in lst)
+                raise CenError(
+                    f"{have} has no {name} partner: expected {folder}/{stem}.* "
+                    f"(files are paired by name across {', '.join(map(str, folders))})"
+                )
+    return [Sample(s, tuple(lst[s] for lst in listings)) for s in stems]
+
+
+def collect_samples(
+    items: Sequence[str | Path | Sequence[str | Path]], names: Sequence[str]
+) -> list[Sample]:
+    """Expand prediction inputs into samples, one file per modality (in ``names`` order).
+
+    Each item is either a folder holding one subfolder per modality (``rgb/``, ``depth/``),
+    or a sequence of one path per modality: all files (one sample) or all folders (paired
+    by stem). Two samples with the same stem would write the same outputs: an error.
+    """
+    samples: list[Sample] = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            root = Path(item)
+            if not root.is_dir():
+                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
+            paths = [root / n for n in names]
+        else:
+            paths = [Path(p) for p in item]
+            if len(paths) != len(names):
+                raise CenError(
+                    f"{' '.join(map(str, paths))}: expected one path per modality "
+                    f"({', '.join(names)})"
+                )
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise CenError(f"{missing[0]}: no such file or folder")
+        if all(p.is_dir() for p in paths):
+            samples += pair_folders(paths, names)
+        elif all(p.is_file() for p in paths):
+            samples.append(Sample(paths[0].stem, tuple(paths)))
+        else:
+            raise CenError(f"{', '.join(map(str, paths))}: give files or folders, not both")
+    seen: dict[str, Sample] = {}
+    for sample in samples:
+        if sample.stem in seen:
+            raise CenError(
+                f"{seen[sample.stem].paths[0]} and {sample.paths[0]} are both named "
+                f"{sample.stem}: their outputs would overwrite each other"
+            )
+        seen[sample.stem] = sample
+    return samples
+
+
+def resize_input(x: Tensor, kind: str, size: Sequence[int]) -> Tensor:
+    """Resize a batch ``(B, 3, H, W)`` of one modality to ``size``: depth with nearest
+    neighbour (holes stay holes, no depth is invented across an edge), photographs
+    bilinearly (``align_corners=False``)."""
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if kind == "depth":
+        return F.interpolate(x, size=size, mode="nearest-exact")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def load_inputs(
+    sample: Sample, modalities: Sequence[Modality], depth_scale: float
+) -> tuple[list[Tensor], int]:
+    """Decoded, size-matched and normalised inputs ``(3, H, W)``, and the index of the
+    reference input (the first RGB one, else the first) whose size the others take."""
+    raw = [decode_image(p, m.kind, depth_scale) for p, m in zip(sample.paths, modalities)]
+    ref = next((i for i, m in enumerate(modalities) if m.kind == "rgb"), 0)
+    size = tuple(raw[ref].shape[-2:])
+    for i, (x, m) in enumerate(zip(raw, modalities)):
+        if tuple(x.shape[-2:]) != size:
+            method = "nearest" if m.kind == "depth" else "bilinear"
+            _warn(
+                f"{sample.stem}: {m.name} {sample.paths[i]} is {x.shape[-2]}x{x.shape[-1]}, "
+                f"{modalities[ref].name} {sample.paths[ref]} is {size[0]}x{size[1]}; resized "
+                f"{m.name} to {size[0]}x{size[1]} ({method})"
+            )
+            raw[i] = resize_input(x[None], m.kind, size)[0]
+    normalized = Normalize()({"inputs": raw, "kinds": [m.kind for m in modalities]})
+    return normalized["inputs"], ref
+
+
+def _write_prediction(
+    out: Path, prefix: str, labels: np.ndarray, base: np.ndarray, num_classes: int
+) -> list[Path]:
+    colours = colorize(labels, num_classes)
+    overlay = OVERLAY_ALPHA * colours.astype(np.float32) + (1 - OVERLAY_ALPHA) * base
+    images = {
+        "color": colours,
+        "label": labels.astype(np.uint8),
+        "overlay": overlay.round().clip(0, 255).astype(np.uint8),
+    }
+    written = []
+    for suffix, array in images.items():
+        path = out / f"{prefix}_{suffix}.png"
+        Image.fromarray(array).save(path)
+        written.append(path)
+    return written
+
+
+@torch.inference_mode()
+def predict_sample(
+    model: CENRefineNet,
+    inputs: Sequence[Tensor],
+    kinds: Sequence[str],
+    device: torch.device,
+    size: tuple[int, int] | None = None,
+) -> list[np.ndarray]:
+    """Labels ``(H, W)`` uint8 of every head (modalities, then the ensemble) for one sample.
+
+    ``inputs``: ``M`` normalised tensors ``(3, H, W)``. With ``size``, the network sees the
+    inputs resized to ``size`` and the logits are resized back to ``(H, W)`` before the
+    argmax (bilinear, as in evaluation).
+    """
+    original = tuple(inputs[0].shape[-2:])
+    batch = [x[None].to(device) for x in inputs]
+    if size is not None:
+        batch = [resize_input(x, k, size) for x, k in zip(batch, kinds)]
+    heads = model(batch)
+    return [predict_labels(h[0], original) for h in heads]
+
+
+def predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path | Sequence[str | Path]],
+    out: str | Path,
+    depth_scale: float = NYUDV2_DEPTH_SCALE,
+    size: tuple[int, int] | None = None,
+    heads: bool = False,
+    device: str = "auto",
+    official: bool | None = None,
+    modalities: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every sample of ``inputs`` with the model in ``checkpoint``; returns the
+    files written under ``out`` (see the module docstring for their names).
+
+    Args:
+        checkpoint: a cenfusion checkpoint or a released ``.pth.tar`` (``official``: ``None``
+            detects, ``True``/``False`` force the format).
+        inputs: items of :func:`collect_samples`: ``(rgb, depth)`` file or folder pairs, or
+            folders with ``rgb/`` and ``depth/`` subfolders.
+        depth_scale: multiplies raw depth PNG values (1/5000 for NYUDv2 millimetres).
+        size: ``(H, W)`` the network sees; predictions come back at each image's own size.
+        heads: also write each modality head's prediction.
+        modalities: names (``NAME`` or ``NAME:KIND``) of the paths in each item, in order.
+            Default: the names stored in the checkpoint, else ``rgb, depth``. When the
+            checkpoint names the same modalities in another order, the inputs are reordered
+            to the order the model was trained with.
+        num_classes: if given, must equal the checkpoint's class count.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise CenError(f"--size {list(size)}: expected two positive numbers H W")
+    loaded = load_segmenter(checkpoint, official)
+    if modalities is None:
+        modalities = loaded.modalities or ("rgb", "depth")
+    parsed = [Modality.parse(m) for m in modalities]
+    if len({m.name for m in parsed}) != len(parsed):
+        raise CenError(f"modalities {[m.name for m in parsed]}: expected distinct names")
+    check_fits(loaded, parsed, num_classes, str(checkpoint))
+    order = list(range(len(parsed)))
+    trained = loaded.modalities
+    if trained is not None and [m.name for m in parsed] != list(trained):
+        if sorted(m.name for m in parsed) == sorted(trained):
+            order = [[m.name for m in parsed].index(n) for n in trained]
+        else:
+            _warn(
+                f"{checkpoint} was trained on {', '.join(trained)}; feeding "
+                f"{', '.join(m.name for m in parsed)} in the order given"
+            )
+    samples = collect_samples(inputs, [m.name for m in parsed])
+    parsed = [parsed[i] for i in order]
+    kinds = [m.kind for m in parsed]
+
+    target = resolve_device(device)
+    model = loaded.model.to(target).eval()
+    num = model.config.num_classes
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
+    for sample in bar:
+        sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
+        tensors, ref = load_inputs(sample, parsed, depth_scale)
+        labels = predict_sample(model, tensors, kinds, target, size)
+        base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
+        written += _write_prediction(out, sample.stem, labels[-1], base, num)
+        if heads:
+            for m, head in zip(parsed, labels[:-1]):
+                written += _write_prediction(out, f"{sample.stem}_{m.name}", head, base, num)
+    return written
+
+
+def gather_cli_inputs(
+    roots: Sequence[Path],
+    rgb: Sequence[Path],
+    depth: Sequence[Path],
+    extra: Sequence[str],
+) -> tuple[list[Path | tuple[Path, ...]], list[str] | None]:
+    """Turn ``cen seg predict``'s flags into :func:`predict`'s ``inputs`` and ``modalities``.
+
+    ``--rgb`` and ``--depth`` paths and ``--input NAME[:KIND]=PATH`` pairs, repeated flags
+    adding samples: the i-th path of every modality forms item i. ``roots`` are folders with
+    one subfolder per modality. Without any flag the modality names stay ``None`` (the
+    checkpoint's own).
+    """
+    columns: dict[str, list[Path]] = {}
+    kinds: dict[str, str] = {}
+    given = [("rgb", p) for p in rgb] + [("depth", p) for p in depth]
+    for text in extra:
+        spec, eq, path = text.partition("=")
+        if not eq or not path:
+            raise CenError(f"--input {text}: expected NAME=PATH or NAME:KIND=PATH")
+        given.append((spec, Path(path)))
+    for spec, path in given:
+        modality = Modality.parse(spec)
+        if kinds.setdefault(modality.name, modality.kind) != modality.kind:
+            raise CenError(
+                f"--input {spec}={path}: {modality.name} was given as {kinds[modality.name]} before"
+            )
+        columns.setdefault(modality.name, []).append(Path(path))
+    items: list[Path | tuple[Path, ...]] = list(roots)
+    if columns:
+        counts = {n: len(p) for n, p in columns.items()}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{n} {c}" for n, c in counts.items())
+            raise CenError(f"each modality needs as many paths as the others, got {listed}")
+        items += list(zip(*columns.values()))
+    if not items:
+        raise CenError(
+            "nothing to predict: give --rgb and --depth (files or folders), "
+            "--input NAME=PATH, or a folder with rgb/ and depth/ subfolders"
+        )
+    return items, ([f"{n}:{k}" for n, k in kinds.items()] if kinds else None)

@@ -1,0 +1,252 @@
+"""``cen seg predict``: released and cenfusion checkpoints on one's own RGB-D images."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cenfusion.cli import main
+from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.config import config_to_dict
+from cenfusion.errors import CenError
+from cenfusion.models.official import to_official_state_dict
+from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.segmentation.config import SYNTHETIC
+from cenfusion.segmentation.modelio import model_record
+from cenfusion.segmentation.predict import gather_cli_inputs, predict
+from cenfusion.segmentation.visualize import palette
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def write_rgb(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    smooth = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    image = (0.5 * smooth + 0.5 * rng.integers(0, 256, (height, width, 3))).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def write_depth(path: Path, height: int, width: int, seed: int = 0, holes: bool = True) -> Path:
+    rng = np.random.default_rng(seed + 100)
+    depth = rng.integers(500, 8000, (height, width)).astype(np.uint16)
+    if holes:
+        depth[: height // 3, : width // 2] = 0
+        depth[rng.random((height, width)) < 0.1] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(depth).save(path)
+    return path
+
+
+def network_inputs(rgb: Path, depth: Path, scale: float = 1 / 5000) -> list[torch.Tensor]:
+    """The encoding of CEN_SPEC §2, written out independently of the package."""
+    image = (np.asarray(Image.open(rgb).convert("RGB"), np.float32) / 255 - MEAN) / STD
+    raw = np.asarray(Image.open(depth), np.float32) * scale
+    return [
+        torch.from_numpy(image.transpose(2, 0, 1).copy())[None],
+        torch.from_numpy(np.repeat(raw[None], 3, axis=0))[None],
+    ]
+
+
+def reference_labels(model, inputs: list[torch.Tensor]) -> list[np.ndarray]:
+    """argmax of every head's logits resized bilinearly to the image size."""
+    with torch.no_grad():
+        heads = model(inputs)
+    size = inputs[0].shape[-2:]
+    return [
+        F.interpolate(h, size=size, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        for h in heads
+    ]
+
+
+def read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small CPU convolutions run fastest on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A ResNet-50 CEN with 5 classes saved in the released ``.pth.tar`` layout."""
+    torch.manual_seed(0)
+    model = create_cen_refinenet(depth=50, num_classes=5).eval()
+    with torch.no_grad():
+        model.ensemble.alpha.copy_(torch.tensor([0.3, -0.2]))
+    path = tmp_path_factory.mktemp("released") / "cen.pth.tar"
+    torch.save({"segmenter": to_official_state_dict(model), "epoch": 7}, path)
+    return model, path
+
+
+def save_tiny(path: Path, modalities=("rgb", "depth"), seed: int = 1):
+    torch.manual_seed(seed)
+    model = create_cen_refinenet(
+        backbone="resnet26", num_classes=5, decoder_width=32, num_modalities=len(modalities)
+    ).eval()
+    cfg = replace(SYNTHETIC, num_classes=5, decoder_width=32, modalities=tuple(modalities))
+    save_checkpoint(path, {**model_record(model), "config": config_to_dict(cfg)})
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    return save_tiny(path), path
+
+
+def test_released_checkpoint_odd_size_with_holes(released, tmp_path) -> None:
+    model, checkpoint = released
+    rgb = write_rgb(tmp_path / "in" / "kitchen.png", 37, 53)
+    depth = write_depth(tmp_path / "in" / "kitchen_depth.png", 37, 53)
+    assert (read(depth) == 0).mean() > 0.1  # a real share of holes
+    out = tmp_path / "out"
+    written = predict(checkpoint, [(rgb, depth)], out, heads=True, device="cpu")
+
+    names = {p.name for p in written}
+    expected = {
+        f"kitchen{head}_{kind}.png"
+        for head in ("", "_rgb", "_depth")
+        for kind in ("color", "label", "overlay")
+    }
+    assert names == expected and all((out / n).is_file() for n in names)
+
+    refs = reference_labels(model, network_inputs(rgb, depth))
+    labels = Image.open(out / "kitchen_label.png")
+    assert labels.mode == "L" and labels.size == (53, 37)
+    np.testing.assert_array_equal(np.asarray(labels), refs[-1])
+    np.testing.assert_array_equal(read(out / "kitchen_rgb_label.png"), refs[0])
+    np.testing.assert_array_equal(read(out / "kitchen_depth_label.png"), refs[1])
+    np.testing.assert_array_equal(read(out / "kitchen_color.png"), palette(5)[refs[-1]])
+    overlay = read(out / "kitchen_overlay.png").astype(int)
+    blend = 0.5 * palette(5)[refs[-1]] + 0.5 * read(rgb)
+    assert overlay.shape == (37, 53, 3) and np.abs(overlay - blend).max() <= 1
+    assert len(np.unique(refs[-1])) > 1  # the test would be weak on a constant prediction
+
+
+def test_released_checkpoint_refuses_class_and_modality_count(released, tmp_path) -> None:
+    _, checkpoint = released
+    rgb = write_rgb(tmp_path / "a.png", 20, 24)
+    depth = write_depth(tmp_path / "a_d.png", 20, 24)
+    with pytest.raises(CenError, match="predicts 5 classes, --num-classes says 40"):
+        predict(checkpoint, [(rgb, depth)], tmp_path / "out", num_classes=40, device="cpu")
+    with pytest.raises(CenError, match="takes 2 modalities, 3 given"):
+        predict(checkpoint, [(rgb, depth, rgb)], tmp_path / "out", device="cpu",
+                modalities=["rgb", "depth", "hha:rgb"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_our_checkpoint_refuses_mismatches_on_the_command_line(tiny, tmp_path, capsys) -> None:
+    _, checkpoint = tiny
+    rgb = write_rgb(tmp_path / "a.png", 20, 24)
+    depth = write_depth(tmp_path / "a_d.png", 20, 24)
+    common = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth),
+              "-o", str(tmp_path / "out"), "--device", "cpu"]
+    assert main([*common, "--input", f"hha:gray={rgb}"]) == 2
+    err = capsys.readouterr().err
+    assert "takes 2 modalities (rgb, depth), 3 given (rgb, depth, hha)" in err
+    assert main([*common, "--num-classes", "8"]) == 2
+    assert "the model predicts 5 classes, --num-classes says 8" in capsys.readouterr().err
+
+
+def test_not_a_checkpoint(tmp_path) -> None:
+    bogus = tmp_path / "bogus.pth.tar"
+    bogus.write_bytes(b"not a checkpoint at all")
+    rgb = write_rgb(tmp_path / "a.png", 20, 24)
+    with pytest.raises(CenError, match="neither a cenfusion checkpoint nor a released"):
+        predict(bogus, [(rgb, rgb)], tmp_path / "out", device="cpu")
+
+
+def test_depth_of_another_size_is_resized_with_a_warning(tiny, tmp_path, capsys) -> None:
+    model, checkpoint = tiny
+    rgb = write_rgb(tmp_path / "room.png", 37, 53)
+    depth = write_depth(tmp_path / "room_depth.png", 40, 60)
+    predict(checkpoint, [(rgb, depth)], tmp_path / "out", device="cpu")
+    err = capsys.readouterr().err
+    assert "warning" in err and "room_depth.png is 40x60" in err and "room.png is 37x53" in err
+    assert read(tmp_path / "out" / "room_label.png").shape == (37, 53)
+    # resized with nearest neighbour: only values of the original map, holes included
+    small = network_inputs(rgb, write_depth(tmp_path / "room_small.png", 37, 53))
+    resized = F.interpolate(network_inputs(rgb, depth)[1], size=(37, 53), mode="nearest-exact")
+    refs = reference_labels(model, [small[0], resized])
+    np.testing.assert_array_equal(read(tmp_path / "out" / "room_label.png"), refs[-1])
+
+
+def test_folder_batch_and_cli(tiny, tmp_path, capsys) -> None:
+    model, checkpoint = tiny
+    root = tmp_path / "scenes"
+    for i, (h, w) in enumerate([(37, 53), (24, 32), (41, 30)]):
+        write_rgb(root / "rgb" / f"{i:03d}.png", h, w, seed=i)
+        write_depth(root / "depth" / f"{i:03d}.png", h, w, seed=i)
+    out = tmp_path / "out"
+    written = predict(checkpoint, [root], out, device="cpu")
+    assert len(written) == 9
+    for i in range(3):
+        rgb, depth = root / "rgb" / f"{i:03d}.png", root / "depth" / f"{i:03d}.png"
+        refs = reference_labels(model, network_inputs(rgb, depth))
+        np.testing.assert_array_equal(read(out / f"{i:03d}_label.png"), refs[-1])
+
+    out2 = tmp_path / "out2"
+    argv = ["seg", "predict", str(checkpoint), "--rgb", str(root / "rgb"), "--depth",
+            str(root / "depth"), "-o", str(out2), "--size", "32", "48", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "wrote 9 files" in capsys.readouterr().out
+    for i, size in enumerate([(37, 53), (24, 32), (41, 30)]):
+        assert read(out2 / f"{i:03d}_label.png").shape == size  # back at the image's own size
+        assert read(out2 / f"{i:03d}_overlay.png").shape == (*size, 3)
+
+
+def test_mismatched_stems_name_the_missing_partner(tiny, tmp_path) -> None:
+    _, checkpoint = tiny
+    for stem in ("a", "b", "c"):
+        write_rgb(tmp_path / "rgb" / f"{stem}.png", 16, 16)
+    for stem in ("a", "c"):
+        write_depth(tmp_path / "depth" / f"{stem}.png", 16, 16)
+    with pytest.raises(CenError, match=r"rgb/b\.png has no depth partner: expected .*depth/b\.\*"):
+        predict(checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out",
+                device="cpu")
+
+
+def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
+    checkpoint = tmp_path / "depth_first.pt"
+    model = save_tiny(checkpoint, modalities=("depth", "rgb"), seed=3)
+    rgb = write_rgb(tmp_path / "x.png", 29, 31)
+    depth = write_depth(tmp_path / "x_d.png", 29, 31)
+    predict(checkpoint, [(rgb, depth)], tmp_path / "out", device="cpu",
+            modalities=["rgb", "depth"], heads=True)
+    image, dep = network_inputs(rgb, depth)
+    refs = reference_labels(model, [dep, image])
+    np.testing.assert_array_equal(read(tmp_path / "out" / "x_label.png"), refs[-1])
+    np.testing.assert_array_equal(read(tmp_path / "out" / "x_depth_label.png"), refs[0])
+
+
+def test_gather_cli_inputs() -> None:
+    items, names = gather_cli_inputs(
+        [Path("root")], [Path("a.png"), Path("b.png")], [Path("a_d.png"), Path("b_d.png")],
+        ["hha:gray=a_h.png", "hha:gray=b_h.png"],
+    )
+    assert names == ["rgb:rgb", "depth:depth", "hha:gray"]
+    assert items == [
+        Path("root"),
+        (Path("a.png"), Path("a_d.png"), Path("a_h.png")),
+        (Path("b.png"), Path("b_d.png"), Path("b_h.png")),
+    ]
+    with pytest.raises(CenError, match="as many paths as the others, got rgb 2, depth 1"):
+        gather_cli_inputs([], [Path("a"), Path("b")], [Path("c")], [])
+    with pytest.raises(CenError, match="expected NAME=PATH"):
+        gather_cli_inputs([], [], [], ["hha"])
+    with pytest.raises(CenError, match="kind 'hha' is unknown"):
+        gather_cli_inputs([], [], [], ["hha=x.png"])
+    with pytest.raises(CenError, match="nothing to predict"):
+        gather_cli_inputs([], [], [], [])

@@ -1,0 +1,169 @@
+"""``cen seg eval``: the released single-scale protocol and multi-scale + flip."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cenfusion.cli import main
+from cenfusion.data.synthetic import generate_segmentation_dataset
+from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.config import config_to_dict
+from cenfusion.errors import CenError
+from cenfusion.models.official import to_official_state_dict
+from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.segmentation.config import SYNTHETIC
+from cenfusion.segmentation.evaluate import (
+    MS_SCALES,
+    MULTI_SCALE_FLIP,
+    SINGLE_SCALE,
+    Protocol,
+    TestTimeAugmentation,
+    eval_config,
+    evaluate_checkpoint,
+    protocols_for,
+)
+from cenfusion.segmentation.modelio import model_record
+from cenfusion.segmentation.train import build_datasets, build_model, evaluate
+
+
+def same(a, b) -> bool:
+    """Equal scores, NaN included (JSON writes NaN as NaN)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """3 validation images of 48x64, a random tiny CEN and its checkpoint."""
+    root = tmp_path_factory.mktemp("eval")
+    data = generate_segmentation_dataset(root / "data", 4, 3, (48, 64), seed=0)
+    cfg = replace(SYNTHETIC, data=data, runs=root / "runs", decoder_width=32, workers=0,
+                  device="cpu")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    checkpoint = root / "best.pt"
+    save_checkpoint(checkpoint, {**model_record(model), "config": config_to_dict(cfg)})
+    return cfg, model, checkpoint
+
+
+def test_one_pass_at_scale_one_is_the_single_scale_evaluate(setup) -> None:
+    cfg, model, checkpoint = setup
+    _, val = build_datasets(cfg)
+    expected = evaluate(model, DataLoader(val, batch_size=1), cfg, torch.device("cpu"))
+    assert same(evaluate_checkpoint(cfg, checkpoint), expected)
+    assert same(evaluate_checkpoint(cfg, checkpoint, scales=(1.0,), flip=False), expected)
+    assert list(expected) == ["rgb", "depth", "ensemble"]
+
+
+def test_probability_path_keeps_the_argmax(setup) -> None:
+    cfg, model, _ = setup
+    _, val = build_datasets(cfg)
+    sample = val[0]
+    inputs = [x[None] for x in sample["inputs"]]
+    tta = TestTimeAugmentation(model, sample["kinds"], scales=(1.0,), flip=False).eval()
+    with torch.no_grad():
+        probs = tta(inputs)
+        logits = model(inputs)
+    for p, h in zip(probs, logits):
+        assert p.shape == (1, 8, 48, 64)
+        torch.testing.assert_close(p.sum(1), torch.ones(1, 48, 64))
+        up = nn.functional.interpolate(h, size=(48, 64), mode="bilinear", align_corners=False)
+        assert (p.argmax(1) == up.argmax(1)).float().mean() > 0.999
+
+
+class PixelModel(nn.Module):
+    """A per-pixel CEN stand-in (1x1 convolutions): exactly equivariant to mirroring."""
+
+    def __init__(self, modalities: int = 2, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 1)
+        self.modalities = modalities
+
+    def forward(self, inputs):
+        heads = [self.conv(x) for x in inputs]
+        return [*heads, sum(heads) / len(heads)]
+
+
+def test_flip_averaging_of_an_equivariant_model_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = PixelModel()
+    inputs = [torch.randn(2, 3, 20, 28), torch.randn(2, 3, 20, 28)]
+    with torch.no_grad():
+        for scales in ((1.0,), (0.5, 1.0, 1.5)):
+            plain = TestTimeAugmentation(model, ["rgb", "gray"], scales, flip=False)(inputs)
+            flipped = TestTimeAugmentation(model, ["rgb", "gray"], scales, flip=True)(inputs)
+            for a, b in zip(plain, flipped):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        stacked = TestTimeAugmentation(model, ["rgb", "gray"], (1.0,), flip=True)(
+            torch.cat(inputs)
+        )
+        expected = [h.softmax(1) for h in model(inputs)]
+        for a, b in zip(stacked, expected):
+            torch.testing.assert_close(a, b)
+
+
+def test_multi_scale_flip_differs_from_single_scale(setup) -> None:
+    cfg, _, checkpoint = setup
+    single = evaluate_checkpoint(cfg, checkpoint)
+    multi = evaluate_checkpoint(cfg, checkpoint, scales=MS_SCALES, flip=True)
+    assert list(multi) == ["rgb", "depth", "ensemble"]
+    assert not same(single, multi)
+    for scores in multi.values():
+        assert 0 <= scores["pixel_acc"] <= 100
+
+
+def test_protocols_for_and_labels() -> None:
+    assert protocols_for() == [SINGLE_SCALE]
+    assert protocols_for(ms=True) == [SINGLE_SCALE, MULTI_SCALE_FLIP]
+    assert protocols_for(ms=True, flip=False) == [SINGLE_SCALE, Protocol(MS_SCALES, False)]
+    assert protocols_for(flip=True) == [SINGLE_SCALE, Protocol((1.0,), True)]
+    assert protocols_for(scales=[1.0]) == [SINGLE_SCALE]
+    assert SINGLE_SCALE.label == "single-scale (released protocol)"
+    assert MULTI_SCALE_FLIP.label == "multi-scale 0.5-1.5 + flip"
+    assert Protocol((0.75, 1.0), False).label == "multi-scale 0.75, 1"
+    with pytest.raises(CenError, match="positive"):
+        Protocol((0.0,), False)
+
+
+def test_cli_prints_both_tables_and_appends_json_lines(setup, tmp_path, capsys) -> None:
+    cfg, _, checkpoint = setup
+    argv = ["seg", "eval", "--resume", str(checkpoint), "--ms", "--scales", "0.75", "1.25",
+            "-c", "ms", "--runs", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "single-scale (released protocol)" in out and "multi-scale 0.75, 1.25 + flip" in out
+    assert out.count("ensemble") == 2
+    lines = (tmp_path / "ms" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["protocol"] for r in records] == [
+        "single-scale (released protocol)",
+        "multi-scale 0.75, 1.25 + flip",
+    ]
+    assert records[1]["scales"] == [0.75, 1.25] and records[1]["flip"] is True
+    assert same(records[0]["val"], evaluate_checkpoint(cfg, checkpoint))
+
+
+def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
+    cfg, _, _ = setup
+    torch.manual_seed(0)
+    model = create_cen_refinenet(depth=50, num_classes=8).eval()
+    released = tmp_path / "cen.pth.tar"
+    torch.save({"segmenter": to_official_state_dict(model)}, released)
+    overrides = {"data": cfg.data, "num_classes": 8, "workers": 0, "device": "cpu"}
+    released_cfg = eval_config("synthetic", None, overrides, released)
+    _, val = build_datasets(released_cfg)
+    expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
+    assert same(evaluate_checkpoint(released_cfg, released), expected)
+    with pytest.raises(CenError, match="model has 8 classes, the data has 40"):
+        evaluate_checkpoint(replace(released_cfg, num_classes=40), released)

@@ -1,0 +1,205 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cenfusion.cli import main
+from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.errors import CenError
+from cenfusion.segmentation import train as train_module
+from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
+from cenfusion.segmentation.demo import run_demo
+from cenfusion.segmentation.train import config_for, train
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    from cenfusion.data.synthetic import generate_segmentation_dataset
+
+    return generate_segmentation_dataset(
+        tmp_path_factory.mktemp("seg") / "data", num_train=6, num_val=3, size=(40, 48), seed=3
+    )
+
+
+def tiny(data_root: Path, runs: Path, **changes) -> SegmentationConfig:
+    cfg = replace(
+        SYNTHETIC,
+        data=data_root,
+        runs=runs,
+        backbone="resnet26",
+        decoder_width=16,
+        crop_size=32,
+        min_short_side=32,
+        batch_size=2,
+        workers=0,
+        num_epoch=(2, 1),
+        lr_enc=(0.02, 0.01),
+        lr_dec=(0.02, 0.01),
+        val_every=1,
+        device="cpu",
+        max_iters=2,
+    )
+    return replace(cfg, **changes)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None:
+    cfg = tiny(
+        data_root,
+        tmp_path,
+        num_epoch=(6,),
+        lr_enc=(0.01,),
+        lr_dec=(0.01,),
+        val_every=3,
+        scale_range=(1.0, 1.0),
+        drop_rate=0.0,
+        max_iters=3,
+    )
+    progress = train(cfg)
+    run_dir = tmp_path / cfg.exp
+    assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    log = read_log(run_dir)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert "val" in log[2] and "val" not in log[1]
+    assert set(log[2]["val"]) == {"rgb", "depth", "ensemble"}
+    assert 0.0 <= log[-1]["exchange_fraction"] <= 1.0
+    best = load_checkpoint(run_dir / "best.pt", task="segmentation")
+    assert best["best_miou"] == progress.best_miou
+    assert best["best_miou"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
+    saved = config_for(None, None, {}, run_dir / "last.pt")
+    assert saved == cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2])
+def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interrupt_at) -> None:
+    full = train(tiny(data_root, tmp_path / "full"))
+    expected = load_checkpoint(tmp_path / "full" / "cen" / "last.pt")
+
+    real_epoch = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def stop_after(*args, **kwargs):
+        if calls["n"] == interrupt_at:
+            raise Interrupt
+        calls["n"] += 1
+        return real_epoch(*args, **kwargs)
+
+    cfg = tiny(data_root, tmp_path / "cut")
+    monkeypatch.setattr(train_module, "train_one_epoch", stop_after)
+    with pytest.raises(Interrupt):
+        train(cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    last = tmp_path / "cut" / "cen" / "last.pt"
+    stopped = load_checkpoint(last)
+    assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if interrupt_at == 1 else (1, 0))
+
+    resumed = train(config_for(None, None, {}, last), resume=last)
+    got = load_checkpoint(last)
+    assert resumed.best_miou == full.best_miou
+    for key, value in expected["model"].items():
+        assert torch.equal(value, got["model"][key]), key
+    assert len(read_log(tmp_path / "cut" / "cen")) == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch) -> None:
+    real_loss = train_module.segmentation_loss
+    calls = {"n": 0}
+
+    def poisoned(heads, target):
+        calls["n"] += 1
+        loss = real_loss(heads, target)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
+    with pytest.raises(CenError, match=r"stage 1 epoch 2, iteration 1: the loss is nan"):
+        train(tiny(data_root, tmp_path))
+    last = load_checkpoint(tmp_path / "cen" / "last.pt")
+    assert (last["stage"], last["epoch"]) == (0, 1)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_evaluate_only_with_images(data_root, tmp_path) -> None:
+    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    train(cfg)
+    ckpt = tmp_path / "cen" / "best.pt"
+    evaluated = train(replace(cfg, exp="eval"), resume=ckpt, evaluate_only=True, save_img=True)
+    best = load_checkpoint(ckpt)
+    assert evaluated.best_scores["ensemble"]["miou"] == best["best_scores"]["ensemble"]["miou"]
+    images = sorted((tmp_path / "eval" / "images").iterdir())
+    assert len(images) == 3
+
+
+def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
+    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    train(cfg)
+    ckpt = tmp_path / "cen" / "last.pt"
+    with pytest.raises(CenError, match="model has 2 modalities, --modalities gives 1"):
+        train(replace(cfg, modalities=("rgb",)), resume=ckpt, evaluate_only=True)
+    with pytest.raises(CenError, match="model has 8 classes, the data has 9"):
+        train(replace(cfg, num_classes=9), resume=ckpt, evaluate_only=True)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_cli_bad_input_gives_one_line(data_root, tmp_path, capsys) -> None:
+    common = ["seg", "train", "--runs", str(tmp_path), "--device", "cpu", "--workers", "0"]
+    code, err = run_cli([*common, "--data", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "nowhere" in err
+    code, err = run_cli([*common, "--resume", str(tmp_path / "gone.pt"), "--evaluate"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "gone.pt" in err
+    code, err = run_cli(
+        [
+            *common,
+            "--data",
+            str(data_root),
+            "--preset",
+            "synthetic",
+            "--num-classes",
+            "3",
+            "--max-iters",
+            "1",
+            "--workers",
+            "1",
+            "--num-epoch",
+            "1",
+            "--lr-enc",
+            "0.1",
+            "--lr-dec",
+            "0.1",
+            "--backbone",
+            "resnet26",
+            "--crop-size",
+            "32",
+            "--batch-size",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "is out of range, expected 0..2 or 255" in err and err.startswith("cen: error: sample")
+    code, err = run_cli([*common, "--num-epoch", "1", "2", "3"], capsys)
+    assert code == 2 and "one value per stage" in err
+
+
+def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
+    results = run_demo(tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,)))
+    assert set(results) == {"rgb-only", "depth-only", "cen"}
+    assert set(results["rgb-only"]) == {"rgb", "ensemble"}
+    out = capsys.readouterr().out
+    assert "| CEN, ensemble |" in out and "| depth only |" in out
+    assert (tmp_path / "demo-cen" / "best.pt").is_file()

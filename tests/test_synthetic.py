@@ -1,0 +1,266 @@
+"""Synthetic RGB-D set: rendering, layout, caching, and the class design making fusion matter."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from cenfusion.data import synthetic
+from cenfusion.data.listfile import ListFileDataset, nyudv2_modalities
+from cenfusion.data.synthetic import (
+    BLOCK,
+    CABINET,
+    CLASS_NAMES,
+    CRATE,
+    FLOOR,
+    IGNORE_INDEX,
+    PALETTE,
+    POSTER,
+    RUG,
+    WALL,
+    default_data_root,
+    ensure_synthetic,
+    generate_segmentation_dataset,
+    render,
+    render_scene,
+    sample_scene,
+)
+from cenfusion.data.transforms import train_transform
+from cenfusion.errors import CenError
+
+SIZE = (60, 80)
+
+
+def _sigma(z: np.ndarray) -> np.ndarray:
+    """Sensor noise the generator documents (metres)."""
+    return 0.0012 + 0.0019 * (z - 0.4) ** 2
+
+
+@pytest.fixture(scope="module")
+def renders() -> list[tuple[synthetic.Scene, dict, np.ndarray]]:
+    """(scene, rendering, depth of the empty room) for 150 scenes at 60x80."""
+    out = []
+    for i in range(150):
+        rng = np.random.default_rng([11, i])
+        scene = sample_scene(rng, aspect=SIZE[1] / SIZE[0])
+        arrays = render(scene, SIZE, rng)
+        empty = render(dataclasses.replace(scene, objects=()), SIZE, np.random.default_rng(0))
+        out.append((scene, arrays, empty["depth"]))
+    return out
+
+
+def test_render_scene_arrays(renders: list) -> None:
+    first = render_scene(np.random.default_rng(5), SIZE)
+    again = render_scene(np.random.default_rng(5), SIZE)
+    other = render_scene(np.random.default_rng(6), SIZE)
+    expected = {
+        "rgb": (np.uint8, (*SIZE, 3)),
+        "depth": (np.float32, SIZE),
+        "depth_mm": (np.uint16, SIZE),
+        "label": (np.uint8, SIZE),
+        "instance": (np.int32, SIZE),
+        "normal": (np.float32, (*SIZE, 3)),
+        "albedo": (np.float32, (*SIZE, 3)),
+        "shading": (np.float32, SIZE),
+    }
+    for key, (dtype, shape) in expected.items():
+        assert first[key].dtype == dtype and first[key].shape == shape, key
+        assert np.array_equal(first[key], again[key]), key
+    assert not np.array_equal(first["rgb"], other["rgb"])
+    for scene, arrays, _ in renders:
+        labels = set(np.unique(arrays["label"]).tolist())
+        assert labels <= set(range(len(CLASS_NAMES))) | {IGNORE_INDEX}
+        assert {WALL, FLOOR} <= labels
+        assert arrays["depth"].min() > 0.1
+        normal = arrays["normal"]
+        np.testing.assert_allclose(np.linalg.norm(normal, axis=-1), 1.0, atol=1e-5)
+        # Normals face the camera: negative dot product with the viewing ray (OpenCV axes).
+        v, u = np.mgrid[0 : SIZE[0], 0 : SIZE[1]]
+        focal = scene.camera.focal * SIZE[1]
+        rays = np.stack([u + 0.5 - SIZE[1] / 2, v + 0.5 - SIZE[0] / 2, np.full(u.shape, focal)], -1)
+        assert ((normal * rays).sum(-1) < 0).all()
+        # Floor normals point up (-y in camera coordinates).
+        assert normal[arrays["label"] == FLOOR][:, 1].max() < 0
+        sensor = arrays["depth_mm"].astype(np.float64) / 1000
+        valid = sensor > 0
+        assert 0.005 < 1 - valid.mean() < 0.3  # holes exist but do not dominate
+        z = arrays["depth"][valid]
+        assert (np.abs(sensor[valid] - z) < 6 * _sigma(z) + 0.001).all()
+    assert PALETTE.shape == (len(CLASS_NAMES), 3) and PALETTE.dtype == np.uint8
+    assert len({tuple(c) for c in PALETTE.tolist()}) == len(CLASS_NAMES)
+
+
+def test_every_class_appears(renders: list) -> None:
+    counts = np.bincount(np.concatenate([a["label"].ravel() for _, a, _ in renders]), minlength=256)
+    fractions = counts[: len(CLASS_NAMES)] / counts.sum()
+    assert (fractions > 0.005).all(), dict(zip(CLASS_NAMES, fractions.round(4), strict=True))
+
+
+def test_geometry_only_pair_poster_cabinet(renders: list) -> None:
+    """Posters and cabinets share colours, patterns, placement and size; only depth differs."""
+    drawn: dict[int, list] = {POSTER: [], CABINET: []}
+    for i in range(2000):
+        for box in sample_scene(np.random.default_rng([12, i])).objects:
+            if box.label in drawn:
+                drawn[box.label].append(box)
+    posters, cabinets = drawn[POSTER], drawn[CABINET]
+    assert min(len(posters), len(cabinets)) > 1000
+    base = {k: np.array([b.appearance.base for b in v]) for k, v in drawn.items()}
+    np.testing.assert_allclose(base[POSTER].mean(0), base[CABINET].mean(0), atol=0.05)
+    np.testing.assert_allclose(base[POSTER].std(0), base[CABINET].std(0), atol=0.05)
+    for pattern in ("plain", "checker", "dots", "frame"):
+        share = [np.mean([b.appearance.pattern == pattern for b in v]) for v in (posters, cabinets)]
+        assert abs(share[0] - share[1]) < 0.05 and share[0] > 0.15, pattern
+    for axis in (0, 1):  # width and height on the wall
+        sizes = [np.array([b.half[axis] for b in v]) for v in (posters, cabinets)]
+        assert abs(sizes[0].mean() - sizes[1].mean()) < 0.02
+    heights = [np.array([b.center[1] for b in v]) for v in (posters, cabinets)]
+    assert abs(heights[0].mean() - heights[1].mean()) < 0.03
+
+    # Rendered: similar mean colour per instance, but only cabinets stand out of the wall.
+    colours: dict[int, list] = {POSTER: [], CABINET: []}
+    offsets: dict[int, list] = {POSTER: [], CABINET: []}
+    for scene, arrays, room_depth in renders:
+        for index, box in enumerate(scene.objects, start=1):
+            pixels = arrays["instance"] == index
+            if box.label in colours and pixels.sum() >= 4:
+                colours[box.label].append(arrays["rgb"][pixels].mean(0))
+                offsets[box.label].append(room_depth[pixels] - arrays["depth"][pixels])
+    mean_colour = {k: np.mean(v, axis=0) for k, v in colours.items()}
+    assert np.abs(mean_colour[POSTER] - mean_colour[CABINET]).max() < 15
+    poster_offset = np.concatenate(offsets[POSTER])
+    cabinet_offset = np.concatenate(offsets[CABINET])
+    assert np.abs(poster_offset).max() < 0.002
+    assert np.median(cabinet_offset) > 0.15
+    assert np.mean(cabinet_offset > 0.04) > 0.95
+
+
+def test_appearance_only_pairs(renders: list) -> None:
+    """Crate/block, poster/wall, rug/floor: same geometry, different appearance."""
+    halves: dict[int, list] = {CRATE: [], BLOCK: []}
+    for i in range(1000):
+        for box in sample_scene(np.random.default_rng([13, i])).objects:
+            if box.label in halves:
+                halves[box.label].append(box.half)
+    np.testing.assert_allclose(np.mean(halves[CRATE], 0), np.mean(halves[BLOCK], 0), atol=0.02)
+
+    texture: dict[int, list] = {CRATE: [], BLOCK: []}
+    depths: dict[int, list] = {CRATE: [], BLOCK: []}
+    chroma: dict[int, list] = {WALL: [], POSTER: [], FLOOR: [], RUG: []}
+    rug_ratio = []
+    for scene, arrays, room_depth in renders:
+        albedo = arrays["albedo"]
+        for index, box in enumerate(scene.objects, start=1):
+            pixels = arrays["instance"] == index
+            pairs = pixels[1:] & pixels[:-1]
+            if box.label in texture and pairs.sum() >= 4:
+                texture[box.label].append(np.abs(np.diff(albedo, axis=0))[pairs].mean())
+                depths[box.label].append(arrays["depth"][pixels].mean())
+        for label in chroma:
+            pixels = arrays["label"] == label
+            if pixels.any():
+                chroma[label].append(np.ptp(albedo[pixels], axis=1).mean())
+        rug = arrays["label"] == RUG
+        z = arrays["depth"][rug]
+        rug_ratio.append(np.abs(room_depth[rug] - z) / _sigma(z))
+        poster = arrays["label"] == POSTER
+        assert (
+            np.abs(room_depth[poster] - arrays["depth"][poster]) < _sigma(room_depth[poster])
+        ).all()
+    assert np.concatenate(rug_ratio).max() < 0.5  # the rug's step hides in the sensor noise
+    assert abs(np.mean(depths[CRATE]) - np.mean(depths[BLOCK])) < 0.3
+    assert np.mean(texture[CRATE]) > 5 * np.mean(texture[BLOCK])
+    assert np.mean(chroma[POSTER]) > np.mean(chroma[WALL]) + 0.3
+    assert np.mean(chroma[RUG]) > np.mean(chroma[FLOOR]) + 0.2
+
+
+def test_generated_layout_loads_and_is_deterministic(tmp_path: Path) -> None:
+    out = generate_segmentation_dataset(tmp_path / "set", num_train=4, num_val=2, size=(48, 64))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cenfusion-synthetic.json",
+        "depth",
+        "masks",
+        "rgb",
+        "train.txt",
+        "val.txt",
+    ]
+    train = (out / "train.txt").read_text().splitlines()
+    val = (out / "val.txt").read_text().splitlines()
+    assert train[0] == "rgb/000000.png\tmasks/000000.png\tdepth/000000.png"
+    assert len(train) == 4 and val[-1].startswith("rgb/000005.png\t")
+    with (
+        Image.open(out / "rgb" / "000003.png") as rgb,
+        Image.open(out / "depth" / "000003.png") as depth,
+        Image.open(out / "masks" / "000003.png") as mask,
+    ):
+        assert (rgb.mode, depth.mode, mask.mode) == ("RGB", "I;16", "L")
+        assert rgb.size == depth.size == mask.size == (64, 48)
+        assert np.asarray(depth).max() > 1000  # millimetres, not 8-bit
+
+    dataset = ListFileDataset(
+        out,
+        "train.txt",
+        nyudv2_modalities(),
+        num_classes=len(CLASS_NAMES),
+        transform=train_transform(crop_size=40, min_short_side=30),
+    )
+    torch.manual_seed(0)
+    batch = next(iter(DataLoader(dataset, batch_size=2)))
+    assert [x.shape for x in batch["inputs"]] == [(2, 3, 40, 40)] * 2
+    assert batch["mask"].shape == (2, 40, 40)
+
+    again = generate_segmentation_dataset(tmp_path / "again", num_train=4, num_val=2, size=(48, 64))
+    other = generate_segmentation_dataset(tmp_path / "other", 4, 2, size=(48, 64), seed=1)
+    for folder in ("rgb", "depth", "masks"):
+        for name in ("000000.png", "000005.png"):
+            assert (out / folder / name).read_bytes() == (again / folder / name).read_bytes()
+    assert (out / "rgb" / "000000.png").read_bytes() != (other / "rgb" / "000000.png").read_bytes()
+
+
+def test_crash_leaves_no_partial_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing(rng: np.random.Generator, size: tuple[int, int]) -> dict:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return render_scene(rng, size)
+
+    monkeypatch.setattr(synthetic, "render_scene", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate_segmentation_dataset(tmp_path / "set", num_train=4, num_val=2, size=(32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_non_empty_folder_and_bad_counts(tmp_path: Path) -> None:
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "keep.txt").write_text("mine")
+    with pytest.raises(CenError) as excinfo:
+        generate_segmentation_dataset(tmp_path / "set", 2, 1, size=(32, 32))
+    assert "\n" not in str(excinfo.value) and str(tmp_path / "set") in str(excinfo.value)
+    with pytest.raises(CenError, match="num_val"):
+        generate_segmentation_dataset(tmp_path / "new", 2, 0)
+
+
+def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CEN_CACHE", str(tmp_path / "cache"))
+    assert default_data_root() == tmp_path / "cache" / "synthetic-v1"
+    root = ensure_synthetic(num_train=2, num_val=1, size=(32, 32))
+    assert root == default_data_root() and (root / "train.txt").is_file()
+
+    def must_not_run(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("regenerated an existing set")
+
+    monkeypatch.setattr(synthetic, "generate_segmentation_dataset", must_not_run)
+    assert ensure_synthetic(num_train=2, num_val=1, size=(32, 32)) == root
+    with pytest.raises(CenError) as excinfo:
+        ensure_synthetic(num_train=3, num_val=1, size=(32, 32))
+    assert "\n" not in str(excinfo.value) and str(root) in str(excinfo.value)
+    monkeypatch.delenv("CEN_CACHE")
+    assert default_data_root() == Path.home() / ".cache" / "cenfusion" / "synthetic-v1"

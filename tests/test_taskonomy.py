@@ -1,0 +1,279 @@
+import functools
+import http.server
+import json
+import math
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cenfusion import CenError
+from cenfusion.data.synthetic import render, sample_scene
+from cenfusion.data.taskonomy import (
+    DOMAINS,
+    SYNTHETIC_DOMAINS,
+    TaskonomyDataset,
+    decode_domain,
+    domain_file,
+    ensure_synthetic_taskonomy,
+    generate_taskonomy_dataset,
+    load_split,
+    prepare_taskonomy,
+    read_domain,
+    read_split_file,
+    resolve_domain,
+    write_split_file,
+)
+
+
+def test_domain_table_and_file_names() -> None:
+    assert DOMAINS[:3] == ("rgb", "normal", "reshading")
+    assert DOMAINS[7] == "edge_texture" and DOMAINS[9] == "segment_unsup25d"
+    assert resolve_domain(2) == resolve_domain("2") == "reshading"
+    assert domain_file("edge_texture", (407, 2)) == (
+        "edge_texture/point_407_view_2_domain_edge_texture.png"
+    )
+    assert domain_file("segment_semantic", (1, 0)) == (
+        "segment_semantic/point_1_view_0_domain_segmentsemantic.png"
+    )
+    for bad in (10, "depth"):
+        with pytest.raises(CenError):
+            resolve_domain(bad)
+
+
+def test_released_split_is_packaged() -> None:
+    train, val = load_split("train"), load_split("val")
+    assert len(train) == len(set(train)) == 1000 and len(val) == len(set(val)) == 500
+    assert not set(train) & set(val)
+    assert train[:2] == [(407, 2), (982, 5)] and val[:2] == [(362, 10), (460, 5)]
+
+
+def test_split_file_round_trip_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "train.txt"
+    write_split_file(path, [(407, 2), (1251, 1)])
+    assert path.read_text() == (
+        "{domain}/point_407_view_2_domain_{domain}.png\n"
+        "{domain}/point_1251_view_1_domain_{domain}.png"
+    )
+    assert read_split_file(path) == [(407, 2), (1251, 1)]
+    path.write_text("rgb/point_1_view_2_domain_rgb.png\n")
+    with pytest.raises(CenError, match=r"train.txt:1"):
+        read_split_file(path)
+    with pytest.raises(CenError, match="split file not found"):
+        read_split_file(tmp_path / "val.txt")
+
+
+def test_sixteen_bit_edges_scale_by_their_maxima() -> None:
+    raw = np.array([[0, 11355, 11355 // 2, 20000]], dtype=np.uint16)
+    out = decode_domain(raw, "edge_texture")
+    assert out.shape == (3, 1, 4) and torch.equal(out[0], out[2])
+    expected = [-1.0, 1.0, (11355 // 2) * 255 / 11355 / 127.5 - 1, 1.0]  # above the max: clipped
+    torch.testing.assert_close(out[0, 0], torch.tensor(expected), rtol=0, atol=1e-6)
+    occlusion = decode_domain(np.array([[11584, 5792]], dtype=np.uint16), "edge_occlusion")
+    torch.testing.assert_close(occlusion[0, 0], torch.tensor([1.0, 0.0]), rtol=0, atol=1e-6)
+
+
+def test_depth_is_log_scaled_and_no_depth_reads_far() -> None:
+    raw = np.array([[0, 512, 2048, 65535]], dtype=np.uint16)  # 0 m, 1 m, 4 m, no depth
+    for domain in ("depth_zbuffer", "depth_euclidean"):
+        out = decode_domain(raw, domain)[0, 0]
+        expected = [math.log1p(v) * 255 / 11.1 / 127.5 - 1 for v in (0, 512, 2048, 65535)]
+        torch.testing.assert_close(out, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert float(out[3]) == pytest.approx(0.9983, abs=1e-4)  # 65535 -> the far end
+
+
+def test_eight_bit_domains_grey_tiling_and_wrong_encodings() -> None:
+    rgb = np.array([[[0, 127, 255]]], dtype=np.uint8)
+    torch.testing.assert_close(
+        decode_domain(rgb, "rgb")[:, 0, 0], torch.tensor([-1.0, 127 / 127.5 - 1, 1.0])
+    )
+    grey = decode_domain(np.array([[51]], dtype=np.uint8), "reshading")
+    assert grey.shape == (3, 1, 1) and torch.all(grey == 51 / 127.5 - 1)
+    segments = decode_domain(np.array([[3, 300]], dtype=np.int32), "segment_unsup25d")[0, 0]
+    torch.testing.assert_close(segments, torch.tensor([3 / 127.5 - 1, 1.0]))
+    with pytest.raises(CenError, match="16-bit"):
+        decode_domain(np.zeros((2, 2), np.uint8), "depth_zbuffer")
+    with pytest.raises(CenError, match="8-bit"):
+        decode_domain(np.zeros((2, 2), np.uint16), "rgb")
+
+
+def test_png_round_trip_and_unreadable_file(tmp_path: Path) -> None:
+    raw = np.array([[0, 1000], [11355, 65535]], dtype=np.uint16)
+    Image.fromarray(raw).save(tmp_path / "e.png")
+    torch.testing.assert_close(read_domain(tmp_path / "e.png", "edge_texture"),
+                               decode_domain(raw, "edge_texture"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(CenError, match="cannot read image"):
+        read_domain(tmp_path / "bad.png", "rgb")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_taskonomy_dataset(tmp_path_factory.mktemp("tk") / "set", 3, 2, 48, seed=3)
+
+
+def test_synthetic_set_uses_the_real_encodings(synthetic_root: Path) -> None:
+    assert read_split_file(synthetic_root / "train.txt") == [(0, 0), (1, 0), (2, 0)]
+    assert read_split_file(synthetic_root / "val.txt") == [(3, 0), (4, 0)]
+    modes = {
+        d: Image.open(synthetic_root / domain_file(d, (1, 0))).mode for d in SYNTHETIC_DOMAINS
+    }
+    assert modes == {
+        "rgb": "RGB", "normal": "RGB", "reshading": "L", "depth_euclidean": "I;16",
+        "depth_zbuffer": "I;16", "edge_occlusion": "I;16", "edge_texture": "I;16",
+        "segment_unsup2d": "L",
+    }
+    rng = np.random.default_rng([3, 1])
+    scene = sample_scene(rng, aspect=1.0)
+    arrays = render(scene, (48, 48), rng)
+
+    def png(domain: str) -> np.ndarray:
+        return np.asarray(Image.open(synthetic_root / domain_file(domain, (1, 0))))
+
+    assert np.array_equal(png("rgb"), arrays["rgb"])
+    zbuffer = png("depth_zbuffer").astype(np.float64)
+    assert np.abs(zbuffer / 512 - arrays["depth"]).max() <= 1 / 1024 + 1e-6
+    euclidean = png("depth_euclidean").astype(np.float64)
+    assert np.all(euclidean >= zbuffer) and euclidean.max() < 65535
+    edges = png("edge_occlusion")
+    assert edges.max() <= 11584 and png("edge_texture").max() <= 11355
+    jumps = np.abs(np.diff(arrays["depth"], axis=1)) > 0.3
+    assert edges[:, 1:][jumps].min() > 0  # every big depth jump is an occlusion edge
+    normal = png("normal").astype(np.float64) / 127.5 - 1
+    assert np.allclose(np.linalg.norm(normal, axis=-1), 1, atol=0.02)
+    for domain in SYNTHETIC_DOMAINS:
+        image = read_domain(synthetic_root / domain_file(domain, (1, 0)), domain)
+        assert image.shape == (3, 48, 48) and image.min() >= -1 and image.max() <= 1
+
+
+def test_dataset_samples_and_shared_augmentation(tmp_path: Path) -> None:
+    picture = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+    for domain in ("rgb", "normal", "reshading"):
+        (tmp_path / domain).mkdir()
+        for view in [(1, 0), (2, 3)]:
+            image = np.repeat(picture[..., None], 3, -1) if domain != "reshading" else picture
+            Image.fromarray(image).save(tmp_path / domain_file(domain, view))
+    write_split_file(tmp_path / "train.txt", [(1, 0), (2, 3)])
+    write_split_file(tmp_path / "val.txt", [(2, 3)])
+    train = TaskonomyDataset(tmp_path, "train", [2, 1], 0, train=True, size=16, load_size=24)
+    torch.manual_seed(0)
+    crops = set()
+    for _ in range(8):
+        sample = train[1]
+        assert sample["inputs"].shape == (2, 3, 16, 16) and sample["name"] == "point_2_view_3"
+        assert torch.equal(sample["inputs"][0], sample["target"])
+        assert torch.equal(sample["inputs"][1], sample["target"])
+        crops.add(sample["target"].sum().item())
+    assert len(crops) > 1  # the crop / flip draw changes between calls
+    val = TaskonomyDataset(tmp_path, "val", ["reshading", "normal"], "rgb", size=20)
+    sample = val[0]
+    assert sample["inputs"].shape == (2, 3, 20, 20) and sample["target"].shape == (3, 20, 20)
+    again = val[0]
+    assert torch.equal(sample["target"], again["target"])
+
+
+def test_dataset_errors_are_one_line(synthetic_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(CenError, match=r"principal_curvature \(img-type 5\) missing on disk"):
+        TaskonomyDataset(synthetic_root, "train", [5, 2], 0)
+    with pytest.raises(CenError, match="split file not found"):
+        TaskonomyDataset(tmp_path, "train", [2, 7], 0)
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "reshading").mkdir()
+    write_split_file(tmp_path / "val.txt", [(1, 0)])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / domain_file("reshading", (1, 0)))
+    with pytest.raises(CenError, match="1 of 1 files missing") as info:
+        TaskonomyDataset(tmp_path, "val", [2, 2], 0)
+    assert "\n" not in str(info.value)
+    (tmp_path / domain_file("rgb", (1, 0))).write_bytes(b"\x89PNG broken")
+    dataset = TaskonomyDataset(tmp_path, "val", [2, 2], 0, size=8)
+    with pytest.raises(CenError, match="cannot read image"):
+        dataset[0]
+
+
+def test_ensure_synthetic_caches_and_refuses_other_parameters(tmp_path: Path) -> None:
+    root = ensure_synthetic_taskonomy(tmp_path / "cache", num_train=1, num_val=1, size=16)
+    stamp = (root / "rgb" / "point_0_view_0_domain_rgb.png").stat().st_mtime_ns
+    assert ensure_synthetic_taskonomy(root, num_train=1, num_val=1, size=16) == root
+    assert (root / "rgb" / "point_0_view_0_domain_rgb.png").stat().st_mtime_ns == stamp
+    with pytest.raises(CenError, match="was made with"):
+        ensure_synthetic_taskonomy(root, num_train=2, num_val=1, size=16)
+
+
+class _Recorder(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path, list[str]]]:
+    """A local copy of the sample building for a few views and domains."""
+    served = tmp_path / "served"
+    for domain in ("rgb", "reshading", "normal"):
+        (served / domain).mkdir(parents=True)
+        for point in range(1, 6):
+            value = np.full((4, 4), point, np.uint8)
+            Image.fromarray(value).save(served / domain_file(domain, (point, 0)))
+    requests: list[str] = []
+    handler = functools.partial(
+        type("Handler", (_Recorder,), {"requests": requests}), directory=str(served)
+    )
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", served, requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_prepare_fetches_only_requested_domains_and_split_views(
+    server: tuple[str, Path, list[str]], tmp_path: Path
+) -> None:
+    url, served, requests = server
+    out = tmp_path / "out"
+    present = out / domain_file("rgb", (2, 0))
+    present.parent.mkdir(parents=True)
+    present.write_bytes((served / domain_file("rgb", (2, 0))).read_bytes())
+    splits = {"train": [(1, 0), (2, 0)], "val": [(4, 0)]}
+    prepare_taskonomy(out, ["rgb", 2], base_url=url, workers=2, progress=False, splits=splits)
+    assert sorted(requests) == sorted(
+        f"/{domain_file(d, v)}" for d in ("rgb", "reshading") for v in [(1, 0), (4, 0), (2, 0)]
+        if (d, v) != ("rgb", (2, 0))
+    )
+    assert not (out / "normal").exists()
+    for domain in ("rgb", "reshading"):
+        for view in [(1, 0), (2, 0), (4, 0)]:
+            path = domain_file(domain, view)
+            assert (out / path).read_bytes() == (served / path).read_bytes()
+    assert read_split_file(out / "train.txt") == [(1, 0), (2, 0)]
+    assert read_split_file(out / "val.txt") == [(4, 0)]
+    requests.clear()
+    prepare_taskonomy(out, ["rgb"], base_url=url, workers=2, progress=False, splits=splits)
+    assert requests == []  # everything present: nothing fetched again
+    dataset = TaskonomyDataset(out, "val", ["reshading", "reshading"], "rgb", size=4)
+    assert float(dataset[0]["target"][0, 0, 0]) == pytest.approx(4 / 127.5 - 1)
+
+
+def test_prepare_reports_missing_remote_file(
+    server: tuple[str, Path, list[str]], tmp_path: Path
+) -> None:
+    url, _, _ = server
+    with pytest.raises(CenError, match="HTTP 404") as info:
+        prepare_taskonomy(tmp_path / "o", ["rgb"], base_url=url, workers=1, progress=False,
+                          splits={"train": [(9, 9)], "val": [(1, 0)]})
+    assert "\n" not in str(info.value)
+
+
+def test_marker_lists_written_domains(synthetic_root: Path) -> None:
+    marker = json.loads((synthetic_root / "cenfusion-synthetic-taskonomy.json").read_text())
+    assert marker["domains"] == list(SYNTHETIC_DOMAINS)
+    assert all((synthetic_root / d).is_dir() for d in SYNTHETIC_DOMAINS)

