@@ -31,10 +31,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cenfusion.data.download import download, one_line
+from cenfusion.data.staging import staging
 from cenfusion.errors import CenError
 
 LABELED = "nyu_depth_v2_labeled.mat"
@@ -208,25 +207,6 @@ class LayoutWriter:
             lines = [f"rgb/{n}.png\tmasks/{n}.png\tdepth/{n}.png" for n in names]
             (self.root / list_name).write_text("\n".join(lines), encoding="utf-8")
         (self.root / "classes.txt").write_text("\n".join(classes) + "\n", encoding="utf-8")
-
-
-@contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """Yield a fresh hidden folder beside ``out``, renamed to ``out`` when the block succeeds.
-
-    On any exception the folder is deleted, so ``out`` is either complete or absent. ``out``
-    itself may exist only as an empty folder (see :func:`output_ready`).
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def output_ready(out: Path) -> bool:

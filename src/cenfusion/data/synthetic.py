@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +55,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import zoom
 
+from cenfusion.data.staging import staging
 from cenfusion.errors import CenError
 
 CLASS_NAMES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug", "crate", "block")
@@ -633,36 +632,23 @@ def generate_segmentation_dataset(
         raise CenError(f"synthetic set {out}: image size {size} too small, expected >= 16x16")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CenError(f"synthetic set {out}: the folder already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         for folder in ("rgb", "depth", "masks"):
-            (staging / folder).mkdir()
+            (tmp / folder).mkdir()
         names = [f"{i:06d}" for i in range(num_train + num_val)]
         for i, name in enumerate(names):
             arrays = render_scene(np.random.default_rng([seed, i]), size)
-            Image.fromarray(arrays["rgb"]).save(staging / "rgb" / f"{name}.png", compress_level=1)
+            Image.fromarray(arrays["rgb"]).save(tmp / "rgb" / f"{name}.png", compress_level=1)
             Image.fromarray(arrays["depth_mm"]).save(
-                staging / "depth" / f"{name}.png", compress_level=1
+                tmp / "depth" / f"{name}.png", compress_level=1
             )
             Image.fromarray(arrays["label"]).save(
-                staging / "masks" / f"{name}.png", compress_level=1
+                tmp / "masks" / f"{name}.png", compress_level=1
             )
-        (staging / "train.txt").write_text(_list_lines(names[:num_train]))
-        (staging / "val.txt").write_text(_list_lines(names[num_train:]))
+        (tmp / "train.txt").write_text(_list_lines(names[:num_train]))
+        (tmp / "val.txt").write_text(_list_lines(names[num_train:]))
         marker = _marker(num_train, num_val, tuple(size), seed)
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
-        staging.chmod(0o755)
-        try:
-            os.replace(staging, out)
-        except OSError as exc:
-            raise CenError(
-                f"synthetic set {out}: cannot move the finished set into place "
-                f"({exc.strerror}); expected an absent or empty folder"
-            ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
     return out
 
 

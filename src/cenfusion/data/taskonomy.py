@@ -34,10 +34,7 @@ at random and flips with p = 0.5, with the same draw for every domain of the sam
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -52,6 +49,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cenfusion.data.download import download_many
+from cenfusion.data.staging import staging
 from cenfusion.data.synthetic import GENERATOR_VERSION, default_data_root, render, sample_scene
 from cenfusion.errors import CenError
 
@@ -472,11 +470,9 @@ def generate_taskonomy_dataset(
         raise CenError(f"synthetic Taskonomy {out}: size {size} too small, expected >= 16")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CenError(f"synthetic Taskonomy {out}: the folder exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staging(out) as tmp:
         for domain in SYNTHETIC_DOMAINS:
-            (staging / domain).mkdir()
+            (tmp / domain).mkdir()
         views = [(i, 0) for i in range(num_train + num_val)]
         for i, view in enumerate(views):
             rng = np.random.default_rng([seed, i])
@@ -484,22 +480,11 @@ def generate_taskonomy_dataset(
             arrays = render(scene, (size, size), rng)
             encoded = taskonomy_domains(arrays, scene.camera.focal * size)
             for domain, values in encoded.items():
-                Image.fromarray(values).save(staging / domain_file(domain, view), compress_level=1)
-        write_split_file(staging / "train.txt", views[:num_train])
-        write_split_file(staging / "val.txt", views[num_train:])
+                Image.fromarray(values).save(tmp / domain_file(domain, view), compress_level=1)
+        write_split_file(tmp / "train.txt", views[:num_train])
+        write_split_file(tmp / "val.txt", views[num_train:])
         marker = _synthetic_marker(num_train, num_val, size, seed)
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
-        staging.chmod(0o755)
-        try:
-            os.replace(staging, out)
-        except OSError as exc:
-            raise CenError(
-                f"synthetic Taskonomy {out}: cannot move the finished set into place "
-                f"({exc.strerror}); expected an absent or empty folder"
-            ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cenfusion.errors import CenError
 
@@ -52,3 +53,12 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     if task is not None and state.get("task") != task:
         raise CenError(f"{path}: a {state.get('task')} checkpoint, expected {task}")
     return state
+
+
+def load_weights(model: nn.Module, weights: dict, where: str) -> None:
+    """Load a state dict, turning any key or shape mismatch into one clear line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise CenError(f"{where}: weights do not fit this model ({first[0].strip()})") from err

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
-from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
-from cenfusion.errors import CenError
+from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
 
@@ -29,15 +26,6 @@ def model_from_record(state: dict, where: str) -> CENRefineNet:
     model = CENRefineNet(CENRefineNetConfig.from_dict(state["model_config"]))
     load_weights(model, state["model"], where)
     return model
-
-
-def load_weights(model: nn.Module, weights: dict, where: str) -> None:
-    """Load a state dict, turning any key or shape mismatch into one clear line."""
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise CenError(f"{where}: weights do not fit this model ({first[0].strip()})") from err
 
 
 def convert_official(source: str | Path, out: str | Path) -> CENRefineNet:

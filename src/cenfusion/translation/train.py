@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cenfusion.data.taskonomy import DOMAINS, TaskonomyDataset, ensure_synthetic_taskonomy
-from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.run import append_metrics, capture_rng, restore_rng
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchange_stats, sparsity_penalty
 from cenfusion.metrics.generative import InceptionFeatures
@@ -140,14 +141,6 @@ def _extractor(cfg: TranslationConfig, device: torch.device) -> InceptionFeature
         return None
 
 
-def _load_weights(module: nn.Module, weights: dict, where: str) -> None:
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise CenError(f"{where}: weights do not fit this model ({first[0].strip()})") from None
-
-
 # ----------------------------------------------------------------------------- losses
 
 
@@ -216,19 +209,6 @@ def train_one_epoch(
 # ----------------------------------------------------------------------------- run state
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _record(
     cfg: TranslationConfig,
     generator: CENUNet,
@@ -250,13 +230,8 @@ def _record(
         "optimizer_d": opt_d.state_dict(),
         "epoch": epoch,
         "best": best,
-        "rng": _rng_state(),
+        "rng": capture_rng(),
     }
-
-
-def _append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(run_dir: Path, epoch: int) -> None:
@@ -274,8 +249,11 @@ def _format(metrics: dict[str, list[float]]) -> str:
         *branches, ensemble = values
         return " / ".join(f"{v:.{digits}f}" for v in branches) + f" | ens {ensemble:.{digits}f}"
 
-    parts = [f"{key} {row(metrics[key], 2 if key in ('fid', 'kid_x100') else 4)}"
-             for key in ("fid", "kid_x100", "l1", "mse") if key in metrics]
+    parts = [
+        f"{key} {row(metrics[key], 2 if key in ('fid', 'kid_x100') else 4)}"
+        for key in ("fid", "kid_x100", "l1", "mse")
+        if key in metrics
+    ]
     return "; ".join(parts)
 
 
@@ -317,8 +295,10 @@ def train(cfg: TranslationConfig, resume: bool = False) -> dict[str, Any]:
     with run_log(run_dir):
         cfg = _resolve_data(cfg)
         train_set, val_set = _datasets(cfg)
-        log.info(f"cen i2i train: {' + '.join(DOMAINS[t] for t in cfg.inputs)} -> "
-                 f"{DOMAINS[cfg.target]}; {len(train_set)} train / {len(val_set)} val views")
+        log.info(
+            f"cen i2i train: {' + '.join(DOMAINS[t] for t in cfg.inputs)} -> "
+            f"{DOMAINS[cfg.target]}; {len(train_set)} train / {len(val_set)} val views"
+        )
         log.info("config:\n" + cfg.to_yaml().rstrip())
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
@@ -337,36 +317,45 @@ def train(cfg: TranslationConfig, resume: bool = False) -> dict[str, Any]:
         if resume:
             state = load_checkpoint(run_dir / LAST, task=TASK)
             where = str(run_dir / LAST)
-            _load_weights(generator, state["model"], where)
-            _load_weights(discriminator, state["discriminator"], where)
+            load_weights(generator, state["model"], where)
+            load_weights(discriminator, state["discriminator"], where)
             opt_g.load_state_dict(state["optimizer_g"])
             opt_d.load_state_dict(state["optimizer_d"])
             start = int(state["epoch"])
             if state["best"]["criterion"] == criterion:
                 best = dict(state["best"])
             else:
-                log.info(f"best epoch was chosen by {state['best']['criterion']}, now by "
-                         f"{criterion}: best tracking restarts")
-            _set_rng_state(state["rng"])
+                log.info(
+                    f"best epoch was chosen by {state['best']['criterion']}, now by "
+                    f"{criterion}: best tracking restarts"
+                )
+            restore_rng(state["rng"])
             _truncate_metrics(run_dir, start)
             log.info(f"resumed {where} after epoch {start}")
 
         pin = device.type == "cuda"
         train_loader = _loader(train_set, cfg, train=True, pin=pin)
-        evaluator = Evaluator(_loader(val_set, cfg, train=False, pin=pin), device, extractor,
-                              autocast)
+        evaluator = Evaluator(
+            _loader(val_set, cfg, train=False, pin=pin), device, extractor, autocast
+        )
         metrics: dict[str, list[float]] = {}
         for epoch in range(start + 1, cfg.epochs + 1):
             began = time.perf_counter()
-            losses = train_one_epoch(generator, discriminator, opt_g, opt_d, train_loader,
-                                     cfg, device, autocast, epoch)
-            record: dict[str, Any] = {"epoch": epoch, **losses,
-                                      "exchange": exchange_stats(generator).overall,
-                                      "seconds": time.perf_counter() - began}
-            log.info(f"epoch {epoch}/{cfg.epochs}: loss D {losses['loss_d']:.4f}, "
-                     f"GAN {losses['loss_gan']:.4f}, L1 {losses['loss_l1']:.4f}, penalty "
-                     f"{losses['penalty']:.4f}; exchanging {record['exchange']:.1%} of "
-                     f"penalised gammas; {record['seconds']:.1f} s")
+            losses = train_one_epoch(
+                generator, discriminator, opt_g, opt_d, train_loader, cfg, device, autocast, epoch
+            )
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                **losses,
+                "exchange": exchange_stats(generator).overall,
+                "seconds": time.perf_counter() - began,
+            }
+            log.info(
+                f"epoch {epoch}/{cfg.epochs}: loss D {losses['loss_d']:.4f}, "
+                f"GAN {losses['loss_gan']:.4f}, L1 {losses['loss_l1']:.4f}, penalty "
+                f"{losses['penalty']:.4f}; exchanging {record['exchange']:.1%} of "
+                f"penalised gammas; {record['seconds']:.1f} s"
+            )
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 metrics = evaluator(generator, run_dir)
                 score = metrics[criterion][-1]
@@ -375,9 +364,11 @@ def train(cfg: TranslationConfig, resume: bool = False) -> dict[str, Any]:
                     best = {"criterion": criterion, "score": score, "epoch": epoch}
                     _update_best(run_dir, generator.num_modalities + 1)
                 record.update(metrics, best=improved)
-                log.info(f"epoch {epoch} val: {_format(metrics)}"
-                         + (f"; best {criterion}" if improved else ""))
-            _append_metrics(run_dir, record)
+                log.info(
+                    f"epoch {epoch} val: {_format(metrics)}"
+                    + (f"; best {criterion}" if improved else "")
+                )
+            append_metrics(run_dir / METRICS, record)
             state = _record(cfg, generator, discriminator, opt_g, opt_d, epoch, best)
             if record.get("best"):
                 save_checkpoint(run_dir / BEST, state)
@@ -402,7 +393,7 @@ def evaluate_run(cfg: TranslationConfig) -> dict[str, Any]:
         cfg = _resolve_data(cfg)
         state = load_checkpoint(path, task=TASK)
         generator = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-        _load_weights(generator, state["model"], str(path))
+        load_weights(generator, state["model"], str(path))
         if generator.num_modalities != len(cfg.inputs):
             raise CenError(
                 f"{path}: a model for {generator.num_modalities} inputs, but --img-types "
@@ -412,11 +403,17 @@ def evaluate_run(cfg: TranslationConfig) -> dict[str, Any]:
         device = resolve_device(cfg.device, cfg.gpu)
         generator.to(device)
         extractor = _extractor(cfg, device)
-        evaluator = Evaluator(_loader(val_set, cfg, train=False, pin=device.type == "cuda"),
-                              device, extractor, _autocast(cfg, device))
+        evaluator = Evaluator(
+            _loader(val_set, cfg, train=False, pin=device.type == "cuda"),
+            device,
+            extractor,
+            _autocast(cfg, device),
+        )
         metrics = evaluator(generator, run_dir)
         epoch = int(state["epoch"])
         log.info(f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: {_format(metrics)}")
-        _append_metrics(run_dir, {"evaluate": True, "checkpoint": path.name, "epoch": epoch,
-                                  **metrics})
+        append_metrics(
+            run_dir / METRICS,
+            {"evaluate": True, "checkpoint": path.name, "epoch": epoch, **metrics},
+        )
         return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
