@@ -102,18 +102,21 @@ SYNTHETIC = replace(
     pretrained=None,
     decoder_width=64,
     drop_rate=0.1,
-    num_epoch=(12, 4),
-    lr_enc=(2e-2, 5e-3),
-    lr_dec=(2e-2, 5e-3),
+    num_epoch=(8, 2),
+    lr_enc=(5e-3, 1e-3),
+    lr_dec=(5e-3, 1e-3),
     weight_decay=1e-4,
-    lamda=1e-3,
+    lamda=0.1,
     batch_size=8,
     crop_size=80,
     min_short_side=80,
     scale_range=(0.75, 1.25),
-    val_every=4,
+    val_every=5,
     workers=2,
     seed=0,
 )
+"""The embedded data on a CPU: ResNet-26 (ResNet-50 widths), decoder width 64, random init,
+80x80 crops, 10 epochs. ``lamda`` is large because training is short: the penalised gammas
+must reach the threshold within a few hundred steps for exchange to happen at all."""
 
 PRESETS: dict[str, SegmentationConfig] = {"nyudv2": NYUDV2, "synthetic": SYNTHETIC}

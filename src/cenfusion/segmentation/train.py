@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,25 +122,14 @@ def modality_specs(cfg: SegmentationConfig) -> tuple[ModalitySpec, ...]:
 
 
 def build_datasets(cfg: SegmentationConfig) -> tuple[ListFileDataset, ListFileDataset]:
-    root = data_root(cfg)
-    specs = modality_specs(cfg)
-    train = ListFileDataset(
-        root,
-        cfg.train_list,
-        specs,
-        mask_column=cfg.mask_column,
-        num_classes=cfg.num_classes,
-        transform=train_transform(cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range)),
-    )
-    val = ListFileDataset(
-        root,
-        cfg.val_list,
-        specs,
-        mask_column=cfg.mask_column,
-        num_classes=cfg.num_classes,
-        transform=val_transform(),
-    )
-    return train, val
+    """The training split (augmented) and the validation split (full size)."""
+    root, specs = data_root(cfg), modality_specs(cfg)
+
+    def dataset(list_file: str, transform: Callable) -> ListFileDataset:
+        return ListFileDataset(root, list_file, specs, cfg.mask_column, cfg.num_classes, transform)
+
+    augment = train_transform(cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range))
+    return dataset(cfg.train_list, augment), dataset(cfg.val_list, val_transform())
 
 
 def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:
