@@ -96,3 +96,21 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_cen_refinenet(backbone="resnet26", pretrained=tmp_path / "none.pth")
     with pytest.raises(CenError, match="expected one of"):
         create_model("cen_refinenet_r7")
+
+
+def test_unreachable_pretrained_weights_name_the_cache(monkeypatch) -> None:
+    import cenfusion.models.refinenet as refinenet
+
+    real = refinenet.timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(refinenet.timm, "create_model", offline)
+    with pytest.raises(CenError) as info:
+        create_cen_refinenet(depth=50, pretrained="tv_in1k")
+    message = str(info.value)
+    assert "resnet50.tv_in1k" in message and "huggingface" in message
+    assert torch.hub.get_dir() in message and "--pretrained PATH" in message

@@ -193,3 +193,16 @@ def test_determinism_under_manual_seed() -> None:
     assert any(not torch.equal(outputs[0]["mask"], o["mask"]) for o in outputs[2:])
     # The input sample is never modified in place.
     assert torch.equal(sample["inputs"][0], _block_sample()["inputs"][0])
+
+
+def test_train_transform_pads_depth_in_its_own_scale() -> None:
+    sample = _block_sample(24, 24)
+    torch.manual_seed(0)
+    out = train_transform(crop_size=64, min_short_side=24, scale=(1.0, 1.0), depth_scale=1e-3)(
+        sample
+    )
+    depth, mask = out["inputs"][1], out["mask"]
+    padding = mask == 255
+    assert padding.any()
+    expected = torch.tensor(IMAGE_FILL)[:, None] * 1e-3
+    torch.testing.assert_close(depth[:, padding], expected.expand(3, int(padding.sum())))

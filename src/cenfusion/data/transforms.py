@@ -225,13 +225,21 @@ class Normalize:
 
 
 def train_transform(
-    crop_size: int = 500, min_short_side: int = 350, scale: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = 500,
+    min_short_side: int = 350,
+    scale: tuple[float, float] = (0.5, 2.0),
+    depth_scale: float = NYUDV2_DEPTH_SCALE,
 ) -> Compose:
-    """The released training augmentation: scale, pad, flip, crop ``crop_size``, normalise."""
+    """The released training augmentation: scale, pad, flip, crop ``crop_size``, normalise.
+
+    Depth is padded with the image fill times ``depth_scale``: the raw fill value, scaled like
+    the depth it sits beside.
+    """
+    depth_fill = tuple(v * depth_scale for v in IMAGE_FILL)
     return Compose(
         [
             RandomScale(scale[0], scale[1], min_short_side),
-            Pad(crop_size),
+            Pad(crop_size, depth_fill=depth_fill),
             RandomHorizontalFlip(0.5),
             RandomCrop(crop_size),
             Normalize(),

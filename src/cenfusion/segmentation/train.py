@@ -128,7 +128,9 @@ def build_datasets(cfg: SegmentationConfig) -> tuple[ListFileDataset, ListFileDa
     def dataset(list_file: str, transform: Callable) -> ListFileDataset:
         return ListFileDataset(root, list_file, specs, cfg.mask_column, cfg.num_classes, transform)
 
-    augment = train_transform(cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range))
+    augment = train_transform(
+        cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range), cfg.depth_scale
+    )
     return dataset(cfg.train_list, augment), dataset(cfg.val_list, val_transform())
 
 
