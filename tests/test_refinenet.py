@@ -14,9 +14,7 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize(
-    ("depth", "millions", "points"), [(101, 118.2, 33), (152, 133.9, 50)]
-)
+@pytest.mark.parametrize(("depth", "millions", "points"), [(101, 118.2, 33), (152, 133.9, 50)])
 def test_parameter_counts_and_exchange_points(depth: int, millions: float, points: int) -> None:
     model = create_cen_refinenet(depth=depth, num_classes=40, num_modalities=2)
     assert abs(count(model) / 1e6 - millions) <= 0.1
@@ -48,9 +46,7 @@ def test_decoder_bias_placement_and_dropout() -> None:
     convs = {n: m for n, m in model.decoder.named_modules() if isinstance(m, nn.Conv2d)}
     with_bias = sorted(n for n, m in convs.items() if m.bias is not None)
     rcu_first = sorted(
-        f"{n}.conv1"
-        for n, m in model.decoder.named_modules()
-        if isinstance(m, ResidualConvUnit)
+        f"{n}.conv1" for n, m in model.decoder.named_modules() if isinstance(m, ResidualConvUnit)
     )
     assert with_bias == sorted([*rcu_first, "classifier"])
     assert len(rcu_first) == 4 * (2 + 3)

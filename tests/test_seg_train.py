@@ -203,3 +203,40 @@ def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "| CEN, ensemble |" in out and "| depth only |" in out
     assert (tmp_path / "demo-cen" / "best.pt").is_file()
+
+
+def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        progress = train(cfg)
+        torch.save({"best": progress.best_miou}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    mp.spawn(_ddp_rank, args=(port, cfg, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["best"] == ranks[1]["best"]
+    log = read_log(tmp_path / "cen")
+    assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
+    assert load_checkpoint(tmp_path / "cen" / "last.pt")["stage"] == 1
