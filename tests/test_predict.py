@@ -69,15 +69,6 @@ def read(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU convolutions run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """A ResNet-50 CEN with 5 classes saved in the released ``.pth.tar`` layout."""

