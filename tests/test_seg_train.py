@@ -62,7 +62,7 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     )
     progress = train(cfg)
     run_dir = tmp_path / cfg.exp
-    assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl"} <= {
+    assert {"config.yaml", "last.pth", "best.pth", "metrics.jsonl"} <= {
         p.name for p in run_dir.iterdir()
     }
     log = read_log(run_dir)
@@ -71,10 +71,10 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     assert "val" in log[2] and "val" not in log[1]
     assert set(log[2]["val"]) == {"rgb", "depth", "ensemble"}
     assert 0.0 <= log[-1]["exchange_fraction"] <= 1.0
-    best = load_checkpoint(run_dir / "best.pt", task="segmentation")
+    best = load_checkpoint(run_dir / "best.pth", task="segmentation")
     assert best["best_miou"] == progress.best_miou
     assert best["best_miou"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
-    saved = config_for(None, None, {}, run_dir / "last.pt")
+    saved = config_for(None, None, {}, run_dir / "last.pth")
     assert saved == cfg
 
 
@@ -85,7 +85,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("interrupt_at", [1, 2])
 def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interrupt_at) -> None:
     full = train(tiny(data_root, tmp_path / "full"))
-    expected = load_checkpoint(tmp_path / "full" / "cen" / "last.pt")
+    expected = load_checkpoint(tmp_path / "full" / "cen" / "last.pth")
 
     real_epoch = train_module.train_one_epoch
     calls = {"n": 0}
@@ -101,7 +101,7 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
     with pytest.raises(Interrupt):
         train(cfg)
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
-    last = tmp_path / "cut" / "cen" / "last.pt"
+    last = tmp_path / "cut" / "cen" / "last.pth"
     stopped = load_checkpoint(last)
     assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if interrupt_at == 1 else (1, 0))
 
@@ -125,7 +125,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
     monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
     with pytest.raises(CenError, match=r"stage 1 epoch 2, iteration 1: the loss is nan"):
         train(tiny(data_root, tmp_path))
-    last = load_checkpoint(tmp_path / "cen" / "last.pt")
+    last = load_checkpoint(tmp_path / "cen" / "last.pth")
     assert (last["stage"], last["epoch"]) == (0, 1)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
@@ -133,7 +133,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
 def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
-    ckpt = tmp_path / "cen" / "best.pt"
+    ckpt = tmp_path / "cen" / "best.pth"
     evaluated = train(replace(cfg, exp="eval"), resume=ckpt, evaluate_only=True, save_img=True)
     best = load_checkpoint(ckpt)
     assert evaluated.best_scores["ensemble"]["miou"] == best["best_scores"]["ensemble"]["miou"]
@@ -144,7 +144,7 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
 def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
     cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
-    ckpt = tmp_path / "cen" / "last.pt"
+    ckpt = tmp_path / "cen" / "last.pth"
     with pytest.raises(CenError, match="model has 2 modalities, --modalities gives 1"):
         train(replace(cfg, modalities=("rgb",)), resume=ckpt, evaluate_only=True)
     with pytest.raises(CenError, match="model has 8 classes, the data has 9"):
@@ -202,7 +202,7 @@ def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
     assert set(results["rgb-only"]) == {"rgb", "ensemble"}
     out = capsys.readouterr().out
     assert "| CEN, ensemble |" in out and "| depth only |" in out
-    assert (tmp_path / "demo-cen" / "best.pt").is_file()
+    assert (tmp_path / "demo-cen" / "best.pth").is_file()
 
 
 def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
@@ -239,4 +239,4 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     assert ranks[0]["best"] == ranks[1]["best"]
     log = read_log(tmp_path / "cen")
     assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
-    assert load_checkpoint(tmp_path / "cen" / "last.pt")["stage"] == 1
+    assert load_checkpoint(tmp_path / "cen" / "last.pth")["stage"] == 1

@@ -2,7 +2,7 @@
 
 One ``train_one_epoch`` and one ``evaluate`` serve training, ``--evaluate`` and the demo.
 Stages re-create the optimiser with their own learning rates; every epoch ends with an atomic
-``last.pt`` holding all that ``--resume`` needs, every validation may replace ``best.pt``.
+``last.pth`` holding all that ``--resume`` needs, every validation may replace ``best.pth``.
 """
 
 from __future__ import annotations
@@ -387,14 +387,14 @@ def train(
                     progress.best_miou, progress.best_scores = miou, scores
                     if dist_info.is_main:
                         save_checkpoint(
-                            run_dir / "best.pt",
+                            run_dir / "best.pth",
                             _checkpoint(model, cfg, progress, optimizer, scaler),
                         )
             if last_of_stage:
                 progress.stage, progress.epoch = stage + 1, 0
             if dist_info.is_main:
                 save_checkpoint(
-                    run_dir / "last.pt", _checkpoint(model, cfg, progress, optimizer, scaler)
+                    run_dir / "last.pth", _checkpoint(model, cfg, progress, optimizer, scaler)
                 )
                 append_metrics(metrics_path, record)
                 val = f"  val {_score_line(record['val'])}" if "val" in record else ""
