@@ -1,10 +1,12 @@
-"""Write a data set folder atomically: build it beside its place, rename it at the end."""
+"""Write a data set folder atomically (build it beside its place, rename it at the end), and
+generate a cached set once, recognised by the marker file holding its parameters."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,4 +36,37 @@ def staging(out: Path) -> Iterator[Path]:
             ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_marker(path: Path) -> dict | None:
+    """The parameters a generated set was made with (its JSON marker), or None."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_generated(
+    root: Path, marker_name: str, wanted: dict, generate: Callable[[], Path], what: str
+) -> Path:
+    """``root`` holding a set made with ``wanted`` parameters, from ``generate`` the first time.
+
+    A set made with other parameters is an error rather than silently reused. When several
+    processes (e.g. DDP ranks) generate at once, the first rename wins and the others reuse it.
+    """
+    marker = root / marker_name
+    found = read_marker(marker)
+    if found == wanted:
+        return root
+    if found is not None:
+        raise CenError(
+            f"{what} {root} was made with {found}, expected {wanted}; "
+            "delete it or choose another folder"
+        )
+    try:
+        return generate()
+    except CenError:
+        if read_marker(marker) == wanted:
+            return root
         raise

@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import zoom
 
-from cenfusion.data.staging import staging
+from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.errors import CenError
 
 CLASS_NAMES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug", "crate", "block")
@@ -642,22 +642,12 @@ def generate_segmentation_dataset(
             Image.fromarray(arrays["depth_mm"]).save(
                 tmp / "depth" / f"{name}.png", compress_level=1
             )
-            Image.fromarray(arrays["label"]).save(
-                tmp / "masks" / f"{name}.png", compress_level=1
-            )
+            Image.fromarray(arrays["label"]).save(tmp / "masks" / f"{name}.png", compress_level=1)
         (tmp / "train.txt").write_text(_list_lines(names[:num_train]))
         (tmp / "val.txt").write_text(_list_lines(names[num_train:]))
         marker = _marker(num_train, num_val, tuple(size), seed)
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1) + "\n")
     return out
-
-
-def _read_marker(root: Path) -> dict[str, object] | None:
-    path = root / MARKER_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_synthetic(
@@ -670,23 +660,14 @@ def ensure_synthetic(
 ) -> Path:
     """Return a synthetic set at ``root`` (default :func:`default_data_root`), generating it once.
 
-    A finished set carries a marker file with its parameters; a set made with other
-    parameters is an error rather than silently reused. When several processes (e.g. DDP
-    ranks) start together, each may generate, and the first rename wins.
+    A finished set carries a marker file with its parameters (see
+    :func:`~cenfusion.data.staging.ensure_generated`).
     """
     root = Path(root) if root is not None else default_data_root()
-    wanted = _marker(num_train, num_val, tuple(size), seed)
-    found = _read_marker(root)
-    if found == wanted:
-        return root
-    if found is not None:
-        raise CenError(
-            f"synthetic set {root} was made with {found}, expected {wanted}; "
-            "delete it or choose another folder"
-        )
-    try:
-        return generate_segmentation_dataset(root, num_train, num_val, tuple(size), seed)
-    except CenError:
-        if _read_marker(root) == wanted:
-            return root
-        raise
+    return ensure_generated(
+        root,
+        MARKER_FILE,
+        _marker(num_train, num_val, tuple(size), seed),
+        lambda: generate_segmentation_dataset(root, num_train, num_val, tuple(size), seed),
+        "synthetic set",
+    )

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cenfusion.data.download import download_many
-from cenfusion.data.staging import staging
+from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.data.synthetic import GENERATOR_VERSION, default_data_root, render, sample_scene
 from cenfusion.errors import CenError
 
@@ -507,25 +507,10 @@ def ensure_synthetic_taskonomy(
     processes generate at once, the first rename wins and the others reuse it.
     """
     root = Path(root) if root is not None else default_synthetic_taskonomy_root()
-    wanted = _synthetic_marker(num_train, num_val, size, seed)
-    found = _read_marker(root)
-    if found == wanted:
-        return root
-    if found is not None:
-        raise CenError(
-            f"synthetic Taskonomy {root} was made with {found}, expected {wanted}; "
-            "delete it or choose another folder"
-        )
-    try:
-        return generate_taskonomy_dataset(root, num_train, num_val, size, seed)
-    except CenError:
-        if _read_marker(root) == wanted:
-            return root
-        raise
-
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return ensure_generated(
+        root,
+        MARKER_FILE,
+        _synthetic_marker(num_train, num_val, size, seed),
+        lambda: generate_taskonomy_dataset(root, num_train, num_val, size, seed),
+        "synthetic Taskonomy",
+    )
