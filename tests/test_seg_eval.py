@@ -27,7 +27,7 @@ from cenfusion.segmentation.evaluate import (
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.train import build_datasets, build_model, evaluate
+from cenfusion.segmentation.train import build_dataset, build_model, evaluate
 
 
 def same(a, b) -> bool:
@@ -40,8 +40,9 @@ def setup(tmp_path_factory):
     """3 validation images of 48x64, a random tiny CEN and its checkpoint."""
     root = tmp_path_factory.mktemp("eval")
     data = generate_segmentation_dataset(root / "data", 4, 3, (48, 64), seed=0)
-    cfg = replace(SYNTHETIC, data=data, runs=root / "runs", decoder_width=32, workers=0,
-                  device="cpu")
+    cfg = replace(
+        SYNTHETIC, data=data, runs=root / "runs", decoder_width=32, workers=0, device="cpu"
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     checkpoint = root / "best.pt"
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
 
 def test_one_pass_at_scale_one_is_the_single_scale_evaluate(setup) -> None:
     cfg, model, checkpoint = setup
-    _, val = build_datasets(cfg)
+    val = build_dataset(cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(cfg, checkpoint), expected)
     assert same(evaluate_checkpoint(cfg, checkpoint, scales=(1.0,), flip=False), expected)
@@ -60,7 +61,7 @@ def test_one_pass_at_scale_one_is_the_single_scale_evaluate(setup) -> None:
 
 def test_probability_path_keeps_the_argmax(setup) -> None:
     cfg, model, _ = setup
-    _, val = build_datasets(cfg)
+    val = build_dataset(cfg, train=False)
     sample = val[0]
     inputs = [x[None] for x in sample["inputs"]]
     tta = TestTimeAugmentation(model, sample["kinds"], scales=(1.0,), flip=False).eval()
@@ -97,9 +98,7 @@ def test_flip_averaging_of_an_equivariant_model_changes_nothing() -> None:
             flipped = TestTimeAugmentation(model, ["rgb", "gray"], scales, flip=True)(inputs)
             for a, b in zip(plain, flipped):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        stacked = TestTimeAugmentation(model, ["rgb", "gray"], (1.0,), flip=True)(
-            torch.cat(inputs)
-        )
+        stacked = TestTimeAugmentation(model, ["rgb", "gray"], (1.0,), flip=True)(torch.cat(inputs))
         expected = [h.softmax(1) for h in model(inputs)]
         for a, b in zip(stacked, expected):
             torch.testing.assert_close(a, b)
@@ -130,8 +129,22 @@ def test_protocols_for_and_labels() -> None:
 
 def test_cli_prints_both_tables_and_appends_json_lines(setup, tmp_path, capsys) -> None:
     cfg, _, checkpoint = setup
-    argv = ["seg", "eval", "--resume", str(checkpoint), "--ms", "--scales", "0.75", "1.25",
-            "-c", "ms", "--runs", str(tmp_path), "--device", "cpu"]
+    argv = [
+        "seg",
+        "eval",
+        "--resume",
+        str(checkpoint),
+        "--ms",
+        "--scales",
+        "0.75",
+        "1.25",
+        "-c",
+        "ms",
+        "--runs",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "single-scale (released protocol)" in out and "multi-scale 0.75, 1.25 + flip" in out
@@ -154,7 +167,7 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     torch.save({"segmenter": to_official_state_dict(model)}, released)
     overrides = {"data": cfg.data, "num_classes": 8, "workers": 0, "device": "cpu"}
     released_cfg = eval_config("synthetic", None, overrides, released)
-    _, val = build_datasets(released_cfg)
+    val = build_dataset(released_cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(released_cfg, released), expected)
     with pytest.raises(CenError, match="model has 8 classes, the data has 40"):

@@ -134,7 +134,12 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
     ckpt = tmp_path / "cen" / "best.pth"
-    evaluated = train(replace(cfg, exp="eval"), resume=ckpt, evaluate_only=True, save_img=True)
+    evaluated = train(
+        replace(cfg, exp="eval", train_list="absent.txt"),
+        resume=ckpt,
+        evaluate_only=True,
+        save_img=True,
+    )
     best = load_checkpoint(ckpt)
     assert evaluated.best_scores["ensemble"]["miou"] == best["best_scores"]["ensemble"]["miou"]
     images = sorted((tmp_path / "eval" / "images").iterdir())

@@ -37,13 +37,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
     """Read a cenfusion checkpoint with ``weights_only=True`` on the CPU.
 
+    Memory-mapped, so reading one twice (its config, then its weights) costs little.
+
     ``task`` (e.g. ``"segmentation"``) is checked against the checkpoint's own.
     """
     path = Path(path)
     if not path.is_file():
         raise CenError(f"{path}: checkpoint file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise CenError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:

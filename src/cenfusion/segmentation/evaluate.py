@@ -34,7 +34,7 @@ from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.predict import is_foreign_checkpoint, load_segmenter, resize_input
 from cenfusion.segmentation.train import (
     Scores,
-    build_datasets,
+    build_dataset,
     check_model_fits,
     config_for,
     evaluate,
@@ -161,7 +161,7 @@ def evaluate_protocols(
     model = load_segmenter(checkpoint, official).model
     check_model_fits(model, cfg, str(checkpoint))
     model.to(device)
-    _, val_set = build_datasets(cfg)
+    val_set = build_dataset(cfg, train=False)
     loader = DataLoader(
         val_set, batch_size=1, num_workers=cfg.workers, pin_memory=device.type == "cuda"
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,17 +120,22 @@ def modality_specs(cfg: SegmentationConfig) -> tuple[ModalitySpec, ...]:
     return tuple(specs)
 
 
-def build_datasets(cfg: SegmentationConfig) -> tuple[ListFileDataset, ListFileDataset]:
-    """The training split (augmented) and the validation split (full size)."""
-    root, specs = data_root(cfg), modality_specs(cfg)
-
-    def dataset(list_file: str, transform: Callable) -> ListFileDataset:
-        return ListFileDataset(root, list_file, specs, cfg.mask_column, cfg.num_classes, transform)
-
-    augment = train_transform(
-        cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range), cfg.depth_scale
+def build_dataset(cfg: SegmentationConfig, train: bool) -> ListFileDataset:
+    """The training split (augmented) or the validation split (full size, only normalised)."""
+    if train:
+        transform = train_transform(
+            cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range), cfg.depth_scale
+        )
+    else:
+        transform = val_transform()
+    return ListFileDataset(
+        data_root(cfg),
+        cfg.train_list if train else cfg.val_list,
+        modality_specs(cfg),
+        cfg.mask_column,
+        cfg.num_classes,
+        transform,
     )
-    return dataset(cfg.train_list, augment), dataset(cfg.val_list, val_transform())
 
 
 def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:
@@ -232,10 +236,11 @@ def evaluate(
     return metric.compute()
 
 
-def _loaders(
+def _train_loader(
     cfg: SegmentationConfig, dist_info: DistInfo, device: torch.device, generator: torch.Generator
-) -> tuple[DataLoader, DataLoader]:
-    train_set, val_set = build_datasets(cfg)
+) -> DataLoader:
+    """Shuffled by ``generator`` (re-seeded every epoch), or by a DistributedSampler."""
+    train_set = build_dataset(cfg, train=True)
     if len(train_set) < cfg.batch_size * dist_info.world_size:
         raise CenError(
             f"{train_set.list_path}: {len(train_set)} samples, fewer than one batch of "
@@ -243,24 +248,27 @@ def _loaders(
         )
     if dist_info.enabled:
         sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
-        val_part: Dataset = Subset(
-            val_set, range(dist_info.rank, len(val_set), dist_info.world_size)
-        )
     else:
         sampler = RandomSampler(train_set, generator=generator)
-        val_part = val_set
-    pin = device.type == "cuda"
-    train_loader = DataLoader(
+    return DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,
         drop_last=True,
-        pin_memory=pin,
+        pin_memory=device.type == "cuda",
         generator=generator,
     )
-    val_loader = DataLoader(val_part, batch_size=1, num_workers=cfg.workers, pin_memory=pin)
-    return train_loader, val_loader
+
+
+def _val_loader(cfg: SegmentationConfig, dist_info: DistInfo, device: torch.device) -> DataLoader:
+    """Batch 1 at full size; each process takes every ``world_size``-th image, no padding."""
+    val_set: Dataset = build_dataset(cfg, train=False)
+    if dist_info.enabled:
+        val_set = Subset(val_set, range(dist_info.rank, len(val_set), dist_info.world_size))
+    return DataLoader(
+        val_set, batch_size=1, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+    )
 
 
 def _optimizer(model: CENRefineNet, cfg: SegmentationConfig, stage: int) -> torch.optim.SGD:
@@ -322,7 +330,8 @@ def train(
     seed_everything(cfg.seed + dist_info.rank)
 
     generator = torch.Generator()
-    train_loader, val_loader = _loaders(cfg, dist_info, device, generator)
+    val_loader = _val_loader(cfg, dist_info, device)
+    train_loader = None if evaluate_only else _train_loader(cfg, dist_info, device, generator)
     state = load_checkpoint(resume, task=TASK) if resume is not None else None
     if state is not None:
         model = model_from_record(state, str(resume))
@@ -332,8 +341,8 @@ def train(
     model.to(device)
     log(
         f"model {model.config.backbone}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
-        f"parameters, {len(train_loader.dataset)} train / {len(val_loader.dataset)} val samples, "
-        f"device {device}"
+        f"parameters, {len(train_loader.dataset) if train_loader else 0} train / "
+        f"{len(val_loader.dataset)} val samples, device {device}"
     )
     net: nn.Module = model
     if dist_info.enabled:
