@@ -6,14 +6,18 @@ printed at the start of a run, saved as ``runs/EXP/config.yaml`` and inside ever
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cenfusion.data.taskonomy import DOMAINS
+from cenfusion.engine.config import (
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    load_yaml,
+    replace_config,
+)
 from cenfusion.errors import CenError
 
 __all__ = ["TranslationConfig", "load_config"]
@@ -104,34 +108,21 @@ class TranslationConfig:
             raise CenError("--workers: expected >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["img_types"] = list(self.img_types)
-        d["betas"] = list(self.betas)
-        return d
+        return config_to_dict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> TranslationConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CenError(f"{where}: unknown setting {unknown[0]!r}")
-        return cls(**d)
+        """Build from a mapping; unknown keys and wrong types are one-line errors."""
+        return config_from_dict(cls, d, where)
 
     def replace(self, **changes: Any) -> TranslationConfig:
         """A copy with ``changes`` applied (``None`` values are ignored: flag not given)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return replace_config(self, changes)
 
 
 def load_config(path: str | Path) -> TranslationConfig:
     """Read a YAML file written by :meth:`TranslationConfig.to_yaml` (or a subset of it)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CenError(f"{path}: not a readable YAML config ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise CenError(f"{path}: expected a mapping of settings")
-    return TranslationConfig.from_dict(data, str(path))
+    return TranslationConfig.from_dict(load_yaml(path), str(path))
