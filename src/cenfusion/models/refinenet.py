@@ -42,7 +42,10 @@ def conv3x3(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2
 
 
 class ResidualConvUnit(nn.Module):
-    """``x + conv(relu(conv_b(relu(x))))``; the first conv has a bias, the second none."""
+    """``relu(x) + conv(relu(conv_b(relu(x))))``; the first conv has a bias, the second none.
+
+    The residual is the *rectified* input, as the released RefineNet computes it.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -50,7 +53,9 @@ class ResidualConvUnit(nn.Module):
         self.conv2 = conv3x3(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        # Released code: an in-place ReLU also rewrites the tensor it kept as the residual.
+        x = F.relu(x)
+        return x + self.conv2(F.relu(self.conv1(x)))
 
 
 def rcu_block(channels: int, units: int) -> nn.Sequential:
