@@ -18,7 +18,12 @@ from cenfusion.data.listfile import (
 )
 from cenfusion.errors import CenError
 
-REFERENCE = Path("/work/shared/reference/nyudv2-train.txt")
+#: The first lines of the released NYUDv2 train list, byte for byte.
+REFERENCE_LINES = [
+    "rgb/000003.png\tmasks/000003.png\tdepth/000003.png",
+    "rgb/000004.png\tmasks/000004.png\tdepth/000004.png",
+    "rgb/000005.png\tmasks/000005.png\tdepth/000005.png",
+]
 H, W = 6, 8
 
 
@@ -71,7 +76,7 @@ def test_nyudv2_sample_values_and_keys(tmp_path: Path) -> None:
 
 
 def test_reference_list_lines_parse(tmp_path: Path) -> None:
-    lines = REFERENCE.read_text().splitlines()[:3]
+    lines = REFERENCE_LINES
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
     for line in lines:
         rgb, mask, depth = line.split("\t")

@@ -32,7 +32,7 @@ def reference_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) 
 
 
 def reference_scores(cm: np.ndarray) -> dict:
-    """CEN_SPEC §2 in numpy float64, x100."""
+    """The released scores in numpy float64, x100."""
     cm = cm.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         acc = np.diag(cm) / cm.sum(1)

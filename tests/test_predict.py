@@ -45,7 +45,7 @@ def write_depth(path: Path, height: int, width: int, seed: int = 0, holes: bool 
 
 
 def network_inputs(rgb: Path, depth: Path, scale: float = 1 / 5000) -> list[torch.Tensor]:
-    """The encoding of CEN_SPEC §2, written out independently of the package."""
+    """The released NYUDv2 encoding, written out independently of the package."""
     image = (np.asarray(Image.open(rgb).convert("RGB"), np.float32) / 255 - MEAN) / STD
     raw = np.asarray(Image.open(depth), np.float32) * scale
     return [

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from cenfusion import CenError
 from cenfusion.data.taskonomy import generate_taskonomy_dataset
 from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.models.unet import create_cen_unet
 from cenfusion.translation import train as train_module
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 from cenfusion.translation.config import TranslationConfig, load_config
@@ -227,3 +229,34 @@ def test_bfloat16_autocast_run(data_root: Path, tmp_path: Path) -> None:
     result = train(tiny(data_root, tmp_path, "amp", epochs=1, amp=True))
     assert all(math.isfinite(v) for v in result["metrics"]["l1"])
     assert len(list((tmp_path / "amp" / "fake2").glob("*.png"))) == 2
+
+
+def test_evaluation_dropout_is_a_choice(tmp_path: Path) -> None:
+    """Released evaluation keeps dropout sampling; ``dropout=False`` is the eval() network."""
+    torch.manual_seed(0)
+    generator = create_cen_unet(ngf=4, num_downs=5, num_dropout=2)
+    batch = {
+        "inputs": torch.rand(2, 2, 3, 32, 32) * 2 - 1,
+        "target": torch.rand(2, 3, 32, 32) * 2 - 1,
+        "name": ["a", "b"],
+    }
+
+    def predictions(dropout: bool) -> dict[str, np.ndarray]:
+        Evaluator([batch], torch.device("cpu"), None, nullcontext(), dropout=dropout)(
+            generator, tmp_path
+        )
+        assert generator.training, "the generator's mode must be restored"
+        return image_folder(tmp_path / "fake2")
+
+    with torch.no_grad():
+        generator.eval()
+        ensemble = generator(list(batch["inputs"].unbind(1)))[-1].clamp(-1, 1)
+        deterministic = ((ensemble + 1) * 127.5).round()
+    generator.train()
+    plain = [predictions(False) for _ in range(2)]
+    assert all(np.array_equal(plain[0][k], plain[1][k]) for k in plain[0])
+    expected = deterministic.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(plain[0]["a.png"], expected[0])
+    sampled = [predictions(True) for _ in range(2)]
+    assert not np.array_equal(sampled[0]["a.png"], sampled[1]["a.png"])
+    assert not np.array_equal(sampled[0]["a.png"], plain[0]["a.png"])

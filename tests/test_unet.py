@@ -33,7 +33,7 @@ def loop_norm(norm: ModalityInstanceNorm2d, xs: list[torch.Tensor], exchange: bo
 
 
 def loop_forward(model: CENUNet, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The U-Net of CEN_SPEC §3 run modality by modality with the model's shared convs.
+    """The CEN U-Net run modality by modality with the model's shared convs.
 
     Where norms and exchange sit is decided here from the spec (encoder blocks 2..N-1
     exchange, block 1 and N have no norm, decoder norms everywhere but the last block), not
@@ -55,7 +55,7 @@ def loop_forward(model: CENUNet, inputs: list[torch.Tensor]) -> list[torch.Tenso
         if j < n - 1:
             xs = loop_norm(block.norm, xs, exchange=False)
             skip = skips.pop()
-            xs = [torch.cat([s, x], dim=1) for s, x in zip(skip, xs)]
+            xs = [torch.cat([x, s], dim=1) for s, x in zip(skip, xs)]
         else:
             xs = [torch.tanh(x) for x in xs]
     weights = torch.softmax(model.ensemble.alpha, dim=0)
@@ -201,3 +201,9 @@ def test_patchgan_judges_stacked_pairs_independently() -> None:
         together = disc(pairs)
         alone = torch.cat([disc(p[None]) for p in pairs])
     torch.testing.assert_close(together, alone)
+
+
+def test_released_generator_size() -> None:
+    """pix2pix U-Net-256 with two private IN sets: 54.43 M parameters, as released."""
+    model = create_cen_unet()
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 54.43

@@ -1,4 +1,4 @@
-"""Taskonomy for multimodal image-to-image translation (CEN_SPEC §3): files, decoding, samples.
+"""Taskonomy for multimodal image-to-image translation (CEN paper, Sec. 4.2): files, decoding, samples.
 
 Layout of a data root (the released one, and what :func:`prepare_taskonomy` and
 :func:`generate_taskonomy_dataset` write)::

@@ -1,4 +1,4 @@
-"""Joint transforms for multimodal segmentation samples (CEN_SPEC §2, sizes configurable).
+"""Joint transforms for multimodal segmentation samples (the released NYUDv2 recipe, sizes configurable).
 
 Every transform maps a whole sample to a new sample, so the inputs and the mask cannot drift
 apart. A sample is the dict :class:`~cenfusion.data.listfile.ListFileDataset` returns::
@@ -35,7 +35,7 @@ IMAGE_FILL = (123.675, 116.28, 103.53)
 #: same tensors (about 0.02, practically the "no depth" value 0).
 DEPTH_FILL = tuple(v * NYUDV2_DEPTH_SCALE for v in IMAGE_FILL)
 #: Grey inputs (shading, edges, ...) have no ImageNet statistics: mean/std 0.5 map 0..255 to
-#: -1..1, the range the translation task (CEN_SPEC §3) normalises every domain to.
+#: -1..1, the range the translation task normalises every domain to.
 GRAY_MEAN = 0.5
 GRAY_STD = 0.5
 

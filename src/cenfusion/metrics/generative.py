@@ -1,4 +1,4 @@
-"""FID and KID for image-to-image translation (CEN_SPEC §3).
+"""FID and KID for image-to-image translation, as the CEN paper reports them.
 
 Pure functions work on Inception features ``(N, D)`` in float64:
 

@@ -1,4 +1,4 @@
-"""Semantic-segmentation scores from one global confusion matrix (CEN_SPEC §2).
+"""Semantic-segmentation scores from one global confusion matrix, as the released CEN code scores.
 
 Two pure functions and two stateful classes in the torchmetrics spirit:
 

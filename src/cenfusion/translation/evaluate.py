@@ -58,6 +58,9 @@ class Evaluator:
             (:class:`~cenfusion.metrics.generative.InceptionFeatures`), or None to skip
             FID and KID.
         autocast: the mixed-precision context for the generator (``nullcontext()`` when off).
+        dropout: keep the generator's dropout active while predicting, as the released code
+            (and pix2pix) evaluates, so each evaluation samples the generator's noise; False
+            evaluates the deterministic ``eval()`` network. Norms behave alike in both modes.
 
     The targets' features are computed on the first call and reused: the validation views
     do not change during a run.
@@ -69,11 +72,13 @@ class Evaluator:
         device: torch.device,
         extractor: nn.Module | None,
         autocast: AbstractContextManager,
+        dropout: bool = True,
     ) -> None:
         self.loader = loader
         self.device = device
         self.extractor = extractor
         self.autocast = autocast
+        self.dropout = dropout
         self._real_features: Tensor | None = None
 
     @torch.no_grad()
@@ -85,6 +90,10 @@ class Evaluator:
         """
         was_training = generator.training
         generator.eval()
+        if self.dropout:
+            for module in generator.modules():
+                if isinstance(module, nn.Dropout):
+                    module.train()
         folders: list[Path] = []
         sums: dict[str, Tensor] = {}
         fake_features: list[list[Tensor]] = []

@@ -1,4 +1,4 @@
-"""Training and evaluation of CEN image-to-image translation (CEN_SPEC §3).
+"""Training and evaluation of CEN image-to-image translation (CEN paper, Sec. 4.2; pix2pix losses).
 
 Per batch, with ``M`` input modalities stacked along the batch, generator heads
 ``G = (M + 1, B, 3, H, W)`` (branches, then the ensemble) and target ``y``:
@@ -336,7 +336,11 @@ def train(cfg: TranslationConfig, resume: bool = False) -> dict[str, Any]:
         pin = device.type == "cuda"
         train_loader = _loader(train_set, cfg, train=True, pin=pin)
         evaluator = Evaluator(
-            _loader(val_set, cfg, train=False, pin=pin), device, extractor, autocast
+            _loader(val_set, cfg, train=False, pin=pin),
+            device,
+            extractor,
+            autocast,
+            dropout=cfg.eval_dropout,
         )
         metrics: dict[str, list[float]] = {}
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -408,6 +412,7 @@ def evaluate_run(cfg: TranslationConfig) -> dict[str, Any]:
             device,
             extractor,
             _autocast(cfg, device),
+            dropout=cfg.eval_dropout,
         )
         metrics = evaluator(generator, run_dir)
         epoch = int(state["epoch"])
