@@ -27,7 +27,8 @@ from cenfusion.segmentation.evaluate import (
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.train import build_dataset, build_model, evaluate
+from cenfusion.segmentation.build import build_dataset, build_model
+from cenfusion.segmentation.train import evaluate
 
 
 def same(a, b) -> bool:

@@ -11,7 +11,8 @@ from cenfusion.errors import CenError
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
-from cenfusion.segmentation.train import config_for, train
+from cenfusion.segmentation.build import config_for
+from cenfusion.segmentation.train import SegmentationRecipe, train
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def tiny(data_root: Path, runs: Path, **changes) -> SegmentationConfig:
         min_short_side=32,
         batch_size=2,
         workers=0,
-        num_epoch=(2, 1),
+        epochs=(2, 1),
         lr_enc=(0.02, 0.01),
         lr_dec=(0.02, 0.01),
         val_every=1,
@@ -52,7 +53,7 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     cfg = tiny(
         data_root,
         tmp_path,
-        num_epoch=(6,),
+        epochs=(6,),
         lr_enc=(0.01,),
         lr_dec=(0.01,),
         val_every=3,
@@ -67,13 +68,13 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     }
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
-    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert log[-1]["loss"] < log[0]["loss"]
     assert "val" in log[2] and "val" not in log[1]
     assert set(log[2]["val"]) == {"rgb", "depth", "ensemble"}
-    assert 0.0 <= log[-1]["exchange_fraction"] <= 1.0
+    assert 0.0 <= log[-1]["exchange"] <= 1.0
     best = load_checkpoint(run_dir / "best.pth", task="segmentation")
-    assert best["best_miou"] == progress.best_miou
-    assert best["best_miou"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
+    assert best["best"]["score"] == progress.score
+    assert best["best"]["score"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
     saved = config_for(None, None, {}, run_dir / "last.pth")
     assert saved == cfg
 
@@ -87,27 +88,25 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
     full = train(tiny(data_root, tmp_path / "full"))
     expected = load_checkpoint(tmp_path / "full" / "cen" / "last.pth")
 
-    real_epoch = train_module.train_one_epoch
-    calls = {"n": 0}
+    real_begin = SegmentationRecipe.begin_epoch
 
-    def stop_after(*args, **kwargs):
-        if calls["n"] == interrupt_at:
+    def stop_after(self, epoch):
+        if epoch > interrupt_at:
             raise Interrupt
-        calls["n"] += 1
-        return real_epoch(*args, **kwargs)
+        return real_begin(self, epoch)
 
     cfg = tiny(data_root, tmp_path / "cut")
-    monkeypatch.setattr(train_module, "train_one_epoch", stop_after)
+    monkeypatch.setattr(SegmentationRecipe, "begin_epoch", stop_after)
     with pytest.raises(Interrupt):
         train(cfg)
-    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(SegmentationRecipe, "begin_epoch", real_begin)
     last = tmp_path / "cut" / "cen" / "last.pth"
     stopped = load_checkpoint(last)
-    assert (stopped["stage"], stopped["epoch"]) == ((0, 1) if interrupt_at == 1 else (1, 0))
+    assert (stopped["stage"], stopped["epoch"]) == (0, interrupt_at)
 
     resumed = train(config_for(None, None, {}, last), resume=last)
     got = load_checkpoint(last)
-    assert resumed.best_miou == full.best_miou
+    assert resumed.score == full.score
     for key, value in expected["model"].items():
         assert torch.equal(value, got["model"][key]), key
     assert len(read_log(tmp_path / "cut" / "cen")) == 3
@@ -123,7 +122,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
         return loss * float("nan") if calls["n"] > 2 else loss
 
     monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
-    with pytest.raises(CenError, match=r"stage 1 epoch 2, iteration 1: the loss is nan"):
+    with pytest.raises(CenError, match=r"epoch 2, iteration 1: loss nan; stopping"):
         train(tiny(data_root, tmp_path))
     last = load_checkpoint(tmp_path / "cen" / "last.pth")
     assert (last["stage"], last["epoch"]) == (0, 1)
@@ -131,7 +130,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monk
 
 
 def test_evaluate_only_with_images(data_root, tmp_path) -> None:
-    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
     ckpt = tmp_path / "cen" / "best.pth"
     evaluated = train(
@@ -141,13 +140,13 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
         save_img=True,
     )
     best = load_checkpoint(ckpt)
-    assert evaluated.best_scores["ensemble"]["miou"] == best["best_scores"]["ensemble"]["miou"]
+    assert evaluated.metrics["ensemble"]["miou"] == best["best"]["metrics"]["ensemble"]["miou"]
     images = sorted((tmp_path / "eval" / "images").iterdir())
     assert len(images) == 3
 
 
 def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
-    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
     ckpt = tmp_path / "cen" / "last.pth"
     with pytest.raises(CenError, match="model has 2 modalities, --modalities gives 1"):
@@ -202,7 +201,7 @@ def test_cli_bad_input_gives_one_line(data_root, tmp_path, capsys) -> None:
 
 
 def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
-    results = run_demo(tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,)))
+    results = run_demo(tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,)))
     assert set(results) == {"rgb-only", "depth-only", "cen"}
     assert set(results["rgb-only"]) == {"rgb", "ensemble"}
     out = capsys.readouterr().out
@@ -225,7 +224,7 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
     torch.set_num_threads(1)
     try:
         progress = train(cfg)
-        torch.save({"best": progress.best_miou}, Path(out) / f"rank{rank}.pt")
+        torch.save({"best": progress.score}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -238,10 +237,10 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = tiny(data_root, tmp_path, num_epoch=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     mp.spawn(_ddp_rank, args=(port, cfg, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["best"] == ranks[1]["best"]
     log = read_log(tmp_path / "cen")
     assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
-    assert load_checkpoint(tmp_path / "cen" / "last.pth")["stage"] == 1
+    assert load_checkpoint(tmp_path / "cen" / "last.pth")["epoch"] == 1

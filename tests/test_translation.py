@@ -32,8 +32,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> TranslationConfig:
     settings = dict(
-        exp=exp, runs=str(runs), data=str(data_root), epochs=2, eval_every=1, batch_size=2,
-        size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0, fid=False,
+        exp=exp, runs=str(runs), data=str(data_root), epochs=2, val_every=1, batch_size=2,
+        crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0, fid=False,
     )
     settings.update(changes)
     return TranslationConfig(**settings)
@@ -76,7 +76,7 @@ def test_tiny_run_layout_and_best_follows_the_score(
             "point_4_view_0.png", "point_5_view_0.png"
         ], name
     assert not (run / "best" / "real").exists()
-    assert result["best"] == {"criterion": "l1", "score": 0.3, "epoch": 2}
+    assert (result.score, result.epoch) == (0.3, 2)
     assert load_checkpoint(run / "best.pth", task="translation")["epoch"] == 2
     best = image_folder(run / "best" / "fake2")
     assert all(np.array_equal(best[k], snapshots[2][k]) for k in best)
@@ -85,7 +85,7 @@ def test_tiny_run_layout_and_best_follows_the_score(
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert [line["best"] for line in lines] == [True, True, False]
-    assert all(len(line["l1"]) == len(line["mse"]) == 3 for line in lines)
+    assert all(len(line["val"]["l1"]) == len(line["val"]["mse"]) == 3 for line in lines)
     assert load_config(run / "config.yaml") == cfg
     log = (run / "log.txt").read_text()
     assert "img_types:" in log and "epoch 3 val:" in log
@@ -95,11 +95,12 @@ def test_tiny_run_layout_and_best_follows_the_score(
 
 
 def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path: Path) -> None:
-    train(tiny(data_root, tmp_path, "full", epochs=3, eval_every=2))
-    train(tiny(data_root, tmp_path, "split", epochs=2, eval_every=2))
+    train(tiny(data_root, tmp_path, "full", epochs=3, val_every=2))
+    train(tiny(data_root, tmp_path, "split", epochs=2, val_every=2))
     with pytest.raises(CenError, match="already holds a run"):
-        train(tiny(data_root, tmp_path, "split", epochs=3, eval_every=2))
-    train(tiny(data_root, tmp_path, "split", epochs=3, eval_every=2), resume=True)
+        train(tiny(data_root, tmp_path, "split", epochs=3, val_every=2))
+    split_last = tmp_path / "split" / "last.pth"
+    train(tiny(data_root, tmp_path, "split", epochs=3, val_every=2), resume=split_last)
     full = load_checkpoint(tmp_path / "full" / "last.pth")
     split = load_checkpoint(tmp_path / "split" / "last.pth")
     assert split["epoch"] == 3
@@ -113,7 +114,8 @@ def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path:
 
     def metrics(exp: str) -> list[dict]:
         lines = (tmp_path / exp / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+        timing = ("seconds", "data_seconds")
+        return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
 
     assert metrics("full") == metrics("split")
     assert full["best"] == split["best"]
@@ -125,11 +127,12 @@ def test_fid_run_picks_best_by_fid_and_evaluate_reproduces_it(
 ) -> None:
     cfg = tiny(data_root, tmp_path, "fid", epochs=1, fid=True)
     result = train(cfg)
-    metrics = result["metrics"]
-    assert result["best"]["criterion"] == "fid" and result["best"]["epoch"] == 1
+    metrics = result.metrics
+    assert load_checkpoint(tmp_path / "fid" / "best.pth")["criterion"] == "fid"
+    assert result.epoch == 1
     assert len(metrics["fid"]) == len(metrics["kid_x100"]) == 3
     assert all(math.isfinite(v) and v > 0 for v in metrics["fid"])
-    assert result["best"]["score"] == metrics["fid"][2]
+    assert result.score == metrics["fid"][2]
     shutil.rmtree(tmp_path / "fid" / "fake0")
     again = evaluate_run(cfg)
     assert again["checkpoint"].endswith("best.pth") and again["epoch"] == 1
@@ -196,7 +199,7 @@ def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Pa
             "--eval-every", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0",
             "--no-fid", "--img-types", "2", "6", "0")
     saved = load_config(tmp_path / "cli" / "config.yaml")
-    assert saved.img_types == (2, 6, 0) and saved.load_size == 36 and saved.fid is False
+    assert saved.img_types == (2, 6, 0) and saved.resize_to == 36 and saved.fid is False
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")
     resumed = load_config(tmp_path / "cli" / "config.yaml")
     assert resumed == TranslationConfig(**{**saved.to_dict(), "epochs": 2})
@@ -208,7 +211,7 @@ def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Pa
 
 
 def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
-    cfg = TranslationConfig(img_types=(3, 1, 7, 0), gpu=1, data="x")
+    cfg = TranslationConfig(img_types=(3, 1, 7, 0), gpu=(1,), data=Path("x"))
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "c.yaml") == cfg
     (tmp_path / "c.yaml").write_text("epochs: 3\nlamba: 1\n")
@@ -227,7 +230,7 @@ def test_data_command_writes_synthetic_set(tmp_path: Path) -> None:
 
 def test_bfloat16_autocast_run(data_root: Path, tmp_path: Path) -> None:
     result = train(tiny(data_root, tmp_path, "amp", epochs=1, amp=True))
-    assert all(math.isfinite(v) for v in result["metrics"]["l1"])
+    assert all(math.isfinite(v) for v in result.metrics["l1"])
     assert len(list((tmp_path / "amp" / "fake2").glob("*.png"))) == 2
 
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cenfusion.engine.config import add_config_flags, given_flags
+from cenfusion.engine.run import RunLog, add_run_flags
 from cenfusion.errors import CenError
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 
@@ -21,38 +23,16 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _seg_train(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.train import config_for, train
+    from cenfusion.engine.run import resume_path
+    from cenfusion.segmentation.build import config_for
+    from cenfusion.segmentation.config import SegmentationConfig
+    from cenfusion.segmentation.train import train
 
-    overrides = {
-        "exp": args.exp,
-        "runs": args.runs,
-        "data": args.data,
-        "train_list": args.train_list,
-        "val_list": args.val_list,
-        "modalities": args.modalities,
-        "mask_column": args.mask_column,
-        "depth_scale": args.depth_scale,
-        "num_classes": args.num_classes,
-        "enc": args.enc,
-        "backbone": args.backbone,
-        "pretrained": args.pretrained,
-        "num_epoch": args.num_epoch,
-        "lr_enc": args.lr_enc,
-        "lr_dec": args.lr_dec,
-        "lamda": args.lamda,
-        "bn_threshold": args.bn_threshold,
-        "batch_size": args.batch_size,
-        "crop_size": args.crop_size,
-        "val_every": args.val_every,
-        "workers": args.workers,
-        "seed": args.seed,
-        "device": args.device,
-        "gpu": args.gpu,
-        "amp": args.amp,
-        "max_iters": args.max_iters,
-    }
-    cfg = config_for(args.preset, args.config, overrides, args.resume)
-    train(cfg, resume=args.resume, evaluate_only=args.evaluate, save_img=args.save_img)
+    given = given_flags(SegmentationConfig, args)
+    run_dir = Path(given.get("runs", "runs")) / given.get("exp", SegmentationConfig.exp)
+    resume = resume_path(args.resume, run_dir)
+    cfg = config_for(args.preset, args.config, given, resume)
+    train(cfg, resume, evaluate_only=args.evaluate, save_img=args.save_img, force=args.force)
 
 
 def _convert_official(args: argparse.Namespace) -> None:
@@ -97,46 +77,21 @@ def _data_sunrgbd(args: argparse.Namespace) -> None:
 
 
 def _add_seg_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train or evaluate CEN segmentation (runs/EXP/)")
-    p.add_argument("-c", "--exp", help="experiment name: writes runs/EXP/")
-    p.add_argument("--runs", type=Path, help="folder of experiments (default runs/)")
-    p.add_argument(
-        "--preset",
-        choices=("synthetic", "nyudv2"),
-        help="defaults: synthetic without --data, nyudv2 with it",
+    from cenfusion.segmentation.config import SegmentationConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train or evaluate CEN segmentation (runs/EXP/)",
+        description="Train CEN RGB-D segmentation. Settings: the preset (synthetic without "
+        "--data, nyudv2 with it; a resumed checkpoint's own), then --config, then flags.",
     )
-    p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
-    p.add_argument("--resume", type=Path, help="checkpoint to continue from (or to evaluate)")
-    p.add_argument("--evaluate", action="store_true", help="only evaluate --resume on val")
+    p.add_argument(
+        "--preset", choices=("synthetic", "nyudv2"), help="base settings (see the description)"
+    )
+    add_run_flags(p)
+    p.add_argument("--evaluate", action="store_true", help="only evaluate --resume CHECKPOINT")
     p.add_argument("--save-img", action="store_true", help="with --evaluate: write panels")
-    p.add_argument("--data", type=Path, help="data root with list files (default: synthetic)")
-    p.add_argument("--train-list")
-    p.add_argument("--val-list")
-    p.add_argument(
-        "--modalities",
-        nargs="+",
-        help="inputs in order: rgb depth (NYUDv2 layout) or NAME:COLUMN:KIND",
-    )
-    p.add_argument("--mask-column", type=int, help="list-file column of the mask (default 1)")
-    p.add_argument("--depth-scale", type=float, help="multiplies raw depth PNG values")
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--enc", type=int, choices=(50, 101, 152), help="ResNet depth")
-    p.add_argument("--backbone", help="any timm BatchNorm CNN name (overrides --enc)")
-    p.add_argument("--pretrained", help="timm tag (tv_in1k), a weights file, or none")
-    p.add_argument("--num-epoch", type=int, nargs="+", help="epochs per stage")
-    p.add_argument("--lr-enc", type=float, nargs="+", help="encoder lr per stage")
-    p.add_argument("--lr-dec", type=float, nargs="+", help="decoder lr per stage")
-    p.add_argument("--lamda", type=float, help="L1 sparsity weight (added once per head)")
-    p.add_argument("--bn-threshold", type=float, help="exchange threshold on |gamma|")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--crop-size", type=int)
-    p.add_argument("--val-every", type=int, help="validate every N epochs")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--gpu", type=int, help="CUDA device index")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision")
-    p.add_argument("--max-iters", type=int, help="cap iterations per epoch (smoke runs)")
+    add_config_flags(p, SegmentationConfig)
     p.set_defaults(run=_seg_train)
 
 
@@ -159,26 +114,20 @@ def _seg_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files to {args.out}")
 
 
+_EVAL_FIELDS = (
+    "exp", "runs", "data", "val_list", "modalities", "mask_column", "depth_scale",
+    "num_classes", "workers", "device", "gpu", "amp",
+)
+
+
 def _seg_eval(args: argparse.Namespace) -> None:
+    from cenfusion.segmentation.config import SegmentationConfig
     from cenfusion.segmentation.evaluate import eval_config, protocols_for, run_evaluation
 
-    overrides = {
-        "exp": args.exp,
-        "runs": args.runs,
-        "data": args.data,
-        "val_list": args.val_list,
-        "modalities": args.modalities,
-        "mask_column": args.mask_column,
-        "depth_scale": args.depth_scale,
-        "num_classes": args.num_classes,
-        "workers": args.workers,
-        "device": args.device,
-        "gpu": args.gpu,
-        "amp": args.amp,
-    }
-    cfg = eval_config(args.preset, args.config, overrides, args.resume)
+    given = given_flags(SegmentationConfig, args)
+    cfg = eval_config(args.preset, args.config, given, args.resume)
     protocols = protocols_for(args.ms, args.scales, args.flip)
-    run_evaluation(cfg, args.resume, protocols, save=args.exp is not None)
+    run_evaluation(cfg, args.resume, protocols, save="exp" in given)
 
 
 def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
@@ -242,6 +191,8 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
+    from cenfusion.segmentation.config import SegmentationConfig
+
     p = sub.add_parser(
         "eval",
         help="validation scores: single scale (released) and multi-scale + flip",
@@ -249,24 +200,13 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged).",
     )
     p.add_argument("--resume", type=Path, required=True, help="checkpoint (ours or released)")
-    p.add_argument("-c", "--exp", help="append the scores to runs/EXP/metrics.jsonl")
-    p.add_argument("--runs", type=Path, help="folder of experiments (default runs/)")
     p.add_argument(
         "--preset",
         choices=("synthetic", "nyudv2"),
         help="base settings when the checkpoint holds none",
     )
     p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
-    p.add_argument("--data", type=Path, help="data root with list files")
-    p.add_argument("--val-list")
-    p.add_argument(
-        "--modalities",
-        nargs="+",
-        help="inputs in order: rgb depth (NYUDv2 layout) or NAME:COLUMN:KIND",
-    )
-    p.add_argument("--mask-column", type=int, help="list-file column of the mask (default 1)")
-    p.add_argument("--depth-scale", type=float, help="multiplies raw depth PNG values")
-    p.add_argument("--num-classes", type=int)
+    add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)
     p.add_argument("--ms", action="store_true", help="also multi-scale 0.5-1.5 + flip")
     p.add_argument("--scales", type=float, nargs="+", help="scales of the extra protocol")
     p.add_argument(
@@ -275,10 +215,6 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="mirror inputs too (default: on with --ms)",
     )
-    p.add_argument("--workers", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--gpu", type=int, help="CUDA device index")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision")
     p.set_defaults(run=_seg_eval)
 
 
@@ -356,7 +292,8 @@ def _one_line(err: CenError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with RunLog():
+            args.run(args)
     except CenError as err:
         print(f"cen: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -42,11 +42,14 @@ __all__ = [
 
 
 def stack_modalities(inputs: Sequence[Tensor] | Tensor) -> Tensor:
-    """Return the modality-major stacked batch ``(M*B, ...)`` of ``M`` tensors ``(B, ...)``.
+    """Return the modality-major stacked batch ``(M*B, C, H, W)``.
 
-    A tensor is taken as already stacked and returned unchanged.
+    Accepts ``M`` tensors ``(B, C, H, W)``, a data loader's batch ``(B, M, C, H, W)``, or an
+    already stacked ``(M*B, C, H, W)`` tensor (returned unchanged).
     """
     if isinstance(inputs, Tensor):
+        if inputs.dim() == 5:
+            return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
         return inputs
     return torch.cat(list(inputs), dim=0)
 

@@ -145,7 +145,7 @@ class ListFileDataset(Dataset):
 
     ``__getitem__`` returns, after ``transform``::
 
-        {"inputs": [float32 (3, H, W) per modality, in ``modalities`` order],
+        {"inputs": float32 (M, 3, H, W), the modalities stacked in ``modalities`` order,
          "kinds":  [modality kind per input, e.g. "rgb", "depth"],
          "mask":   int64 (H, W), 255 = ignore   (absent when ``mask_column`` is None),
          "name":   stem of the first column's file}
@@ -241,7 +241,9 @@ class ListFileDataset(Dataset):
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{k} {h}x{w}" for k, (h, w) in sizes.items())
             raise CenError(f"sample {name} ({self.list_path}): sizes differ: {listed}")
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return {**sample, "inputs": torch.stack(sample["inputs"])}
 
     def _check_labels(self, mask: torch.Tensor, name: str, path: Path) -> None:
         if self.num_classes is None:

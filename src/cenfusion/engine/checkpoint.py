@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cenfusion.errors import CenError
+from cenfusion.errors import CenError, ForeignCheckpointError
 
 FORMAT = "cenfusion-v1"
 
@@ -47,9 +47,11 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise CenError(f"{path}: not a readable checkpoint ({type(err).__name__})") from err
+        raise ForeignCheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__})"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CenError(
+        raise ForeignCheckpointError(
             f"{path}: not a cenfusion checkpoint (released CEN files: `cen convert-official`)"
         )
     if task is not None and state.get("task") != task:

@@ -1,11 +1,14 @@
 """Run configuration: frozen dataclasses filled from defaults, an optional YAML file and flags.
 
-A task defines its own dataclass; these helpers turn it into YAML and back, with a check of
-every key and value type so that a typo in a YAML file is one clear error, not a silent default.
+Every setting is defined once, as a dataclass field made by :func:`setting` (default, help
+text, choices, released flag spellings as aliases). The command-line flags are generated from
+those fields by :func:`add_config_flags`, YAML files use the same names, and every value is
+type-checked so that a typo is one clear error, not a silent default.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -17,6 +20,92 @@ import yaml
 from cenfusion.errors import CenError
 
 C = TypeVar("C")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[Any, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with its help text, its allowed values and its alias flags.
+
+    ``aliases`` are extra option strings (the released code's spellings, e.g. ``-t``); the
+    field's own flag is ``--name-with-dashes``.
+    """
+    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _flag_type(annotation: Any) -> tuple[Any, bool]:
+    """(element type, is a list) of a field annotation; ``X | None`` reads as ``X``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(inner[0])
+    if origin is tuple:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+_EXPLICIT_NONE = "<none>"
+
+
+def _none_or(kind: Any) -> Any:
+    def parse(text: str) -> Any:
+        return _EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None
+) -> None:
+    """One flag per field of ``cls`` (or of ``only``), default ``None`` meaning "not given".
+
+    Booleans get ``--x/--no-x``; tuples take one or more values; optional fields accept
+    ``none``. The help text shows the dataclass default.
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if only is not None and field.name not in only or "help" not in field.metadata:
+            continue
+        meta = field.metadata
+        kind, many = _flag_type(hints[field.name])
+        default = field.default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        names = (flag_name(field.name), *meta["aliases"])
+        common = {"dest": field.name, "default": None, "help": f"{meta['help']} ({shown})"}
+        if kind is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+            continue
+        optional = type(None) in typing.get_args(hints[field.name])
+        parse = _none_or(kind) if optional else kind
+        parser.add_argument(
+            *names,
+            type=parse,
+            nargs="+" if many else None,
+            choices=meta["choices"],
+            metavar=meta["metavar"],
+            **common,
+        )
+
+
+def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that were given on the command line (``none`` gives None)."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            out[field.name] = None if value == _EXPLICIT_NONE else value
+    return out
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -79,9 +168,8 @@ def config_from_dict(cls: type[C], values: dict[str, Any], where: str = "config"
 
 
 def replace_config(config: C, updates: dict[str, Any], where: str = "flags") -> C:
-    """``config`` with ``updates`` (``None`` values ignored), checked like a YAML file."""
-    merged = {**config_to_dict(config), **{k: v for k, v in updates.items() if v is not None}}
-    return config_from_dict(type(config), merged, where)
+    """``config`` with ``updates`` applied, checked like a YAML file."""
+    return config_from_dict(type(config), {**config_to_dict(config), **updates}, where)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

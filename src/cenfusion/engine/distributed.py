@@ -32,20 +32,32 @@ class DistInfo:
 
 
 def resolve_device(
-    device: str = "auto", gpu: int | None = None, local_rank: int = 0
+    device: str = "auto", gpu: tuple[int, ...] | int | None = (), local_rank: int = 0
 ) -> torch.device:
     """``"auto"`` picks CUDA when present; ``gpu`` (the released ``--gpu`` flag) picks its index.
 
-    Under torchrun the local rank chooses the GPU.
+    Under torchrun the local rank chooses among the listed GPUs (or all visible ones). Asking
+    for a GPU that is not there is an error, never a silent fall-back to the CPU.
     """
     if device not in {"auto", "cpu", "cuda"}:
         raise CenError(f"--device {device}: expected auto, cpu or cuda")
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if not want_cuda:
+    gpus = (gpu,) if isinstance(gpu, int) else tuple(gpu or ())
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if len(gpus) > 1 and not distributed:
+        raise CenError(
+            f"--gpu {' '.join(map(str, gpus))}: one process per GPU, start it with "
+            f"torchrun --nproc-per-node {len(gpus)} -m cenfusion.cli ..."
+        )
+    if device == "cpu":
+        if gpus:
+            raise CenError(f"--gpu {gpus[0]} with --device cpu: choose one")
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise CenError("--device cuda: no CUDA device is visible (use --device cpu)")
-    index = local_rank if gpu is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 else gpu
+        if device == "cuda" or gpus:
+            flag = f"--gpu {gpus[0]}" if gpus else "--device cuda"
+            raise CenError(f"{flag}: no CUDA device is visible (use --device cpu)")
+        return torch.device("cpu")
+    index = gpus[local_rank % len(gpus)] if gpus else local_rank
     if index >= torch.cuda.device_count():
         raise CenError(f"--gpu {index}: only {torch.cuda.device_count()} CUDA device(s) visible")
     torch.cuda.set_device(index)

@@ -1,42 +1,191 @@
-"""What every training run shares: its folder, its printed and saved config, its metrics log
-and the random state that makes ``--resume`` continue exactly."""
+"""What every run shares: its settings, its folder, its log, its metrics and its random state.
+
+A run folder ``RUNS/EXP`` holds ``config.yaml``, ``log.txt``, ``metrics.jsonl`` (one JSON line
+per epoch, marked with its ``epoch``), ``last.pth`` and ``best.pth`` and, optionally,
+TensorBoard scalars under ``tb/``. It is only touched by a run whose settings, data and
+checkpoint were checked first (:meth:`RunFolder.open` comes last in a task's set-up); an
+existing run is continued only with ``--resume`` and replaced only with ``--force``, which
+moves the old folder aside.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import random
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cenfusion.engine.config import dump_yaml
+from cenfusion.engine.config import dump_yaml, setting
+from cenfusion.errors import CenError
+
+log = logging.getLogger("cenfusion")
+
+LAST, BEST, METRICS, CONFIG = "last.pth", "best.pth", "metrics.jsonl", "config.yaml"
 
 
-def start_run(run_dir: Path, config: Any, is_main: bool = True) -> None:
-    """Create ``run_dir``, print the full resolved config and save it as ``config.yaml``."""
-    if not is_main:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = dump_yaml(config)
-    log(
-        f"config ({type(config).__name__}):\n"
-        + "".join(f"  {line}\n" for line in text.splitlines())
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings every task shares; a task's config extends it (and may change defaults)."""
+
+    exp: str = setting("cen", "experiment name: the run folder RUNS/EXP", aliases=("-c", "--ckpt"))
+    runs: Path = setting(Path("runs"), "folder of run folders")
+    data: Path | None = setting(None, "data root (none: the embedded synthetic set)")
+    batch_size: int = setting(1, "samples per step and process")
+    val_every: int = setting(5, "validate every N epochs", aliases=("--eval-every",))
+    workers: int = setting(4, "data-loading processes")
+    seed: int = setting(0, "random seed", aliases=("--random-seed",))
+    device: str = setting("auto", "where to run", choices=("auto", "cpu", "cuda"))
+    gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
+    amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
+    quiet: bool = setting(False, "no progress bar")
+    tensorboard: bool = setting(False, "also write TensorBoard scalars to RUNS/EXP/tb/")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", Path(self.runs))
+        if self.data is not None:
+            object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "gpu", tuple(self.gpu))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs) / self.exp
+
+    def validate(self) -> None:
+        """Raise :class:`CenError` (one line) for shared settings that cannot run."""
+        for name in ("batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
+        if self.workers < 0:
+            raise CenError(f"--workers {self.workers}: expected >= 0")
+        if any(g < 0 for g in self.gpu):
+            raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The run-mode flags both tasks share: resume, force."""
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=LAST,
+        type=Path,
+        metavar="PATH",
+        help="continue a run: a checkpoint, or alone the run's own RUNS/EXP/last.pth",
     )
-    (run_dir / "config.yaml").write_text(text)
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start afresh in a folder that holds a run (the old one is moved aside)",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
 
 
-def log(message: str) -> None:
-    """One line (or block) of the run log, on standard output."""
-    print(message, file=sys.stdout, flush=True)
+def resume_path(resume: Path | None, run_dir: Path) -> Path | None:
+    """``--resume`` alone means the run's own ``last.pth``."""
+    if resume is None:
+        return None
+    return run_dir / LAST if resume == Path(LAST) else resume
+
+
+class RunFolder:
+    """The folder of one run; writes only through here, only on the main process."""
+
+    def __init__(self, path: Path, is_main: bool = True) -> None:
+        self.path = path
+        self.is_main = is_main
+
+    @classmethod
+    def open(
+        cls, path: Path, resuming: bool, force: bool, is_main: bool = True
+    ) -> RunFolder:
+        """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
+
+        Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
+        temporaries of an interrupted checkpoint write are removed.
+        """
+        holds_run = any((path / name).exists() for name in (LAST, METRICS, CONFIG))
+        if holds_run and not resuming and not force:
+            raise CenError(
+                f"{path} already holds a run; --resume continues it, --force moves it aside "
+                "and starts afresh, or choose another -c EXP"
+            )
+        if is_main:
+            if holds_run and force and not resuming:
+                aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                path.rename(aside)
+                log.info(f"moved the previous run to {aside}")
+            path.mkdir(parents=True, exist_ok=True)
+            for tmp in path.glob(".*.pth.*"):
+                tmp.unlink(missing_ok=True)
+        return cls(path, is_main)
+
+    def save_config(self, config: Any) -> None:
+        """Log the full resolved config and write it as ``config.yaml``."""
+        text = dump_yaml(config)
+        log.info(f"config ({type(config).__name__}):\n" + text.rstrip())
+        if self.is_main:
+            (self.path / CONFIG).write_text(text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            append_metrics(self.path / METRICS, record)
+
+    def truncate_metrics(self, epoch: int) -> None:
+        """Drop epoch lines after ``epoch``: written before a checkpoint that never came."""
+        path = self.path / METRICS
+        if not self.is_main or not path.is_file():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to a metrics log."""
+    """Append one JSON line to a metrics log, flushed to disk before returning."""
     with path.open("a") as f:
         f.write(json.dumps(record, allow_nan=True) + "\n")
+        f.flush()
+
+
+class RunLog:
+    """Route :data:`log` to the console and, given a folder, ``log.txt`` (appended)."""
+
+    def __init__(self, run_dir: Path | None = None, is_main: bool = True) -> None:
+        self.handlers: list[logging.Handler] = []
+        console = any(getattr(h, "console", False) for h in log.handlers)
+        if is_main and not console:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.console = True  # type: ignore[attr-defined]
+            self.handlers.append(handler)
+        if run_dir is not None and is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.handlers.append(logging.FileHandler(run_dir / "log.txt"))
+
+    def __enter__(self) -> RunLog:
+        for handler in self.handlers:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        return self
+
+    def add_file(self, run_dir: Path) -> None:
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        self.handlers.append(handler)
+
+    def __exit__(self, *exc: object) -> None:
+        for handler in self.handlers:
+            log.removeHandler(handler)
+            handler.close()
 
 
 def seed_everything(seed: int) -> None:

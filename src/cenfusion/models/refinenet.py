@@ -173,8 +173,8 @@ class CENRefineNet(nn.Module):
     """CEN segmentation network: shared encoder/decoder, private BNs, alpha ensemble.
 
     ``forward(inputs)``: a list of ``M`` tensors ``(B, 3, H, W)`` or the stacked
-    ``(M*B, 3, H, W)``; returns ``M + 1`` logit tensors ``(B, K, ceil(H/4), ceil(W/4))``,
-    one per modality in input order, the ensemble last.
+    ``(M*B, 3, H, W)``; returns the stacked logits ``(M + 1, B, K, ceil(H/4), ceil(W/4))``,
+    one head per modality in input order, the ensemble last.
     """
 
     def __init__(self, config: CENRefineNetConfig, encoder: nn.Module | None = None) -> None:
@@ -202,11 +202,11 @@ class CENRefineNet(nn.Module):
         """Stacked ``(M*B, 3, H, W)`` -> per-modality logits ``(M, B, K, h, w)``."""
         return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
 
-    def forward(self, inputs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
         if not isinstance(inputs, Tensor) and len(inputs) != self.num_modalities:
             raise ValueError(f"expected {self.num_modalities} modalities, got {len(inputs)}")
         heads = self.forward_stacked(stack_modalities(inputs))
-        return [*heads.unbind(0), self.ensemble(heads)]
+        return torch.cat([heads, self.ensemble(heads)[None]])
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the encoder (the lower learning rate group of the recipe)."""

@@ -1,77 +1,103 @@
 """Configuration of a segmentation run, and the two presets: the released NYUDv2 recipe and a
-small fast one for the embedded synthetic data set."""
+small fast one for the embedded synthetic data set. Every field is a command-line flag."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from cenfusion.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from cenfusion.engine.config import setting
+from cenfusion.engine.run import RunConfig
 from cenfusion.errors import CenError
+
+#: The deepest encoder level has stride 32: smaller crops leave it without pixels.
+MIN_CROP = 32
 
 
 @dataclass(frozen=True)
-class SegmentationConfig:
+class SegmentationConfig(RunConfig):
     """Everything a segmentation run depends on. Defaults: the released NYUDv2 recipe.
 
-    Stages: ``num_epoch``, ``lr_enc`` and ``lr_dec`` hold one value per stage; the optimiser
+    Stages: ``epochs``, ``lr_enc`` and ``lr_dec`` hold one value per stage; the optimiser
     is re-created at every stage. ``lamda`` is the released flag: as in the released loop, the
     L1 term is added once per output head, an effective weight of ``(M + 1) * lamda``.
     ``data=None`` means the embedded synthetic set, generated into the cache on first use.
     """
 
-    exp: str = "cen"
-    runs: Path = Path("runs")
-    data: Path | None = None
-    train_list: str = "train.txt"
-    val_list: str = "val.txt"
-    modalities: tuple[str, ...] = ("rgb", "depth")
-    mask_column: int = 1
-    depth_scale: float = 1 / 5000
-    num_classes: int = 40
-    enc: int = 101
-    backbone: str | None = None
-    pretrained: str | None = "tv_in1k"
-    frozen_bn: bool | None = None
-    decoder_width: int = 256
-    drop_rate: float = 0.5
-    num_epoch: tuple[int, ...] = (100, 100, 100)
-    lr_enc: tuple[float, ...] = (5e-4, 2.5e-4, 1e-4)
-    lr_dec: tuple[float, ...] = (3e-3, 1.5e-3, 7e-4)
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    lamda: float = 2e-4
-    bn_threshold: float = 2e-2
-    batch_size: int = 6
-    crop_size: int = 500
-    min_short_side: int = 350
-    scale_range: tuple[float, ...] = (0.5, 2.0)
-    val_every: int = 5
-    workers: int = 4
-    seed: int = 42
-    device: str = "auto"
-    gpu: int | None = None
-    amp: bool = False
-    max_iters: int | None = None
+    exp: str = setting("cen", "experiment name: the run folder RUNS/EXP", aliases=("-c", "--ckpt"))
+    batch_size: int = setting(6, "samples per step and process")
+    seed: int = setting(42, "random seed", aliases=("--random-seed",))
+    train_list: str = setting("train.txt", "training list file, relative to --data")
+    val_list: str = setting("val.txt", "validation list file, relative to --data")
+    modalities: tuple[str, ...] = setting(
+        ("rgb", "depth"),
+        "inputs in order: rgb depth (NYUDv2 layout) or NAME:COLUMN:KIND",
+        aliases=("-i", "--input"),
+    )
+    mask_column: int = setting(1, "list-file column of the mask")
+    depth_scale: float = setting(1 / 5000, "multiplies raw depth PNG values")
+    num_classes: int = setting(40, "classes 0..K-1 (255 = ignore)")
+    enc: int = setting(101, "ResNet depth of the encoder", choices=(50, 101, 152))
+    backbone: str | None = setting(None, "any timm BatchNorm CNN name (overrides --enc)")
+    pretrained: str | None = setting("tv_in1k", "encoder weights: timm tag, a file, or none")
+    frozen_bn: bool | None = setting(None, "keep BN statistics fixed (default: when pretrained)")
+    decoder_width: int = setting(256, "RefineNet width (the deepest level uses twice that)")
+    drop_rate: float = setting(0.5, "dropout on the two deepest levels and the classifier")
+    epochs: tuple[int, ...] = setting(
+        (100, 100, 100), "epochs per stage", aliases=("--num-epoch",)
+    )
+    lr_enc: tuple[float, ...] = setting((5e-4, 2.5e-4, 1e-4), "encoder learning rate per stage")
+    lr_dec: tuple[float, ...] = setting((3e-3, 1.5e-3, 7e-4), "decoder learning rate per stage")
+    momentum_enc: float = setting(0.9, "SGD momentum of the encoder", aliases=("--mom-enc",))
+    momentum_dec: float = setting(0.9, "SGD momentum of the decoder", aliases=("--mom-dec",))
+    weight_decay_enc: float = setting(1e-5, "encoder weight decay", aliases=("--wd-enc",))
+    weight_decay_dec: float = setting(1e-5, "decoder weight decay", aliases=("--wd-dec",))
+    lamda: float = setting(2e-4, "L1 weight on the penalised gammas, added once per head")
+    threshold: float = setting(
+        2e-2, "exchange threshold on |gamma|", aliases=("-t", "--bn-threshold")
+    )
+    crop_size: int = setting(500, "training crop side")
+    min_short_side: int = setting(350, "random scaling keeps the shorter side at least this")
+    scale_range: tuple[float, ...] = setting((0.5, 2.0), "random scale range LOW HIGH")
+    max_iters: int | None = setting(None, "cap iterations per epoch (smoke runs)")
 
     def __post_init__(self) -> None:
-        stages = len(self.num_epoch)
+        super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`CenError` (one line naming the flag) for settings that cannot run."""
+        super().validate()
+        stages = len(self.epochs)
         if not (stages == len(self.lr_enc) == len(self.lr_dec)) or stages == 0:
             raise CenError(
-                f"--num-epoch, --lr-enc and --lr-dec need one value per stage, got "
+                f"--epochs, --lr-enc and --lr-dec need one value per stage, got "
                 f"{stages}, {len(self.lr_enc)} and {len(self.lr_dec)}"
             )
-        if any(e < 0 for e in self.num_epoch):
-            raise CenError(f"--num-epoch {list(self.num_epoch)}: epochs must be >= 0")
+        if any(e < 0 for e in self.epochs):
+            raise CenError(f"--epochs {list(self.epochs)}: epochs must be >= 0")
+        for name in ("lr_enc", "lr_dec"):
+            if any(lr <= 0 for lr in getattr(self, name)):
+                raise CenError(f"--{name.replace('_', '-')} {list(getattr(self, name))}: expected > 0")
+        for name in ("lamda", "threshold", "momentum_enc", "momentum_dec", "weight_decay_enc",
+                     "weight_decay_dec", "depth_scale"):
+            if getattr(self, name) < 0:
+                raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 0")
+        if not 0 <= self.drop_rate < 1:
+            raise CenError(f"--drop-rate {self.drop_rate}: expected 0 <= p < 1")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise CenError(f"--modalities {list(self.modalities)}: expected distinct names")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise CenError(f"scale_range {list(self.scale_range)}: expected 0 < low <= high")
-        for name in ("batch_size", "crop_size", "val_every", "num_classes"):
+            raise CenError(f"--scale-range {list(self.scale_range)}: expected 0 < LOW <= HIGH")
+        if self.crop_size < MIN_CROP:
+            raise CenError(
+                f"--crop-size {self.crop_size}: expected at least {MIN_CROP} (the encoder's stride)"
+            )
+        for name in ("num_classes", "decoder_width", "min_short_side"):
             if getattr(self, name) < 1:
-                raise CenError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.workers < 0:
-            raise CenError("--workers must be >= 0")
+                raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
+        if self.max_iters is not None and self.max_iters < 1:
+            raise CenError(f"--max-iters {self.max_iters}: expected >= 1")
 
     @property
     def num_modalities(self) -> int:
@@ -102,10 +128,11 @@ SYNTHETIC = replace(
     pretrained=None,
     decoder_width=64,
     drop_rate=0.1,
-    num_epoch=(8, 2),
+    epochs=(8, 2),
     lr_enc=(5e-3, 1e-3),
     lr_dec=(5e-3, 1e-3),
-    weight_decay=1e-4,
+    weight_decay_enc=1e-4,
+    weight_decay_dec=1e-4,
     lamda=0.1,
     batch_size=8,
     crop_size=80,

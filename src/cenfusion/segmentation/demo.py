@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cenfusion.engine.run import log
+from cenfusion.engine.run import RunLog, log
 from cenfusion.errors import CenError
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.train import Scores, train
@@ -23,14 +23,15 @@ RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def run_demo(base: SegmentationConfig = SYNTHETIC) -> dict[str, Scores]:
     """Train the three models of the comparison; returns their best validation scores."""
     results: dict[str, Scores] = {}
-    for name, modalities in RUNS:
-        cfg = replace(base, exp=f"demo-{name}", modalities=modalities)
-        log(f"=== {name}: {' + '.join(modalities)} ===")
-        progress = train(cfg)
-        if progress.best_scores is None:
-            raise CenError(f"demo {name}: no epoch was trained (--num-epoch {list(cfg.num_epoch)})")
-        results[name] = progress.best_scores
-    log(demo_table(results))
+    with RunLog():
+        for name, modalities in RUNS:
+            cfg = replace(base, exp=f"demo-{name}", modalities=modalities)
+            log.info(f"=== {name}: {' + '.join(modalities)} ===")
+            best = train(cfg, force=True)
+            if best.metrics is None:
+                raise CenError(f"demo {name}: no epoch was trained (--epochs {list(cfg.epochs)})")
+            results[name] = best.metrics
+        log.info(demo_table(results))
     return results
 
 

@@ -21,24 +21,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cenfusion.engine.distributed import resolve_device
 from cenfusion.engine.run import append_metrics, log
-from cenfusion.errors import CenError
-from cenfusion.fusion import split_modalities
+from cenfusion.errors import CenError, ForeignCheckpointError
+from cenfusion.engine.trainer import Precision
+from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
 from cenfusion.segmentation.config import SegmentationConfig
-from cenfusion.segmentation.predict import is_foreign_checkpoint, load_segmenter, resize_input
-from cenfusion.segmentation.train import (
-    Scores,
-    build_dataset,
-    check_model_fits,
-    config_for,
-    evaluate,
-)
+from cenfusion.segmentation.predict import load_segmenter, resize_input
+from cenfusion.segmentation.build import build_dataset, check_model_fits, config_for
+from cenfusion.segmentation.train import Scores, evaluate
 
 #: The scales of the multi-scale protocol of the modern RGB-D papers.
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -101,7 +98,7 @@ class TestTimeAugmentation(nn.Module):
     """Multi-scale (and flip) inference around a CEN segmenter.
 
     ``forward(inputs)``: ``M`` tensors ``(B, 3, H, W)`` (or the stacked ``(M*B, 3, H, W)``);
-    returns ``M + 1`` tensors ``(B, K, H, W)``, one per head (modalities, then the ensemble):
+    returns ``(M + 1, B, K, H, W)``, one map per head (modalities, then the ensemble):
     the softmax probabilities averaged over every scale (and its mirror), at the input size,
     which in validation is the label size. ``kinds`` says how each modality is resized
     (``depth`` nearest neighbour, photographs bilinear).
@@ -122,9 +119,9 @@ class TestTimeAugmentation(nn.Module):
         self.scales = tuple(scales)
         self.flip = flip
 
-    def forward(self, inputs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
         if isinstance(inputs, Tensor):
-            inputs = list(split_modalities(inputs, len(self.kinds)).unbind(0))
+            inputs = list(split_modalities(stack_modalities(inputs), len(self.kinds)).unbind(0))
         if len(inputs) != len(self.kinds):
             raise ValueError(f"expected {len(self.kinds)} modalities, got {len(inputs)}")
         height, width = inputs[0].shape[-2:]
@@ -143,7 +140,7 @@ class TestTimeAugmentation(nn.Module):
                     probs.append((up.flip(-1) if mirrored else up).softmax(dim=1))
                 total = probs if total is None else [t + p for t, p in zip(total, probs)]
                 passes += 1
-        return [t / passes for t in total]
+        return torch.stack(total) / passes
 
 
 def evaluate_protocols(
@@ -158,6 +155,7 @@ def evaluate_protocols(
     match ``cfg``'s. Single process, batch 1 (validation images keep their own sizes).
     """
     device = resolve_device(cfg.device, cfg.gpu)
+    precision = Precision(cfg.amp, device)
     model = load_segmenter(checkpoint, official).model
     check_model_fits(model, cfg, str(checkpoint))
     model.to(device)
@@ -173,7 +171,7 @@ def evaluate_protocols(
             if protocol.single_pass
             else TestTimeAugmentation(model, kinds, protocol.scales, protocol.flip)
         )
-        results[protocol.label] = evaluate(net, loader, cfg, device)
+        results[protocol.label] = evaluate(net, loader, cfg, device, precision)
     return results
 
 
@@ -200,9 +198,7 @@ def eval_config(
     saves none, so the preset (``nyudv2`` with ``--data``) is the base then."""
     try:
         return config_for(preset, yaml_path, overrides, checkpoint)
-    except CenError as err:
-        if not checkpoint.is_file() or not is_foreign_checkpoint(err):
-            raise
+    except ForeignCheckpointError:
         return config_for(preset, yaml_path, overrides, None)
 
 
@@ -218,7 +214,7 @@ def run_evaluation(
     results = evaluate_protocols(cfg, checkpoint, protocols, official)
     for protocol in protocols:
         scores = results[protocol.label]
-        log(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
+        log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
     if save:
         run_dir = cfg.runs / cfg.exp
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.distributed import resolve_device
-from cenfusion.errors import CenError
+from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.segmentation.modelio import TASK, model_from_record
@@ -47,15 +47,6 @@ from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_lab
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 #: Weight of the prediction colours in ``_overlay.png`` (the RGB input gets the rest).
 OVERLAY_ALPHA = 0.5
-#: Messages of :func:`load_checkpoint` that mean "some other file": try the released format.
-_FOREIGN = ("not a cenfusion checkpoint", "not a readable checkpoint")
-
-
-def is_foreign_checkpoint(err: CenError) -> bool:
-    """Whether ``load_checkpoint`` refused a file as not ours (it may be a released one)."""
-    return any(m in str(err) for m in _FOREIGN)
-
-
 @dataclass(frozen=True)
 class Modality:
     """One input of the network: its name (used in file names) and how to decode it."""
@@ -107,8 +98,8 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
         return LoadedModel(load_official_checkpoint(path), None, True)
     try:
         state = load_checkpoint(path, task=TASK)
-    except CenError as ours:
-        if official is not None or not path.is_file() or not is_foreign_checkpoint(ours):
+    except ForeignCheckpointError:
+        if official is not None:
             raise
         try:
             return LoadedModel(load_official_checkpoint(path), None, True)

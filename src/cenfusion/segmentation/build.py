@@ -1,0 +1,108 @@
+"""What a segmentation run is made of: its config (preset, YAML, flags), model and data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
+from cenfusion.data.synthetic import ensure_synthetic
+from cenfusion.data.transforms import train_transform, val_transform
+from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
+from cenfusion.errors import CenError
+from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
+from cenfusion.segmentation.config import PRESETS, SegmentationConfig
+from cenfusion.segmentation.modelio import TASK
+
+
+def config_for(
+    preset: str | None,
+    yaml_path: Path | None,
+    overrides: dict[str, Any],
+    resume: Path | None = None,
+) -> SegmentationConfig:
+    """The run's config: a base, then a YAML file, then flags (``None`` = not given).
+
+    The base is the config saved in the ``resume`` checkpoint when it has one, else the
+    preset (default: ``synthetic`` without ``--data``, ``nyudv2`` with it).
+    """
+    base: SegmentationConfig | None = None
+    if resume is not None and preset is None:
+        saved = load_checkpoint(resume, task=TASK).get("config")
+        if saved is not None:
+            base = config_from_dict(SegmentationConfig, saved, str(resume))
+    if base is None:
+        name = preset or ("nyudv2" if overrides.get("data") is not None else "synthetic")
+        if name not in PRESETS:
+            raise CenError(f"--preset {name}: expected one of {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    if yaml_path is not None:
+        base = replace_config(base, load_yaml(yaml_path), f"--config {yaml_path}")
+    return replace_config(base, overrides)
+
+
+def build_model(cfg: SegmentationConfig) -> CENRefineNet:
+    return create_cen_refinenet(
+        depth=cfg.enc,
+        backbone=cfg.backbone,
+        num_classes=cfg.num_classes,
+        num_modalities=cfg.num_modalities,
+        bn_threshold=cfg.threshold,
+        pretrained=cfg.pretrained_weights,
+        frozen_bn=cfg.uses_frozen_bn,
+        drop_rate=cfg.drop_rate,
+        decoder_width=cfg.decoder_width,
+    )
+
+
+def data_root(cfg: SegmentationConfig) -> Path:
+    return cfg.data if cfg.data is not None else ensure_synthetic()
+
+
+def modality_specs(cfg: SegmentationConfig) -> tuple[ModalitySpec, ...]:
+    """Modalities of the list files: NYUDv2 names (``rgb``, ``depth``) or ``NAME:COLUMN:KIND``.
+
+    ``KIND`` is ``rgb`` (8-bit colour), ``depth`` (8/16-bit, times ``depth_scale``) or ``gray``
+    (8/16-bit single channel, scaled to 0..255), e.g. ``rgb:0:rgb hha:3:rgb depth:2:depth``.
+    """
+    if not any(":" in m for m in cfg.modalities):
+        return nyudv2_modalities(cfg.modalities, cfg.depth_scale)
+    specs = []
+    for entry in cfg.modalities:
+        parts = entry.split(":")
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise CenError(f"--modalities {entry}: expected NAME:COLUMN:KIND, e.g. depth:2:depth")
+        specs.append(ModalitySpec(parts[0], int(parts[1]), parts[2], cfg.depth_scale))
+    return tuple(specs)
+
+
+def build_dataset(cfg: SegmentationConfig, train: bool) -> ListFileDataset:
+    """The training split (augmented) or the validation split (full size, only normalised)."""
+    if train:
+        transform = train_transform(
+            cfg.crop_size, cfg.min_short_side, tuple(cfg.scale_range), cfg.depth_scale
+        )
+    else:
+        transform = val_transform()
+    return ListFileDataset(
+        data_root(cfg),
+        cfg.train_list if train else cfg.val_list,
+        modality_specs(cfg),
+        cfg.mask_column,
+        cfg.num_classes,
+        transform,
+    )
+
+
+def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:
+    """Refuse a checkpoint whose modality or class count differs from the data's."""
+    if model.config.num_modalities != cfg.num_modalities:
+        raise CenError(
+            f"{where}: model has {model.config.num_modalities} modalities, "
+            f"--modalities gives {cfg.num_modalities} ({', '.join(cfg.modalities)})"
+        )
+    if model.config.num_classes != cfg.num_classes:
+        raise CenError(
+            f"{where}: model has {model.config.num_classes} classes, the data has {cfg.num_classes}"
+        )

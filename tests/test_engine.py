@@ -1,0 +1,130 @@
+"""The engine's contracts: settings defined once as flags, the run folder rules."""
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+from cenfusion.cli import build_parser
+from cenfusion.engine.config import flag_name, given_flags
+from cenfusion.engine.run import LAST, RunFolder
+from cenfusion.errors import CenError
+from cenfusion.segmentation.config import SegmentationConfig
+from cenfusion.translation.config import TranslationConfig
+
+COMMANDS = {SegmentationConfig: ["seg", "train"], TranslationConfig: ["i2i", "train"]}
+
+
+def _example(cls: type, field: dataclasses.Field) -> tuple[list[str], object]:
+    """Command-line words that set ``field`` to a value other than its default, and the value."""
+    hint = typing.get_type_hints(cls)[field.name]
+    optional = type(None) in typing.get_args(hint)
+    kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    default = field.default
+    if kind is bool:
+        value = not bool(default)
+        return [flag_name(field.name) if value else "--no-" + field.name.replace("_", "-")], value
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        value = [item(3), item(4)] if item is not str else ["a", "b"]
+        return [flag_name(field.name), *map(str, value)], value
+    choices = field.metadata.get("choices")
+    if choices:
+        value = next(c for c in choices if c != default)
+    elif kind is Path:
+        value = Path("somewhere")
+    elif kind is str:
+        value = "something"
+    else:
+        value = kind(7) if default != 7 else kind(8)
+    return [flag_name(field.name), str(value)], value
+
+
+@pytest.mark.parametrize("cls", [SegmentationConfig, TranslationConfig])
+def test_every_field_is_a_flag(cls: type) -> None:
+    parser = build_parser()
+    for field in dataclasses.fields(cls):
+        words, value = _example(cls, field)
+        args = parser.parse_args([*COMMANDS[cls], *words])
+        assert given_flags(cls, args) == {field.name: value}, field.name
+
+
+SEG_ALIASES = {
+    "--gpu 0 1": ("gpu", [0, 1]),
+    "-c run1": ("exp", "run1"),
+    "--ckpt run1": ("exp", "run1"),
+    "-i rgb depth": ("modalities", ["rgb", "depth"]),
+    "--input rgb": ("modalities", ["rgb"]),
+    "--enc 152": ("enc", 152),
+    "--num-epoch 10 20": ("epochs", [10, 20]),
+    "--lr-enc 0.1": ("lr_enc", [0.1]),
+    "--lr-dec 0.2": ("lr_dec", [0.2]),
+    "--mom-enc 0.5": ("momentum_enc", 0.5),
+    "--mom-dec 0.6": ("momentum_dec", 0.6),
+    "--wd-enc 0.01": ("weight_decay_enc", 0.01),
+    "--wd-dec 0.02": ("weight_decay_dec", 0.02),
+    "--lamda 0.3": ("lamda", 0.3),
+    "-t 0.05": ("threshold", 0.05),
+    "--bn-threshold 0.05": ("threshold", 0.05),
+    "--val-every 2": ("val_every", 2),
+    "--batch-size 3": ("batch_size", 3),
+    "--crop-size 64": ("crop_size", 64),
+    "--num-classes 13": ("num_classes", 13),
+    "--random-seed 5": ("seed", 5),
+}
+I2I_ALIASES = {
+    "--gpu 1": ("gpu", [1]),
+    "-c run2": ("exp", "run2"),
+    "-i 3 1 0": ("img_types", [3, 1, 0]),
+    "--img-types 3 1 0": ("img_types", [3, 1, 0]),
+    "--num-epochs 7": ("epochs", 7),
+    "--val-every 3": ("val_every", 3),
+    "--lrG 0.1": ("lr_g", 0.1),
+    "--lrD 0.2": ("lr_d", 0.2),
+    "--beta1 0.3": ("beta1", 0.3),
+    "--beta2 0.4": ("beta2", 0.4),
+    "--gama 10": ("l1_weight", 10.0),
+    "-l 0.01": ("lamda", 0.01),
+    "--lamda 0.01": ("lamda", 0.01),
+    "-t 0.02": ("threshold", 0.02),
+    "--insnorm-threshold 0.02": ("threshold", 0.02),
+    "--ngf 8": ("ngf", 8),
+    "--ndf 8": ("ndf", 8),
+    "--input-size 300": ("load_size", 300),
+    "--crop-size 128": ("crop_size", 128),
+    "--batch-size 4": ("batch_size", 4),
+}
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "line", "expected"),
+    [(["seg", "train"], SegmentationConfig, k, v) for k, v in SEG_ALIASES.items()]
+    + [(["i2i", "train"], TranslationConfig, k, v) for k, v in I2I_ALIASES.items()],
+)
+def test_released_flag_spellings(command, cls, line, expected) -> None:
+    args = build_parser().parse_args([*command, *line.split()])
+    name, value = expected
+    assert given_flags(cls, args) == {name: value}
+
+
+@pytest.mark.parametrize("command", [["seg", "train"], ["i2i", "train"]])
+def test_resume_alone_means_the_runs_own_last_checkpoint(command) -> None:
+    parser = build_parser()
+    assert parser.parse_args([*command, "--resume"]).resume == Path(LAST)
+    assert parser.parse_args([*command, "--resume", "x.pth"]).resume == Path("x.pth")
+
+
+def test_run_folder_is_continued_or_replaced_only_when_asked(tmp_path: Path) -> None:
+    run = tmp_path / "exp"
+    RunFolder.open(run, resuming=False, force=False)
+    (run / LAST).write_bytes(b"weights")
+    (run / ".last.pth.tmp123").write_bytes(b"half a write")
+    with pytest.raises(CenError, match="already holds a run"):
+        RunFolder.open(run, resuming=False, force=False)
+    RunFolder.open(run, resuming=True, force=False)
+    assert (run / LAST).is_file() and not (run / ".last.pth.tmp123").exists()
+    RunFolder.open(run, resuming=False, force=True)
+    assert not (run / LAST).exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("exp.old-")]
+    assert len(aside) == 1 and (aside[0] / LAST).read_bytes() == b"weights"
