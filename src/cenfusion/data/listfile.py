@@ -36,8 +36,8 @@ NYUDV2_DEPTH_SCALE = 1 / 5000
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
 
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
-_SINGLE_CHANNEL_MODES = ("L", *_HIGH_BIT_MODES)
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+SINGLE_CHANNEL_MODES = ("L", *HIGH_BIT_MODES)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _single_channel(image: Image.Image, path: Path, what: str) -> np.ndarray:
     Some tools store depth or grey images as RGB with three equal channels; those are read as
     their first channel rather than rejected, any other colour image is an error.
     """
-    if image.mode in _SINGLE_CHANNEL_MODES:
+    if image.mode in SINGLE_CHANNEL_MODES:
         return np.asarray(image)
     if image.mode == "RGB":
         values = np.asarray(image)
@@ -113,15 +113,15 @@ def decode_image(path: Path, kind: str, depth_scale: float = NYUDV2_DEPTH_SCALE)
       (a colour image is converted to its luma first).
     """
     image = _open_image(path)
-    if kind == "rgb" and image.mode not in _HIGH_BIT_MODES:
+    if kind == "rgb" and image.mode not in HIGH_BIT_MODES:
         array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
     else:
-        if kind == "gray" and image.mode not in _SINGLE_CHANNEL_MODES:
+        if kind == "gray" and image.mode not in SINGLE_CHANNEL_MODES:
             image = image.convert("L")
         values = _single_channel(image, path, kind).astype(np.float32)
         if kind == "depth":
             values *= np.float32(depth_scale)
-        elif image.mode in _HIGH_BIT_MODES:
+        elif image.mode in HIGH_BIT_MODES:
             values *= np.float32(255 / 65535)
         array = np.broadcast_to(values, (3, *values.shape))
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -135,7 +135,7 @@ def decode_mask(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).astype(np.int64))
 
 
-def _split_line(line: str) -> list[str]:
+def split_line(line: str) -> list[str]:
     """Columns of one list-file line: tab-separated (whitespace accepted when there is no tab)."""
     return line.split("\t") if "\t" in line else line.split()
 
@@ -198,7 +198,7 @@ class ListFileDataset(Dataset):
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            columns = _split_line(line.strip())
+            columns = split_line(line.strip())
             where = f"{self.list_path}:{number}"
             if width is None and len(columns) < needed:
                 raise CenError(
