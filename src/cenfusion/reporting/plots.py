@@ -52,27 +52,22 @@ LABEL_METRICS = {
 }
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend, imported on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figure(width_px: int, height_px: int, **subplots: Any) -> tuple[Any, Any]:
-    plt = _pyplot()
-    return plt.subplots(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, **subplots)
+    """A matplotlib Figure of exactly ``width_px x height_px`` and its axes.
+
+    Figures are made without pyplot, so no global backend or figure registry is touched;
+    ``savefig`` renders with Agg. matplotlib is imported here, on first use.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
+    return fig, fig.subplots(**subplots)
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Save at the figure's exact pixel size (no tight bounding box) and close it."""
-    plt = _pyplot()
+    """Save at the figure's exact pixel size (no tight bounding box)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
     return path
 
 
