@@ -42,6 +42,7 @@ import scipy.io
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cenfusion.data.class_names import NYU40_CLASSES
 from cenfusion.data.download import download, one_line
 from cenfusion.data.staging import staging
 from cenfusion.errors import CenError
@@ -52,16 +53,6 @@ CLASS_MAPPING = "classMapping40.mat"
 LIST_FILES = ("train.txt", "val.txt")
 IGNORE = 255
 
-# The 40 names as ``className`` in classMapping40.mat spells them; written to classes.txt when
-# a released preprocessed folder comes without one.
-NYU40_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
-    "bookshelf", "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser",
-    "pillow", "mirror", "floor mat", "clothes", "ceiling", "books", "refridgerator",
-    "television", "paper", "towel", "shower curtain", "box", "whiteboard", "person",
-    "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
-    "otherfurniture", "otherprop",
-)  # fmt: skip
 
 _MAT_ERRORS = (
     scipy.io.matlab.MatReadError,

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cenfusion.data.class_names import SUN37_CLASSES
 from cenfusion.data.download import download, one_line
 from cenfusion.data.nyudv2 import (
     IGNORE,
@@ -52,13 +53,6 @@ from cenfusion.data.nyudv2 import (
 )
 from cenfusion.errors import CenError
 
-SUN37_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
-    "bookshelf", "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser",
-    "pillow", "mirror", "floor_mat", "clothes", "ceiling", "books", "fridge", "tv", "paper",
-    "towel", "shower_curtain", "box", "whiteboard", "person", "night_stand", "toilet", "sink",
-    "lamp", "bathtub", "bag",
-)  # fmt: skip
 DATA_TREE = "SUNRGBD"
 TOOLBOX_TREE = "SUNRGBDtoolbox"
 META = ("Metadata", "SUNRGBDMeta.mat")
