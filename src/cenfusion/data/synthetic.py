@@ -151,8 +151,9 @@ SIGN_COLOURS = {
 SIGN_BANDS = {"near": (1.2, 1.7), "far": (2.3, 2.8)}
 #: Signs stay above this height (the tallest floor object is 0.9 m), in metres.
 _SIGN_MIN_HEIGHT = 1.0
-#: Per face axis of a box (x, y, z face): which local axes span the face as (u, v).
+#: The 8 corners of a box in half-extent units, ``(8, 3)``.
 _CORNER_SIGNS = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+#: Per face axis of a box (x, y, z face): which local axes span the face as (u, v).
 _U_AXIS = np.array([2, 0, 0])
 _V_AXIS = np.array([1, 2, 1])
 
