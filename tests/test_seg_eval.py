@@ -70,7 +70,7 @@ def test_probability_path_keeps_the_argmax(setup) -> None:
         probs = tta(inputs)
         logits = model(inputs)
     for p, h in zip(probs, logits):
-        assert p.shape == (1, 8, 48, 64)
+        assert p.shape == (1, cfg.num_classes, 48, 64)
         torch.testing.assert_close(p.sum(1), torch.ones(1, 48, 64))
         up = nn.functional.interpolate(h, size=(48, 64), mode="bilinear", align_corners=False)
         assert (p.argmax(1) == up.argmax(1)).float().mean() > 0.999
@@ -163,13 +163,13 @@ def test_cli_prints_both_tables_and_appends_json_lines(setup, tmp_path, capsys) 
 def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     cfg, _, _ = setup
     torch.manual_seed(0)
-    model = create_cen_refinenet(depth=50, num_classes=8).eval()
+    model = create_cen_refinenet(depth=50, num_classes=cfg.num_classes).eval()
     released = tmp_path / "cen.pth.tar"
     torch.save({"segmenter": to_official_state_dict(model)}, released)
-    overrides = {"data": cfg.data, "num_classes": 8, "workers": 0, "device": "cpu"}
+    overrides = {"data": cfg.data, "num_classes": cfg.num_classes, "workers": 0, "device": "cpu"}
     released_cfg = eval_config("synthetic", None, overrides, released)
     val = build_dataset(released_cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(released_cfg, released), expected)
-    with pytest.raises(CenError, match="model has 8 classes, the data has 40"):
+    with pytest.raises(CenError, match=f"model has {cfg.num_classes} classes, the data has 40"):
         evaluate_checkpoint(replace(released_cfg, num_classes=40), released)

@@ -20,16 +20,23 @@ from cenfusion.data.synthetic import (
     CRATE,
     FLOOR,
     IGNORE_INDEX,
+    INTERACTION_CLASSES,
     PALETTE,
     POSTER,
     RUG,
+    SIGN_A,
+    SIGN_B,
+    SIGN_BANDS,
+    SIGN_COLOURS,
     WALL,
+    camera_rotation,
     default_data_root,
     ensure_synthetic,
     generate_segmentation_dataset,
     render,
     render_scene,
     sample_scene,
+    scale_about_camera,
 )
 from cenfusion.data.transforms import train_transform
 from cenfusion.errors import CenError
@@ -180,6 +187,127 @@ def test_appearance_only_pairs(renders: list) -> None:
     assert np.mean(chroma[RUG]) > np.mean(chroma[FLOOR]) + 0.2
 
 
+def _camera_z(box: synthetic.Box, camera: synthetic.Camera) -> float:
+    """Depth of the box centre along the optical axis (what a depth sensor measures)."""
+    return float((np.asarray(box.center) - camera.position) @ camera_rotation(camera)[:, 2])
+
+
+def _image_box(box: synthetic.Box, camera: synthetic.Camera) -> np.ndarray:
+    """Where the box appears, ``(u0, v0, u1, v1)`` in image widths from the image centre."""
+    c, s = np.cos(box.yaw), np.sin(box.yaw)
+    yaw = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    signs = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+    corners = np.asarray(box.center) + (signs * box.half) @ yaw.T
+    local = (corners - camera.position) @ camera_rotation(camera)
+    image = camera.focal * local[:, :2] / local[:, 2:]
+    return np.concatenate([image.min(0), image.max(0)])
+
+
+def _is_warm(colour: tuple[float, float, float]) -> bool:
+    """Family of the palette colour nearest to ``colour`` (what RGB shows)."""
+    distance = {
+        family: np.linalg.norm(palette - np.asarray(colour), axis=1).min()
+        for family, palette in SIGN_COLOURS.items()
+    }
+    return distance["warm"] < distance["cool"]
+
+
+def test_interaction_classes_are_the_xor_of_what_each_modality_sees() -> None:
+    """Per class, what RGB shows and what depth shows have the same distribution; jointly
+    they determine the class."""
+    assert [CLASS_NAMES[c] for c in INTERACTION_CLASSES] == ["sign-a", "sign-b"]
+    rows = []  # label, warm, near, RGB-visible: image box, pattern; depth-visible: z, size
+    for i in range(2000):
+        scene = sample_scene(np.random.default_rng([14, i]))
+        for box in scene.objects:
+            if box.label not in INTERACTION_CLASSES:
+                continue
+            z = _camera_z(box, scene.camera)
+            near = SIGN_BANDS["near"][0] <= z <= SIGN_BANDS["near"][1]
+            assert near or SIGN_BANDS["far"][0] <= z <= SIGN_BANDS["far"][1]
+            image = _image_box(box, scene.camera)
+            rows.append(
+                (
+                    box.label,
+                    _is_warm(box.appearance.base),
+                    near,
+                    *image[:2],
+                    *(image[2:] - image[:2]),
+                    *box.appearance.base,
+                    box.appearance.pattern == "frame",
+                    z,
+                    box.half[0],
+                    box.half[1],
+                )
+            )
+    table = np.array(rows, dtype=np.float64)
+    label, warm, near = table[:, 0], table[:, 1] == 1, table[:, 2] == 1
+    rgb_seen, depth_seen = table[:, 3:11], table[:, 11:]
+    a, b = label == SIGN_A, label == SIGN_B
+    assert min(a.sum(), b.sum()) > 500
+    # Alone: each bit, and each modality's other features, distributed alike in both classes.
+    for bit in (warm, near):
+        assert abs(bit[a].mean() - 0.5) < 0.05 and abs(bit[b].mean() - 0.5) < 0.05
+    for seen, hidden in ((rgb_seen, near), (depth_seen, warm)):
+        for first, second in ((a, b), (hidden, ~hidden)):
+            spread = seen.std(0)
+            gap = np.abs(seen[first].mean(0) - seen[second].mean(0)) / spread
+            assert (gap < 0.15).all(), gap
+    # Jointly: the XOR, without exception.
+    assert np.array_equal(a, warm == near)
+
+
+def test_swapping_one_bit_of_a_sign_changes_its_class_and_one_modality_only() -> None:
+    """Moving a sign to the other distance band leaves the photo unchanged; giving it a colour
+    of the other family leaves the depth unchanged; both flip the class."""
+    checked = 0
+    for i in range(40):
+        rng = np.random.default_rng([15, i])
+        scene = sample_scene(rng, aspect=SIZE[1] / SIZE[0])
+        signs = [k for k, box in enumerate(scene.objects) if box.label in INTERACTION_CLASSES]
+        if not signs:
+            continue
+        k = signs[0]
+        sign = scene.objects[k]
+        other_label = SIGN_B if sign.label == SIGN_A else SIGN_A
+        z = _camera_z(sign, scene.camera)
+        other_z = float(np.mean(SIGN_BANDS["far" if z < SIGN_BANDS["far"][0] else "near"]))
+        moved = dataclasses.replace(
+            scale_about_camera(sign, scene.camera, other_z / z), label=other_label
+        )
+        colour = SIGN_COLOURS["cool" if _is_warm(sign.appearance.base) else "warm"][i % 4]
+        paint = dataclasses.replace(
+            sign.appearance, base=tuple(colour), second=tuple(colour * 0.45)
+        )
+        recoloured = dataclasses.replace(sign, label=other_label, appearance=paint)
+        views = {}
+        for name, box in (("original", sign), ("moved", moved), ("recoloured", recoloured)):
+            objects = scene.objects[:k] + (box,) + scene.objects[k + 1 :]
+            views[name] = render(
+                dataclasses.replace(scene, objects=objects), SIZE, np.random.default_rng(i)
+            )
+        original, moved_view, recoloured_view = (
+            views["original"],
+            views["moved"],
+            views["recoloured"],
+        )
+        pixels = original["instance"] == k + 1
+        assert pixels.sum() > 20
+        for view in (moved_view, recoloured_view):
+            assert np.array_equal(view["instance"], original["instance"])
+            assert (view["label"][pixels] == other_label).all()
+            assert np.array_equal(view["label"][~pixels], original["label"][~pixels])
+        rgb_change = np.abs(moved_view["rgb"].astype(int) - original["rgb"]).max(-1)
+        assert (rgb_change > 1).mean() < 0.002
+        ratio = moved_view["depth"][pixels] / original["depth"][pixels]
+        assert np.abs(np.log(ratio) - np.log(other_z / z)).max() < 0.05
+        assert np.array_equal(recoloured_view["depth_mm"], original["depth_mm"])
+        colour_change = np.abs(recoloured_view["rgb"].astype(int) - original["rgb"]).max(-1)
+        assert colour_change[pixels].mean() > 30
+        checked += 1
+    assert checked > 25
+
+
 def test_generated_layout_loads_and_is_deterministic(tmp_path: Path) -> None:
     out = generate_segmentation_dataset(tmp_path / "set", num_train=4, num_val=2, size=(48, 64))
     assert sorted(p.name for p in out.iterdir()) == [
@@ -250,7 +378,7 @@ def test_refuses_non_empty_folder_and_bad_counts(tmp_path: Path) -> None:
 
 def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CEN_CACHE", str(tmp_path / "cache"))
-    assert default_data_root() == tmp_path / "cache" / "synthetic-v1"
+    assert default_data_root() == tmp_path / "cache" / "synthetic-v2"
     root = ensure_synthetic(num_train=2, num_val=1, size=(32, 32))
     assert root == default_data_root() and (root / "train.txt").is_file()
 
@@ -263,4 +391,4 @@ def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.Mon
         ensure_synthetic(num_train=3, num_val=1, size=(32, 32))
     assert "\n" not in str(excinfo.value) and str(root) in str(excinfo.value)
     monkeypatch.delenv("CEN_CACHE")
-    assert default_data_root() == Path.home() / ".cache" / "cenfusion" / "synthetic-v1"
+    assert default_data_root() == Path.home() / ".cache" / "cenfusion" / "synthetic-v2"

@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 
 from cenfusion import CenError
-from cenfusion.data.synthetic import render, sample_scene
+from cenfusion.data.synthetic import (
+    BLOCK,
+    CRATE,
+    HEADLIGHT,
+    IGNORE_INDEX,
+    INTERACTION_CLASSES,
+    predictable_scene,
+    render,
+    sample_scene,
+)
 from cenfusion.data.taskonomy import (
     DOMAINS,
     SYNTHETIC_DOMAINS,
@@ -26,6 +35,7 @@ from cenfusion.data.taskonomy import (
     read_domain,
     read_split_file,
     resolve_domain,
+    taskonomy_domains,
     write_split_file,
 )
 
@@ -128,7 +138,7 @@ def test_synthetic_set_uses_the_real_encodings(synthetic_root: Path) -> None:
         "segment_unsup2d": "L",
     }
     rng = np.random.default_rng([3, 1])
-    scene = sample_scene(rng, aspect=1.0)
+    scene = predictable_scene(sample_scene(rng, aspect=1.0))
     arrays = render(scene, (48, 48), rng)
 
     def png(domain: str) -> np.ndarray:
@@ -148,6 +158,36 @@ def test_synthetic_set_uses_the_real_encodings(synthetic_root: Path) -> None:
     for domain in SYNTHETIC_DOMAINS:
         image = read_domain(synthetic_root / domain_file(domain, (1, 0)), domain)
         assert image.shape == (3, 48, 48) and image.min() >= -1 and image.max() <= 1
+
+
+def test_synthetic_photo_follows_from_shading_and_edges() -> None:
+    """Translation scenes: colour is a function of what reshading and edge_texture show."""
+    paint: dict[tuple, set] = {}
+    for i in range(300):
+        scene = predictable_scene(sample_scene(np.random.default_rng([4, i]), aspect=1.0))
+        room = [(0, scene.walls), (1, scene.floor), (2, scene.ceiling)]
+        surfaces = [((label, paint.pattern), paint) for label, paint in room]
+        for box in scene.objects:
+            if box.label in (CRATE, BLOCK, IGNORE_INDEX):  # slats or plain, tall or wide
+                seen = ("tall" if box.half[1] > max(box.half[0], box.half[2]) else "wide",)
+            else:  # flat pattern on a panel or box face
+                seen = (box.appearance.pattern,)
+            # Signs differ only by colour family and distance: neither input shows either.
+            kind = "sign" if box.label in INTERACTION_CLASSES else box.label
+            surfaces.append(((kind, *seen), box.appearance))
+        for key, appearance in surfaces:
+            assert appearance.grain == 0 and not appearance.emissive
+            paint.setdefault(key, set()).add((appearance.base, appearance.second))
+    assert all(len(colours) == 1 for colours in paint.values()), paint
+    assert len({colours.pop() for colours in paint.values()}) >= 15
+    assert len(paint) >= 20  # every class, pattern and silhouette occurs
+
+    rng = np.random.default_rng([4, 0])
+    scene = predictable_scene(sample_scene(rng, aspect=1.0))
+    arrays = render(scene, (64, 64), rng)
+    reshading = taskonomy_domains(arrays, scene.camera.focal * 64)["reshading"] / 255.0
+    ambient, strength = HEADLIGHT
+    assert np.abs(arrays["shading"] - (ambient + strength * reshading)).max() < strength / 255
 
 
 def test_dataset_samples_and_shared_augmentation(tmp_path: Path) -> None:

@@ -1,23 +1,26 @@
 """The embedded default data set: synthetic indoor RGB-D scenes where fusion matters.
 
 Each image shows a box-shaped room seen by a tilted pinhole camera, with objects hung on the
-back wall, lying on the floor and standing on it. The classes are designed so that neither
-modality alone can label every pixel:
+back wall, lying on the floor, standing on it, and signs floating in the air. The classes are
+designed so that neither modality alone can label every pixel, and so that two of them need
+the modalities combined *inside* the network:
 
-==  =========  ====================================  ==============================  ========
-id  class      geometry                              appearance                      needs
-==  =========  ====================================  ==============================  ========
-0   wall       vertical room planes                  pale, nearly grey, plain        either
-1   floor      horizontal plane, height 0            wood or grey, plain or planks   either
-2   ceiling    horizontal plane, 2.5-3 m up          near white                      either
-3   poster     1 mm panel flat on the back wall      *decor* (see below)             RGB
-4   cabinet    box hung on the back wall, 20-45 cm   *decor*, same draw as poster    depth
+==  =========  =====================================  ===============================  ===========
+id  class      geometry                               appearance                       needs
+==  =========  =====================================  ===============================  ===========
+0   wall       vertical room planes                   pale, nearly grey, plain         either
+1   floor      horizontal plane, height 0             wood or grey, plain or planks    either
+2   ceiling    horizontal plane, 2.5-3 m up           near white                       either
+3   poster     1 mm panel flat on the back wall       *decor* (see below)              RGB
+4   cabinet    box hung on the back wall, 20-45 cm    *decor*, same draw as poster     depth
                deep, placed and sized like posters
-5   rug        1 mm panel flat on the floor          *decor*                         RGB
-6   crate      box standing on the floor             palette colour, dark slats      RGB
-7   block      same size and placement as crate      palette colour, plain           RGB
-255 (ignore)   small clutter boxes on the floor      any                             --
-==  =========  ====================================  ==============================  ========
+5   rug        1 mm panel flat on the floor           *decor*                          RGB
+6   crate      box standing on the floor              palette colour, dark slats       RGB
+7   block      same size and placement as crate       palette colour, plain            RGB
+8   sign-a     *sign*, near if warm, far if cool      self-lit, warm or cool colour    RGB x depth
+9   sign-b     *sign*, far if warm, near if cool      self-lit, same draw as sign-a    RGB x depth
+255 (ignore)   small clutter boxes on the floor       any                              --
+==  =========  =====================================  ===============================  ===========
 
 *decor*: a colour from the shared :data:`_DECOR_COLOURS` palette (jittered per instance),
 plain or with a checker, dot or frame pattern in a second palette colour.
@@ -31,6 +34,26 @@ Pairs told apart by one modality only:
   distribution, slats versus plain).
 - both: e.g. cabinet / wall, rug / poster, crate / cabinet.
 
+A late fusion of per-modality predictions solves all of these. The *interaction* pair
+:data:`INTERACTION_CLASSES` (sign-a / sign-b) it cannot solve: a sign is a thin upright panel
+floating 1.2 to 2.8 m in front of the camera, facing it, and it carries two independent fair
+coin flips, its colour family (:data:`SIGN_COLOURS`: warm or cool, seen by RGB only) and its
+distance band (:data:`SIGN_BANDS`: near or far, seen by depth only). The class is their XOR:
+sign-a when warm and near or cool and far, sign-b otherwise. Each bit alone is independent of
+the class, so a model of either modality, and any combination of such models' per-pixel
+outputs, is at chance between the two; the pair of bits determines the class. Two
+construction rules keep each bit out of the other modality:
+
+- RGB cannot see the distance: a sign is drawn at 1 m (image position, apparent size, yaw
+  facing the camera, pattern) and then scaled about the camera centre to its distance, which
+  leaves its projection unchanged; pattern and grain scale with it, and signs are self-lit
+  (:attr:`Appearance.emissive`: constant radiance, no dependence on the lights' positions).
+  Placements are accepted only if they fit the room at *both* ends of the distance range
+  (above the floor objects, below the ceiling, inside the walls, in front of the back-wall
+  objects, clear of other signs in the image), so no other object hides one band more than
+  the other. Swapping a sign's band leaves the photo unchanged up to rounding.
+- Depth cannot see the colour: geometry is drawn independently of the colour family.
+
 Colours are drawn per instance from palettes shared across classes, so RGB cannot separate a
 geometry pair by colour; depth cannot separate an appearance pair because their shapes come
 from the same distribution. Depth carries Kinect-like noise (sigma grows with distance
@@ -40,15 +63,17 @@ Lambertian shading from a directional and a point light, vignetting and sensor n
 The generator is split as scene description (:func:`sample_scene`) -> per-pixel rendering
 (:func:`render`: depth, normals, labels, instances, albedo, shading, RGB, sensor depth) ->
 writers (:func:`generate_segmentation_dataset`), so other domains (normals, shading, edges)
-can be written from the same scenes. Everything is vectorised numpy; the default set
-(200 + 50 images of 120x160) takes a few seconds on one core.
+can be written from the same scenes. :func:`predictable_scene` repaints a scene for
+translation, where every colour must follow from what shading and edges show. Everything is
+vectorised numpy; the default set (200 + 50 images of 120x160) takes a few seconds on one
+core.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +83,21 @@ from scipy.ndimage import zoom
 from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.errors import CenError
 
-CLASS_NAMES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug", "crate", "block")
-WALL, FLOOR, CEILING, POSTER, CABINET, RUG, CRATE, BLOCK = range(len(CLASS_NAMES))
+CLASS_NAMES = (
+    "wall",
+    "floor",
+    "ceiling",
+    "poster",
+    "cabinet",
+    "rug",
+    "crate",
+    "block",
+    "sign-a",
+    "sign-b",
+)
+WALL, FLOOR, CEILING, POSTER, CABINET, RUG, CRATE, BLOCK, SIGN_A, SIGN_B = range(len(CLASS_NAMES))
+#: The classes only a fusion of RGB and depth features can tell apart (module docstring).
+INTERACTION_CLASSES = (SIGN_A, SIGN_B)
 IGNORE_INDEX = 255
 #: Colours for drawing label maps, one row per class id (uint8 ``(K, 3)``).
 PALETTE = np.array(
@@ -72,11 +110,13 @@ PALETTE = np.array(
         [255, 225, 25],  # rug
         [0, 130, 200],  # crate
         [245, 130, 48],  # block
+        [145, 30, 180],  # sign-a
+        [70, 240, 240],  # sign-b
     ],
     dtype=np.uint8,
 )
 #: Version of the generator; bump it when the images change so caches are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_FILE = "cenfusion-synthetic.json"
 
 #: Saturated object colours (albedo 0..1) shared by posters, cabinets, rugs, crates, blocks.
@@ -97,6 +137,22 @@ _FLOOR_COLOURS = np.array(
     [[0.55, 0.38, 0.22], [0.42, 0.28, 0.17], [0.68, 0.54, 0.38], [0.45, 0.45, 0.47]]
 )
 _DECOR_PATTERNS = ("plain", "checker", "dots", "frame")
+#: Sign colour families (albedo 0..1): warm (red, orange, yellow, pink), cool (green, teal,
+#: blue, violet). Jitter (+-0.05) never brings a colour nearer another family's.
+SIGN_COLOURS = {
+    "warm": np.array(
+        [[0.85, 0.15, 0.12], [0.92, 0.50, 0.08], [0.90, 0.78, 0.12], [0.85, 0.25, 0.55]]
+    ),
+    "cool": np.array(
+        [[0.20, 0.62, 0.25], [0.10, 0.58, 0.62], [0.15, 0.35, 0.85], [0.45, 0.25, 0.75]]
+    ),
+}
+#: Sign distance bands, camera-frame z in metres: near, far.
+SIGN_BANDS = {"near": (1.2, 1.7), "far": (2.3, 2.8)}
+#: Signs stay above this height (the tallest floor object is 0.9 m), in metres.
+_SIGN_MIN_HEIGHT = 1.0
+#: The 8 corners of a box in half-extent units, ``(8, 3)``.
+_CORNER_SIGNS = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
 #: Per face axis of a box (x, y, z face): which local axes span the face as (u, v).
 _U_AXIS = np.array([2, 0, 0])
 _V_AXIS = np.array([1, 2, 1])
@@ -111,6 +167,8 @@ class Appearance:
     every ``period`` along u, each plank slightly tinted). ``grain`` scales a smooth
     surface-attached variation made of two sinusoids (``waves``: rows of (fu, fv, phase), in
     cycles per metre), so texture stays fixed to the surface when the camera moves.
+    ``emissive`` surfaces are self-lit: their shading is the exposure alone, whatever the
+    lights and the surface orientation.
     """
 
     base: tuple[float, float, float]
@@ -119,6 +177,7 @@ class Appearance:
     period: float
     grain: float
     waves: tuple[tuple[float, float, float], ...]
+    emissive: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,10 +370,120 @@ def _place_on_floor(
     return None
 
 
+def scale_about_camera(box: Box, camera: Camera, factor: float) -> Box:
+    """``box`` scaled by ``factor`` about the camera centre, its surface pattern with it.
+
+    The camera sees the result exactly as it saw ``box`` (same pixels, same albedo per pixel);
+    only the depth is multiplied by ``factor``.
+    """
+    origin = np.asarray(camera.position)
+    centre = origin + factor * (np.asarray(box.center) - origin)
+    paint = box.appearance
+    waves = tuple((fu / factor, fv / factor, phase) for fu, fv, phase in paint.waves)
+    return replace(
+        box,
+        center=tuple(centre.tolist()),
+        half=tuple(factor * h for h in box.half),
+        appearance=replace(paint, period=paint.period * factor, waves=waves),
+    )
+
+
+def _corners(box: Box) -> np.ndarray:
+    """The 8 corners of ``box`` in world coordinates, ``(8, 3)``."""
+    return np.asarray(box.center) + (_CORNER_SIGNS * np.asarray(box.half)) @ _rotation_y(box.yaw).T
+
+
+def _sign_at_one_metre(
+    rng: np.random.Generator, camera: Camera, aspect: float
+) -> tuple[Box, np.ndarray]:
+    """An unlabelled sign at camera depth 1 m facing the camera, and its image box.
+
+    The image box is ``(u0, v0, u1, v1)`` in fractions of width and height.
+    """
+    u, v = rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.6)
+    rotation = camera_rotation(camera)
+    ray = rotation @ np.array([(u - 0.5) / camera.focal, (v - 0.5) / (camera.focal * aspect), 1.0])
+    half_width = rng.uniform(0.06, 0.12) / camera.focal
+    half = (half_width, half_width * rng.uniform(0.5, 1.2), 0.01)
+    framed = bool(rng.random() < 0.5)
+    box = Box(
+        label=IGNORE_INDEX,
+        center=tuple((np.asarray(camera.position) + ray).tolist()),
+        half=half,
+        yaw=float(np.arctan2(ray[0], ray[2])),
+        appearance=Appearance(
+            base=(0.5, 0.5, 0.5),
+            second=(0.5, 0.5, 0.5),
+            pattern="frame" if framed else "plain",
+            period=float(min(half[:2]) * rng.uniform(0.25, 0.4)),
+            grain=0.05,
+            waves=_waves(rng, 5.0, 15.0),
+            emissive=True,
+        ),
+    )
+    local = (_corners(box) - np.asarray(camera.position)) @ rotation
+    image = 0.5 + camera.focal * np.array([1.0, aspect]) * local[:, :2] / local[:, 2:]
+    return box, np.concatenate([image.min(0), image.max(0)])
+
+
+def _sign_fits(box: Box, camera: Camera, room: Box) -> bool:
+    """Whether ``box`` (at 1 m) stays clear of the room's other objects at every sign distance.
+
+    Checked at both ends of the distance range: the corners move linearly with the scale.
+    """
+    width, height, depth = 2 * room.half[0], 2 * room.half[1], room.center[2] + room.half[2]
+    for distance in (SIGN_BANDS["near"][0], SIGN_BANDS["far"][1]):
+        corners = _corners(scale_about_camera(box, camera, distance))
+        x, y, z = corners.T
+        if not (
+            (y > _SIGN_MIN_HEIGHT).all()
+            and (y < height - 0.1).all()
+            and (np.abs(x) < width / 2 - 0.05).all()
+            and (z < depth - 0.5).all()
+        ):
+            return False
+    return True
+
+
+def _signs(rng: np.random.Generator, camera: Camera, room: Box, aspect: float) -> list[Box]:
+    """Up to two interaction signs (module docstring), not overlapping in the image."""
+    signs: list[Box] = []
+    placed: list[np.ndarray] = []
+    for _ in range(int(rng.integers(1, 3))):
+        for _ in range(30):
+            box, image = _sign_at_one_metre(rng, camera, aspect)
+            inside = bool(np.all(np.isfinite(image)) and image.min() > 0.03 and image.max() < 0.97)
+            clear = all(
+                image[0] > other[2] + 0.02
+                or other[0] > image[2] + 0.02
+                or image[1] > other[3] + 0.02
+                or other[1] > image[3] + 0.02
+                for other in placed
+            )
+            if inside and clear and _sign_fits(box, camera, room):
+                break
+        else:
+            continue
+        family = "warm" if rng.random() < 0.5 else "cool"
+        band = "near" if rng.random() < 0.5 else "far"
+        colours = SIGN_COLOURS[family]
+        base = np.asarray(_jitter(rng, colours[rng.integers(len(colours))], 0.05))
+        paint = replace(
+            box.appearance, base=tuple(base.tolist()), second=tuple((base * 0.45).tolist())
+        )
+        label = SIGN_A if (family == "warm") == (band == "near") else SIGN_B
+        distance = float(rng.uniform(*SIGN_BANDS[band]))
+        signs.append(
+            scale_about_camera(replace(box, label=label, appearance=paint), camera, distance)
+        )
+        placed.append(image)
+    return signs
+
+
 def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
     """Draw a scene description; ``aspect`` (width / height) only serves to keep objects in view."""
     width = float(rng.uniform(3.5, 5.5))
-    depth = float(rng.uniform(3.0, 5.5))
+    depth = float(rng.uniform(3.6, 5.5))
     height = float(rng.uniform(2.5, 3.0))
     camera = Camera(
         position=(float(rng.uniform(-0.25, 0.25) * width), float(rng.uniform(1.1, 1.6)), 0.0),
@@ -383,6 +552,7 @@ def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
         spot = _place_on_floor(rng, camera, aspect, half, x_limit, (1.0, depth - 0.5), taken)
         if spot is not None:
             objects.append(Box(IGNORE_INDEX, spot, half, float(rng.uniform(0, np.pi)), appearance))
+    objects += _signs(rng, camera, room, aspect)
 
     direction = np.array([rng.uniform(-0.6, 0.6), rng.uniform(0.8, 1.5), rng.uniform(-1.0, -0.3)])
     lighting = Lighting(
@@ -399,6 +569,85 @@ def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
         exposure=float(rng.uniform(0.9, 1.15)),
     )
     return Scene(room, walls, floor, ceiling, camera, lighting, tuple(objects))
+
+
+#: Albedo (base, second) of every surface of a :func:`predictable_scene`, by what the
+#: translation inputs show: class (geometry and texture) with the pattern for flat things,
+#: the silhouette ("tall" or "wide") for boxes standing on the floor.
+PREDICTABLE_PAINT: dict[tuple[int, str], tuple[tuple[float, ...], tuple[float, ...]]] = {
+    (WALL, "plain"): ((0.80, 0.78, 0.72), (0.80, 0.78, 0.72)),
+    (FLOOR, "plain"): ((0.45, 0.45, 0.47), (0.45, 0.45, 0.47)),
+    (FLOOR, "planks"): ((0.58, 0.40, 0.22), (0.35, 0.24, 0.13)),
+    (CEILING, "plain"): ((0.93, 0.93, 0.93), (0.93, 0.93, 0.93)),
+    (POSTER, "plain"): ((0.85, 0.20, 0.15), (0.85, 0.20, 0.15)),
+    (POSTER, "checker"): ((0.95, 0.80, 0.20), (0.15, 0.35, 0.80)),
+    (POSTER, "dots"): ((0.10, 0.55, 0.60), (0.95, 0.95, 0.90)),
+    (POSTER, "frame"): ((0.95, 0.90, 0.80), (0.15, 0.15, 0.45)),
+    (CABINET, "plain"): ((0.55, 0.35, 0.20), (0.55, 0.35, 0.20)),
+    (CABINET, "checker"): ((0.30, 0.60, 0.25), (0.90, 0.85, 0.70)),
+    (CABINET, "dots"): ((0.50, 0.20, 0.60), (0.90, 0.80, 0.20)),
+    (CABINET, "frame"): ((0.85, 0.50, 0.10), (0.35, 0.20, 0.10)),
+    (RUG, "plain"): ((0.60, 0.15, 0.20), (0.60, 0.15, 0.20)),
+    (RUG, "checker"): ((0.90, 0.90, 0.85), (0.20, 0.20, 0.20)),
+    (RUG, "dots"): ((0.20, 0.30, 0.60), (0.90, 0.60, 0.10)),
+    (RUG, "frame"): ((0.85, 0.60, 0.60), (0.45, 0.10, 0.15)),
+    (CRATE, "tall"): ((0.80, 0.62, 0.35), (0.28, 0.22, 0.12)),
+    (CRATE, "wide"): ((0.55, 0.33, 0.18), (0.19, 0.12, 0.06)),
+    (BLOCK, "tall"): ((0.20, 0.45, 0.80), (0.20, 0.45, 0.80)),
+    (BLOCK, "wide"): ((0.90, 0.50, 0.10), (0.90, 0.50, 0.10)),
+    (IGNORE_INDEX, "tall"): ((0.50, 0.50, 0.50), (0.18, 0.18, 0.18)),
+    (IGNORE_INDEX, "wide"): ((0.50, 0.50, 0.50), (0.18, 0.18, 0.18)),
+    (SIGN_A, "plain"): ((0.95, 0.85, 0.30), (0.95, 0.85, 0.30)),
+    (SIGN_A, "frame"): ((0.30, 0.80, 0.45), (0.10, 0.30, 0.15)),
+    (SIGN_B, "plain"): ((0.95, 0.85, 0.30), (0.95, 0.85, 0.30)),
+    (SIGN_B, "frame"): ((0.30, 0.80, 0.45), (0.10, 0.30, 0.15)),
+}
+#: Photo shading of a :func:`predictable_scene`: ``ambient + strength * cos`` of the angle
+#: between the normal and the ray, a light at the camera without falloff.
+HEADLIGHT = (0.3, 0.7)
+
+
+def _paint_key(box: Box) -> tuple[int, str]:
+    if box.label in (CRATE, BLOCK, IGNORE_INDEX):
+        return box.label, "tall" if box.half[1] > max(box.half[0], box.half[2]) else "wide"
+    return box.label, box.appearance.pattern
+
+
+def _repaint(appearance: Appearance, key: tuple[int, str]) -> Appearance:
+    base, second = PREDICTABLE_PAINT[key]
+    return replace(appearance, base=base, second=second, grain=0.0, emissive=False)
+
+
+def predictable_scene(scene: Scene) -> Scene:
+    """``scene`` repainted and relit so that its photo follows from its shading and edges.
+
+    For image-to-image translation (shading + texture edges -> RGB) the colours must be
+    learnable from the inputs: every surface takes the fixed albedo
+    :data:`PREDICTABLE_PAINT` gives for its class and pattern (room, posters, cabinets, rugs,
+    signs) or its silhouette (crates, blocks, clutter), without grain; signs lose their
+    glow. The light is a headlight (:data:`HEADLIGHT`), so the photo's shading is an affine
+    function of the Taskonomy ``reshading`` domain. Geometry is unchanged.
+    """
+    ambient, strength = HEADLIGHT
+    lighting = Lighting(
+        ambient=ambient,
+        direction=(0.0, 1.0, 0.0),
+        directional=0.0,
+        lamp=scene.camera.position,
+        lamp_strength=strength,
+        lamp_radius=1e9,
+        exposure=1.0,
+    )
+    return replace(
+        scene,
+        walls=_repaint(scene.walls, (WALL, scene.walls.pattern)),
+        floor=_repaint(scene.floor, (FLOOR, scene.floor.pattern)),
+        ceiling=_repaint(scene.ceiling, (CEILING, scene.ceiling.pattern)),
+        lighting=lighting,
+        objects=tuple(
+            replace(b, appearance=_repaint(b.appearance, _paint_key(b))) for b in scene.objects
+        ),
+    )
 
 
 def _slab(box: Box, origin: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -526,6 +775,7 @@ def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> dic
     label = np.empty(u.size, dtype=np.uint8)
     normal = np.zeros((3, u.size))
     albedo = np.zeros((u.size, 3))
+    emissive = np.zeros(u.size, dtype=bool)
     for index, box in enumerate((scene.room, *scene.objects)):
         sel = np.flatnonzero(surface == index)
         if not sel.size:
@@ -539,6 +789,7 @@ def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> dic
         if index > 0:
             label[sel] = box.label
             albedo[sel] = _albedo(box.appearance, local, axis[sel], half)
+            emissive[sel] = box.appearance.emissive
             continue
         horizontal = axis[sel] == 1
         up = local_normal[1] > 0
@@ -558,6 +809,7 @@ def render(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> dic
         + lighting.directional * np.clip(np.asarray(lighting.direction) @ normal, 0, None)
         + lighting.lamp_strength * lamp / (1 + (distance / lighting.lamp_radius) ** 2)
     ) * lighting.exposure
+    shading[emissive] = lighting.exposure
     vignette = 1 - 0.4 * (((u - width / 2) / width) ** 2 + ((v - height / 2) / height) ** 2)
     linear = albedo * (shading * vignette)[:, None] * 255.0
     noise = rng.normal(0.0, rng.uniform(1.5, 3.5), linear.shape)

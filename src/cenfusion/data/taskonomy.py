@@ -50,7 +50,13 @@ from torch.utils.data import Dataset
 
 from cenfusion.data.download import download_many
 from cenfusion.data.staging import ensure_generated, staging
-from cenfusion.data.synthetic import GENERATOR_VERSION, default_data_root, render, sample_scene
+from cenfusion.data.synthetic import (
+    GENERATOR_VERSION,
+    default_data_root,
+    predictable_scene,
+    render,
+    sample_scene,
+)
 from cenfusion.errors import CenError
 
 __all__ = [
@@ -353,7 +359,7 @@ def prepare_taskonomy(
 # ----------------------------------------------------------------------------- synthetic data
 
 #: Version of the Taskonomy writer below; bump it when the written images change.
-WRITER_VERSION = 1
+WRITER_VERSION = 2
 MARKER_FILE = "cenfusion-synthetic-taskonomy.json"
 SYNTHETIC_DOMAINS: tuple[str, ...] = (
     "rgb",
@@ -458,10 +464,13 @@ def generate_taskonomy_dataset(
     """Write synthetic indoor scenes in the Taskonomy layout at ``out`` and return it.
 
     Scene ``i`` (rendered at ``size`` x ``size`` from ``numpy.random.default_rng([seed, i])``
-    by :mod:`cenfusion.data.synthetic`) becomes view ``point_i_view_0`` of every domain in
-    :data:`SYNTHETIC_DOMAINS` (see :func:`taskonomy_domains`); scenes ``0..num_train-1`` form
-    ``train.txt``, the next ``num_val`` ``val.txt``. Written to a hidden folder beside
-    ``out`` and renamed into place when complete.
+    by :mod:`cenfusion.data.synthetic`, repainted and relit by
+    :func:`~cenfusion.data.synthetic.predictable_scene` so that the photo is learnable from
+    the other domains: each surface's colour follows from its class and pattern or
+    silhouette, its shading from ``reshading``) becomes view ``point_i_view_0`` of every
+    domain in :data:`SYNTHETIC_DOMAINS` (see :func:`taskonomy_domains`); scenes
+    ``0..num_train-1`` form ``train.txt``, the next ``num_val`` ``val.txt``. Written to a
+    hidden folder beside ``out`` and renamed into place when complete.
     """
     out = Path(out)
     if num_train < 1 or num_val < 1:
@@ -476,7 +485,7 @@ def generate_taskonomy_dataset(
         views = [(i, 0) for i in range(num_train + num_val)]
         for i, view in enumerate(views):
             rng = np.random.default_rng([seed, i])
-            scene = sample_scene(rng, aspect=1.0)
+            scene = predictable_scene(sample_scene(rng, aspect=1.0))
             arrays = render(scene, (size, size), rng)
             encoded = taskonomy_domains(arrays, scene.camera.focal * size)
             for domain, values in encoded.items():
