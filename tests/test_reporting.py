@@ -126,8 +126,8 @@ def i2i_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("i2i")
     data = generate_taskonomy_dataset(root / "data", 4, 3, 40, seed=1)
     cfg = TranslationConfig(
-        exp="i2i", runs=str(root / "runs"), data=str(data), epochs=2, eval_every=1,
-        batch_size=2, size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu",
+        exp="i2i", runs=str(root / "runs"), data=str(data), epochs=2, val_every=1,
+        batch_size=2, crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu",
         workers=0, fid=False,
     )  # fmt: skip
     train(cfg)
@@ -150,10 +150,10 @@ def seg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for _, norm in exchanging_norms(model):
             norm.weight.mul_(torch.rand_like(norm.weight) * 0.04)
-    cfg = replace(SYNTHETIC, data=None, num_epoch=(3, 2))
+    cfg = replace(SYNTHETIC, data=None, epochs=(3, 2))
     path = tmp_path_factory.mktemp("ckpt") / "last.pth"
-    state = {**model_record(model), "config": config_to_dict(cfg), "stage": 1, "epoch": 1}
-    save_checkpoint(path, {**state, "best_miou": 12.5})
+    state = {**model_record(model), "config": config_to_dict(cfg), "stage": 1, "epoch": 4}
+    save_checkpoint(path, {**state, "best": {"score": 12.5, "epoch": 3}})
     return path
 
 

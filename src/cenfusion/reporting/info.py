@@ -178,23 +178,23 @@ def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = 
         )
         default_size = SEGMENTATION_SIZE
         progress = None
-        epochs = config.get("num_epoch")
-        if "stage" in state and "epoch" in state and isinstance(epochs, list):
-            done = sum(epochs[: int(state["stage"])]) + int(state["epoch"])
-            progress = f"{done} of {sum(epochs)} epochs done"
-            if isinstance(state.get("best_miou"), float):
-                progress += f"; best ensemble mIoU {state['best_miou']:.2f}"
+        epochs = config.get("epochs")
+        if "epoch" in state and isinstance(epochs, list):
+            progress = f"{int(state['epoch'])} of {sum(epochs)} epochs done"
+            best = state.get("best") or {}
+            if isinstance(best.get("score"), float):
+                progress += f"; best ensemble mIoU {best['score']:.2f}"
     elif task == "translation":
         from cenfusion.data.taskonomy import DOMAINS
         from cenfusion.models.unet import CENUNet, CENUNetConfig
 
         model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
         load_weights(model, state["model"], str(path))
-        config = state.get("run_config") or {}
+        config = state.get("config") or {}
         types = config.get("img_types", [])
         modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
         classes = ()
-        side = int(config.get("size", TRANSLATION_SIZE))
+        side = int(config.get("crop_size", TRANSLATION_SIZE))
         default_size = (side, side)
         progress = f"epoch {state['epoch']}" if "epoch" in state else None
     else:

@@ -17,7 +17,7 @@ What is read, every part optional unless said:
   ``val``                     ``{head: {metric: number, "iou": [one per class]}}``:
                               score curves per head, per-class IoU bars
   ``fid``, ``kid_x100``,      ``[branch 0, ..., ensemble]``: score curves per head
-  ``l1``, ``mse``             (translation); named by ``heads`` when the line has it, else
+  ``l1``, ``mse``             (translation, under ``val`` or at the top level); named by ``heads`` when the line has it, else
                               by ``img_types`` in the config, else ``branch k``
   ``exchange``                a number (overall fraction of penalised gammas under
                               threshold) or the record of :mod:`cenfusion.reporting.exchange`
@@ -207,6 +207,16 @@ def line_scores(line: Mapping[str, Any], run: RunLog | None = None) -> dict[str,
     return scores
 
 
+def _lift_translation(line: dict[str, Any]) -> dict[str, Any]:
+    """Translation lines keep their lists under ``val``; read them at the top level."""
+    val = line.get("val")
+    if not isinstance(val, Mapping) or not any(k in val for k in TRANSLATION_METRICS):
+        return line
+    rest = {k: v for k, v in val.items() if k not in TRANSLATION_METRICS}
+    lifted = {k: val[k] for k in TRANSLATION_METRICS if k in val}
+    return {**{k: v for k, v in line.items() if k != "val"}, **lifted, **({"val": rest} if rest else {})}
+
+
 def _epoch_key(line: Mapping[str, Any], index: int) -> tuple[float, float]:
     stage = line.get("stage", 1)
     epoch = line.get("epoch", index + 1)
@@ -251,6 +261,7 @@ def read_run(run_dir: str | Path) -> RunLog:
                 raise CenError(f"{metrics_path}:{number}: not JSON ({err.msg})") from err
             if not isinstance(line, dict):
                 raise CenError(f"{metrics_path}:{number}: expected a JSON object")
+            line = _lift_translation(line)
             if "evaluate" in line:
                 evaluations.append(line)
             else:

@@ -1,6 +1,6 @@
 """Evaluation of a translation generator on the validation views, in the released layout.
 
-One :class:`Evaluator` serves training (every ``eval_every`` epochs) and ``--evaluate``. For
+One :class:`Evaluator` serves training (every ``val_every`` epochs) and ``--evaluate``. For
 ``M`` inputs it writes, under the run folder, one PNG per view and folder::
 
     input0/ .. input{M-1}/   the inputs as the network saw them
