@@ -45,7 +45,9 @@ class RunConfig:
     device: str = setting("auto", "where to run", choices=("auto", "cpu", "cuda"))
     gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
     amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
+    threads: int | None = setting(None, "CPU threads of this process (none: the CPUs it may use)")
     quiet: bool = setting(False, "no progress bar")
+    plots: bool = setting(True, "write plots to RUNS/EXP/plots/ at every validation")
     tensorboard: bool = setting(False, "also write TensorBoard scalars to RUNS/EXP/tb/")
 
     def __post_init__(self) -> None:
