@@ -109,11 +109,12 @@ class RunFolder:
     ) -> RunFolder:
         """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
 
-        Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
-        temporaries of an interrupted checkpoint write are removed.
+        Raises :class:`CenError` when ``path`` holds a run and neither is given (checked by
+        the main process only: it may already have written there). Left-over temporaries of
+        an interrupted checkpoint write are removed.
         """
         holds_run = any((path / name).exists() for name in (LAST, METRICS, CONFIG))
-        if holds_run and not resuming and not force:
+        if holds_run and not resuming and not force and is_main:
             raise CenError(
                 f"{path} already holds a run; --resume continues it, --force moves it aside "
                 "and starts afresh, or choose another -c EXP"

@@ -226,6 +226,8 @@ class Scalars:
             return
         for key, value in record.items():
             name = f"{prefix}{key}"
+            if key == "gamma_hist":
+                continue
             if isinstance(value, dict):
                 self.add(value, epoch, f"{name}/")
             elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
@@ -290,6 +292,10 @@ def fit(
                 record.update(val=metrics, best=improved)
             folder.append_metrics(record)
             scalars.add(record, epoch)
+            if "val" in record and folder.is_main and getattr(config, "plots", False):
+                from cenfusion.reporting.plots import write_plots
+
+                write_plots(folder.path)
             state = _checkpoint(recipe, config, epoch, best)
             if improved:
                 recipe.on_best(epoch)

@@ -277,6 +277,7 @@ def create_cen_refinenet(
     frozen_bn: bool | None = None,
     ensemble_detach: bool = True,
     decoder_width: int = 256,
+    exchange: bool = True,
 ) -> CENRefineNet:
     """Build a CEN RefineNet.
 
@@ -286,7 +287,8 @@ def create_cen_refinenet(
     on exactly when pretrained) keeps the BN running statistics fixed during training.
     ``num_modalities=1`` gives the same network on a single modality (no exchange), the
     baseline CEN is compared with. ``decoder_width`` (256 as released; the deepest RefineNet
-    level uses twice that) can shrink the decoder for small CPU runs.
+    level uses twice that) can shrink the decoder for small CPU runs. ``exchange=False`` keeps
+    shared convolutions, private BNs and the ensemble but exchanges nothing (the ablation).
     """
     if backbone is None:
         if depth not in RESNET_DEPTHS:
@@ -301,7 +303,7 @@ def create_cen_refinenet(
         bn_threshold=bn_threshold,
         drop_rate=drop_rate,
         ensemble_detach=ensemble_detach,
-        exchange_at=RESNET_EXCHANGE_POINTS if num_modalities > 1 else (),
+        exchange_at=RESNET_EXCHANGE_POINTS if num_modalities > 1 and exchange else (),
         decoder_width=decoder_width,
         decoder_deep_width=2 * decoder_width,
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cenfusion.data.check import check_dataset
 from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
 from cenfusion.data.synthetic import ensure_synthetic
 from cenfusion.data.transforms import train_transform, val_transform
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
+from cenfusion.engine.run import log
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
 from cenfusion.segmentation.config import PRESETS, SegmentationConfig
@@ -53,6 +55,7 @@ def build_model(cfg: SegmentationConfig) -> CENRefineNet:
         frozen_bn=cfg.uses_frozen_bn,
         drop_rate=cfg.drop_rate,
         decoder_width=cfg.decoder_width,
+        exchange=cfg.exchange,
     )
 
 
@@ -75,6 +78,24 @@ def modality_specs(cfg: SegmentationConfig) -> tuple[ModalitySpec, ...]:
             raise CenError(f"--modalities {entry}: expected NAME:COLUMN:KIND, e.g. depth:2:depth")
         specs.append(ModalitySpec(parts[0], int(parts[1]), parts[2], cfg.depth_scale))
     return tuple(specs)
+
+
+def check_data(cfg: SegmentationConfig, training: bool) -> None:
+    """Check every list line, file, size, bit depth and label before anything trains.
+
+    Facts about unchanged files are cached, so a second start is instant.
+    """
+    lists = [cfg.train_list, cfg.val_list] if training else [cfg.val_list]
+    check_dataset(
+        data_root(cfg),
+        lists,
+        modality_specs(cfg),
+        cfg.num_classes,
+        mask_column=cfg.mask_column,
+        allow_mixed_depth=cfg.allow_mixed_depth,
+        progress=not cfg.quiet,
+        report=log.info,
+    )
 
 
 def build_dataset(cfg: SegmentationConfig, train: bool) -> ListFileDataset:

@@ -60,6 +60,10 @@ class SegmentationConfig(RunConfig):
     min_short_side: int = setting(350, "random scaling keeps the shorter side at least this")
     scale_range: tuple[float, ...] = setting((0.5, 2.0), "random scale range LOW HIGH")
     max_iters: int | None = setting(None, "cap iterations per epoch (smoke runs)")
+    exchange: bool = setting(
+        True, "channel exchange after every bottleneck's bn2 (off: shared convs and ensemble only)"
+    )
+    allow_mixed_depth: bool = setting(False, "accept 8-bit and 16-bit depth files in one data set")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -23,10 +23,12 @@ from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.run import RunFolder, log
 from cenfusion.engine.trainer import BestScore, Context, Precision, Recipe, fit, prepare
 from cenfusion.errors import CenError
-from cenfusion.fusion import exchange_stats, sparsity_penalty, stack_modalities
+from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
 from cenfusion.models.refinenet import CENRefineNet
-from cenfusion.segmentation.build import build_dataset, build_model, check_model_fits
+from cenfusion.reporting.exchange import exchange_record
+from cenfusion.reporting.runlog import save_confusion
+from cenfusion.segmentation.build import build_dataset, build_model, check_data, check_model_fits
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.modelio import TASK, model_from_record, model_record
 from cenfusion.segmentation.visualize import save_prediction_panel
@@ -48,16 +50,14 @@ def segmentation_loss(heads: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(
+def _score(
     model: nn.Module,
     loader: DataLoader,
     cfg: SegmentationConfig,
     device: torch.device,
     precision: Precision | None = None,
     image_dir: Path | None = None,
-) -> Scores:
-    """Single-scale scores of every head (one global confusion matrix each, summed across
-    processes). With ``image_dir``, writes a panel per sample."""
+) -> MultiHeadSegmentationMetric:
     model.eval()
     precision = precision or Precision(False, device)
     metric = MultiHeadSegmentationMetric(cfg.num_classes, cfg.head_names, device)
@@ -71,7 +71,20 @@ def evaluate(
                 image_dir / f"{name}.png", list(batch["inputs"][b]), [k[b] for k in batch["kinds"]],
                 batch["mask"][b], list(heads[:, b]), cfg.num_classes,
             )
-    return metric.compute()
+    return metric
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: SegmentationConfig,
+    device: torch.device,
+    precision: Precision | None = None,
+    image_dir: Path | None = None,
+) -> Scores:
+    """Single-scale scores of every head (one global confusion matrix each, summed across
+    processes). With ``image_dir``, writes a panel per sample."""
+    return _score(model, loader, cfg, device, precision, image_dir).compute()
 
 
 class SegmentationRecipe(Recipe):
@@ -137,20 +150,23 @@ class SegmentationRecipe(Recipe):
         return {"loss": loss.detach()}
 
     def epoch_record(self) -> dict[str, Any]:
-        return {"stage": self.stage + 1, "exchange": exchange_stats(self.model).overall}
+        return {"stage": self.stage + 1, "exchange": exchange_record(self.model)}
 
     def wants_validation(self, epoch: int) -> bool:
         stage, within = self._position(epoch)
         return within % self.cfg.val_every == 0 or within == self.cfg.epochs[stage]
 
     def validate(self, epoch: int) -> tuple[Scores, float]:
-        scores = evaluate(self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision)
+        metric = _score(self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision)
+        if self.ctx.dist.is_main:
+            save_confusion(self.cfg.run_dir, {h: m.confmat for h, m in metric.metrics.items()})
+        scores = metric.compute()
         return scores, float(scores["ensemble"]["miou"])
 
     def describe(self, record: dict[str, Any]) -> str:
         line = (
             f"epoch {record['epoch']}/{self.num_epochs()} (stage {record['stage']}): loss "
-            f"{record['loss']:.4f}  exchange {record['exchange']:.3f}  {record['seconds']:.1f}s "
+            f"{record['loss']:.4f}  exchange {record['exchange']['overall']:.3f}  {record['seconds']:.1f}s "
             f"(data {record['data_seconds']:.1f}s)"
         )
         if "val" in record:
@@ -226,6 +242,7 @@ def train(
     if save_img and not evaluate_only:
         raise CenError("--save-img: only with --evaluate (validation panels of a checkpoint)")
     with prepare(cfg) as ctx:
+        check_data(cfg, training=not evaluate_only)
         loaders = build_loaders(cfg, ctx, training=not evaluate_only)
         state = load_checkpoint(resume, task=TASK) if resume is not None else None
         model = model_from_record(state, str(resume)) if state else build_model(cfg)
