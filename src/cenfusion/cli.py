@@ -218,7 +218,92 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_seg_eval)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from cenfusion.reporting.html import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from cenfusion.reporting.info import format_model_info, info_for_encoder, info_from_checkpoint
+
+    size = tuple(args.size) if args.size else None
+    if (args.checkpoint is None) == (args.enc is None):
+        raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
+    if args.checkpoint is not None:
+        info = info_from_checkpoint(args.checkpoint, size)
+    else:
+        info = info_for_encoder(args.enc, args.num_classes, args.num_modalities, size)
+    print("\n".join(format_model_info(info)))
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from cenfusion.export import export_checkpoint
+
+    height, width = args.size
+    out = export_checkpoint(
+        args.checkpoint, args.out, heads=args.heads, height=height, width=width,
+        dynamic=args.dynamic, opset=args.opset,
+    )
+    print(f"wrote {out}")
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from cenfusion.data.check import check_dataset
+    from cenfusion.engine.config import replace_config
+    from cenfusion.segmentation.build import modality_specs
+    from cenfusion.segmentation.config import NYUDV2, SegmentationConfig
+
+    cfg = replace_config(NYUDV2, given_flags(SegmentationConfig, args))
+    report = check_dataset(
+        args.root, args.lists, modality_specs(cfg), cfg.num_classes,
+        mask_column=cfg.mask_column, allow_mixed_depth=cfg.allow_mixed_depth,
+    )
+    print(f"{args.root}: {report.samples} samples, {report.files} files: OK")
+
+
+def _add_tools(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("report", help="plots and a self-contained HTML page of a run")
+    rep.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder RUNS/EXP")
+    rep.set_defaults(run=_report)
+
+    info = sub.add_parser("info", help="parameters, FLOPs, exchange points of a model")
+    info.add_argument("checkpoint", type=Path, nargs="?", help="a cenfusion checkpoint")
+    info.add_argument("--enc", type=int, choices=(50, 101, 152), help="a fresh CEN RefineNet")
+    info.add_argument("--num-classes", type=int, default=40, help="with --enc (40)")
+    info.add_argument("--num-modalities", type=int, default=2, help="with --enc (2)")
+    info.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="FLOPs input size")
+    info.set_defaults(run=_info)
+
+    export = sub.add_parser("export", help="export a model for deployment")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="CEN RefineNet checkpoint -> ONNX (onnxruntime)")
+    onnx.add_argument("checkpoint", type=Path, help="cenfusion checkpoint or released .pth.tar")
+    onnx.add_argument("out", type=Path, help="the .onnx file to write")
+    onnx.add_argument("--heads", choices=("all", "ensemble"), default="all", help="outputs (all)")
+    onnx.add_argument(
+        "--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="(480 640)"
+    )
+    onnx.add_argument("--dynamic", action="store_true", help="free height and width")
+    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
+    onnx.set_defaults(run=_export_onnx)
+
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
+    from cenfusion.segmentation.config import SegmentationConfig
+
+    check = sub.add_parser("check", help="check a list-file data set before training (cached)")
+    check.add_argument("root", type=Path)
+    check.add_argument(
+        "--lists", nargs="+", default=["train.txt", "val.txt"], help="(train.txt val.txt)"
+    )
+    add_config_flags(
+        check, SegmentationConfig,
+        only=("modalities", "mask_column", "depth_scale", "num_classes", "allow_mixed_depth"),
+    )
+    check.set_defaults(run=_data_check)
+
     syn = sub.add_parser("synthetic", help="write the embedded RGB-D data set")
     syn.add_argument("out", type=Path)
     syn.add_argument("--num-train", type=int, default=200)
@@ -280,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("checkpoint", type=Path)
     conv.add_argument("out", type=Path)
     conv.set_defaults(run=_convert_official)
+    _add_tools(sub)
     return parser
 
 

@@ -1,0 +1,46 @@
+"""The small commands around training: report, info, export, data check."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cenfusion.cli import main
+from cenfusion.data.synthetic import generate_segmentation_dataset
+from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.segmentation.modelio import model_record
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tools") / "data"
+    return generate_segmentation_dataset(root, num_train=2, num_val=2, size=(32, 40), seed=5)
+
+
+def test_data_check_reports_ok_and_names_a_bad_label(data_root: Path, capsys) -> None:
+    assert main(["data", "check", str(data_root), "--num-classes", "10"]) == 0
+    assert ": OK" in capsys.readouterr().out
+    assert main(["data", "check", str(data_root), "--num-classes", "3"]) == 2
+    *problems, last = capsys.readouterr().err.splitlines()
+    assert problems and all("expected 0..2 or 255" in p for p in problems)
+    assert last.startswith("cen: error: ") and f"of {len(problems)} problems" in last
+
+
+def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    model = create_cen_refinenet(backbone="resnet18", num_classes=3, decoder_width=8)
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, model_record(model))
+    assert main(["info", str(path), "--size", "32", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "FLOPs" in out
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "onnx", str(path), str(onnx_path), "--size", "32", "32"]) == 0
+    assert onnx_path.stat().st_size > 0
+    assert main(["info"]) == 2 and "--enc" in capsys.readouterr().err
+
+
+def test_report_of_a_missing_run_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
