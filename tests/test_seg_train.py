@@ -204,12 +204,17 @@ def test_cli_bad_input_gives_one_line(data_root, tmp_path, capsys) -> None:
 
 
 def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
-    results = run_demo(tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,)))
-    assert set(results) == {"rgb-only", "depth-only", "cen"}
-    assert set(results["rgb-only"]) == {"rgb", "ensemble"}
+    cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    rows = run_demo(cfg, report=False)
+    labels = ["RGB only", "depth only", "CEN without exchange", "CEN"]
+    assert [r.label for r in rows] == labels
+    assert rows[0].exchanged is None and rows[2].exchanged is None
+    assert rows[3].exchanged is not None and 0 <= rows[3].exchanged <= 1
     out = capsys.readouterr().out
-    assert "| CEN, ensemble |" in out and "| depth only |" in out
-    assert (tmp_path / "demo-cen" / "best.pth").is_file()
+    assert all(f"| {label} |" in out for label in labels)
+    no_exchange = load_checkpoint(tmp_path / "demo-cen-no-exchange" / "best.pth")
+    assert not no_exchange["model_config"]["exchange_at"]
+    assert no_exchange["config"]["lamda"] == 0.0
 
 
 def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:

@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cen", description="CEN multimodal fusion")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="CEN vs single-modality models on the embedded data")
+    demo = sub.add_parser(
+        "demo", help="ablation on the embedded data: RGB, depth, CEN without and with exchange"
+    )
     demo.add_argument("--runs", type=Path, default=Path("runs"))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
