@@ -1,7 +1,11 @@
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from cenfusion.data.synthetic import generate_segmentation_dataset
+from cenfusion.data.taskonomy import generate_taskonomy_dataset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -11,3 +15,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def seg_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic RGB-D set: 6 train / 3 val images of 40x48 (read-only for tests)."""
+    root = tmp_path_factory.mktemp("seg") / "data"
+    return generate_segmentation_dataset(root, num_train=6, num_val=3, size=(40, 48), seed=3)
+
+
+@pytest.fixture(scope="session")
+def i2i_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic Taskonomy set: 4 train / 2 val views of 40x40 (read-only for tests)."""
+    return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from cenfusion.cli import main
-from cenfusion.data.synthetic import generate_segmentation_dataset
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.modelio import model_record
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tools") / "data"
-    return generate_segmentation_dataset(root, num_train=2, num_val=2, size=(32, 40), seed=5)
+def data_root(seg_data: Path) -> Path:
+    return seg_data
 
 
 def test_data_check_reports_ok_and_names_a_bad_label(data_root: Path, capsys) -> None:

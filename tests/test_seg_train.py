@@ -16,12 +16,8 @@ from cenfusion.segmentation.train import SegmentationRecipe, train
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from cenfusion.data.synthetic import generate_segmentation_dataset
-
-    return generate_segmentation_dataset(
-        tmp_path_factory.mktemp("seg") / "data", num_train=6, num_val=3, size=(40, 48), seed=3
-    )
+def data_root(seg_data: Path) -> Path:
+    return seg_data
 
 
 def tiny(data_root: Path, runs: Path, **changes) -> SegmentationConfig:

