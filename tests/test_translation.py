@@ -299,17 +299,22 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     train_module.fit = recording_fit
     try:
         best = train(cfg)
-        record = {"best": best.score, "best_epoch": best.epoch, "seen": seen}
+        evaluated = evaluate_run(cfg)["metrics"]["l1"]
+        record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
         torch.save({**record, "model": states[0]["model"],
                     "discriminator": states[0]["discriminator"]}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_training_on_cpu_with_gloo(data_root: Path, tmp_path: Path) -> None:
-    """Two processes split the views of each epoch, stay in step, and only rank 0 writes."""
+def test_ddp_training_on_cpu_with_gloo(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes split the views of each epoch, stay in step, and only rank 0 writes;
+    validation and ``evaluate_run`` run on rank 0 and every rank gets their result."""
     import torch.multiprocessing as mp
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
     cfg = tiny(data_root, tmp_path, "ddp", batch_size=1)
     mp.spawn(_ddp_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -323,8 +328,10 @@ def test_ddp_training_on_cpu_with_gloo(data_root: Path, tmp_path: Path) -> None:
             assert torch.equal(value, ranks[1][key][name]), (key, name)
     run = tmp_path / "ddp"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2]
-    assert min(line["val"]["l1"][-1] for line in lines) == ranks[0]["best"]
+    assert [line["epoch"] for line in lines] == [1, 2, 2]
+    assert [line.get("evaluate", False) for line in lines] == [False, False, True]
+    assert lines[2]["val"]["l1"] == ranks[0]["eval"] == ranks[1]["eval"]
+    assert min(line["val"]["l1"][-1] for line in lines[:2]) == ranks[0]["best"]
     last = load_checkpoint(run / "last.pth", task="translation")
     assert last["epoch"] == 2
     for name, value in last["model"].items():

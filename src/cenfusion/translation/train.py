@@ -115,7 +115,9 @@ def _format(metrics: dict[str, list[float]]) -> str:
 class TranslationRecipe(Recipe):
     task = TASK
 
-    def __init__(self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]):
+    def __init__(
+        self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]
+    ) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.train_loader, val_loader = loaders
         torch.manual_seed(cfg.seed)
