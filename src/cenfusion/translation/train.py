@@ -62,7 +62,7 @@ def build_models(cfg: TranslationConfig) -> tuple[CENUNet, PatchDiscriminator]:
 
 
 def _datasets(cfg: TranslationConfig) -> tuple[TaskonomyDataset, TaskonomyDataset]:
-    root = cfg.data if cfg.data is not None else ensure_synthetic_taskonomy()
+    root = cfg.data if cfg.data is not None else on_main(ensure_synthetic_taskonomy)
     common = {"root": root, "inputs": cfg.inputs, "target": cfg.target, "size": cfg.crop_size}
     train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
     return train_set, TaskonomyDataset(split="val", train=False, **common)
