@@ -263,3 +263,79 @@ def test_evaluation_dropout_is_a_choice(tmp_path: Path) -> None:
     sampled = [predictions(True) for _ in range(2)]
     assert not np.array_equal(sampled[0]["a.png"], sampled[1]["a.png"])
     assert not np.array_equal(sampled[0]["a.png"], plain[0]["a.png"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
+    """One process of a 2-process gloo run: records the views it trained on and its weights."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen: list[str] = []
+    states: list[dict] = []
+    step, fit = train_module.TranslationRecipe.train_step, train_module.fit
+
+    def recording_step(recipe: train_module.TranslationRecipe, batch: dict) -> dict:
+        seen.extend(batch["name"])
+        return step(recipe, batch)
+
+    def recording_fit(recipe: train_module.TranslationRecipe, *args: object) -> object:
+        best = fit(recipe, *args)
+        states.append(recipe.state_dict())
+        return best
+
+    train_module.TranslationRecipe.train_step = recording_step
+    train_module.fit = recording_fit
+    try:
+        best = train(cfg)
+        evaluated = evaluate_run(cfg)["metrics"]["l1"]
+        record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
+        torch.save({**record, "model": states[0]["model"],
+                    "discriminator": states[0]["discriminator"]}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_on_cpu_with_gloo(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes split the views of each epoch, stay in step, and only rank 0 writes;
+    validation and ``evaluate_run`` run on rank 0 and every rank gets their result."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
+    cfg = tiny(data_root, tmp_path, "ddp", batch_size=1)
+    mp.spawn(_ddp_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["best"] == ranks[1]["best"] and ranks[0]["best_epoch"] == ranks[1]["best_epoch"]
+    for epoch in range(2):
+        views = [set(r["seen"][2 * epoch : 2 * epoch + 2]) for r in ranks]
+        assert len(views[0] | views[1]) == 4, "each epoch covers the 4 views once, split in two"
+    assert ranks[0]["seen"][:2] != ranks[0]["seen"][2:], "set_epoch reshuffles"
+    for key in ("model", "discriminator"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), (key, name)
+    run = tmp_path / "ddp"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 2]
+    assert [line.get("evaluate", False) for line in lines] == [False, False, True]
+    assert lines[2]["val"]["l1"] == ranks[0]["eval"] == ranks[1]["eval"]
+    assert min(line["val"]["l1"][-1] for line in lines[:2]) == ranks[0]["best"]
+    last = load_checkpoint(run / "last.pth", task="translation")
+    assert last["epoch"] == 2
+    for name, value in last["model"].items():
+        assert torch.equal(value, ranks[0]["model"][name]), name
+    assert sorted(p.name for p in (run / "fake2").iterdir()) == [
+        "point_4_view_0.png", "point_5_view_0.png"
+    ]

@@ -381,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with RunLog():
+            from cenfusion.engine.launch import run_per_gpu
+
+            if (code := run_per_gpu(args, argv)) is not None:
+                return code
             args.run(args)
     except CenError as err:
         print(f"cen: error: {_one_line(err)}", file=sys.stderr)

@@ -7,13 +7,17 @@ the rank variables come from the environment; NCCL on CUDA, gloo on the CPU.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cenfusion.errors import CenError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,3 +90,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def on_main(action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0 alone while the other processes wait; all get its result.
+
+    The result travels pickled, so it should be plain data. A :class:`CenError` raised by
+    ``action`` is raised on every process, so that none is left waiting at a later collective.
+    Outside distributed runs this is ``action()``.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return action()
+    outcome: list[Any] = [None]
+    failure: CenError | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = (action(), None)
+        except CenError as err:
+            failure, outcome[0] = err, (None, str(err))
+    dist.broadcast_object_list(outcome, src=0)
+    value, message = outcome[0]
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise CenError(message)
+    return value

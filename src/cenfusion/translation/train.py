@@ -12,6 +12,14 @@ One Adam per network; D is updated first, then G against the updated D, as in pi
 Besides the engine's files, the run folder holds the :mod:`~cenfusion.translation.evaluate`
 layout and ``best/fake*/`` copies of the best epoch's predictions. The best epoch has the
 lowest ensemble FID, or the lowest ensemble L1 when FID is off or its network is missing.
+
+Under torchrun (or ``--gpu 0 1``) the generator and the discriminator are each wrapped in DDP
+and every process trains on its share of the views (a DistributedSampler). Validation runs on
+rank 0 alone, over all views, while the others wait for its metrics: FID needs every feature in
+one place and the views are written to one folder, so the scores equal a one-process
+evaluation of the same weights. Every epoch re-seeds the global generator (crops, flips,
+dropout, shuffling) from the seed, the epoch and the rank, so ranks draw differently and a
+resumed run repeats the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.taskonomy import DOMAINS, TaskonomyDataset, ensure_synthetic_taskonomy
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
-from cenfusion.engine.run import BEST, LAST, log
+from cenfusion.engine.distributed import on_main
+from cenfusion.engine.run import BEST, LAST, RunFolder, log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchange_stats, sparsity_penalty, stack_modalities
@@ -52,10 +62,21 @@ def build_models(cfg: TranslationConfig) -> tuple[CENUNet, PatchDiscriminator]:
 
 
 def _datasets(cfg: TranslationConfig) -> tuple[TaskonomyDataset, TaskonomyDataset]:
-    root = cfg.data if cfg.data is not None else ensure_synthetic_taskonomy()
+    root = cfg.data if cfg.data is not None else on_main(ensure_synthetic_taskonomy)
     common = {"root": root, "inputs": cfg.inputs, "target": cfg.target, "size": cfg.crop_size}
     train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
     return train_set, TaskonomyDataset(split="val", train=False, **common)
+
+
+def _train_loader(train_set: TaskonomyDataset, cfg: TranslationConfig, ctx: Context) -> DataLoader:
+    """Shuffled by the global generator, or split across the processes by a DistributedSampler."""
+    if not ctx.dist.enabled:
+        return ctx.loader(train_set, cfg, shuffle=True)
+    return ctx.loader(train_set, cfg, sampler=DistributedSampler(train_set, seed=cfg.seed))
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def _extractor(cfg: TranslationConfig, device: torch.device) -> InceptionFeatures | None:
@@ -94,24 +115,36 @@ def _format(metrics: dict[str, list[float]]) -> str:
 class TranslationRecipe(Recipe):
     task = TASK
 
-    def __init__(self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]):
+    def __init__(
+        self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]
+    ) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.train_loader, val_loader = loaders
         torch.manual_seed(cfg.seed)
         self.generator, self.discriminator = (m.to(ctx.device) for m in build_models(cfg))
+        self.g_net, self.d_net = ctx.parallel(self.generator), ctx.parallel(self.discriminator)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas)
-        extractor = _extractor(cfg, ctx.device)
-        self.criterion = "fid" if extractor is not None else "l1"
+        self.evaluator: Evaluator | None = None
+        self.criterion = on_main(lambda: self._build_evaluator(val_loader))
+
+    def _build_evaluator(self, val_loader: DataLoader) -> str:
+        """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
+        extractor = _extractor(self.cfg, self.ctx.device)
         self.evaluator = Evaluator(
-            val_loader, ctx.device, extractor, ctx.precision.autocast(), cfg.eval_dropout
+            val_loader, self.ctx.device, extractor, self.ctx.precision.autocast(),
+            self.cfg.eval_dropout,
         )
+        return "fid" if extractor is not None else "l1"
 
     def num_epochs(self) -> int:
         return self.cfg.epochs
 
     def begin_epoch(self, epoch: int) -> DataLoader:
+        torch.manual_seed(_epoch_seed(self.cfg.seed, epoch, self.ctx.dist.rank))
+        if isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch - 1)
         self.generator.train()
         self.discriminator.train()
         return self.train_loader
@@ -122,15 +155,16 @@ class TranslationRecipe(Recipe):
         y = batch["target"].to(self.ctx.device, non_blocking=True)
         y_branches = y.repeat(m, 1, 1, 1)
         with precision.autocast():
-            heads = self.generator(x)
+            heads = self.g_net(x)
             fakes = heads[:m].reshape(x.shape)
             self.discriminator.requires_grad_(True)
-            real_logits = self.discriminator(torch.cat([x, y_branches], 1))
-            fake_logits = self.discriminator(torch.cat([x, fakes.detach()], 1))
+            real_logits = self.d_net(torch.cat([x, y_branches], 1))
+            fake_logits = self.d_net(torch.cat([x, fakes.detach()], 1))
         loss_d = 0.5 * (_branch_bce(real_logits, True, m) + _branch_bce(fake_logits, False, m))
         precision.backward_step(loss_d, self.opt_d)
         self.discriminator.requires_grad_(False)
         with precision.autocast():
+            # the bare module: D takes no gradient here, so DDP has nothing to synchronise
             fooled = self.discriminator(torch.cat([x, fakes], 1))
         loss_gan = _branch_bce(fooled, True, m)
         loss_l1 = (heads.float() - y[None]).abs().flatten(2).mean(2).mean(1).sum()
@@ -149,10 +183,12 @@ class TranslationRecipe(Recipe):
         return epoch % self.cfg.val_every == 0 or epoch == self.cfg.epochs
 
     def validate(self, epoch: int) -> tuple[dict[str, Any], float]:
-        metrics = self.evaluator(self.generator, self.cfg.run_dir)
+        metrics = on_main(lambda: self.evaluator(self.generator, self.cfg.run_dir))
         return metrics, metrics[self.criterion][-1]
 
     def on_best(self, epoch: int) -> None:
+        if not self.ctx.dist.is_main:
+            return
         for k in range(self.generator.num_modalities + 1):
             target = self.cfg.run_dir / "best" / f"fake{k}"
             shutil.rmtree(target, ignore_errors=True)
@@ -194,16 +230,16 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
     """Train (or continue the checkpoint ``resume``) up to ``cfg.epochs``; returns the best
     validation: ``score`` (ensemble FID, or L1), ``epoch`` and its ``metrics``."""
     with prepare(cfg) as ctx:
-        if ctx.dist.enabled:
-            raise CenError("cen i2i train: distributed training is not supported yet")
         train_set, val_set = _datasets(cfg)
         state = load_checkpoint(resume, task=TASK) if resume is not None else None
-        loaders = (ctx.loader(train_set, cfg, shuffle=True), ctx.loader(val_set, cfg))
+        loaders = (_train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
         recipe = TranslationRecipe(cfg, ctx, loaders)
-        folder = ctx.open_folder(cfg, resuming=state is not None, force=force)
+        claimed = on_main(lambda: ctx.open_folder(cfg, state is not None, force).path)
+        folder = RunFolder(claimed, ctx.dist.is_main)
         inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
-        log.info(f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; "
-                 f"{len(train_set)} train / {len(val_set)} val views, device {ctx.device}")
+        processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
+        log.info(f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; {len(train_set)} train / "
+                 f"{len(val_set)} val views, device {ctx.device}{processes}")
         if state is not None and state.get("criterion") != recipe.criterion:
             log.info(f"the best epoch was chosen by {state.get('criterion')}, now by "
                      f"{recipe.criterion}: best tracking restarts")
@@ -219,6 +255,7 @@ def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict
 
     Writes the prediction layout into the run folder (``best/`` is left alone), appends an
     ``{"evaluate": ...}`` line to the metrics log; returns ``{"checkpoint", "epoch", "metrics"}``.
+    Under torchrun rank 0 evaluates alone and every process returns its result.
     """
     run_dir = cfg.run_dir
     path = checkpoint or next((run_dir / n for n in (BEST, LAST) if (run_dir / n).is_file()), None)
@@ -232,13 +269,18 @@ def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict
             raise CenError(f"{path}: a model for {generator.num_modalities} inputs, but "
                            f"--img-types names {len(cfg.inputs)}")
         _, val_set = _datasets(cfg)
-        folder = ctx.open_folder(cfg, resuming=True, force=False)
-        evaluator = Evaluator(ctx.loader(val_set, cfg), ctx.device,
-                              _extractor(cfg, ctx.device), ctx.precision.autocast(),
-                              cfg.eval_dropout)
-        metrics = evaluator(generator.to(ctx.device), run_dir)
         epoch = int(state["epoch"])
-        log.info(f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: {_format(metrics)}")
-        folder.append_metrics({"evaluate": True, "checkpoint": path.name, "epoch": epoch,
-                               "val": metrics})
-        return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
+
+        def evaluate() -> dict[str, Any]:
+            folder = ctx.open_folder(cfg, resuming=True, force=False)
+            evaluator = Evaluator(ctx.loader(val_set, cfg), ctx.device,
+                                  _extractor(cfg, ctx.device), ctx.precision.autocast(),
+                                  cfg.eval_dropout)
+            metrics = evaluator(generator.to(ctx.device), run_dir)
+            log.info(f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: "
+                     f"{_format(metrics)}")
+            folder.append_metrics({"evaluate": True, "checkpoint": path.name, "epoch": epoch,
+                                   "val": metrics})
+            return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
+
+        return on_main(evaluate)
