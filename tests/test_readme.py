@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _commands() -> list[str]:
     """``cen ...`` lines of the README's shell blocks (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
     lines = " ".join(blocks).replace("\\\n", " ").splitlines()
     commands = []
     for line in lines:

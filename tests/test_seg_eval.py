@@ -15,6 +15,7 @@ from cenfusion.engine.config import config_to_dict
 from cenfusion.errors import CenError
 from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.segmentation.build import build_dataset, build_model
 from cenfusion.segmentation.config import SYNTHETIC
 from cenfusion.segmentation.evaluate import (
     MS_SCALES,
@@ -27,7 +28,6 @@ from cenfusion.segmentation.evaluate import (
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.build import build_dataset, build_model
 from cenfusion.segmentation.train import evaluate
 
 

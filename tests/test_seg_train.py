@@ -9,9 +9,9 @@ from cenfusion.cli import main
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.errors import CenError
 from cenfusion.segmentation import train as train_module
+from cenfusion.segmentation.build import config_for
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
-from cenfusion.segmentation.build import config_for
 from cenfusion.segmentation.train import SegmentationRecipe, train
 
 

@@ -169,10 +169,10 @@ def test_appearance_only_pairs(renders: list) -> None:
             if box.label in texture and pairs.sum() >= 4:
                 texture[box.label].append(np.abs(np.diff(albedo, axis=0))[pairs].mean())
                 depths[box.label].append(arrays["depth"][pixels].mean())
-        for label in chroma:
+        for label, values in chroma.items():
             pixels = arrays["label"] == label
             if pixels.any():
-                chroma[label].append(np.ptp(albedo[pixels], axis=1).mean())
+                values.append(np.ptp(albedo[pixels], axis=1).mean())
         rug = arrays["label"] == RUG
         z = arrays["depth"][rug]
         rug_ratio.append(np.abs(room_depth[rug] - z) / _sigma(z))

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cenfusion import CenError
-from cenfusion.data.taskonomy import generate_taskonomy_dataset
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.models.unet import create_cen_unet
 from cenfusion.translation import train as train_module
@@ -31,12 +30,12 @@ def data_root(i2i_data: Path) -> Path:
 
 
 def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> TranslationConfig:
-    settings = dict(
-        exp=exp, runs=str(runs), data=str(data_root), epochs=2, val_every=1, batch_size=2,
-        crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0, fid=False,
-    )
-    settings.update(changes)
-    return TranslationConfig(**settings)
+    settings = {
+        "exp": exp, "runs": runs, "data": data_root, "epochs": 2, "val_every": 1,
+        "batch_size": 2, "crop_size": 32, "load_size": 36, "num_downs": 5, "ngf": 4, "ndf": 4,
+        "device": "cpu", "workers": 0, "fid": False,
+    }
+    return TranslationConfig(**{**settings, **changes})
 
 
 def image_folder(folder: Path) -> dict[str, np.ndarray]:

@@ -68,14 +68,17 @@ def resolve_device(
     return torch.device("cuda", index)
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's variables (no-op when absent)."""
+def init_distributed(cuda: bool = True) -> DistInfo:
+    """Join the process group described by torchrun's variables (no-op when absent).
+
+    NCCL when ``cuda`` and a GPU is visible, else gloo (CPU processes).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if cuda and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return info
 

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import torch
@@ -109,12 +109,11 @@ class RunFolder:
     ) -> RunFolder:
         """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
 
-        Raises :class:`CenError` when ``path`` holds a run and neither is given (checked by
-        the main process only: it may already have written there). Left-over temporaries of
-        an interrupted checkpoint write are removed.
+        Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
+        temporaries of an interrupted checkpoint write are removed.
         """
         holds_run = any((path / name).exists() for name in (LAST, METRICS, CONFIG))
-        if holds_run and not resuming and not force and is_main:
+        if holds_run and not resuming and not force:
             raise CenError(
                 f"{path} already holds a run; --resume continues it, --force moves it aside "
                 "and starts afresh, or choose another -c EXP"
@@ -157,6 +156,7 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.flush()
 
 
+@final
 class RunLog:
     """Route :data:`log` to the console and, given a folder, ``log.txt`` (appended)."""
 

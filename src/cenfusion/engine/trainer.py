@@ -15,6 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
-from cenfusion.engine.distributed import DistInfo, init_distributed, resolve_device
+from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
 from cenfusion.engine.run import (
     BEST,
     LAST,
@@ -89,19 +90,25 @@ class Context:
         return DataLoader(dataset, **{**options, **kwargs})
 
     def open_folder(self, cfg: Any, resuming: bool, force: bool) -> RunFolder:
-        """Claim the run folder (after every check passed), log to it, save the config."""
-        folder = RunFolder.open(cfg.run_dir, resuming, force, self.dist.is_main)
-        if self.dist.is_main:
+        """Claim the run folder (after every check passed), log to it, save the config.
+
+        The main process decides and writes; the others learn its verdict (or its error).
+        """
+
+        def claim() -> Path:
+            folder = RunFolder.open(cfg.run_dir, resuming, force)
             self.run_log.add_file(folder.path)
-        folder.save_config(cfg)
-        return folder
+            folder.save_config(cfg)
+            return folder.path
+
+        return RunFolder(on_main(claim), self.dist.is_main)
 
 
 @contextlib.contextmanager
 def prepare(cfg: Any) -> Iterator[Context]:
     """Validate ``cfg``, join the process group, choose the device, seed, start logging."""
     cfg.validate()
-    dist_info = init_distributed()
+    dist_info = init_distributed(cuda=cfg.device != "cpu")
     device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
     seed_everything(cfg.seed + dist_info.rank)
     with RunLog(None, dist_info.is_main) as run_log:

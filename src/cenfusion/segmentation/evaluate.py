@@ -28,13 +28,13 @@ from torch.utils.data import DataLoader
 
 from cenfusion.engine.distributed import resolve_device
 from cenfusion.engine.run import append_metrics, log
-from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.engine.trainer import Precision
+from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
+from cenfusion.segmentation.build import build_dataset, check_model_fits, config_for
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.predict import load_segmenter, resize_input
-from cenfusion.segmentation.build import build_dataset, check_model_fits, config_for
 from cenfusion.segmentation.train import Scores, evaluate
 
 #: The scales of the multi-scale protocol of the modern RGB-D papers.

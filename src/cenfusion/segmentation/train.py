@@ -20,7 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
-from cenfusion.engine.run import RunFolder, log
+from cenfusion.engine.run import log
 from cenfusion.engine.trainer import BestScore, Context, Precision, Recipe, fit, prepare
 from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities

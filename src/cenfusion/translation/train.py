@@ -37,7 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 from cenfusion.data.taskonomy import DOMAINS, TaskonomyDataset, ensure_synthetic_taskonomy
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.distributed import on_main
-from cenfusion.engine.run import BEST, LAST, RunFolder, log
+from cenfusion.engine.run import BEST, LAST, log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchange_stats, sparsity_penalty, stack_modalities
@@ -234,8 +234,7 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
         state = load_checkpoint(resume, task=TASK) if resume is not None else None
         loaders = (_train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
         recipe = TranslationRecipe(cfg, ctx, loaders)
-        claimed = on_main(lambda: ctx.open_folder(cfg, state is not None, force).path)
-        folder = RunFolder(claimed, ctx.dist.is_main)
+        folder = ctx.open_folder(cfg, resuming=state is not None, force=force)
         inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
         processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
         log.info(f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; {len(train_set)} train / "
@@ -270,9 +269,9 @@ def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict
                            f"--img-types names {len(cfg.inputs)}")
         _, val_set = _datasets(cfg)
         epoch = int(state["epoch"])
+        folder = ctx.open_folder(cfg, resuming=True, force=False)
 
         def evaluate() -> dict[str, Any]:
-            folder = ctx.open_folder(cfg, resuming=True, force=False)
             evaluator = Evaluator(ctx.loader(val_set, cfg), ctx.device,
                                   _extractor(cfg, ctx.device), ctx.precision.autocast(),
                                   cfg.eval_dropout)
