@@ -1,0 +1,461 @@
+"""Speed of cenfusion's CEN RefineNet against the per-modality reference, on the same weights.
+
+    python benchmarks/seg_speed.py --depths 50 101 [--device cuda] [--amp none bf16]
+        [--channels-last] [--compile] [--onnx model.onnx] [--json results.json]
+
+First checks, in this process, that cenfusion and the per-modality reference
+(``reference_cen.py``: the released way of computing) give the same outputs on the same
+weights, in eval and in training mode. Then times each case in a fresh subprocess (same seed,
+same weights): inference (eval, no grad) and a training step (forward, cross-entropy on every
+head plus the L1 sparsity term, backward, SGD). Rows: the reference and cenfusion in fp32,
+then cenfusion with the requested fast paths (one row per ``--amp`` value). Reported: median
+step time after warm-up, images/s, peak memory (CPU: the subprocess's max RSS; CUDA:
+``max_memory_allocated``), FLOPs per image (torch's FLOP counter) and the achieved rate
+against a matrix-product peak measured in the same run. Prints a markdown table; ``--json``
+writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from reference_cen import ReferenceCEN
+from torch.utils.flop_counter import FlopCounterMode
+
+from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion.fusion import exchanging_norms
+from cenfusion.models.refinenet import CENRefineNet
+
+DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAMDA = 2e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--depths", type=int, nargs="+", default=[50], choices=[50, 101, 152])
+    p.add_argument("--cases", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--infer-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"))
+    p.add_argument("--infer-batch", type=int, default=1)
+    p.add_argument("--train-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--modalities", type=int, default=2)
+    p.add_argument("--num-classes", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--channels-last", action="store_true", help="fast path: NHWC memory format")
+    p.add_argument(
+        "--amp",
+        nargs="+",
+        default=["none"],
+        choices=list(DTYPES),
+        help="fast path: autocast dtype, one row each (fp16 with GradScaler, cuda only)",
+    )
+    p.add_argument("--compile", action="store_true", help="fast path: torch.compile")
+    p.add_argument(
+        "--onnx", default=None, help="an exported .onnx: an inference row via onnxruntime"
+    )
+    p.add_argument("--check-size", type=int, nargs=2, default=[64, 96], metavar=("H", "W"))
+    p.add_argument("--json", default=None, help="write every number here")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if "fp16" in args.amp and args.device != "cuda":
+        p.error("--amp fp16 needs --device cuda (bf16 is the CPU's half precision)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible to torch")
+    return args
+
+
+def build_model(depth: int, args: argparse.Namespace, device: torch.device) -> CENRefineNet:
+    """The benchmark's network, identical in every process: seeded, with exchange active.
+
+    Half of each modality's penalised gammas are set to zero, as after sparsity training, so
+    the exchange really copies channels.
+    """
+    torch.manual_seed(0)
+    model = create_cen_refinenet(
+        depth=depth, num_classes=args.num_classes, num_modalities=args.modalities
+    )
+    with torch.no_grad():
+        for _, norm in exchanging_norms(model):
+            every_other = torch.arange(norm.num_features, device=norm.weight.device) % 2 == 0
+            norm.weight[norm.penalty_mask & every_other] = 0.0
+    return model.to(device)
+
+
+def make_inputs(batch: int, size: list[int], args: argparse.Namespace, device: torch.device):
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(batch, 3, *size, generator=gen) for _ in range(args.modalities)]
+    target = torch.randint(
+        0, args.num_classes, (batch, -(-size[0] // 4), -(-size[1] // 4)), generator=gen
+    )
+    return [x.to(device) for x in xs], target.to(device)
+
+
+def check_same(depth: int, args: argparse.Namespace, device: torch.device) -> float:
+    """Largest difference between cenfusion and the reference, relative to the output scale.
+
+    Eval mode, then training mode with dropout off (its masks are random). TF32 is off for
+    the check so both sides compute in fp32. Raises ``SystemExit`` if they differ.
+    """
+    model = build_model(depth, args, device)
+    reference = ReferenceCEN(copy.deepcopy(model))
+    xs, _ = make_inputs(2, args.check_size, args, device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    worst = 0.0
+    try:
+        for training in (False, True):
+            model.train(training), reference.train(training)
+            model.decoder.dropout.p = reference.dropout.p = 0.0
+            with torch.no_grad():
+                for ours, theirs in zip(model(xs), reference(xs)):
+                    diff = float((ours - theirs).abs().max() / theirs.abs().max())
+                    worst = max(worst, diff)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    if not worst < 1e-4:
+        raise SystemExit(f"R{depth}: cenfusion and the reference differ ({worst:.2e} relative)")
+    return worst
+
+
+def variant(case: dict) -> str:
+    parts = ["fp32" if case["amp"] == "none" else case["amp"]]
+    parts += [flag.replace("_", "-") for flag in ("channels_last", "compile") if case[flag]]
+    return "+".join(parts)
+
+
+def make_step(forward: Callable, module, penalty: Callable, case: dict, args, device):
+    """One inference call or one training step of ``forward`` on fixed random inputs."""
+    train = case["mode"] == "train"
+    batch, size = (
+        (args.train_batch, args.train_size) if train else (args.infer_batch, args.infer_size)
+    )
+    xs, target = make_inputs(batch, size, args, device)
+    if case["channels_last"]:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    amp = case["amp"]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=DTYPES[amp], enabled=amp != "none")
+
+    module.train(train)
+    if not train:
+
+        def infer() -> None:
+            with torch.no_grad(), autocast():
+                forward(xs)
+
+        return infer
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def step() -> None:
+        with autocast():
+            outs = forward(xs)
+            loss = sum(F.cross_entropy(o.float(), target) for o in outs) + penalty()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def time_steps(step: Callable, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
+    """A step of ``torch.compile(module)``, or of the eager module if compiling fails."""
+    try:
+        step = make(torch.compile(module))
+        step()
+        return step, None
+    except Exception as err:  # noqa: BLE001 (any compiler failure falls back to eager)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        note = f"torch.compile failed ({type(err).__name__}: {first}); timed eager"
+        print(note, file=sys.stderr)
+        return make(module), note
+
+
+def run_case(case: dict, args: argparse.Namespace) -> dict:
+    """Time one case in this (fresh) process and return its row."""
+    device = torch.device(args.device)
+    if args.onnx and case["impl"] == "onnx":
+        return run_onnx(case, args)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and variant(case) != "fp32"
+    model = build_model(case["depth"], args, device)
+    if case["impl"] == "reference":
+        module = ReferenceCEN(model)
+    elif case["channels_last"]:
+        module = model.to(memory_format=torch.channels_last)
+    else:
+        module = model
+
+    def penalty() -> torch.Tensor:
+        if case["impl"] == "reference":
+            return module.sparsity_penalty(LAMDA)
+        return sparsity_penalty(module, LAMDA)
+
+    def make(forward: Callable) -> Callable:
+        return make_step(forward, module, penalty, case, args, device)
+
+    step, note = compiled_or_eager(module, make) if case["compile"] else (make(module), None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, device, args.warmup, args.repeats)
+    peak = peak_memory_mib(device)
+    with FlopCounterMode(display=False) as counter:
+        (make(module) if case["compile"] else step)()
+    batch = args.train_batch if case["mode"] == "train" else args.infer_batch
+    median = statistics.median(times)
+    return {
+        **case,
+        "variant": variant(case),
+        "times_s": times,
+        "median_s": median,
+        "images_per_s": batch / median,
+        "peak_mib": peak,
+        "flops_per_image": counter.get_total_flops() / batch,
+        "note": note,
+    }
+
+
+def run_onnx(case: dict, args: argparse.Namespace) -> dict:
+    """Inference through onnxruntime on the exported file's own weights (not checked)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {**case, "variant": "onnxruntime", "error": "onnxruntime not installed: skipped"}
+    wanted = ["CUDAExecutionProvider"] if args.device == "cuda" else []
+    providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(args.onnx, options, providers=providers)
+    names = [i.name for i in session.get_inputs()]
+    xs, _ = make_inputs(args.infer_batch, args.infer_size, args, torch.device("cpu"))
+    if len(names) != len(xs):
+        return {
+            **case,
+            "variant": "onnxruntime",
+            "error": f"{args.onnx}: {len(names)} inputs, expected {len(xs)} modalities",
+        }
+    feeds = {name: x.numpy() for name, x in zip(names, xs)}
+    times = time_steps(
+        lambda: session.run(None, feeds), torch.device("cpu"), args.warmup, args.repeats
+    )
+    median = statistics.median(times)
+    return {
+        **case,
+        "variant": f"onnxruntime ({session.get_providers()[0]})",
+        "times_s": times,
+        "median_s": median,
+        "images_per_s": args.infer_batch / median,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "note": None,
+    }
+
+
+def cases(args: argparse.Namespace) -> list[dict]:
+    """Reference and cenfusion in fp32, then one fast-path row per ``--amp`` value."""
+    out = []
+    fast = args.channels_last or args.compile
+    for depth in args.depths:
+        for mode in args.cases:
+            base = {
+                "depth": depth,
+                "mode": mode,
+                "channels_last": False,
+                "amp": "none",
+                "compile": False,
+            }
+            out += [{**base, "impl": "reference"}, {**base, "impl": "cenfusion"}]
+            out += [
+                {
+                    **base,
+                    "impl": "cenfusion",
+                    "channels_last": args.channels_last,
+                    "amp": amp,
+                    "compile": args.compile,
+                }
+                for amp in args.amp
+                if fast or amp != "none"
+            ]
+            if mode == "infer" and args.onnx:
+                out.append({**base, "impl": "onnx"})
+    return out
+
+
+def spawn(case: dict) -> dict:
+    """Run one case in a fresh subprocess of this script (its own peak memory)."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--case", json.dumps(case)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    sys.stderr.write(proc.stderr[-3000:])
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {**case, "variant": variant(case), "error": f"exit {proc.returncode}: {last}"}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product: the machine's practical peak.
+
+    On CUDA the fp32 product uses TF32 exactly when cuDNN's convolutions do (torch's default).
+    """
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        return 2 * n**3 / statistics.median(time_steps(lambda: a @ b, device, 2, 5))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
+    """Speed relative to the reference row of the same case, and FLOP rate against the peak."""
+    for row in rows:
+        if "error" in row:
+            continue
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["impl"] == "reference"
+                and r["depth"] == row["depth"]
+                and r["mode"] == row["mode"]
+                and "error" not in r
+            ),
+            None,
+        )
+        row["vs_reference"] = row["images_per_s"] / ref["images_per_s"] if ref else None
+        flops = row.get("flops_per_image") or (ref or {}).get("flops_per_image")
+        row["flop_rate"] = flops * row["images_per_s"] if flops else None
+        peak = peaks.get(row["amp"])
+        row["of_matmul_peak"] = row["flop_rate"] / peak if peak and row["flop_rate"] else None
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    def num(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    sizes = {
+        "infer": f"{args.infer_batch}x{args.infer_size[0]}x{args.infer_size[1]}",
+        "train": f"{args.train_batch}x{args.train_size[0]}x{args.train_size[1]}",
+    }
+    lines = [
+        (
+            "| net | case | impl | variant | median s | images/s | x reference | peak MiB "
+            "| GFLOP/image | GFLOP/s | of matmul peak |"
+        ),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = f"| R{r['depth']} | {r['mode']} {sizes[r['mode']]} | {r['impl']} | {r['variant']} |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} |||||||")
+            continue
+        flops = r.get("flops_per_image")
+        lines.append(
+            f"{head} {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
+            f"{num(r['vs_reference'], '.2f')} | {r['peak_mib']:.0f} | "
+            f"{num(flops and flops / 1e9, '.1f')} | {num(r['flop_rate'] and r['flop_rate'] / 1e9, '.1f')} | "
+            f"{num(r['of_matmul_peak'] and 100 * r['of_matmul_peak'], '.1f')}% |"
+        )
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case), args)))
+        return
+    device = torch.device(args.device)
+    checks = {depth: check_same(depth, args, device) for depth in args.depths}
+    for depth, diff in checks.items():
+        print(
+            f"R{depth}: cenfusion == reference (eval and train), max relative diff {diff:.1e}",
+            file=sys.stderr,
+        )
+    peaks = {amp: matmul_peak(device, DTYPES[amp]) for amp in {"none", *args.amp}}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows = []
+    for case in cases(args):
+        rows.append(spawn(case))
+        r = rows[-1]
+        done = r.get("error") or f"{r['median_s']:.3f} s, {r['images_per_s']:.2f} images/s"
+        print(
+            f"R{case['depth']} {case['mode']} {case['impl']} {r['variant']}: {done}",
+            file=sys.stderr,
+        )
+    add_ratios(rows, peaks)
+    meta = {
+        "machine": machine(device),
+        "device": args.device,
+        "torch": torch.__version__,
+        "matmul_peak_flops": peaks,
+        "max_relative_diff": checks,
+        "args": vars(args),
+    }
+    print(
+        f"\n{meta['machine']}, torch {torch.__version__}; matmul peak "
+        + ", ".join(
+            f"{k if k != 'none' else 'fp32'} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()
+        )
+    )
+    print(table(rows, args))
+    for r in rows:
+        if r.get("note"):
+            print(f"- R{r['depth']} {r['mode']} {r['variant']}: {r['note']}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"meta": meta, "rows": rows}, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
