@@ -1,17 +1,27 @@
-"""cenfusion: deep multimodal fusion by channel exchanging (CEN) for dense prediction."""
+"""cenfusion: deep multimodal fusion by channel exchanging (CEN) for dense prediction.
+
+The public names below are imported on first use, so that ``import cenfusion`` (and the
+``cen`` command's ``--help``) does not pay for torch and timm until a model is needed.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from cenfusion.errors import CenError
-from cenfusion.fusion import (
-    AlphaEnsemble,
-    ModalityBatchNorm2d,
-    ModalityInstanceNorm2d,
-    convert,
-    exchange_stats,
-    sparsity_penalty,
-)
-from cenfusion.models.official import load_official_checkpoint
-from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
-from cenfusion.models.registry import create_model, list_models
+
+_LAZY = {
+    "AlphaEnsemble": "cenfusion.fusion",
+    "ModalityBatchNorm2d": "cenfusion.fusion",
+    "ModalityInstanceNorm2d": "cenfusion.fusion",
+    "convert": "cenfusion.fusion",
+    "exchange_stats": "cenfusion.fusion",
+    "sparsity_penalty": "cenfusion.fusion",
+    "load_official_checkpoint": "cenfusion.models.official",
+    "CENRefineNet": "cenfusion.models.refinenet",
+    "create_cen_refinenet": "cenfusion.models.refinenet",
+    "create_model": "cenfusion.models.registry",
+    "list_models": "cenfusion.models.registry",
+}
 
 __all__ = [
     "AlphaEnsemble",
@@ -27,3 +37,11 @@ __all__ = [
     "load_official_checkpoint",
     "sparsity_penalty",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cenfusion' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
