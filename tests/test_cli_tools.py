@@ -1,5 +1,7 @@
 """The small commands around training: report, info, export, data check."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,13 @@ def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
 def test_report_of_a_missing_run_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """``cen --help`` must answer at once: building the parser imports neither torch nor timm."""
+    code = (
+        "import sys; from cenfusion.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

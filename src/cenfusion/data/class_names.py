@@ -32,6 +32,33 @@ SUN37_CLASSES: tuple[str, ...] = (
     "lamp", "bathtub", "bag",
 )  # fmt: skip
 
+#: Classes of the embedded synthetic RGB-D set (:mod:`cenfusion.data.synthetic` draws them).
+SYNTHETIC_CLASSES = (
+    "wall",
+    "floor",
+    "ceiling",
+    "poster",
+    "cabinet",
+    "rug",
+    "crate",
+    "block",
+    "sign-a",
+    "sign-b",
+)
+#: Taskonomy domains by released ``img-type`` index.
+TASKONOMY_DOMAINS: tuple[str, ...] = (
+    "rgb",
+    "normal",
+    "reshading",
+    "depth_euclidean",
+    "depth_zbuffer",
+    "principal_curvature",
+    "edge_occlusion",
+    "edge_texture",
+    "segment_unsup2d",
+    "segment_unsup25d",
+)
+
 CLASSES_FILE = "classes.txt"
 SYNTHETIC_MARKER = "cenfusion-synthetic.json"
 

@@ -80,21 +80,11 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import zoom
 
+from cenfusion.data.class_names import SYNTHETIC_CLASSES
 from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.errors import CenError
 
-CLASS_NAMES = (
-    "wall",
-    "floor",
-    "ceiling",
-    "poster",
-    "cabinet",
-    "rug",
-    "crate",
-    "block",
-    "sign-a",
-    "sign-b",
-)
+CLASS_NAMES = SYNTHETIC_CLASSES
 WALL, FLOOR, CEILING, POSTER, CABINET, RUG, CRATE, BLOCK, SIGN_A, SIGN_B = range(len(CLASS_NAMES))
 #: The classes only a fusion of RGB and depth features can tell apart (module docstring).
 INTERACTION_CLASSES = (SIGN_A, SIGN_B)

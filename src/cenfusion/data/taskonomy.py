@@ -48,6 +48,7 @@ from scipy import ndimage
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cenfusion.data.class_names import TASKONOMY_DOMAINS
 from cenfusion.data.download import download_many
 from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.data.synthetic import (
@@ -81,18 +82,7 @@ __all__ = [
 ]
 
 #: CEN's ``--img-types`` table: index -> Taskonomy domain.
-DOMAINS: tuple[str, ...] = (
-    "rgb",
-    "normal",
-    "reshading",
-    "depth_euclidean",
-    "depth_zbuffer",
-    "principal_curvature",
-    "edge_occlusion",
-    "edge_texture",
-    "segment_unsup2d",
-    "segment_unsup25d",
-)
+DOMAINS = TASKONOMY_DOMAINS
 #: Domains that can be downloaded and read: the table plus semantic segmentation.
 KNOWN_DOMAINS: tuple[str, ...] = (*DOMAINS, "segment_semantic")
 #: Domains whose file names spell the domain differently from their folder.

@@ -79,10 +79,8 @@ def add_config_flags(
             continue
         meta = field.metadata
         kind, many = _flag_type(hints[field.name])
-        default = field.default
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         names = (flag_name(field.name), *meta["aliases"])
-        common = {"dest": field.name, "default": None, "help": f"{meta['help']} ({shown})"}
+        common = {"dest": field.name, "default": None, "help": _help(meta["help"], field.default)}
         if kind is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
             continue
@@ -93,9 +91,22 @@ def add_config_flags(
             type=parse,
             nargs="+" if many else None,
             choices=meta["choices"],
-            metavar=meta["metavar"],
+            metavar=meta["metavar"] or (None if meta["choices"] else _METAVARS.get(kind)),
             **common,
         )
+
+
+_METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
+
+
+def _help(text: str, default: Any) -> str:
+    """The field's help with its default, as the flag's reader needs it."""
+    if default is None or default == ():
+        return text
+    if isinstance(default, bool):
+        return f"{text} (default: {'on' if default else 'off'})"
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{text} (default: {shown})"
 
 
 def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:

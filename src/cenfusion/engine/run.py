@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, final
-
-import numpy as np
-import torch
 
 from cenfusion.engine.config import dump_yaml, setting
 from cenfusion.errors import CenError
@@ -104,9 +100,7 @@ class RunFolder:
         self.is_main = is_main
 
     @classmethod
-    def open(
-        cls, path: Path, resuming: bool, force: bool, is_main: bool = True
-    ) -> RunFolder:
+    def open(cls, path: Path, resuming: bool, force: bool, is_main: bool = True) -> RunFolder:
         """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
 
         Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
@@ -189,23 +183,3 @@ class RunLog:
         for handler in self.handlers:
             log.removeHandler(handler)
             handler.close()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global random states as tensors and lists (loadable with ``weights_only``)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -25,15 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
+from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
     LAST,
     RunFolder,
     RunLog,
-    capture_rng,
     log,
-    restore_rng,
-    seed_everything,
 )
 from cenfusion.errors import CenError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from cenfusion.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from cenfusion.data.class_names import SYNTHETIC_CLASSES
 from cenfusion.engine.config import setting
 from cenfusion.engine.run import RunConfig
 from cenfusion.errors import CenError

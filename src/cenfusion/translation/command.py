@@ -9,17 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cenfusion.data.taskonomy import (
-    DEFAULT_BASE_URL,
-    DOMAINS,
-    generate_taskonomy_dataset,
-    prepare_taskonomy,
-)
+from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
 from cenfusion.engine.config import add_config_flags, given_flags
 from cenfusion.engine.run import add_run_flags, log, resume_path
 from cenfusion.errors import CenError
 from cenfusion.translation.config import TranslationConfig, load_config
-from cenfusion.translation.train import evaluate_run, train
 
 __all__ = ["add_i2i_parser", "add_taskonomy_data_parser", "config_from_args"]
 
@@ -59,6 +53,8 @@ def config_from_args(args: argparse.Namespace) -> TranslationConfig:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    from cenfusion.translation.train import evaluate_run, train
+
     cfg = config_from_args(args)
     resume = resume_path(args.resume, cfg.run_dir)
     if args.evaluate:
@@ -82,7 +78,7 @@ def add_taskonomy_data_parser(data_subparsers: argparse._SubParsersAction) -> No
         "--domains", nargs="+", default=["reshading", "edge_texture", "rgb"],
         help=f"names or img-type indices (default: reshading edge_texture rgb); {_TABLE}",
     )
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where <domain>/<file> lives")
+    p.add_argument("--base-url", help="where <domain>/<file> lives (the released host)")
     p.add_argument("--workers", type=int, default=4, help="parallel downloads")
     p.set_defaults(run=_run_taskonomy)
 
@@ -99,10 +95,15 @@ def add_taskonomy_data_parser(data_subparsers: argparse._SubParsersAction) -> No
 
 
 def _run_taskonomy(args: argparse.Namespace) -> None:
-    out = prepare_taskonomy(args.out, args.domains, args.base_url, args.workers)
+    from cenfusion.data.taskonomy import DEFAULT_BASE_URL, prepare_taskonomy
+
+    url = args.base_url or DEFAULT_BASE_URL
+    out = prepare_taskonomy(args.out, args.domains, url, args.workers)
     log.info(f"wrote {out}: {', '.join(args.domains)}; train.txt, val.txt")
 
 
 def _run_synthetic(args: argparse.Namespace) -> None:
+    from cenfusion.data.taskonomy import generate_taskonomy_dataset
+
     out = generate_taskonomy_dataset(args.out, args.num_train, args.num_val, args.size, args.seed)
     log.info(f"wrote {out}: {args.num_train} train / {args.num_val} val synthetic views")

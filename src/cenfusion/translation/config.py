@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cenfusion.data.taskonomy import DOMAINS
+from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
 from cenfusion.engine.config import (
     config_from_dict,
     config_to_dict,
