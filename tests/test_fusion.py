@@ -503,3 +503,43 @@ def test_four_modalities_take_the_mean_of_the_other_three() -> None:
     torch.testing.assert_close(out[0, 0], (y[1, 0] + y[2, 0] + y[3, 0]) / 3)
     torch.testing.assert_close(out[3, 1], (y[0, 1] + y[1, 1] + y[2, 1]) / 3)
     assert torch.equal(out[1:, 0], y[1:, 0]) and torch.equal(out[:3, 1], y[:3, 1])
+
+
+@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_traceable_path_matches_per_modality_reference(
+    num_modalities: int, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torch.compile`` the norms take whole-stack tensor operations instead."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    norm = random_norm(num_modalities)
+    x = torch.randn(num_modalities * 2, 7, 4, 5, generator=torch.Generator().manual_seed(6))
+    ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
+    assert_close(out, ref_out)
+    if setting != "eval":
+        assert_close(grad, ref_grad)
+        assert_close(norm.weight.grad, torch.stack([bn.weight.grad for bn in ref.norms]))
+    if setting == "train":
+        assert_close(norm.running_var, torch.stack([bn.running_var for bn in ref.norms]))
+    instance = ModalityInstanceNorm2d(7, num_modalities, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        instance.weight.copy_(norm.weight)
+        instance.bias.copy_(norm.bias)
+    _, out, ref_out, grad, ref_grad = run_both(instance, x, "train")
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+
+
+def test_compiles_to_the_same_function() -> None:
+    torch.manual_seed(7)
+    eager = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), random_norm(2), nn.ReLU()).train()
+    compiled_copy = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 6, 6)
+    out = eager(x)
+    out.sum().backward()
+    compiled_out = torch.compile(compiled_copy, backend="aot_eager")(x)
+    compiled_out.sum().backward()
+    assert_close(compiled_out, out)
+    for p, q in zip(eager.parameters(), compiled_copy.parameters()):
+        assert_close(q.grad, p.grad)
+    assert_close(compiled_copy[1].running_mean, eager[1].running_mean)

@@ -361,6 +361,17 @@ class ModalityNorm(nn.Module):
             self._plan_key = key
         return self._plan
 
+    def _traceable_exchange(self, y: Tensor) -> Tensor:
+        """The exchange as whole-stack tensor operations on ``y`` ``(M*B, C, H, W)``: the path
+        under ``torch.compile``, which fuses it and cannot trace the data-dependent plan."""
+        if not self.exchange:
+            return y
+        m = self.num_modalities
+        y5 = split_modalities(y, m)
+        takes = _per_channel(self.exchange_mask()[:, None], y.dim() - 2)
+        others = y5.flip(0) if m == 2 else (y5.sum(0, keepdim=True) - y5) / (m - 1)
+        return torch.where(takes, others, y5).view(y.shape)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, modalities={self.num_modalities}, eps={self.eps}, "
@@ -400,6 +411,21 @@ class ModalityBatchNorm2d(ModalityNorm):
         batch_stats = self.training and not self.frozen_stats
         if batch_stats:
             self.num_batches_tracked.add_(1)
+        if torch.compiler.is_compiling():
+            parts = [
+                F.batch_norm(
+                    part,
+                    self.running_mean[i],
+                    self.running_var[i],
+                    self.weight[i],
+                    self.bias[i],
+                    batch_stats,
+                    self.momentum,
+                    self.eps,
+                )
+                for i, part in enumerate(x.chunk(self.num_modalities))
+            ]
+            return self._traceable_exchange(torch.cat(parts))
         return _PrivateNormExchange.apply(
             x,
             self.weight,
@@ -444,6 +470,10 @@ class ModalityInstanceNorm2d(ModalityNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:
             return F.instance_norm(x, eps=self.eps)
+        if torch.compiler.is_compiling():
+            y = split_modalities(F.instance_norm(x, eps=self.eps), self.num_modalities)
+            scale, shift = (_per_channel(p[:, None], x.dim() - 2) for p in (self.weight, self.bias))
+            return self._traceable_exchange(torch.addcmul(shift, y, scale).view(x.shape))
         return _PrivateNormExchange.apply(
             x, self.weight, self.bias, None, "instance", 0.0, self.eps, self.exchange_plan()
         )
