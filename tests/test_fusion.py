@@ -331,6 +331,9 @@ def test_frozen_stats_use_and_keep_running_statistics() -> None:
     torch.testing.assert_close(train_out, norm.eval()(x))
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
 def random_norm(num_modalities: int, channels: int = 7, seed: int = 0) -> ModalityBatchNorm2d:
     """Random statistics and affine parameters; channel 0 exchanges in every modality,
     channel 1 in modality 0 only, channel 2 in the last only, the rest nowhere."""
@@ -354,7 +357,7 @@ def run_both(
     (``train``: batch statistics, ``frozen``: running statistics in training, ``eval``);
     backward of ``(out * weights).sum()`` unless ``eval``. Returns the reference, both
     outputs and both input gradients."""
-    ref = LoopNorm(norm)
+    ref = LoopNorm(norm).to(x.device)
     if isinstance(norm, ModalityBatchNorm2d):
         norm.frozen_stats = setting == "frozen"
     norm.train(setting != "eval")
@@ -365,22 +368,23 @@ def run_both(
     if setting == "eval":
         return ref, out, ref_out, None, None
     if weights is None:
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
     (out * weights).sum().backward()
     (ref_out * weights).sum().backward()
     return ref, out, ref_out, x_ours.grad, x_ref.grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
 @pytest.mark.parametrize("num_modalities", [2, 3, 4])
 def test_batch_norm_fast_paths_match_per_modality_reference(
-    num_modalities: int, setting: str, channels_last: bool
+    num_modalities: int, setting: str, channels_last: bool, device: str
 ) -> None:
-    norm = random_norm(num_modalities)
+    norm = random_norm(num_modalities).to(device)
     running = (norm.running_mean.clone(), norm.running_var.clone())
     x = 3 * torch.randn(num_modalities * 3, 7, 5, 6, generator=torch.Generator().manual_seed(2))
-    x = (x + 2).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = (x + 2).to(device, memory_format=torch.channels_last if channels_last else None)
     ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert_close(out, ref_out)
     if channels_last:
@@ -426,18 +430,19 @@ def assert_close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_bf16_autocast_matches_reference_within_bf16_tolerance(
-    num_modalities: int, setting: str
+    num_modalities: int, setting: str, device: str
 ) -> None:
-    norm = random_norm(num_modalities)
+    norm = random_norm(num_modalities).to(device)
     x = torch.randn(num_modalities * 2, 7, 6, 6, generator=torch.Generator().manual_seed(4))
-    x = x.bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = x.to(device, torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
         ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert out.dtype == torch.bfloat16
-    fp32_ref = LoopNorm(random_norm(num_modalities)).train(setting == "train")
+    fp32_ref = LoopNorm(random_norm(num_modalities)).to(device).train(setting == "train")
     assert_close_bf16(out, fp32_ref(x.float()))
     assert_close_bf16(out, ref_out)
     if setting != "eval":

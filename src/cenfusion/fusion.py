@@ -133,7 +133,8 @@ def _batch_norm(
         saved = torch.empty(weight.shape, dtype=_stat_dtype(x, weight), device=x.device)
         stats = (saved, torch.empty_like(saved))
     else:
-        unused = torch.empty((2, 0), dtype=_stat_dtype(x, weight), device=x.device)
+        empty = torch.empty(0, dtype=_stat_dtype(x, weight), device=x.device)
+        unused = (empty, empty.clone())
         stats = running
     for i in range(x.shape[0]):
         torch.ops.aten.native_batch_norm.out(
