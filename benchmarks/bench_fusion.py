@@ -97,7 +97,9 @@ def bench_norm(args: argparse.Namespace, device: torch.device, m: int, setting: 
     loop.train(setting == "train")
     stacked.frozen_stats = setting == "frozen"
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(m * args.batch, c, args.hw, args.hw, device=device).to(memory_format=fmt)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    x = torch.randn(m * args.batch, c, args.hw, args.hw, device=device)
+    x = x.to(dtype=dtype, memory_format=fmt)
     x.requires_grad_(setting != "eval")
     xs = [t.detach().requires_grad_(setting != "eval") for t in split_modalities(x, m)]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
@@ -168,7 +170,11 @@ def bench_model(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="bf16 autocast; the norms get bf16 inputs, as from a conv",
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--modalities", type=int, nargs="+", default=(2, 3, 4))
     parser.add_argument("--settings", nargs="+", default=("train", "frozen", "eval"))

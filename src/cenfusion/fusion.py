@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,15 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
     return (channel >= bounds[:-1, None]) & (channel < bounds[1:, None])
 
 
-ExchangePlan = tuple[Tensor, Tensor]
-"""Channels where some modality exchanges ``(E,)`` and which modalities take them ``(M, E)``."""
+class ExchangePlan(NamedTuple):
+    """Where channels are exchanged, found once per value of the gammas."""
+
+    channels: Tensor
+    """``(E,)`` channels where some modality takes the others' value."""
+    mask: Tensor
+    """``(M, E)`` which modalities take them."""
+    full_mask: Tensor
+    """``(M, C)`` the same over all channels."""
 
 
 def _per_channel(values: Tensor, spatial: int) -> Tensor:
@@ -77,33 +85,43 @@ def _per_channel(values: Tensor, spatial: int) -> Tensor:
     return values.view(*values.shape, *([1] * spatial))
 
 
-def _mix(y: Tensor, mask: Tensor) -> Tensor:
-    """The exchange on stacked values ``(M, B, E, ...)``: where ``mask`` ``(M, E)`` is set, a
-    modality takes the others' value (for two modalities an exact copy, else their mean)."""
+def _mix(y: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+    """The exchange of stacked values ``y`` ``(M, B, E, ...)`` into ``out`` (returned): where
+    ``mask`` ``(M, E)`` is set, a modality takes the others' value (for two modalities an
+    exact copy, else their mean). One elementwise pass per modality on its ``(B, E, ...)``
+    slice, whose layout the kernels handle well whatever the memory format."""
     m, spatial = y.shape[0], y.dim() - 3
-    if m == 2:
-        out = torch.empty_like(y)
-        for i in range(2):
-            torch.where(_per_channel(mask[i], spatial), y[1 - i], y[i], out=out[i])
-        return out
-    others = torch.add(y.sum(0) / (m - 1), y, alpha=-1 / (m - 1))
-    return torch.where(_per_channel(mask[:, None], spatial), others, y)
+    if m > 2:
+        mean_all = y[0] / (m - 1)
+        for i in range(1, m):
+            mean_all.add_(y[i], alpha=1 / (m - 1))
+    for i in range(m):
+        others = y[1 - i] if m == 2 else torch.add(mean_all, y[i], alpha=-1 / (m - 1))
+        torch.where(_per_channel(mask[i], spatial), others, y[i], out=out[i])
+    return out
 
 
-def _mix_grad(grad: Tensor, mask: Tensor) -> Tensor:
-    """Gradient of :func:`_mix`: each output's gradient goes back to the modalities that
-    provided its value. ``grad``: ``(M, B, E, ...)``, ``mask``: ``(M, E)``.
+def _mix_grad(grad: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+    """Gradient of :func:`_mix` into ``out`` (returned): each output's gradient goes back to
+    the modalities that provided its value. ``grad``: ``(M, B, E, ...)``, ``mask``: ``(M, E)``.
 
     With ``shared`` the gradient given away, ``sum_i mask_i * grad_i / (M - 1)``, a modality
     receives ``shared - grad / (M - 1)`` where it took the others' value and
     ``shared + grad`` where it kept its own: one pass for ``shared``, one for the result."""
     m, spatial = grad.shape[0], grad.dim() - 3
     share = _per_channel(mask.to(grad.dtype) / (m - 1), spatial)
+    coeff = torch.where(_per_channel(mask, spatial), -share, 1)
     shared = grad[0] * share[0]
     for i in range(1, m):
         shared.addcmul_(grad[i], share[i])
-    coeff = torch.where(_per_channel(mask, spatial), -share, 1)
-    return torch.addcmul(shared, grad, coeff[:, None])
+    for i in range(m):
+        torch.addcmul(shared, grad[i], coeff[i], out=out[i])
+    return out
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether channels are ``x``'s innermost axis in memory (channels-last layout)."""
+    return x.shape[1] > 1 and x.stride(1) == 1
 
 
 def _stat_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -192,7 +210,9 @@ def _batch_norm_grad(
             )
     if not batch_stats:
         scale = weight * torch.rsqrt(stats[1] + eps)
-        torch.mul(grad, _per_channel(scale, x.dim() - 3)[:, None], out=grad_x)
+        scale = _per_channel(scale, x.dim() - 3)
+        for i in range(x.shape[0]):
+            torch.mul(grad[i], scale[i], out=grad_x[i])
     return grad_x, grad_weight, grad_bias
 
 
@@ -244,8 +264,10 @@ def _instance_norm_grad(
 class _PrivateNormExchange(torch.autograd.Function):
     """Private norm, affine and exchange of a stacked batch with a hand-written backward.
 
-    The norm runs in native kernels straight into one stacked tensor; the exchange touches
-    only the planned channels, in place, forward and backward. ``mode``: ``"batch"``
+    The norm runs in native kernels straight into one stacked tensor. The exchange touches
+    only the planned channels, in place, forward and backward; where channels are the
+    innermost axis (channels-last), gathering them is slow and it runs over the whole stack
+    instead. ``mode``: ``"batch"``
     (BatchNorm with batch statistics), ``"running"`` (running statistics) or ``"instance"``.
     """
 
@@ -269,10 +291,16 @@ class _PrivateNormExchange(torch.autograd.Function):
             stats = _instance_norm(x5, weight, bias, eps, out5)
         else:
             stats = _batch_norm(x5, weight, bias, running, mode == "batch", momentum, eps, out5)
-        if plan is not None:
-            channels, mask = plan
-            out5.index_copy_(2, channels, _mix(out5.index_select(2, channels), mask))
-            ctx.save_for_backward(x, weight, *stats, channels, mask)
+        ctx.exchange = None if plan is None else "dense" if _channels_innermost(x) else "subset"
+        if ctx.exchange == "dense":
+            mixed = torch.empty_like(out)
+            _mix(out5, plan.full_mask, split_modalities(mixed, weight.shape[0]))
+            out = mixed
+            ctx.save_for_backward(x, weight, *stats, plan.full_mask)
+        elif ctx.exchange == "subset":
+            part = out5.index_select(2, plan.channels)
+            out5.index_copy_(2, plan.channels, _mix(part, plan.mask, torch.empty_like(part)))
+            ctx.save_for_backward(x, weight, *stats, plan.channels, plan.mask)
         else:
             ctx.save_for_backward(x, weight, *stats)
         ctx.mode, ctx.eps = mode, eps
@@ -289,11 +317,14 @@ class _PrivateNormExchange(torch.autograd.Function):
                 return _instance_norm_grad(g, inputs, w, s, ctx.eps)
             return _batch_norm_grad(g, inputs, w, s, ctx.mode == "batch", ctx.eps)
 
+        if ctx.exchange == "dense":
+            grad5 = _mix_grad(grad5, plan[0], torch.empty_like(x5, dtype=grad.dtype))
         grad_x, grad_weight, grad_bias = norm_grad(grad5, x5, weight, (mean, second))
-        if plan:
+        if ctx.exchange == "subset":
             channels, mask = plan
+            given = grad5.index_select(2, channels)
             part = norm_grad(
-                _mix_grad(grad5.index_select(2, channels), mask),
+                _mix_grad(given, mask, torch.empty_like(given)),
                 x5.index_select(2, channels),
                 weight[:, channels],
                 (mean.index_select(-1, channels), second.index_select(-1, channels)),
@@ -358,7 +389,7 @@ class ModalityNorm(nn.Module):
         if key != self._plan_key:
             mask = self.exchange_mask()
             channels = mask.any(0).nonzero().flatten()
-            self._plan = (channels, mask[:, channels]) if len(channels) else None
+            self._plan = ExchangePlan(channels, mask[:, channels], mask) if len(channels) else None
             self._plan_key = key
         return self._plan
 
