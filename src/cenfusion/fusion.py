@@ -210,7 +210,7 @@ def _batch_norm_grad(
             )
     if not batch_stats:
         scale = weight * torch.rsqrt(stats[1] + eps)
-        scale = _per_channel(scale, x.dim() - 3)
+        scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
         for i in range(x.shape[0]):
             torch.mul(grad[i], scale[i], out=grad_x[i])
     return grad_x, grad_weight, grad_bias
