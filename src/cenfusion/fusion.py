@@ -3,9 +3,11 @@
 Modalities travel stacked along the batch dimension: a tensor ``(M*B, C, H, W)``, modality
 major. Layers with weights (convolutions, linear layers) are shared and therefore need no
 change: one call processes every modality. Normalisation layers are private: the modules here
-view the batch as ``(M, B, C, H*W)`` and keep one set of statistics and affine parameters per
-modality, stored as ``(M, C)`` tensors so that normalisation, exchange and the sparsity
-penalty are single vectorised operations.
+view the batch as ``(M, B, C, H, W)`` and keep one set of statistics and affine parameters per
+modality, stored as ``(M, C)`` tensors. Normalisation runs in the native kernels, one per
+modality (or one for the whole stack with instance statistics), writing into one stacked
+output; the exchange then touches only the channels some modality exchanges, and a
+hand-written backward does the same, so the stack costs no more than a per-modality loop.
 
 Exchange (CEN, Eq. 6): where ``|gamma_m[c]| < threshold``, modality ``m`` replaces its own
 normalised channel ``c`` by the mean of the other modalities' normalised channel ``c``
