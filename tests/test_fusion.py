@@ -329,3 +329,222 @@ def test_frozen_stats_use_and_keep_running_statistics() -> None:
     train_out = norm.train()(x)
     assert torch.equal(norm.running_mean, before)
     torch.testing.assert_close(train_out, norm.eval()(x))
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def random_norm(num_modalities: int, channels: int = 7, seed: int = 0) -> ModalityBatchNorm2d:
+    """Random statistics and affine parameters; channel 0 exchanges in every modality,
+    channel 1 in modality 0 only, channel 2 in the last only, the rest nowhere."""
+    g = torch.Generator().manual_seed(seed)
+    norm = ModalityBatchNorm2d(channels, num_modalities, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.weight[:, 0] = torch.linspace(-0.05, 0.05, num_modalities)
+        norm.weight[0, 1] = 0.02
+        norm.weight[-1, 2] = -0.09
+        norm.bias.normal_(0, 0.5, generator=g)
+        norm.running_mean.normal_(0, 1, generator=g)
+        norm.running_var.uniform_(0.5, 2.0, generator=g)
+    return norm
+
+
+def run_both(
+    norm: ModalityNorm, x: torch.Tensor, setting: str, weights: torch.Tensor | None = None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``norm`` and its per-modality reference on copies of ``x`` in ``setting``
+    (``train``: batch statistics, ``frozen``: running statistics in training, ``eval``);
+    backward of ``(out * weights).sum()`` unless ``eval``. Returns the reference, both
+    outputs and both input gradients."""
+    ref = LoopNorm(norm).to(x.device)
+    if isinstance(norm, ModalityBatchNorm2d):
+        norm.frozen_stats = setting == "frozen"
+    norm.train(setting != "eval")
+    ref.train(setting == "train")
+    x_ours = x.detach().clone().requires_grad_(setting != "eval")
+    x_ref = x.detach().clone().requires_grad_(setting != "eval")
+    out, ref_out = norm(x_ours), ref(x_ref)
+    if setting == "eval":
+        return ref, out, ref_out, None, None
+    if weights is None:
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    (out * weights).sum().backward()
+    (ref_out * weights).sum().backward()
+    return ref, out, ref_out, x_ours.grad, x_ref.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("num_modalities", [2, 3, 4])
+def test_batch_norm_fast_paths_match_per_modality_reference(
+    num_modalities: int, setting: str, channels_last: bool, device: str
+) -> None:
+    norm = random_norm(num_modalities).to(device)
+    running = (norm.running_mean.clone(), norm.running_var.clone())
+    x = 3 * torch.randn(num_modalities * 3, 7, 5, 6, generator=torch.Generator().manual_seed(2))
+    x = (x + 2).to(device, memory_format=torch.channels_last if channels_last else None)
+    ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
+    assert_close(out, ref_out)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if setting != "eval":
+        assert_close(grad, ref_grad)
+        for name in ("weight", "bias"):
+            expected = torch.stack([getattr(bn, name).grad for bn in ref.norms])
+            assert_close(getattr(norm, name).grad, expected)
+    if setting == "train":
+        assert int(norm.num_batches_tracked) == 1
+        assert_close(norm.running_mean, torch.stack([bn.running_mean for bn in ref.norms]))
+        assert_close(norm.running_var, torch.stack([bn.running_var for bn in ref.norms]))
+    else:
+        assert torch.equal(norm.running_mean, running[0])
+        assert torch.equal(norm.running_var, running[1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("num_modalities", [2, 4])
+def test_instance_norm_fast_path_matches_per_modality_reference(
+    num_modalities: int, channels_last: bool
+) -> None:
+    torch.manual_seed(3)
+    norm = ModalityInstanceNorm2d(6, num_modalities, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.weight[:, 0] = 0.0
+        norm.weight[1, 3] = 0.05
+        norm.bias.normal_()
+    x = torch.randn(num_modalities * 2, 6, 5, 7) * 2 + 1
+    x = x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref, out, ref_out, grad, ref_grad = run_both(norm, x, "train")
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+    for name in ("weight", "bias"):
+        expected = torch.stack([getattr(n, name).grad for n in ref.norms])
+        assert_close(getattr(norm, name).grad, expected)
+
+
+def assert_close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
+    scale = float(b.detach().abs().max())
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_bf16_autocast_matches_reference_within_bf16_tolerance(
+    num_modalities: int, setting: str, device: str
+) -> None:
+    norm = random_norm(num_modalities).to(device)
+    x = torch.randn(num_modalities * 2, 7, 6, 6, generator=torch.Generator().manual_seed(4))
+    x = x.to(device, torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
+    assert out.dtype == torch.bfloat16
+    fp32_ref = LoopNorm(random_norm(num_modalities)).to(device).train(setting == "train")
+    assert_close_bf16(out, fp32_ref(x.float()))
+    assert_close_bf16(out, ref_out)
+    if setting != "eval":
+        assert grad.dtype == torch.bfloat16
+        assert_close_bf16(grad, ref_grad)
+        expected = torch.stack([bn.weight.grad for bn in ref.norms])
+        assert_close_bf16(norm.weight.grad, expected)
+
+
+def test_exchange_follows_parameter_changes() -> None:
+    """The exchanged channels are cached; every way of changing gamma must refresh them."""
+    norm = random_norm(3).eval()
+    x = torch.randn(6, 7, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def check() -> None:
+        dtype = norm.weight.dtype
+        with torch.no_grad():
+            assert_close(norm(x.to(dtype)), LoopNorm(norm).to(dtype).eval()(x.to(dtype)))
+
+    check()
+    with torch.no_grad():
+        norm.weight[1, 5] = 0.0
+    check()
+    state = random_norm(3, seed=9).state_dict()
+    state["weight"][:, 6] = 0.0
+    norm.load_state_dict(state)
+    assert norm.exchange_plan()[0].tolist() == [0, 1, 2, 6]
+    check()
+    norm.weight.grad = torch.zeros_like(norm.weight)
+    norm.weight.grad[2, 4] = norm.weight[2, 4].item() / 0.5
+    torch.optim.SGD([norm.weight], lr=0.5).step()
+    assert norm.exchange_plan()[0].tolist() == [0, 1, 2, 4, 6]
+    check()
+    norm.double()
+    check()
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+    assert norm.exchange_plan() is None
+    check()
+
+
+def test_incoming_gradient_of_any_layout() -> None:
+    """Expanded (from ``sum``) and channels-last upstream gradients give the same result."""
+    norm = random_norm(2).train()
+    x = torch.randn(4, 7, 5, 5, requires_grad=True)
+    norm(x).sum().backward()
+    expanded = x.grad.clone()
+    x.grad = None
+    out = norm(x)
+    out.backward(torch.ones_like(out).to(memory_format=torch.channels_last))
+    torch.testing.assert_close(x.grad, expanded, rtol=0, atol=0)
+    ref = x.detach().clone().requires_grad_(True)
+    LoopNorm(norm).train()(ref).sum().backward()
+    assert_close(expanded, ref.grad)
+
+
+def test_four_modalities_take_the_mean_of_the_other_three() -> None:
+    gammas = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [4.0, 0.01]])
+    norm = hand_built_norm(gammas)
+    x = torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 2, 3, 3).contiguous()
+    out = norm(x)[:, :, 0, 0]
+    y = gammas * torch.arange(1.0, 5.0)[:, None]
+    torch.testing.assert_close(out[0, 0], (y[1, 0] + y[2, 0] + y[3, 0]) / 3)
+    torch.testing.assert_close(out[3, 1], (y[0, 1] + y[1, 1] + y[2, 1]) / 3)
+    assert torch.equal(out[1:, 0], y[1:, 0]) and torch.equal(out[:3, 1], y[:3, 1])
+
+
+@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("num_modalities", [2, 3])
+def test_traceable_path_matches_per_modality_reference(
+    num_modalities: int, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torch.compile`` the norms take whole-stack tensor operations instead."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    norm = random_norm(num_modalities)
+    x = torch.randn(num_modalities * 2, 7, 4, 5, generator=torch.Generator().manual_seed(6))
+    ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
+    assert_close(out, ref_out)
+    if setting != "eval":
+        assert_close(grad, ref_grad)
+        assert_close(norm.weight.grad, torch.stack([bn.weight.grad for bn in ref.norms]))
+    if setting == "train":
+        assert_close(norm.running_var, torch.stack([bn.running_var for bn in ref.norms]))
+    instance = ModalityInstanceNorm2d(7, num_modalities, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        instance.weight.copy_(norm.weight)
+        instance.bias.copy_(norm.bias)
+    _, out, ref_out, grad, ref_grad = run_both(instance, x, "train")
+    assert_close(out, ref_out)
+    assert_close(grad, ref_grad)
+
+
+def test_compiles_to_the_same_function() -> None:
+    torch.manual_seed(7)
+    eager = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), random_norm(2), nn.ReLU()).train()
+    compiled_copy = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 6, 6)
+    out = eager(x)
+    out.sum().backward()
+    compiled_out = torch.compile(compiled_copy, backend="aot_eager")(x)
+    compiled_out.sum().backward()
+    assert_close(compiled_out, out)
+    for p, q in zip(eager.parameters(), compiled_copy.parameters()):
+        assert_close(q.grad, p.grad)
+    assert_close(compiled_copy[1].running_mean, eager[1].running_mean)

@@ -3,9 +3,11 @@
 Modalities travel stacked along the batch dimension: a tensor ``(M*B, C, H, W)``, modality
 major. Layers with weights (convolutions, linear layers) are shared and therefore need no
 change: one call processes every modality. Normalisation layers are private: the modules here
-view the batch as ``(M, B, C, H*W)`` and keep one set of statistics and affine parameters per
-modality, stored as ``(M, C)`` tensors so that normalisation, exchange and the sparsity
-penalty are single vectorised operations.
+view the batch as ``(M, B, C, H, W)`` and keep one set of statistics and affine parameters per
+modality, stored as ``(M, C)`` tensors. Normalisation runs in the native kernels, one per
+modality (or one for the whole stack with instance statistics), writing into one stacked
+output; the exchange then touches only the channels some modality exchanges, and a
+hand-written backward does the same, so the stack costs no more than a per-modality loop.
 
 Exchange (CEN, Eq. 6): where ``|gamma_m[c]| < threshold``, modality ``m`` replaces its own
 normalised channel ``c`` by the mean of the other modalities' normalised channel ``c``
@@ -20,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +73,279 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
     return (channel >= bounds[:-1, None]) & (channel < bounds[1:, None])
 
 
-class ModalityNorm(nn.Module):
-    """Shared part of the private norms: ``(M, C)`` affine parameters and the exchange.
+class ExchangePlan(NamedTuple):
+    """Where channels are exchanged, found once per value of the gammas."""
 
-    Subclasses normalise; the per-modality affine transform is one broadcast operation on the
-    ``(M, B, C, H*W)`` view of the stacked batch, and the exchange one gather along its
-    modality axis: for two modalities an exact copy of the other modality's channel, for
-    more the mean of the others.
+    channels: Tensor
+    """``(E,)`` channels where some modality takes the others' value."""
+    mask: Tensor
+    """``(M, E)`` which modalities take them."""
+    full_mask: Tensor
+    """``(M, C)`` the same over all channels."""
+
+
+def _per_channel(values: Tensor, spatial: int) -> Tensor:
+    """``values`` (last axis: channels) with ``spatial`` unit axes appended, to broadcast
+    against tensors whose channel axis is followed by that many spatial axes."""
+    return values.view(*values.shape, *([1] * spatial))
+
+
+def _mix(y: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+    """The exchange of stacked values ``y`` ``(M, B, E, ...)`` into ``out`` (returned): where
+    ``mask`` ``(M, E)`` is set, a modality takes the others' value (for two modalities an
+    exact copy, else their mean). One elementwise pass per modality on its ``(B, E, ...)``
+    slice, whose layout the kernels handle well whatever the memory format."""
+    m, spatial = y.shape[0], y.dim() - 3
+    if m > 2:
+        mean_all = y[0] / (m - 1)
+        for i in range(1, m):
+            mean_all.add_(y[i], alpha=1 / (m - 1))
+    for i in range(m):
+        others = y[1 - i] if m == 2 else torch.add(mean_all, y[i], alpha=-1 / (m - 1))
+        torch.where(_per_channel(mask[i], spatial), others, y[i], out=out[i])
+    return out
+
+
+def _mix_grad(grad: Tensor, mask: Tensor, out: Tensor) -> Tensor:
+    """Gradient of :func:`_mix` into ``out`` (returned): each output's gradient goes back to
+    the modalities that provided its value. ``grad``: ``(M, B, E, ...)``, ``mask``: ``(M, E)``.
+
+    With ``shared`` the gradient given away, ``sum_i mask_i * grad_i / (M - 1)``, a modality
+    receives ``shared - grad / (M - 1)`` where it took the others' value and
+    ``shared + grad`` where it kept its own: one pass for ``shared``, one for the result."""
+    m, spatial = grad.shape[0], grad.dim() - 3
+    share = _per_channel(mask.to(grad.dtype) / (m - 1), spatial)
+    coeff = torch.where(_per_channel(mask, spatial), -share, 1)
+    shared = grad[0] * share[0]
+    for i in range(1, m):
+        shared.addcmul_(grad[i], share[i])
+    for i in range(m):
+        torch.addcmul(shared, grad[i], coeff[i], out=out[i])
+    return out
+
+
+def _channels_innermost(x: Tensor) -> bool:
+    """Whether channels are ``x``'s innermost axis in memory (channels-last layout)."""
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _stat_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """dtype of the batch statistics the native BatchNorm kernel saves: the parameters' on
+    CPU; elsewhere the input's, accumulated in float32 when it is half precision."""
+    if x.device.type == "cpu":
+        return weight.dtype
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _batch_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running: tuple[Tensor, Tensor],
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Private BatchNorms of ``x`` ``(M, B, C, H, W)`` into ``out``, one native kernel per
+    modality. With ``batch_stats`` the running statistics are updated exactly as in
+    ``nn.BatchNorm2d`` and the saved ``(M, C)`` batch mean and invstd are returned; otherwise
+    each kernel applies its modality's statistics and affine parameters folded into one scale
+    and shift per channel, and the running statistics are returned."""
+    if batch_stats:
+        saved = torch.empty(weight.shape, dtype=_stat_dtype(x, weight), device=x.device)
+        stats = (saved, torch.empty_like(saved))
+    else:
+        empty = torch.empty(0, dtype=_stat_dtype(x, weight), device=x.device)
+        unused = (empty, empty.clone())
+        stats = running
+    for i in range(x.shape[0]):
+        torch.ops.aten.native_batch_norm.out(
+            x[i],
+            weight[i],
+            bias[i],
+            running[0][i],
+            running[1][i],
+            batch_stats,
+            momentum,
+            eps,
+            out=out[i],
+            save_mean=stats[0][i] if batch_stats else unused[0],
+            save_invstd=stats[1][i] if batch_stats else unused[1],
+        )
+    return stats
+
+
+def _batch_norm_grad(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stats: tuple[Tensor, Tensor],
+    batch_stats: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Native BatchNorm backward per modality on ``(M, B, C, ...)`` stacks. ``stats``: the
+    saved batch ``(mean, invstd)``, or ``(running_mean, running_var)`` when they were used;
+    ``(M, C)`` each. Returns the gradients of ``x`` (stacked), ``weight`` and ``bias``.
+    With running statistics the input gradient is one scale per modality and channel, applied
+    to the whole stack at once; the kernels only reduce for the parameters."""
+    grad_x = torch.empty_like(x)
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.empty_like(weight)
+    for i in range(x.shape[0]):
+        pair = (stats[0][i], stats[1][i])
+        if batch_stats:
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad[i],
+                x[i],
+                weight[i],
+                None,
+                None,
+                *pair,
+                True,
+                eps,
+                [True, True, True],
+                out0=grad_x[i],
+                out1=grad_weight[i],
+                out2=grad_bias[i],
+            )
+        else:
+            _, grad_weight[i], grad_bias[i] = torch.ops.aten.native_batch_norm_backward(
+                grad[i], x[i], weight[i], *pair, None, None, False, eps, [False, True, True]
+            )
+    if not batch_stats:
+        scale = weight * torch.rsqrt(stats[1] + eps)
+        scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
+        for i in range(x.shape[0]):
+            torch.mul(grad[i], scale[i], out=grad_x[i])
+    return grad_x, grad_weight, grad_bias
+
+
+def _instance_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, out: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Private affine InstanceNorm of a contiguous ``x`` ``(M, B, C, ...)`` into ``out``: one
+    native BatchNorm over the ``(1, M*B*C, ...)`` view, every (sample, channel) its own group
+    with its modality's affine parameters. Returns the saved ``(M, B, C)`` mean and invstd."""
+    m, b, c = x.shape[:3]
+    mean = torch.empty((m, b, c), dtype=_stat_dtype(x, weight), device=x.device)
+    invstd = torch.empty_like(mean)
+    torch.ops.aten.native_batch_norm.out(
+        x.view(1, m * b * c, -1),
+        weight[:, None].expand(m, b, c).reshape(-1),
+        bias[:, None].expand(m, b, c).reshape(-1),
+        None,
+        None,
+        True,
+        0.0,
+        eps,
+        out=out.view(1, m * b * c, -1),
+        save_mean=mean.view(-1),
+        save_invstd=invstd.view(-1),
+    )
+    return mean, invstd
+
+
+def _instance_norm_grad(
+    grad: Tensor, x: Tensor, weight: Tensor, stats: tuple[Tensor, Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`_instance_norm`; ``stats``: its ``(M, B, C)`` mean and invstd."""
+    m, b, c = x.shape[:3]
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad.reshape(1, m * b * c, -1),
+        x.reshape(1, m * b * c, -1),
+        weight[:, None].expand(m, b, c).reshape(-1),
+        None,
+        None,
+        stats[0].reshape(-1),
+        stats[1].reshape(-1),
+        True,
+        eps,
+        [True, True, True],
+    )
+    return grad_x.view(x.shape), grad_weight.view(m, b, c).sum(1), grad_bias.view(m, b, c).sum(1)
+
+
+class _PrivateNormExchange(torch.autograd.Function):
+    """Private norm, affine and exchange of a stacked batch with a hand-written backward.
+
+    The norm runs in native kernels straight into one stacked tensor. The exchange touches
+    only the planned channels, in place, forward and backward; where channels are the
+    innermost axis (channels-last), gathering them is slow and it runs over the whole stack
+    instead. ``mode``: ``"batch"``
+    (BatchNorm with batch statistics), ``"running"`` (running statistics) or ``"instance"``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running: tuple[Tensor, Tensor] | None,
+        mode: str,
+        momentum: float,
+        eps: float,
+        plan: ExchangePlan | None,
+    ) -> Tensor:
+        if mode == "instance":
+            x = x.contiguous()
+        out = torch.empty_like(x)
+        x5, out5 = split_modalities(x, weight.shape[0]), split_modalities(out, weight.shape[0])
+        if mode == "instance":
+            stats = _instance_norm(x5, weight, bias, eps, out5)
+        else:
+            stats = _batch_norm(x5, weight, bias, running, mode == "batch", momentum, eps, out5)
+        ctx.exchange = None if plan is None else "dense" if _channels_innermost(x) else "subset"
+        if ctx.exchange == "dense":
+            mixed = torch.empty_like(out)
+            _mix(out5, plan.full_mask, split_modalities(mixed, weight.shape[0]))
+            out = mixed
+            ctx.save_for_backward(x, weight, *stats, plan.full_mask)
+        elif ctx.exchange == "subset":
+            part = out5.index_select(2, plan.channels)
+            out5.index_copy_(2, plan.channels, _mix(part, plan.mask, torch.empty_like(part)))
+            ctx.save_for_backward(x, weight, *stats, plan.channels, plan.mask)
+        else:
+            ctx.save_for_backward(x, weight, *stats)
+        ctx.mode, ctx.eps = mode, eps
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:  # type: ignore[override]
+        x, weight, mean, second, *plan = ctx.saved_tensors
+        m = weight.shape[0]
+        x5, grad5 = split_modalities(x, m), grad.reshape(m, -1, *grad.shape[1:])
+
+        def norm_grad(g: Tensor, inputs: Tensor, w: Tensor, s: tuple[Tensor, Tensor]) -> tuple:
+            if ctx.mode == "instance":
+                return _instance_norm_grad(g, inputs, w, s, ctx.eps)
+            return _batch_norm_grad(g, inputs, w, s, ctx.mode == "batch", ctx.eps)
+
+        if ctx.exchange == "dense":
+            grad5 = _mix_grad(grad5, plan[0], torch.empty_like(x5, dtype=grad.dtype))
+        grad_x, grad_weight, grad_bias = norm_grad(grad5, x5, weight, (mean, second))
+        if ctx.exchange == "subset":
+            channels, mask = plan
+            given = grad5.index_select(2, channels)
+            part = norm_grad(
+                _mix_grad(given, mask, torch.empty_like(given)),
+                x5.index_select(2, channels),
+                weight[:, channels],
+                (mean.index_select(-1, channels), second.index_select(-1, channels)),
+            )
+            grad_x.index_copy_(2, channels, part[0])
+            grad_weight[:, channels] = part[1]
+            grad_bias[:, channels] = part[2]
+        return grad_x.view(x.shape), grad_weight, grad_bias, None, None, None, None, None
+
+
+class ModalityNorm(nn.Module):
+    """Shared part of the private norms: ``(M, C)`` affine parameters and the exchange plan.
+
+    The exchange is applied to the channels where some modality's ``|gamma|`` is below the
+    threshold, found once per value of ``gamma`` (cached until the parameter changes: an
+    optimizer step, ``load_state_dict``, ``.to()``), so inference pays for it once.
     """
 
     def __init__(
@@ -109,34 +378,36 @@ class ModalityNorm(nn.Module):
         self.register_buffer(
             "penalty_mask", _part_mask(num_modalities, num_features), persistent=False
         )
+        self._plan_key: tuple | None = None
+        self._plan: ExchangePlan | None = None
 
     def exchange_mask(self) -> Tensor:
         """``(M, C)`` bool: channels that take the other modalities' values."""
         return self.weight.detach().abs() < self.threshold
 
-    def _exchange(self, y: Tensor) -> Tensor:
-        """Exchange in the ``(M, B, C, S)`` view; ``y`` is returned untouched without it."""
+    def exchange_plan(self) -> ExchangePlan | None:
+        """The channels to exchange and the ``(M, E)`` mask on them; ``None`` when none are."""
+        if not self.exchange:
+            return None
+        weight = self.weight
+        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, self.threshold)
+        if key != self._plan_key:
+            mask = self.exchange_mask()
+            channels = mask.any(0).nonzero().flatten()
+            self._plan = ExchangePlan(channels, mask[:, channels], mask) if len(channels) else None
+            self._plan_key = key
+        return self._plan
+
+    def _traceable_exchange(self, y: Tensor) -> Tensor:
+        """The exchange as whole-stack tensor operations on ``y`` ``(M*B, C, H, W)``: the path
+        under ``torch.compile``, which fuses it and cannot trace the data-dependent plan."""
         if not self.exchange:
             return y
-        mask = self.exchange_mask()
         m = self.num_modalities
-        if m == 2:
-            own = torch.arange(2, device=y.device)[:, None]
-            source = torch.where(mask, 1 - own, own)
-            return torch.gather(y, 0, source[:, None, :, None].expand_as(y))
-        others = (y.sum(0, keepdim=True) - y) / (m - 1)
-        return torch.where(mask[:, None, :, None], others, y)
-
-    def _affine(self, xhat: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``xhat * scale + shift`` per modality and channel (``scale``, ``shift``: ``(M, C)``),
-        then the exchange. ``xhat``: the stacked batch ``(M*B, C, H, W)``; same shape out."""
-        m = self.num_modalities
-        n, c, h, w = xhat.shape
-        scale, shift = scale.to(xhat.dtype), shift.to(xhat.dtype)
-        y = torch.addcmul(
-            shift[:, None, :, None], xhat.view(m, n // m, c, h * w), scale[:, None, :, None]
-        )
-        return self._exchange(y).view(n, c, h, w)
+        y5 = split_modalities(y, m)
+        takes = _per_channel(self.exchange_mask()[:, None], y.dim() - 2)
+        others = y5.flip(0) if m == 2 else (y5.sum(0, keepdim=True) - y5) / (m - 1)
+        return torch.where(takes, others, y5).view(y.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -151,6 +422,9 @@ class ModalityBatchNorm2d(ModalityNorm):
     Each modality has its own running statistics and affine parameters, ``(M, C)`` each.
     With ``frozen_stats`` the running statistics are used and kept even in training mode,
     the setting of the paper for ImageNet-pretrained encoders (only gamma and beta learn).
+    With batch statistics, each modality's statistics and running-statistics update are those
+    of ``nn.BatchNorm2d``; with running statistics, normalisation and affine fold into one
+    scale and shift per modality and channel.
     """
 
     def __init__(
@@ -171,30 +445,34 @@ class ModalityBatchNorm2d(ModalityNorm):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
-        m = self.num_modalities
-        if not self.training or self.frozen_stats:
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            return self._affine(x, scale, self.bias - self.running_mean * scale)
-        # Batch statistics: one native BatchNorm per modality on its contiguous slice (a view
-        # of the stack). Measured 2x faster on CPU than one call on a (B, M*C) transposed copy.
-        y = torch.cat(
-            [
+        batch_stats = self.training and not self.frozen_stats
+        if batch_stats:
+            self.num_batches_tracked.add_(1)
+        if torch.compiler.is_compiling():
+            parts = [
                 F.batch_norm(
                     part,
                     self.running_mean[i],
                     self.running_var[i],
                     self.weight[i],
                     self.bias[i],
-                    training=True,
-                    momentum=self.momentum,
-                    eps=self.eps,
+                    batch_stats,
+                    self.momentum,
+                    self.eps,
                 )
-                for i, part in enumerate(x.chunk(m))
+                for i, part in enumerate(x.chunk(self.num_modalities))
             ]
+            return self._traceable_exchange(torch.cat(parts))
+        return _PrivateNormExchange.apply(
+            x,
+            self.weight,
+            self.bias,
+            (self.running_mean, self.running_var),
+            "batch" if batch_stats else "running",
+            self.momentum,
+            self.eps,
+            self.exchange_plan(),
         )
-        self.num_batches_tracked.add_(1)
-        n, c, h, w = x.shape
-        return self._exchange(y.view(m, n // m, c, h * w)).view(n, c, h, w)
 
     @torch.no_grad()
     def load_from_batchnorm(self, bn: nn.BatchNorm2d) -> None:
@@ -211,8 +489,8 @@ class ModalityBatchNorm2d(ModalityNorm):
 class ModalityInstanceNorm2d(ModalityNorm):
     """Private affine InstanceNorm over a modality-stacked batch ``(M*B, C, H, W)``.
 
-    Instance statistics never mix samples, so normalisation is one call for the whole stack;
-    the affine parameters ``(M, C)`` and the exchange are per modality.
+    Instance statistics never mix samples, so normalisation with each modality's affine
+    parameters is one native call for the whole stack, followed by the exchange.
     """
 
     def __init__(
@@ -227,10 +505,15 @@ class ModalityInstanceNorm2d(ModalityNorm):
         super().__init__(num_features, num_modalities, eps, affine, exchange, threshold)
 
     def forward(self, x: Tensor) -> Tensor:
-        xhat = F.instance_norm(x, eps=self.eps)
         if self.weight is None:
-            return xhat
-        return self._affine(xhat, self.weight, self.bias)
+            return F.instance_norm(x, eps=self.eps)
+        if torch.compiler.is_compiling():
+            y = split_modalities(F.instance_norm(x, eps=self.eps), self.num_modalities)
+            scale, shift = (_per_channel(p[:, None], x.dim() - 2) for p in (self.weight, self.bias))
+            return self._traceable_exchange(torch.addcmul(shift, y, scale).view(x.shape))
+        return _PrivateNormExchange.apply(
+            x, self.weight, self.bias, None, "instance", 0.0, self.eps, self.exchange_plan()
+        )
 
 
 class AlphaEnsemble(nn.Module):
