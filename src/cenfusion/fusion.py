@@ -416,6 +416,13 @@ class ModalityNorm(nn.Module):
         )
 
 
+def _whole_stack(x: Tensor) -> bool:
+    """Whether to compute with plain whole-stack operations: under ``torch.compile``, while
+    tracing (ONNX export) and on the ``meta`` device (FLOP counting), none of which can run
+    the data-dependent plan or the custom autograd function."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta"
+
+
 class ModalityBatchNorm2d(ModalityNorm):
     """``M`` private BatchNorms over a modality-stacked batch ``(M*B, C, H, W)``.
 
@@ -448,7 +455,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         batch_stats = self.training and not self.frozen_stats
         if batch_stats:
             self.num_batches_tracked.add_(1)
-        if torch.compiler.is_compiling():
+        if _whole_stack(x):
             parts = [
                 F.batch_norm(
                     part,
@@ -507,7 +514,7 @@ class ModalityInstanceNorm2d(ModalityNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:
             return F.instance_norm(x, eps=self.eps)
-        if torch.compiler.is_compiling():
+        if _whole_stack(x):
             y = split_modalities(F.instance_norm(x, eps=self.eps), self.num_modalities)
             scale, shift = (_per_channel(p[:, None], x.dim() - 2) for p in (self.weight, self.bias))
             return self._traceable_exchange(torch.addcmul(shift, y, scale).view(x.shape))
