@@ -1,16 +1,23 @@
 """The engine's contracts: settings defined once as flags, the run folder rules."""
 
 import dataclasses
+import json
 import typing
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from cenfusion.cli import build_parser
+from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name, given_flags
-from cenfusion.engine.run import LAST, RunFolder
+from cenfusion.engine.run import LAST, RunFolder, RunLog
+from cenfusion.engine.trainer import CompiledOrEager
 from cenfusion.errors import CenError
-from cenfusion.segmentation.config import SegmentationConfig
+from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
+from cenfusion.segmentation.train import train
 from cenfusion.translation.config import TranslationConfig
 
 COMMANDS = {SegmentationConfig: ["seg", "train"], TranslationConfig: ["i2i", "train"]}
@@ -128,3 +135,52 @@ def test_run_folder_is_continued_or_replaced_only_when_asked(tmp_path: Path) -> 
     assert not (run / LAST).exists()
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("exp.old-")]
     assert len(aside) == 1 and (aside[0] / LAST).read_bytes() == b"weights"
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
+    def broken(net):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with RunLog():
+        wrapped = CompiledOrEager(net)
+        assert torch.equal(wrapped(x), net(x))
+        assert torch.equal(wrapped(x), net(x))
+    out = capsys.readouterr().out
+    assert out.count("--compile failed (RuntimeError: no compiler here); running eager") == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "loss_tolerance", "weight_tolerance"),
+    [({"channels_last": True}, 1e-4, 1e-3), ({"amp": True}, 5e-2, 5e-2)],
+)
+def test_fast_paths_compute_the_same_training(
+    seg_data, tmp_path, changes, loss_tolerance, weight_tolerance
+) -> None:
+    """channels-last (fp32) and bfloat16 autocast: losses and learnt weights match fp32.
+
+    (Running statistics of the 1x1 deepest level over 2 samples are left out: their variance
+    of two near-equal values is all rounding.)"""
+    base = replace(
+        SYNTHETIC, data=seg_data, runs=tmp_path, backbone="resnet26", decoder_width=16,
+        crop_size=32, min_short_side=32, batch_size=2, workers=0, epochs=(2,), lr_enc=(0.01,),
+        lr_dec=(0.01,), val_every=2, device="cpu", max_iters=2, quiet=True, plots=False,
+    )  # fmt: skip
+    train(replace(base, exp="plain"))
+    train(replace(base, exp="fast", **changes))
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / exp / "metrics.jsonl").open()]
+        for exp in ("plain", "fast")
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=loss_tolerance)
+    plain, fast = (
+        torch.cat([v.flatten() for k, v in load_checkpoint(tmp_path / exp / LAST)["model"].items()
+                   if "running_" not in k])
+        for exp in ("plain", "fast")
+    )  # fmt: skip
+    assert (fast - plain).norm() / plain.norm() < weight_tolerance

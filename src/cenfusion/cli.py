@@ -116,7 +116,7 @@ def _seg_predict(args: argparse.Namespace) -> None:
 
 _EVAL_FIELDS = (
     "exp", "runs", "data", "val_list", "modalities", "mask_column", "depth_scale",
-    "num_classes", "workers", "device", "gpu", "amp",
+    "num_classes", "workers", "device", "gpu", "amp", "channels_last",
 )
 
 

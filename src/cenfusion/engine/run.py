@@ -42,6 +42,8 @@ class RunConfig:
     gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
     amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
     threads: int | None = setting(None, "CPU threads of this process (none: the CPUs it may use)")
+    channels_last: bool = setting(False, "channels-last memory format for the convolutions")
+    compile: bool = setting(False, "torch.compile the network (eager, with a warning, if it fails)")
     quiet: bool = setting(False, "no progress bar")
     plots: bool = setting(True, "write plots to RUNS/EXP/plots/ at every validation")
     tensorboard: bool = setting(False, "also write TensorBoard scalars to RUNS/EXP/tb/")

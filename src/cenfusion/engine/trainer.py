@@ -64,6 +64,27 @@ class Precision:
         self.scaler.update()
 
 
+class CompiledOrEager(nn.Module):
+    """``torch.compile(net)``, falling back to ``net`` itself (with one warning) when
+    compilation fails, which shows only at the first call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.compiled: Any = torch.compile(net)
+
+    def forward(self, *args: Any) -> Any:
+        if self.compiled is None:
+            return self.net(*args)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means eager
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            log.info(f"warning: --compile failed ({type(err).__name__}: {first}); running eager")
+            self.compiled = None
+            return self.net(*args)
+
+
 @dataclass
 class Context:
     """Where a run executes: device, process group, precision, and its log."""
@@ -72,13 +93,21 @@ class Context:
     dist: DistInfo
     precision: Precision
     run_log: RunLog
+    channels_last: bool = False
+    compile: bool = False
 
     def parallel(self, model: nn.Module) -> nn.Module:
-        """``model`` wrapped for DDP when several processes train, else ``model``."""
-        if not self.dist.enabled:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        """The network the steps call: ``model`` (on its device) in channels-last layout,
+        compiled and wrapped for DDP, as the run asks. Its weights stay ``model``'s."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        net = model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return CompiledOrEager(net) if self.compile else net
 
     def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
         """A DataLoader with the run's workers; pinned memory and persistent workers on CUDA."""
@@ -110,7 +139,8 @@ def prepare(cfg: Any) -> Iterator[Context]:
     device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
     seed_everything(cfg.seed + dist_info.rank)
     with RunLog(None, dist_info.is_main) as run_log:
-        yield Context(device, dist_info, Precision(cfg.amp, device), run_log)
+        precision = Precision(cfg.amp, device)
+        yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
 
 
 @dataclass

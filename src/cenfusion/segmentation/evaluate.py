@@ -159,6 +159,8 @@ def evaluate_protocols(
     model = load_segmenter(checkpoint, official).model
     check_model_fits(model, cfg, str(checkpoint))
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     val_set = build_dataset(cfg, train=False)
     loader = DataLoader(
         val_set, batch_size=1, num_workers=cfg.workers, pin_memory=device.type == "cuda"
