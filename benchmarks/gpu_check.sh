@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, from the repository root on a CUDA machine, in under 8 minutes:
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
-#   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101,
+#   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101 ($DEPTHS),
+#   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark),
 #   (a) the test suite (python -m pytest -x -q; it mostly runs on the CPU),
 # then prints the benchmark table last. (b) and (c) run first so that a slow test suite,
 # which gets the time left, cannot starve them. Logs and JSON go to ${OUT:-/tmp}.
@@ -66,11 +67,14 @@ EOF
 echo "training exit: ${PIPESTATUS[0]}"
 
 echo "== (c) seg_speed.py --device cuda (table printed at the end)"
-timeout 300 $PY benchmarks/seg_speed.py --device cuda --depths 50 101 --amp bf16 fp16 \
-    --channels-last --warmup 3 --repeats 10 --json "$OUT/seg_speed.json" \
+timeout 300 $PY benchmarks/seg_speed.py --device cuda --depths ${DEPTHS:-50 101} \
+    --amp bf16 fp16 --channels-last --warmup 3 --repeats 10 --json "$OUT/seg_speed.json" \
     >"$OUT/seg_speed.md" 2>"$OUT/seg_speed.log"
 echo "benchmark exit: $?"
 tail -n 20 "$OUT/seg_speed.log"
+
+echo "== (d) bench_fusion.py --device cuda: stacked norm + exchange against the loop, M = 2, 3, 4"
+timeout 60 $PY benchmarks/bench_fusion.py --device cuda --skip-model 2>&1 | tee "$OUT/fusion.md"
 
 LEFT=$((BUDGET - SECONDS))
 echo "== (a) test suite (${LEFT} s left)"
