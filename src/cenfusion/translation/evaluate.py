@@ -27,17 +27,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cenfusion.fusion import stack_modalities
 from cenfusion.metrics.generative import fid_from_features, kid_from_features
 
-__all__ = ["Evaluator", "save_images", "stack_batch"]
+__all__ = ["Evaluator", "save_images"]
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
-
-
-def stack_batch(inputs: Tensor) -> Tensor:
-    """Loader batch ``(B, M, C, H, W)`` -> modality-major stacked ``(M*B, C, H, W)``."""
-    return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
 
 
 def save_images(images: Tensor, folder: Path, names: Iterable[str]) -> None:
@@ -111,7 +107,7 @@ class Evaluator:
                     folder.mkdir(parents=True)
                 fake_features = [[] for _ in range(m + 1)]
             with self.autocast:
-                heads = generator(stack_batch(inputs))
+                heads = generator(stack_modalities(inputs))
             heads = heads.float().clamp(-1, 1)
             error = heads - target[None]
             batch_sums = {
