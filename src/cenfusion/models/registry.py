@@ -31,6 +31,12 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 
 
 @register_model
+def cen_refinenet(**kwargs: object) -> nn.Module:
+    """CEN RefineNet on any timm BatchNorm backbone (``backbone=...``, else ResNet ``depth``)."""
+    return create_cen_refinenet(**kwargs)
+
+
+@register_model
 def cen_refinenet_r50(**kwargs: object) -> nn.Module:
     return create_cen_refinenet(depth=50, **kwargs)
 
@@ -43,6 +49,12 @@ def cen_refinenet_r101(**kwargs: object) -> nn.Module:
 @register_model
 def cen_refinenet_r152(**kwargs: object) -> nn.Module:
     return create_cen_refinenet(depth=152, **kwargs)
+
+
+@register_model
+def cen_unet(**kwargs: object) -> nn.Module:
+    """CEN U-Net of any depth (``num_downs``)."""
+    return create_cen_unet(**kwargs)
 
 
 @register_model

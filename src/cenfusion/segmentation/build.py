@@ -13,7 +13,8 @@ from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
 from cenfusion.engine.run import log
 from cenfusion.errors import CenError
-from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
+from cenfusion.models.refinenet import CENRefineNet
+from cenfusion.models.registry import create_model
 from cenfusion.segmentation.config import PRESETS, SegmentationConfig
 from cenfusion.segmentation.modelio import TASK
 
@@ -45,9 +46,11 @@ def config_for(
 
 
 def build_model(cfg: SegmentationConfig) -> CENRefineNet:
-    return create_cen_refinenet(
-        depth=cfg.enc,
-        backbone=cfg.backbone,
+    """The registered variant ``cfg.model_name`` with the run's settings."""
+    extra = {} if cfg.backbone is None else {"backbone": cfg.backbone}
+    return create_model(
+        cfg.model_name,
+        **extra,
         num_classes=cfg.num_classes,
         num_modalities=cfg.num_modalities,
         bn_threshold=cfg.threshold,

@@ -108,6 +108,11 @@ class SegmentationConfig(RunConfig):
         return len(self.modalities)
 
     @property
+    def model_name(self) -> str:
+        """The registered model variant this config trains."""
+        return f"cen_refinenet_r{self.enc}" if self.backbone is None else "cen_refinenet"
+
+    @property
     def head_names(self) -> tuple[str, ...]:
         """Names of the model's outputs: one per modality, then the ensemble."""
         return (*(m.split(":")[0] for m in self.modalities), "ensemble")

@@ -43,7 +43,8 @@ from cenfusion.errors import CenError
 from cenfusion.fusion import exchange_stats, sparsity_penalty, stack_modalities
 from cenfusion.metrics.generative import InceptionFeatures
 from cenfusion.models.patchgan import PatchDiscriminator, create_patchgan
-from cenfusion.models.unet import CENUNet, CENUNetConfig, create_cen_unet
+from cenfusion.models.registry import create_model
+from cenfusion.models.unet import CENUNet, CENUNetConfig
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
 
@@ -54,8 +55,8 @@ TASK = "translation"
 
 def build_models(cfg: TranslationConfig) -> tuple[CENUNet, PatchDiscriminator]:
     """The generator and the shared discriminator of ``cfg`` (fresh weights)."""
-    generator = create_cen_unet(
-        num_modalities=len(cfg.inputs), ngf=cfg.ngf, num_downs=cfg.num_downs,
+    generator = create_model(
+        "cen_unet", num_modalities=len(cfg.inputs), ngf=cfg.ngf, num_downs=cfg.num_downs,
         threshold=cfg.threshold,
     )
     return generator, create_patchgan(ndf=cfg.ndf)
