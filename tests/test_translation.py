@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +339,15 @@ def test_ddp_training_on_cpu_with_gloo(
     assert sorted(p.name for p in (run / "fake2").iterdir()) == [
         "point_4_view_0.png", "point_5_view_0.png"
     ]
+
+
+def test_translation_demo_code_path_at_tiny_size(data_root: Path, tmp_path: Path) -> None:
+    from cenfusion.translation.demo import DEMO, run_translation_demo
+
+    tiny_demo = replace(
+        DEMO, data=data_root, runs=tmp_path, epochs=1, crop_size=32, load_size=36, num_downs=5,
+        ngf=4, ndf=4, batch_size=2, workers=0, fid=False, device="cpu", quiet=True,
+    )  # fmt: skip
+    metrics = run_translation_demo(tiny_demo, report=False)
+    assert len(metrics["l1"]) == 3
+    assert (tmp_path / "demo-i2i" / "plots" / "samples.png").is_file()

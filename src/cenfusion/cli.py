@@ -16,6 +16,11 @@ from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_par
 def _demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    if args.task == "i2i":
+        from cenfusion.translation.demo import DEMO, run_translation_demo
+
+        run_translation_demo(replace(DEMO, runs=args.runs, device=args.device))
+        return
     from cenfusion.segmentation.config import SYNTHETIC
     from cenfusion.segmentation.demo import run_demo
 
@@ -344,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="ablation on the embedded data: RGB, depth, CEN without and with exchange"
+    )
+    demo.add_argument(
+        "--task", choices=("seg", "i2i"), default="seg",
+        help="seg: the segmentation ablation; i2i: shading + texture -> RGB (default seg)",
     )
     demo.add_argument("--runs", type=Path, default=Path("runs"))
     demo.add_argument("--seed", type=int, default=0)
