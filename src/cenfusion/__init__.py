@@ -1,5 +1,9 @@
 """cenfusion: deep multimodal fusion by channel exchanging (CEN) for dense prediction."""
 
+from cenfusion.engine.threads import passive_wait_policy
+
+passive_wait_policy()  # before torch loads OpenMP: see cenfusion.engine.threads
+
 from cenfusion.errors import CenError
 from cenfusion.fusion import (
     AlphaEnsemble,
