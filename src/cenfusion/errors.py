@@ -21,9 +21,13 @@ class ForeignCheckpointError(CenError):
 
 
 def shorten(text: str, limit: int = 80) -> str:
-    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    """``text`` on one line (whitespace collapsed), at most ``limit`` characters: a longer
+    one loses its middle, since its start names the culprit and its end often a count."""
     flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3].rstrip() + "..."
+    if len(flat) <= limit:
+        return flat
+    tail = (limit - 3) // 3
+    return flat[: limit - 3 - tail] + "..." + flat[len(flat) - tail :]
 
 
 def describe_load_error(err: BaseException) -> str:
