@@ -54,7 +54,10 @@ def use_threads(threads: int | None) -> int:
 
 
 def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of every DataLoader: one compute thread per worker process."""
+    """``worker_init_fn`` of every DataLoader: one compute thread per worker process.
+
+    torch's worker loop (2.x) does the same before calling it; stating the rule here keeps
+    it true whatever the loop does."""
     import torch
 
     torch.set_num_threads(1)
