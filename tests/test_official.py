@@ -85,3 +85,27 @@ def test_unreadable_checkpoint(tmp_path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CenError, match="not a readable"):
         load_official_checkpoint(bad)
+
+
+def test_missing_parts_are_named_in_words(model_and_state) -> None:
+    _, state = model_and_state
+    three_blocks = {k: v for k, v in state.items() if not k.startswith("module.layer3.5.")}
+    three_blocks = {k: v for k, v in three_blocks.items() if not k.startswith("module.layer3.4.")}
+    three_blocks = {k: v for k, v in three_blocks.items() if not k.startswith("module.layer3.3.")}
+    with pytest.raises(CenError, match=r"layer3 has 3 blocks, expected 6, 23 or 36"):
+        load_official_state_dict(three_blocks)
+    for key, words in (
+        ("module.clf_conv.module.weight", "the classifier"),
+        ("module.alpha", "ensemble weights"),
+    ):
+        lacking = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(CenError, match=words):
+            load_official_state_dict(lacking)
+
+
+def test_entries_that_are_not_named_tensors(model_and_state) -> None:
+    _, state = model_and_state
+    with pytest.raises(CenError, match="found int key 0"):
+        load_official_state_dict({0: torch.ones(1), **state})
+    with pytest.raises(CenError, match="'module.alpha' is a list, expected a tensor"):
+        load_official_state_dict({**state, "module.alpha": [1.0, 2.0]})

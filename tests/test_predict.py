@@ -133,8 +133,13 @@ def test_released_checkpoint_refuses_class_and_modality_count(released, tmp_path
     with pytest.raises(CenError, match="predicts 5 classes, --num-classes says 40"):
         predict(checkpoint, [(rgb, depth)], tmp_path / "out", num_classes=40, device="cpu")
     with pytest.raises(CenError, match="takes 2 modalities, 3 given"):
-        predict(checkpoint, [(rgb, depth, rgb)], tmp_path / "out", device="cpu",
-                modalities=["rgb", "depth", "hha:rgb"])
+        predict(
+            checkpoint,
+            [(rgb, depth, rgb)],
+            tmp_path / "out",
+            device="cpu",
+            modalities=["rgb", "depth", "hha:rgb"],
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -142,8 +147,19 @@ def test_our_checkpoint_refuses_mismatches_on_the_command_line(tiny, tmp_path, c
     _, checkpoint = tiny
     rgb = write_rgb(tmp_path / "a.png", 20, 24)
     depth = write_depth(tmp_path / "a_d.png", 20, 24)
-    common = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth),
-              "-o", str(tmp_path / "out"), "--device", "cpu"]
+    common = [
+        "seg",
+        "predict",
+        str(checkpoint),
+        "--rgb",
+        str(rgb),
+        "--depth",
+        str(depth),
+        "-o",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--input", f"hha:gray={rgb}"]) == 2
     err = capsys.readouterr().err
     assert "takes 2 modalities (rgb, depth), 3 given (rgb, depth, hha)" in err
@@ -189,8 +205,22 @@ def test_folder_batch_and_cli(tiny, tmp_path, capsys) -> None:
         np.testing.assert_array_equal(read(out / f"{i:03d}_label.png"), refs[-1])
 
     out2 = tmp_path / "out2"
-    argv = ["seg", "predict", str(checkpoint), "--rgb", str(root / "rgb"), "--depth",
-            str(root / "depth"), "-o", str(out2), "--size", "32", "48", "--device", "cpu"]
+    argv = [
+        "seg",
+        "predict",
+        str(checkpoint),
+        "--rgb",
+        str(root / "rgb"),
+        "--depth",
+        str(root / "depth"),
+        "-o",
+        str(out2),
+        "--size",
+        "32",
+        "48",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     assert "wrote 9 files" in capsys.readouterr().out
     for i, size in enumerate([(37, 53), (24, 32), (41, 30)]):
@@ -205,8 +235,9 @@ def test_mismatched_stems_name_the_missing_partner(tiny, tmp_path) -> None:
     for stem in ("a", "c"):
         write_depth(tmp_path / "depth" / f"{stem}.png", 16, 16)
     with pytest.raises(CenError, match=r"rgb/b\.png has no depth partner: expected .*depth/b\.\*"):
-        predict(checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out",
-                device="cpu")
+        predict(
+            checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out", device="cpu"
+        )
 
 
 def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
@@ -214,8 +245,14 @@ def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
     model = save_tiny(checkpoint, modalities=("depth", "rgb"), seed=3)
     rgb = write_rgb(tmp_path / "x.png", 29, 31)
     depth = write_depth(tmp_path / "x_d.png", 29, 31)
-    predict(checkpoint, [(rgb, depth)], tmp_path / "out", device="cpu",
-            modalities=["rgb", "depth"], heads=True)
+    predict(
+        checkpoint,
+        [(rgb, depth)],
+        tmp_path / "out",
+        device="cpu",
+        modalities=["rgb", "depth"],
+        heads=True,
+    )
     image, dep = network_inputs(rgb, depth)
     refs = reference_labels(model, [dep, image])
     np.testing.assert_array_equal(read(tmp_path / "out" / "x_label.png"), refs[-1])
@@ -224,7 +261,9 @@ def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
 
 def test_gather_cli_inputs() -> None:
     items, names = gather_cli_inputs(
-        [Path("root")], [Path("a.png"), Path("b.png")], [Path("a_d.png"), Path("b_d.png")],
+        [Path("root")],
+        [Path("a.png"), Path("b.png")],
+        [Path("a_d.png"), Path("b_d.png")],
         ["hha:gray=a_h.png", "hha:gray=b_h.png"],
     )
     assert names == ["rgb:rgb", "depth:depth", "hha:gray"]
@@ -241,3 +280,20 @@ def test_gather_cli_inputs() -> None:
         gather_cli_inputs([], [], [], ["hha=x.png"])
     with pytest.raises(CenError, match="nothing to predict"):
         gather_cli_inputs([], [], [], [])
+
+
+def test_every_unreadable_input_is_listed_before_anything_is_written(
+    tiny, tmp_path, capsys
+) -> None:
+    _, checkpoint = tiny
+    for i in range(4):
+        write_rgb(tmp_path / "in" / "rgb" / f"{i}.png", 20, 24, seed=i)
+        write_depth(tmp_path / "in" / "depth" / f"{i}.png", 20, 24, seed=i)
+    for name in ("rgb/1.png", "depth/3.png"):
+        (tmp_path / "in" / name).write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    assert main(["seg", "predict", str(checkpoint), str(tmp_path / "in"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "1 of 2 problems" in err[-1]
+    assert "rgb/1.png" in err[0] and "depth/3.png" in err[1]
+    assert not out.exists()

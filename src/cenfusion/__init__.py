@@ -7,6 +7,10 @@ The public names below are imported on first use, so that ``import cenfusion`` (
 from importlib import import_module
 from typing import Any
 
+from cenfusion.engine.threads import passive_wait_policy
+
+passive_wait_policy()  # before torch loads OpenMP: see cenfusion.engine.threads
+
 from cenfusion.errors import CenError
 
 _LAZY = {

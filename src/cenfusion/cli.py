@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from cenfusion.engine.config import add_config_flags, given_flags
 from cenfusion.engine.run import RunLog, add_run_flags
-from cenfusion.errors import CenError
+from cenfusion.errors import MAX_LINE, CenError, shorten
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
+
+#: Frames of an internal error's traceback that ``cen`` prints.
+INTERNAL_FRAMES = 4
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -381,12 +386,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(err: CenError) -> str:
-    """The error's own line; a DataLoader worker wraps it in a traceback, whose last line it is."""
+    """The error's own line, at most :data:`MAX_LINE` characters with the prefix; a
+    DataLoader worker wraps it in a traceback, whose last line it is."""
     last = str(err).strip().splitlines()[-1]
-    return last.removeprefix(f"{CenError.__module__}.{CenError.__name__}: ")
+    text = last.removeprefix(f"{CenError.__module__}.{CenError.__name__}: ")
+    return shorten(text, MAX_LINE - len("cen: error: "))
+
+
+def _report_internal_error(err: BaseException) -> None:
+    """A short traceback (the innermost frames) and where to report it."""
+    frames = traceback.extract_tb(err.__traceback__)[-INTERNAL_FRAMES:]
+    print("Traceback (innermost frames):", file=sys.stderr)
+    print("".join(traceback.format_list(frames)).rstrip(), file=sys.stderr)
+    url = _issues_url()
+    where = f"at {url}" if url else "to the cenfusion maintainers"
+    print(
+        f"cen: internal error: {type(err).__name__}: {shorten(str(err), 100)}; please "
+        f"report it {where} with the command line and this output",
+        file=sys.stderr,
+    )
+
+
+def _issues_url() -> str | None:
+    """The issue tracker named in the installed package's metadata (``Project-URL``)."""
+    try:
+        urls = metadata.metadata("cenfusion").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return None
+    labelled = dict(u.split(", ", 1) for u in urls if ", " in u)
+    return labelled.get("Issues") or labelled.get("Bug Tracker")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cen`` command; returns its exit status: 0, 2 for bad input (one line on
+    stderr), 130 when interrupted, 1 for an internal error (a short traceback)."""
     args = build_parser().parse_args(argv)
     try:
         with RunLog():
@@ -401,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cen: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 (every unexpected error ends here)
+        _report_internal_error(err)
+        return 1
     return 0
 
 

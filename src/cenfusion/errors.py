@@ -1,8 +1,15 @@
-"""The one exception type for bad user input.
+"""The one exception type for bad user input, and short words for what a library said.
 
 Raised with a single line naming the file, flag or sample at fault and what was expected;
 the CLI prints it without a traceback and exits with status 2.
 """
+
+from __future__ import annotations
+
+import re
+
+#: The longest line an error may print (longer ones are cut, ending in "...").
+MAX_LINE = 199
 
 
 class CenError(Exception):
@@ -11,3 +18,35 @@ class CenError(Exception):
 
 class ForeignCheckpointError(CenError):
     """A readable file that is not a cenfusion checkpoint (e.g. a released CEN ``.pth.tar``)."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` on one line (whitespace collapsed), at most ``limit`` characters: a longer
+    one loses its middle, since its start names the culprit and its end often a count."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    tail = (limit - 3) // 3
+    return flat[: limit - 3 - tail] + "..." + flat[len(flat) - tail :]
+
+
+def describe_load_error(err: BaseException) -> str:
+    """Why ``torch.load`` refused a file, in a few words (torch's own text runs to many lines).
+
+    Recognised: a cut-off or damaged file, and a pickle holding Python objects other than
+    tensors (which ``weights_only`` loading refuses for safety); anything else is torch's
+    first line, shortened.
+    """
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsupported:
+        return f"holds Python objects other than tensors ({unsupported.group(1)}), not loaded"
+    damaged = ("central directory", "PytorchStreamReader", "Ran out of input", "truncated")
+    if isinstance(err, EOFError) or any(word in text for word in damaged):
+        return "truncated or damaged (the file ends before its data does)"
+    if "mmap can only be used" in text:
+        return "not in the zip format of torch.save"
+    if re.search(r"Unsupported operand|invalid load key|could not find MARK", text):
+        return "not a PyTorch file"
+    first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+    return shorten(first, 80)

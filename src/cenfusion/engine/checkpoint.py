@@ -9,29 +9,47 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from cenfusion.errors import CenError, ForeignCheckpointError
+from cenfusion.errors import CenError, ForeignCheckpointError, describe_load_error, shorten
 
 FORMAT = "cenfusion-v1"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file beside it, then a rename."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write`` so that a kill at any instant leaves either the old
+    file or the new one: a temporary ``.NAME.*`` beside it, then renamed over it.
+
+    A kill can leave the temporary behind; :meth:`RunFolder.open` removes those of a run.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask; mkstemp's is 0o600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
@@ -48,7 +66,7 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise ForeignCheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__})"
+            f"{path}: not a readable checkpoint: {describe_load_error(err)}"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ForeignCheckpointError(
@@ -65,4 +83,4 @@ def load_weights(model: nn.Module, weights: dict, where: str) -> None:
         model.load_state_dict(weights)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[1:2] or [str(err)]
-        raise CenError(f"{where}: weights do not fit this model ({first[0].strip()})") from err
+        raise CenError(f"{where}: weights do not fit this model ({shorten(first[0])})") from err

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, final
 
+from cenfusion.engine.checkpoint import atomic_write
 from cenfusion.engine.config import dump_yaml, setting
 from cenfusion.errors import CenError
 
@@ -65,6 +66,8 @@ class RunConfig:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
         if self.workers < 0:
             raise CenError(f"--workers {self.workers}: expected >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise CenError(f"--threads {self.threads}: expected >= 1")
         if any(g < 0 for g in self.gpu):
             raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
 
@@ -106,7 +109,7 @@ class RunFolder:
         """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
 
         Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
-        temporaries of an interrupted checkpoint write are removed.
+        temporaries of an interrupted write (``.last.pth.*``, ...) are removed.
         """
         holds_run = any((path / name).exists() for name in (LAST, METRICS, CONFIG))
         if holds_run and not resuming and not force:
@@ -116,12 +119,14 @@ class RunFolder:
             )
         if is_main:
             if holds_run and force and not resuming:
-                aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                aside = _unused(path.with_name(f"{path.name}.old-{stamp}"))
                 path.rename(aside)
                 log.info(f"moved the previous run to {aside}")
             path.mkdir(parents=True, exist_ok=True)
-            for tmp in path.glob(".*.pth.*"):
-                tmp.unlink(missing_ok=True)
+            for name in (LAST, BEST, METRICS, CONFIG):
+                for tmp in path.glob(f".{name}.*"):
+                    tmp.unlink(missing_ok=True)
         return cls(path, is_main)
 
     def save_config(self, config: Any) -> None:
@@ -129,20 +134,36 @@ class RunFolder:
         text = dump_yaml(config)
         log.info(f"config ({type(config).__name__}):\n" + text.rstrip())
         if self.is_main:
-            (self.path / CONFIG).write_text(text)
+            atomic_write(self.path / CONFIG, lambda f: f.write(text.encode()))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         if self.is_main:
             append_metrics(self.path / METRICS, record)
 
     def truncate_metrics(self, epoch: int) -> None:
-        """Drop epoch lines after ``epoch``: written before a checkpoint that never came."""
+        """Drop epoch lines after ``epoch`` (written before a checkpoint that never came) and
+        a line cut short by a kill; the file is replaced atomically."""
         path = self.path / METRICS
         if not self.is_main or not path.is_file():
             return
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("epoch", 0) <= epoch:
+                kept.append(line + "\n")
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

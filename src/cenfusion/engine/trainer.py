@@ -33,6 +33,7 @@ from cenfusion.engine.run import (
     RunLog,
     log,
 )
+from cenfusion.engine.threads import use_threads, worker_init
 from cenfusion.errors import CenError
 
 
@@ -110,10 +111,12 @@ class Context:
         return CompiledOrEager(net) if self.compile else net
 
     def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
-        """A DataLoader with the run's workers; pinned memory and persistent workers on CUDA."""
+        """A DataLoader with the run's workers (one thread each); pinned memory on CUDA."""
         workers = cfg.workers
         options: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": workers}
         options.update(pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        if workers > 0:
+            options["worker_init_fn"] = worker_init
         return DataLoader(dataset, **{**options, **kwargs})
 
     def open_folder(self, cfg: Any, resuming: bool, force: bool) -> RunFolder:
@@ -133,14 +136,19 @@ class Context:
 
 @contextlib.contextmanager
 def prepare(cfg: Any) -> Iterator[Context]:
-    """Validate ``cfg``, join the process group, choose the device, seed, start logging."""
+    """Validate ``cfg``, join the process group, choose the device and the CPU threads
+    (``cfg.threads``, restored on exit), seed, start logging."""
     cfg.validate()
     dist_info = init_distributed(cuda=cfg.device != "cpu")
     device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
+    threads_before = use_threads(cfg.threads)
     seed_everything(cfg.seed + dist_info.rank)
-    with RunLog(None, dist_info.is_main) as run_log:
-        precision = Precision(cfg.amp, device)
-        yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
+    try:
+        with RunLog(None, dist_info.is_main) as run_log:
+            precision = Precision(cfg.amp, device)
+            yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 @dataclass

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cenfusion.errors import CenError
+from cenfusion.engine.checkpoint import FORMAT
+from cenfusion.errors import CenError, describe_load_error, shorten
 from cenfusion.fusion import ModalityBatchNorm2d
 from cenfusion.models.refinenet import (
     RESNET_DEPTHS,
@@ -96,15 +97,23 @@ def to_official_state_dict(model: CENRefineNet) -> dict[str, Tensor]:
 
 
 def _infer_config(state: dict[str, Tensor], where: str) -> CENRefineNetConfig:
-    try:
-        blocks = {int(k.split(".")[1]) for k in state if k.startswith("layer3.")}
-        depth = _LAYER3_BLOCKS_TO_DEPTH[len(blocks)]
-        num_classes = int(state["clf_conv.module.weight"].shape[0])
-        num_modalities = int(state["alpha"].shape[0])
-    except (KeyError, IndexError, ValueError) as err:
-        raise CenError(f"{where}: not a released CEN RefineNet state dict ({err})") from err
+    """Depth, classes and modalities from the released keys; a missing part named in words."""
+    released = f"{where}: not a released CEN RefineNet state dict"
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer3.") and k.count(".") > 1}
+    if not blocks:
+        raise CenError(f"{released}: no layer3.* keys (the ResNet encoder's third stage)")
+    if len(blocks) not in _LAYER3_BLOCKS_TO_DEPTH:
+        raise CenError(
+            f"{released}: layer3 has {len(blocks)} blocks, expected 6, 23 or 36 "
+            "(ResNet-50, -101 or -152)"
+        )
+    for key, part in (("clf_conv.module.weight", "the classifier"), ("alpha", "ensemble weights")):
+        if key not in state:
+            raise CenError(f"{released}: no {key!r} ({part})")
     return CENRefineNetConfig(
-        backbone=RESNET_DEPTHS[depth], num_classes=num_classes, num_modalities=num_modalities
+        backbone=RESNET_DEPTHS[_LAYER3_BLOCKS_TO_DEPTH[len(blocks)]],
+        num_classes=int(state["clf_conv.module.weight"].shape[0]),
+        num_modalities=int(state["alpha"].numel()),
     )
 
 
@@ -112,6 +121,7 @@ def load_official_state_dict(
     state: dict[str, Tensor], where: str = "checkpoint", bn_threshold: float = 2e-2
 ) -> CENRefineNet:
     """Build our model from a released-layout state dict; depth, classes and M are inferred."""
+    _check_state_dict(state, where)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     config = _infer_config(state, where)
     model = create_cen_refinenet(
@@ -137,8 +147,24 @@ def load_official_state_dict(
     try:
         model.load_state_dict(converted)
     except RuntimeError as err:
-        raise CenError(f"{where}: shapes do not fit CEN RefineNet ({err})") from err
+        detail = shorten(str(err).strip().splitlines()[-1], 100)
+        raise CenError(f"{where}: shapes do not fit CEN RefineNet ({detail})") from err
     return model
+
+
+def _check_state_dict(state: dict, where: str) -> None:
+    """A state dict maps parameter names (strings) to tensors; say which entry does not."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CenError(
+                f"{where}: expected parameter names as keys, found {type(key).__name__} "
+                f"key {shorten(repr(key), 30)}"
+            )
+        if not isinstance(value, Tensor):
+            raise CenError(
+                f"{where}: entry {shorten(key, 60)!r} is a {type(value).__name__}, expected "
+                "a tensor"
+            )
 
 
 def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
@@ -152,7 +178,11 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
         with torch.serialization.safe_globals(safe):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CenError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+        raise CenError(f"{path}: not a readable checkpoint: {describe_load_error(err)}") from err
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+        raise CenError(
+            f"{path}: this is already a cenfusion checkpoint; use it as it is (no conversion)"
+        )
     state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise CenError(f"{path}: expected a dict with a 'segmenter' state dict")

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
@@ -47,6 +48,8 @@ from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_lab
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 #: Weight of the prediction colours in ``_overlay.png`` (the RGB input gets the rest).
 OVERLAY_ALPHA = 0.5
+
+
 @dataclass(frozen=True)
 class Modality:
     """One input of the network: its name (used in file names) and how to decode it."""
@@ -104,8 +107,9 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
         try:
             return LoadedModel(load_official_checkpoint(path), None, True)
         except CenError as theirs:
+            reason = str(theirs).removeprefix(f"{path}: ")
             raise CenError(
-                f"{path}: neither a cenfusion checkpoint nor a released CEN one ({theirs})"
+                f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
             ) from theirs
     saved = state.get("config") or {}
     names = tuple(saved["modalities"]) if "modalities" in saved else None
@@ -248,6 +252,21 @@ def load_inputs(
     return normalized["inputs"], ref
 
 
+def check_inputs(samples: Sequence[Sample], modalities: Sequence[Modality]) -> None:
+    """Decode every input (``sample.paths`` in ``modalities`` order) before any output is
+    written: a corrupt tenth image must not leave nine outputs behind. Raises
+    :class:`CenError` with the first problem; with several, each is listed on stderr first."""
+    problems: list[str] = []
+    paths = [path for sample in samples for path in sample.paths]
+    kinds = [m.kind for _ in samples for m in modalities]
+    try:
+        check_images(paths, kinds, report=problems.append)
+    except CenError:
+        for line in problems if len(problems) > 1 else ():
+            tqdm.write(line, file=sys.stderr)
+        raise
+
+
 def _write_prediction(
     out: Path, prefix: str, labels: np.ndarray, base: np.ndarray, num_classes: int
 ) -> list[Path]:
@@ -339,6 +358,7 @@ def predict(
                 f"{', '.join(m.name for m in parsed)} in the order given"
             )
     samples = collect_samples(inputs, [m.name for m in parsed])
+    check_inputs(samples, parsed)
     parsed = [parsed[i] for i in order]
     kinds = [m.kind for m in parsed]
 

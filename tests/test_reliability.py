@@ -1,0 +1,355 @@
+"""Bad input gets one line and writes nothing; a kill at any write point resumes bit-exactly.
+
+The table runs ``cen`` (``cenfusion.cli.main``) on inputs that cannot be right and expects
+exit status 2, exactly one line on stderr under 200 characters naming the flag or file,
+and no file created, changed or removed under the folder it would write to.
+
+The kill tests fork a tiny training whose write points (a checkpoint's temporary file
+written, a file renamed into place, a metrics line appended) are wrapped so that the N-th
+one sends SIGKILL to the process, for every N of an uninterrupted run. The run is then
+continued, killed once more at its own N-th write point, and continued to the end: it must
+end with the weights, best weights and metrics lines of the uninterrupted run, bit for bit,
+and no temporary file left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cenfusion.engine.run as run_module
+from cenfusion.cli import main
+from cenfusion.data.synthetic import generate_segmentation_dataset
+from cenfusion.data.taskonomy import generate_taskonomy_dataset
+from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.config import config_to_dict
+from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.segmentation import train as seg_train
+from cenfusion.segmentation.config import SYNTHETIC
+from cenfusion.segmentation.modelio import model_record
+from cenfusion.translation import train as i2i_train
+from cenfusion.translation.config import TranslationConfig
+
+#: Fields of a metrics line that measure time, not results.
+TIMES = ("seconds", "data_seconds")
+
+
+@pytest.fixture(scope="module")
+def seg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("seg") / "data"
+    return generate_segmentation_dataset(root, num_train=4, num_val=2, size=(40, 48), seed=3)
+
+
+@pytest.fixture(scope="module")
+def i2i_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)
+
+
+def save_image(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Checkpoints and images that cannot be used, and good ones beside them."""
+    folder = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    model = create_cen_refinenet(backbone="resnet26", num_classes=5, decoder_width=16).eval()
+    cfg = replace(SYNTHETIC, num_classes=5, decoder_width=16)
+    paths = {
+        name: folder / f"{name}.pth.tar"
+        for name in ("ours", "truncated", "int_keys", "objects", "no_encoder")
+    }
+    save_checkpoint(paths["ours"], {**model_record(model), "config": config_to_dict(cfg)})
+    whole = paths["ours"].read_bytes()
+    paths["truncated"].write_bytes(whole[: len(whole) // 2])
+    torch.save({"segmenter": {0: torch.ones(1), 1: torch.zeros(1)}}, paths["int_keys"])
+    torch.save({"segmenter": {"alpha": torch.ones(2)}, "from": Path("/x")}, paths["objects"])
+    torch.save({"segmenter": {"module.alpha": torch.ones(2)}}, paths["no_encoder"])
+    images = folder / "images"
+    for i in range(3):
+        save_image(images / "rgb" / f"{i}.png", np.full((24, 32, 3), 60 * i, np.uint8))
+        save_image(images / "depth" / f"{i}.png", np.full((24, 32), 900 * i + 500, np.uint16))
+    broken = images / "depth" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    paths["images"] = images
+    return paths
+
+
+# Flags that ``cen`` had before the shared engine too, so that the table runs there.
+def seg_args(root: Path, runs: Path, exp: str = "new") -> list[str]:
+    return [
+        "seg", "train", "--preset", "synthetic", "--data", str(root), "--runs", str(runs),
+        "-c", exp, "--backbone", "resnet26", "--crop-size", "32", "--batch-size", "2",
+        "--workers", "0", "--num-epoch", "1", "--lr-enc", "0.01", "--lr-dec", "0.01",
+        "--max-iters", "1",
+    ]  # fmt: skip
+
+
+def i2i_args(root: Path, runs: Path, exp: str = "new") -> list[str]:
+    return [
+        "i2i", "train", "--data", str(root), "--runs", str(runs), "-c", exp, "--size", "32",
+        "--num-downs", "5", "--ngf", "4", "--ndf", "4", "--epochs", "1", "--batch-size", "2",
+        "--workers", "0", "--no-fid", "--img-types", "2", "6", "0",
+    ]  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under ``folder`` with its size, modification time and bytes."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def mixed_depth_root(root: Path, out: Path) -> Path:
+    """A copy of ``root`` whose first depth image is 8-bit among 16-bit ones."""
+    import shutil
+
+    shutil.copytree(root, out)
+    first = min((out / "depth").glob("*.png"))
+    save_image(first, np.full(np.asarray(Image.open(first)).shape[:2], 20, np.uint8))
+    return out
+
+
+Row = Callable[[dict[str, Path], Path, Path, Path], tuple[list[str], str]]
+
+#: (case, argv from (files, seg data, i2i data, runs), text the line must hold)
+TABLE: list[tuple[str, Row]] = [
+    ("lamda", lambda f, s, i, r: ([*seg_args(s, r), "--lamda", "-1"], "--lamda")),
+    ("lr-enc", lambda f, s, i, r: ([*seg_args(s, r), "--lr-enc", "-0.1"], "--lr-enc")),
+    ("bn-threshold", lambda f, s, i, r: ([*seg_args(s, r), "--bn-threshold", "-1"], "--threshold")),
+    ("crop", lambda f, s, i, r: ([*seg_args(s, r), "--crop-size", "7"], "--crop-size")),
+    ("stages", lambda f, s, i, r: ([*seg_args(s, r), "--num-epoch", "1", "1"], "--epochs")),
+    ("workers", lambda f, s, i, r: ([*seg_args(s, r), "--workers", "-1"], "--workers")),
+    ("threads", lambda f, s, i, r: ([*seg_args(s, r), "--threads", "0"], "--threads")),
+    ("gpu", lambda f, s, i, r: ([*seg_args(s, r), "--gpu", "3"], "--gpu 3")),
+    ("evaluate alone", lambda f, s, i, r: ([*seg_args(s, r), "--evaluate"], "--evaluate")),
+    ("save-img alone", lambda f, s, i, r: ([*seg_args(s, r), "--save-img"], "--save-img")),
+    ("save-img no evaluate", lambda f, s, i, r: (
+        [*seg_args(s, r), "--save-img", "--resume", str(f["ours"])], "--save-img")),
+    ("existing run", lambda f, s, i, r: (seg_args(s, r, "old"), "--resume")),
+    ("existing run, bad resume", lambda f, s, i, r: (
+        [*seg_args(s, r, "old"), "--resume", str(f["truncated"]), "--lamda", "5"], "truncated")),
+    ("truncated resume", lambda f, s, i, r: (
+        [*seg_args(s, r), "--resume", str(f["truncated"])], "truncated.pth.tar")),
+    ("missing resume", lambda f, s, i, r: (
+        [*seg_args(s, r), "--resume", str(r.parent / "none.pth")], "none.pth")),
+    ("pickled objects resume", lambda f, s, i, r: (
+        [*seg_args(s, r), "--resume", str(f["objects"])], "objects.pth.tar")),
+    ("mixed depth", lambda f, s, i, r: (
+        seg_args(mixed_depth_root(s, r.parent / "mixed"), r), "8-bit")),
+    ("i2i lamda", lambda f, s, i, r: ([*i2i_args(i, r), "--lamda", "-1"], "--lamda")),
+    ("i2i crop", lambda f, s, i, r: ([*i2i_args(i, r), "--crop-size", "7"], "--crop-size")),
+    ("i2i lr", lambda f, s, i, r: ([*i2i_args(i, r), "--lr-g", "0"], "--lr-g")),
+    ("i2i gpu", lambda f, s, i, r: ([*i2i_args(i, r), "--gpu", "3"], "--gpu 3")),
+    ("i2i existing run", lambda f, s, i, r: (i2i_args(i, r, "old"), "--resume")),
+    ("i2i truncated resume", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--resume", str(f["truncated"])], "truncated.pth.tar")),
+    ("convert int keys", lambda f, s, i, r: (
+        ["convert-official", str(f["int_keys"]), str(r / "out.pth")], "int_keys.pth.tar")),
+    ("convert objects", lambda f, s, i, r: (
+        ["convert-official", str(f["objects"]), str(r / "out.pth")], "objects.pth.tar")),
+    ("convert truncated", lambda f, s, i, r: (
+        ["convert-official", str(f["truncated"]), str(r / "out.pth")], "truncated or damaged")),
+    ("convert ours", lambda f, s, i, r: (
+        ["convert-official", str(f["ours"]), str(r / "out.pth")], "already a cenfusion")),
+    ("convert no encoder", lambda f, s, i, r: (
+        ["convert-official", str(f["no_encoder"]), str(r / "out.pth")], "no layer3")),
+    ("predict corrupt image", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "out"),
+         "--device", "cpu"], "1.png")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "row"), TABLE, ids=[case for case, _ in TABLE])
+def test_bad_input_gives_one_line_and_writes_nothing(
+    case: str, row: Row, files, seg_root, i2i_root, tmp_path, capsys
+) -> None:
+    runs = tmp_path / "runs"
+    old = runs / "old"
+    old.mkdir(parents=True)
+    (old / "config.yaml").write_text("lamda: 0.1\n")
+    (old / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    (old / "last.pth").write_bytes(b"weights of a previous run")
+    argv, needle = row(files, seg_root, i2i_root, runs)
+    before = snapshot(runs)
+    capsys.readouterr()
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cen: error: ") and len(lines[0]) < 200, lines[0]
+    assert needle in lines[0], lines[0]
+    assert "(0)" not in lines[0] and "Traceback" not in err
+    assert snapshot(runs) == before
+
+
+def test_internal_error_shows_a_short_traceback_and_how_to_report(
+    seg_root, tmp_path, monkeypatch, capsys
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(seg_train, "train", broken)
+    status = main(seg_args(seg_root, tmp_path))
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err and "report" in err
+    assert err.count('File "') <= 4
+
+
+# --- kills -------------------------------------------------------------------------------
+
+
+class WritePoints:
+    """Counts write points; the ``kill_at``-th one SIGKILLs this process (0: never)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kill_at: int = 0) -> None:
+        self.count, self.kill_at = 0, kill_at
+        real_save, real_replace = torch.save, os.replace
+        real_append = run_module.append_metrics
+
+        def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+            real_save(obj, f, *args, **kwargs)
+            self.point()
+
+        def replace_(src: str | Path, dst: str | Path) -> None:
+            real_replace(src, dst)
+            self.point()
+
+        def append(path: Path, record: dict) -> None:
+            real_append(path, record)
+            self.point()
+
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr(os, "replace", replace_)
+        for module in (run_module, seg_train, i2i_train):
+            if getattr(module, "append_metrics", None) is real_append:
+                monkeypatch.setattr(module, "append_metrics", append)
+
+    def point(self) -> None:
+        self.count += 1
+        if self.count == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def killed_run(train: Callable[..., object], kill_at: int, *args: object) -> bool:
+    """Run ``train(*args)`` in a forked child killed at write point ``kill_at``; returns
+    whether it was killed."""
+    pid = os.fork()
+    if pid == 0:
+        status = 0
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                WritePoints(patch, kill_at)
+                train(*args)
+        except BaseException:  # noqa: BLE001 (the child reports any failure by its status)
+            traceback.print_exc()
+            status = 3
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        return True
+    assert os.WEXITSTATUS(status) == 0, f"the child failed (status {status})"
+    return False
+
+
+def outcome(run_dir: Path) -> dict[str, object]:
+    """Weights of last and best checkpoints, and metrics lines without their timings."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [{k: v for k, v in json.loads(line).items() if k not in TIMES} for line in lines]
+    weights = {
+        name: torch.load(run_dir / name, map_location="cpu", weights_only=True)["model"]
+        for name in ("last.pth", "best.pth")
+    }
+    return {"metrics": records, **weights}
+
+
+def assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
+    assert got["metrics"] == expected["metrics"]
+    for name in ("last.pth", "best.pth"):
+        assert got[name].keys() == expected[name].keys()
+        for key, value in expected[name].items():
+            assert torch.equal(got[name][key], value), f"{name} {key}"
+
+
+def check_kills(run: Callable[[str, bool, bool], object], runs: Path, monkeypatch) -> None:
+    """``run(exp, resume, force)`` trains a tiny run; kill it at every write point."""
+    with monkeypatch.context() as patch:
+        points = WritePoints(patch)
+        run("reference", False, False)
+    expected = outcome(runs / "reference")
+    assert points.count >= 8
+    for kill_at in range(1, points.count + 1):
+        exp = f"kill{kill_at}"
+        assert killed_run(run, kill_at, exp, False, False)
+        killed, again = True, kill_at
+        while killed:
+            resume = (runs / exp / "last.pth").is_file()
+            killed, again = killed_run(run, again, exp, resume, not resume), 0
+        assert_same(outcome(runs / exp), expected)
+        left = [p.name for p in (runs / exp).iterdir() if p.name.startswith(".")]
+        assert not left, f"kill at write point {kill_at} left {left}"
+
+
+def test_segmentation_killed_at_every_write_point_resumes_bit_exactly(
+    seg_root, tmp_path, monkeypatch
+) -> None:
+    base = replace(
+        SYNTHETIC, data=seg_root, runs=tmp_path, backbone="resnet10t", decoder_width=16,
+        crop_size=32, min_short_side=32, batch_size=2, workers=0, epochs=(1, 1),
+        lr_enc=(0.02, 0.01), lr_dec=(0.02, 0.01), val_every=1, device="cpu", max_iters=2,
+        threads=1, quiet=True, plots=False,
+    )  # fmt: skip
+
+    def run(exp: str, resume: bool, force: bool) -> None:
+        last = tmp_path / exp / "last.pth" if resume else None
+        seg_train.train(replace(base, exp=exp), last, force=force)
+
+    check_kills(run, tmp_path, monkeypatch)
+
+
+def test_translation_killed_at_every_write_point_resumes_bit_exactly(
+    i2i_root, tmp_path, monkeypatch
+) -> None:
+    base = TranslationConfig(
+        runs=str(tmp_path), data=str(i2i_root), epochs=2, val_every=1, batch_size=2,
+        crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0,
+        fid=False, threads=1, quiet=True, plots=False,
+    )  # fmt: skip
+
+    def run(exp: str, resume: bool, force: bool) -> None:
+        last = tmp_path / exp / "last.pth" if resume else None
+        i2i_train.train(replace(base, exp=exp), last, force=force)
+
+    check_kills(run, tmp_path, monkeypatch)
+
+
+def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
+    folder = run_module.RunFolder.open(tmp_path / "cut", resuming=False, force=False)
+    for epoch in (1, 2):
+        folder.append_metrics({"epoch": epoch, "loss": 1.0 / epoch})
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "lo')
+    folder.truncate_metrics(2)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
