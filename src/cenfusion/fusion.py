@@ -210,9 +210,15 @@ def _batch_norm_grad(
                 out2=grad_bias[i],
             )
         else:
-            _, grad_weight[i], grad_bias[i] = torch.ops.aten.native_batch_norm_backward(
-                grad[i], x[i], weight[i], *pair, None, None, False, eps, [False, True, True]
+            # Fixed statistics: closed form (CUDA's native backward wants batch statistics).
+            g = grad[i].float()
+            invstd = torch.rsqrt(pair[1].float() + eps)
+            xhat = (x[i].float() - _per_channel(pair[0].float(), x.dim() - 3)) * _per_channel(
+                invstd, x.dim() - 3
             )
+            dims = [0, *range(2, g.dim())]
+            grad_weight[i] = (g * xhat).sum(dims)
+            grad_bias[i] = g.sum(dims)
     if not batch_stats:
         scale = weight * torch.rsqrt(stats[1] + eps)
         scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
