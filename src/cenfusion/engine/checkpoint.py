@@ -7,44 +7,16 @@ for training checkpoints, whatever resume needs (optimiser, stage, epoch, best s
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from cenfusion.engine.files import atomic_write
 from cenfusion.errors import CenError, ForeignCheckpointError, describe_load_error, shorten
 
 FORMAT = "cenfusion-v1"
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through ``write`` so that a kill at any instant leaves either the old
-    file or the new one: a temporary ``.NAME.*`` beside it, then renamed over it.
-
-    A kill can leave the temporary behind; :meth:`RunFolder.open` removes those of a run.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, _new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _new_file_mode() -> int:
-    """The mode ``open`` gives a new file (0o666 less the umask; mkstemp's is 0o600)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

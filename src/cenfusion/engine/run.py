@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, final
 
-from cenfusion.engine.checkpoint import atomic_write
 from cenfusion.engine.config import dump_yaml, setting
+from cenfusion.engine.files import atomic_write
 from cenfusion.errors import CenError
 
 log = logging.getLogger("cenfusion")
