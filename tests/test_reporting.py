@@ -310,6 +310,8 @@ def test_report_of_a_real_translation_run(i2i_run) -> None:
         "losses.png": (900, 500),
         "scores.png": (800, 400),  # l1 and mse (FID off)
         "exchange.png": (900, 400),
+        "exchange_map.png": (1000, 150 + 16 * 3),  # encoder blocks 2..4 of 5 exchange
+        "gamma_hist.png": (1000, 400),
         "samples.png": (160 * 6, 40 + 160 * views),  # 2 inputs, 2 branches, ensemble, target
     }
 

@@ -24,11 +24,11 @@ from cenfusion.segmentation.evaluate import (
     Protocol,
     TestTimeAugmentation,
     eval_config,
+    evaluate,
     evaluate_checkpoint,
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.train import evaluate
 
 
 def same(a, b) -> bool:

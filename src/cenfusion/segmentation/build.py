@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data.distributed import DistributedSampler
+
 from cenfusion.data.check import check_dataset
 from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
 from cenfusion.data.synthetic import ensure_synthetic
@@ -12,6 +16,7 @@ from cenfusion.data.transforms import train_transform, val_transform
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
 from cenfusion.engine.run import log
+from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
@@ -130,3 +135,37 @@ def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -
         raise CenError(
             f"{where}: model has {model.config.num_classes} classes, the data has {cfg.num_classes}"
         )
+
+
+def build_loaders(
+    cfg: SegmentationConfig, ctx: Context, training: bool
+) -> tuple[DataLoader | None, DataLoader, torch.Generator]:
+    """Training loader (None when only evaluating), validation loader, and the generator
+    that shuffles the training set (re-seeded every epoch)."""
+    generator = torch.Generator()
+    train_loader = _train_loader(cfg, ctx, generator) if training else None
+    return train_loader, _val_loader(cfg, ctx), generator
+
+
+def _train_loader(cfg: SegmentationConfig, ctx: Context, generator: torch.Generator) -> DataLoader:
+    """Shuffled by ``generator`` (re-seeded every epoch), or by a DistributedSampler."""
+    train_set = build_dataset(cfg, train=True)
+    if len(train_set) < cfg.batch_size * ctx.dist.world_size:
+        raise CenError(
+            f"{train_set.list_path}: {len(train_set)} samples, fewer than one batch of "
+            f"{cfg.batch_size} per process"
+        )
+    sampler = (
+        DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
+        if ctx.dist.enabled
+        else RandomSampler(train_set, generator=generator)
+    )
+    return ctx.loader(train_set, cfg, sampler=sampler, drop_last=True, generator=generator)
+
+
+def _val_loader(cfg: SegmentationConfig, ctx: Context) -> DataLoader:
+    """Batch 1 at full size; each process takes every ``world_size``-th image, no padding."""
+    val_set = build_dataset(cfg, train=False)
+    rank, world = ctx.dist.rank, ctx.dist.world_size
+    subset = Subset(val_set, range(rank, len(val_set), world)) if ctx.dist.enabled else val_set
+    return ctx.loader(subset, cfg, batch_size=1)

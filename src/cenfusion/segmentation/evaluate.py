@@ -31,11 +31,13 @@ from cenfusion.engine.run import append_metrics, log
 from cenfusion.engine.trainer import Precision
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import split_modalities, stack_modalities
-from cenfusion.metrics.segmentation import format_scores
+from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
 from cenfusion.segmentation.build import build_dataset, check_model_fits, config_for
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.predict import load_segmenter, resize_input
-from cenfusion.segmentation.train import Scores, evaluate
+from cenfusion.segmentation.visualize import save_prediction_panel
+
+Scores = dict[str, dict[str, float | list[float]]]
 
 #: The scales of the multi-scale protocol of the modern RGB-D papers.
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -141,6 +143,49 @@ class TestTimeAugmentation(nn.Module):
                 total = probs if total is None else [t + p for t, p in zip(total, probs)]
                 passes += 1
         return torch.stack(total) / passes
+
+
+@torch.no_grad()
+def score_loader(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: SegmentationConfig,
+    device: torch.device,
+    precision: Precision | None = None,
+    image_dir: Path | None = None,
+) -> MultiHeadSegmentationMetric:
+    """The per-head confusion matrices of ``model`` over ``loader`` (see :func:`evaluate`)."""
+    model.eval()
+    precision = precision or Precision(False, device)
+    metric = MultiHeadSegmentationMetric(cfg.num_classes, cfg.head_names, device)
+    for batch in loader:
+        target = batch["mask"].to(device, non_blocking=True)
+        with precision.autocast():
+            heads = model(stack_modalities(batch["inputs"].to(device))).float()
+        metric.update(list(heads), target)
+        for b, name in enumerate(batch["name"] if image_dir is not None else ()):
+            save_prediction_panel(
+                image_dir / f"{name}.png",
+                list(batch["inputs"][b]),
+                [k[b] for k in batch["kinds"]],
+                batch["mask"][b],
+                list(heads[:, b]),
+                cfg.num_classes,
+            )
+    return metric
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: SegmentationConfig,
+    device: torch.device,
+    precision: Precision | None = None,
+    image_dir: Path | None = None,
+) -> Scores:
+    """Single-scale scores of every head (one global confusion matrix each, summed across
+    processes). With ``image_dir``, writes a panel per sample."""
+    return score_loader(model, loader, cfg, device, precision, image_dir).compute()
 
 
 def evaluate_protocols(

@@ -14,26 +14,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch import Tensor
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import BestScore, Context, Precision, Recipe, fit, prepare
+from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
 from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities
-from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
+from cenfusion.metrics.segmentation import format_scores
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.reporting.runlog import save_confusion
-from cenfusion.segmentation.build import build_dataset, build_model, check_data, check_model_fits
+from cenfusion.segmentation.build import build_loaders, build_model, check_data, check_model_fits
 from cenfusion.segmentation.config import SegmentationConfig
+from cenfusion.segmentation.evaluate import Scores, evaluate, score_loader
 from cenfusion.segmentation.modelio import TASK, model_from_record, model_record
-from cenfusion.segmentation.visualize import save_prediction_panel
-
-Scores = dict[str, dict[str, float | list[float]]]
 
 
 def segmentation_loss(heads: Tensor, target: Tensor) -> Tensor:
@@ -47,44 +45,6 @@ def segmentation_loss(heads: Tensor, target: Tensor) -> Tensor:
     )
     targets = target.repeat(heads.shape[0], 1, 1)
     return heads.shape[0] * F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-
-
-@torch.no_grad()
-def _score(
-    model: nn.Module,
-    loader: DataLoader,
-    cfg: SegmentationConfig,
-    device: torch.device,
-    precision: Precision | None = None,
-    image_dir: Path | None = None,
-) -> MultiHeadSegmentationMetric:
-    model.eval()
-    precision = precision or Precision(False, device)
-    metric = MultiHeadSegmentationMetric(cfg.num_classes, cfg.head_names, device)
-    for batch in loader:
-        target = batch["mask"].to(device, non_blocking=True)
-        with precision.autocast():
-            heads = model(stack_modalities(batch["inputs"].to(device))).float()
-        metric.update(list(heads), target)
-        for b, name in enumerate(batch["name"] if image_dir is not None else ()):
-            save_prediction_panel(
-                image_dir / f"{name}.png", list(batch["inputs"][b]), [k[b] for k in batch["kinds"]],
-                batch["mask"][b], list(heads[:, b]), cfg.num_classes,
-            )
-    return metric
-
-
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    cfg: SegmentationConfig,
-    device: torch.device,
-    precision: Precision | None = None,
-    image_dir: Path | None = None,
-) -> Scores:
-    """Single-scale scores of every head (one global confusion matrix each, summed across
-    processes). With ``image_dir``, writes a panel per sample."""
-    return _score(model, loader, cfg, device, precision, image_dir).compute()
 
 
 class SegmentationRecipe(Recipe):
@@ -111,8 +71,12 @@ class SegmentationRecipe(Recipe):
         ]
         return torch.optim.SGD(
             [
-                {"params": [p for p in params if p.requires_grad], "lr": lr[stage],
-                 "momentum": momentum, "weight_decay": decay}
+                {
+                    "params": [p for p in params if p.requires_grad],
+                    "lr": lr[stage],
+                    "momentum": momentum,
+                    "weight_decay": decay,
+                }
                 for params, lr, momentum, decay in groups
             ]
         )
@@ -157,7 +121,9 @@ class SegmentationRecipe(Recipe):
         return within % self.cfg.val_every == 0 or within == self.cfg.epochs[stage]
 
     def validate(self, epoch: int) -> tuple[Scores, float]:
-        metric = _score(self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision)
+        metric = score_loader(
+            self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision
+        )
         if self.ctx.dist.is_main:
             save_confusion(self.cfg.run_dir, {h: m.confmat for h, m in metric.metrics.items()})
         scores = metric.compute()
@@ -178,7 +144,8 @@ class SegmentationRecipe(Recipe):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **model_record(self.model), "stage": self.stage,
+            **model_record(self.model),
+            "stage": self.stage,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.ctx.precision.scaler.state_dict(),
         }
@@ -189,40 +156,6 @@ class SegmentationRecipe(Recipe):
         self.optimizer = self._optimizer(self.stage)
         self.optimizer.load_state_dict(state["optimizer"])
         self.ctx.precision.scaler.load_state_dict(state["scaler"])
-
-
-def build_loaders(
-    cfg: SegmentationConfig, ctx: Context, training: bool
-) -> tuple[DataLoader | None, DataLoader, torch.Generator]:
-    """Training loader (None when only evaluating), validation loader, and the generator
-    that shuffles the training set (re-seeded every epoch)."""
-    generator = torch.Generator()
-    train_loader = _train_loader(cfg, ctx, generator) if training else None
-    return train_loader, _val_loader(cfg, ctx), generator
-
-
-def _train_loader(cfg: SegmentationConfig, ctx: Context, generator: torch.Generator) -> DataLoader:
-    """Shuffled by ``generator`` (re-seeded every epoch), or by a DistributedSampler."""
-    train_set = build_dataset(cfg, train=True)
-    if len(train_set) < cfg.batch_size * ctx.dist.world_size:
-        raise CenError(
-            f"{train_set.list_path}: {len(train_set)} samples, fewer than one batch of "
-            f"{cfg.batch_size} per process"
-        )
-    sampler = (
-        DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
-        if ctx.dist.enabled
-        else RandomSampler(train_set, generator=generator)
-    )
-    return ctx.loader(train_set, cfg, sampler=sampler, drop_last=True, generator=generator)
-
-
-def _val_loader(cfg: SegmentationConfig, ctx: Context) -> DataLoader:
-    """Batch 1 at full size; each process takes every ``world_size``-th image, no padding."""
-    val_set = build_dataset(cfg, train=False)
-    rank, world = ctx.dist.rank, ctx.dist.world_size
-    subset = Subset(val_set, range(rank, len(val_set), world)) if ctx.dist.enabled else val_set
-    return ctx.loader(subset, cfg, batch_size=1)
 
 
 def train(
@@ -267,6 +200,8 @@ def train(
             return BestScore(True, float(scores["ensemble"]["miou"]), 0, scores)
         best = fit(recipe, cfg, folder, True, state if resuming else None, str(resume))
         if best.metrics is not None:
-            log.info(f"best (ensemble mIoU {best.score:.2f}, epoch {best.epoch}):\n"
-                     + format_scores(best.metrics))
+            log.info(
+                f"best (ensemble mIoU {best.score:.2f}, epoch {best.epoch}):\n"
+                + format_scores(best.metrics)
+            )
         return best

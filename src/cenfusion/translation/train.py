@@ -34,17 +34,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from cenfusion.data.taskonomy import DOMAINS, TaskonomyDataset, ensure_synthetic_taskonomy
+from cenfusion.data.taskonomy import DOMAINS
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import BEST, LAST, log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
 from cenfusion.errors import CenError
-from cenfusion.fusion import exchange_stats, sparsity_penalty, stack_modalities
-from cenfusion.metrics.generative import InceptionFeatures
-from cenfusion.models.patchgan import PatchDiscriminator, create_patchgan
-from cenfusion.models.registry import create_model
+from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.unet import CENUNet, CENUNetConfig
+from cenfusion.reporting.exchange import exchange_record
+from cenfusion.translation.build import (
+    build_models,
+    datasets,
+    fid_extractor,
+    format_metrics,
+    train_loader,
+)
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
 
@@ -53,44 +58,8 @@ __all__ = ["TranslationRecipe", "build_models", "evaluate_run", "train"]
 TASK = "translation"
 
 
-def build_models(cfg: TranslationConfig) -> tuple[CENUNet, PatchDiscriminator]:
-    """The generator and the shared discriminator of ``cfg`` (fresh weights)."""
-    generator = create_model(
-        "cen_unet", num_modalities=len(cfg.inputs), ngf=cfg.ngf, num_downs=cfg.num_downs,
-        threshold=cfg.threshold,
-    )
-    return generator, create_patchgan(ndf=cfg.ndf)
-
-
-def _datasets(cfg: TranslationConfig) -> tuple[TaskonomyDataset, TaskonomyDataset]:
-    root = cfg.data if cfg.data is not None else on_main(ensure_synthetic_taskonomy)
-    common = {"root": root, "inputs": cfg.inputs, "target": cfg.target, "size": cfg.crop_size}
-    train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
-    return train_set, TaskonomyDataset(split="val", train=False, **common)
-
-
-def _train_loader(train_set: TaskonomyDataset, cfg: TranslationConfig, ctx: Context) -> DataLoader:
-    """Shuffled by the global generator, or split across the processes by a DistributedSampler."""
-    if not ctx.dist.enabled:
-        return ctx.loader(train_set, cfg, shuffle=True)
-    return ctx.loader(train_set, cfg, sampler=DistributedSampler(train_set, seed=cfg.seed))
-
-
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
-
-
-def _extractor(cfg: TranslationConfig, device: torch.device) -> InceptionFeatures | None:
-    """The FID network, or None (FID off, or the default file not installed: L1 decides)."""
-    if not cfg.fid:
-        return None
-    try:
-        return InceptionFeatures(cfg.inception, device=device)
-    except CenError as err:
-        if cfg.inception is not None:
-            raise
-        log.info(f"warning: {err}; FID/KID skipped, the best epoch is chosen by ensemble L1")
-        return None
 
 
 def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
@@ -99,18 +68,6 @@ def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
     target = torch.full_like(logits, 1.0 if real else 0.0)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return loss.view(num_branches, -1).mean(1).sum()
-
-
-def _format(metrics: dict[str, list[float]]) -> str:
-    def row(values: list[float], digits: int) -> str:
-        *branches, ensemble = values
-        return " / ".join(f"{v:.{digits}f}" for v in branches) + f" | ens {ensemble:.{digits}f}"
-
-    return "; ".join(
-        f"{key} {row(metrics[key], 2 if key in ('fid', 'kid_x100') else 4)}"
-        for key in ("fid", "kid_x100", "l1", "mse")
-        if key in metrics
-    )
 
 
 class TranslationRecipe(Recipe):
@@ -132,9 +89,12 @@ class TranslationRecipe(Recipe):
 
     def _build_evaluator(self, val_loader: DataLoader) -> str:
         """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
-        extractor = _extractor(self.cfg, self.ctx.device)
+        extractor = fid_extractor(self.cfg, self.ctx.device)
         self.evaluator = Evaluator(
-            val_loader, self.ctx.device, extractor, self.ctx.precision.autocast(),
+            val_loader,
+            self.ctx.device,
+            extractor,
+            self.ctx.precision.autocast(),
             self.cfg.eval_dropout,
         )
         return "fid" if extractor is not None else "l1"
@@ -178,7 +138,7 @@ class TranslationRecipe(Recipe):
         return {k: v.detach() for k, v in {**terms, "penalty": penalty}.items()}
 
     def epoch_record(self) -> dict[str, Any]:
-        return {"exchange": exchange_stats(self.generator).overall}
+        return {"exchange": exchange_record(self.generator)}
 
     def wants_validation(self, epoch: int) -> bool:
         return epoch % self.cfg.val_every == 0 or epoch == self.cfg.epochs
@@ -199,11 +159,11 @@ class TranslationRecipe(Recipe):
         line = (
             f"epoch {record['epoch']}/{self.cfg.epochs}: loss D {record['loss_d']:.4f}, GAN "
             f"{record['loss_gan']:.4f}, L1 {record['loss_l1']:.4f}, penalty "
-            f"{record['penalty']:.4f}; exchanging {record['exchange']:.1%}; "
+            f"{record['penalty']:.4f}; exchanging {record['exchange']['overall']:.1%}; "
             f"{record['seconds']:.1f} s (data {record['data_seconds']:.1f} s)"
         )
         if "val" in record:
-            line += f"\nepoch {record['epoch']} val: {_format(record['val'])}"
+            line += f"\nepoch {record['epoch']} val: {format_metrics(record['val'])}"
             line += f"; best {self.criterion}" if record["best"] else ""
         return line
 
@@ -231,18 +191,22 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
     """Train (or continue the checkpoint ``resume``) up to ``cfg.epochs``; returns the best
     validation: ``score`` (ensemble FID, or L1), ``epoch`` and its ``metrics``."""
     with prepare(cfg) as ctx:
-        train_set, val_set = _datasets(cfg)
+        train_set, val_set = datasets(cfg)
         state = load_checkpoint(resume, task=TASK) if resume is not None else None
-        loaders = (_train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
+        loaders = (train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
         recipe = TranslationRecipe(cfg, ctx, loaders)
         folder = ctx.open_folder(cfg, resuming=state is not None, force=force)
         inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
         processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
-        log.info(f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; {len(train_set)} train / "
-                 f"{len(val_set)} val views, device {ctx.device}{processes}")
+        log.info(
+            f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; {len(train_set)} train / "
+            f"{len(val_set)} val views, device {ctx.device}{processes}"
+        )
         if state is not None and state.get("criterion") != recipe.criterion:
-            log.info(f"the best epoch was chosen by {state.get('criterion')}, now by "
-                     f"{recipe.criterion}: best tracking restarts")
+            log.info(
+                f"the best epoch was chosen by {state.get('criterion')}, now by "
+                f"{recipe.criterion}: best tracking restarts"
+            )
             state = {**state, "best": None}
         best = fit(recipe, cfg, folder, False, state, str(resume))
         if best.score is not None:
@@ -266,21 +230,30 @@ def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict
         generator = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
         load_weights(generator, state["model"], str(path))
         if generator.num_modalities != len(cfg.inputs):
-            raise CenError(f"{path}: a model for {generator.num_modalities} inputs, but "
-                           f"--img-types names {len(cfg.inputs)}")
-        _, val_set = _datasets(cfg)
+            raise CenError(
+                f"{path}: a model for {generator.num_modalities} inputs, but "
+                f"--img-types names {len(cfg.inputs)}"
+            )
+        _, val_set = datasets(cfg)
         epoch = int(state["epoch"])
         folder = ctx.open_folder(cfg, resuming=True, force=False)
 
         def evaluate() -> dict[str, Any]:
-            evaluator = Evaluator(ctx.loader(val_set, cfg), ctx.device,
-                                  _extractor(cfg, ctx.device), ctx.precision.autocast(),
-                                  cfg.eval_dropout)
+            evaluator = Evaluator(
+                ctx.loader(val_set, cfg),
+                ctx.device,
+                fid_extractor(cfg, ctx.device),
+                ctx.precision.autocast(),
+                cfg.eval_dropout,
+            )
             metrics = evaluator(generator.to(ctx.device), run_dir)
-            log.info(f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: "
-                     f"{_format(metrics)}")
-            folder.append_metrics({"evaluate": True, "checkpoint": path.name, "epoch": epoch,
-                                   "val": metrics})
+            log.info(
+                f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: "
+                f"{format_metrics(metrics)}"
+            )
+            folder.append_metrics(
+                {"evaluate": True, "checkpoint": path.name, "epoch": epoch, "val": metrics}
+            )
             return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
 
         return on_main(evaluate)
