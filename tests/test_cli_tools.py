@@ -4,8 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import save_checkpoint
@@ -27,11 +29,16 @@ def test_data_check_reports_ok_and_names_a_bad_label(data_root: Path, capsys) ->
     assert last.startswith("cen: error: ") and f"of {len(problems)} problems" in last
 
 
-def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
+def _tiny_checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = create_cen_refinenet(backbone="resnet18", num_classes=3, decoder_width=8)
     path = tmp_path / "model.pth"
     save_checkpoint(path, model_record(model))
+    return path
+
+
+def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
+    path = _tiny_checkpoint(tmp_path)
     assert main(["info", str(path), "--size", "32", "32"]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "FLOPs" in out
@@ -39,6 +46,24 @@ def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["export", "onnx", str(path), str(onnx_path), "--size", "32", "32"]) == 0
     assert onnx_path.stat().st_size > 0
     assert main(["info"]) == 2 and "--enc" in capsys.readouterr().err
+
+
+def test_predict_with_the_onnx_file_equals_the_checkpoint(seg_data: Path, tmp_path: Path) -> None:
+    """``cen seg predict`` runs an exported ``.onnx`` with onnxruntime, to the same labels."""
+    path = _tiny_checkpoint(tmp_path)
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "onnx", str(path), str(onnx_path), "--dynamic"]) == 0
+    rgb, depth = seg_data / "rgb", seg_data / "depth"
+    for model, out in ((path, tmp_path / "torch"), (onnx_path, tmp_path / "onnx")):
+        code = main(["seg", "predict", str(model), "--rgb", str(rgb), "--depth", str(depth),
+                     "-o", str(out), "--heads"])  # fmt: skip
+        assert code == 0
+    labels = sorted(p.name for p in (tmp_path / "torch").glob("*_label.png"))
+    assert len(labels) >= 3
+    for name in labels:
+        ours = np.asarray(Image.open(tmp_path / "torch" / name))
+        theirs = np.asarray(Image.open(tmp_path / "onnx" / name))
+        assert (ours != theirs).mean() < 1e-3, name
 
 
 def test_report_of_a_missing_run_is_one_line(tmp_path: Path, capsys) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cenfusion.errors import CenError
-from cenfusion.models.refinenet import CENRefineNet
+from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
 from cenfusion.segmentation.predict import load_segmenter
 
 HEADS = ("all", "ensemble")
@@ -237,6 +237,18 @@ class OnnxSegmenter:
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
+
+    @property
+    def config(self) -> CENRefineNetConfig:
+        """The exported network's config (classes, modalities), as the torch model has it."""
+        return CENRefineNetConfig.from_dict(self.model_config)
+
+    def to(self, device: torch.device | str) -> OnnxSegmenter:
+        """onnxruntime runs on its own providers; outputs follow the inputs' device."""
+        return self
+
+    def eval(self) -> OnnxSegmenter:
+        return self
 
     def __call__(self, inputs: Sequence[ArrayLike] | ArrayLike) -> list[Tensor]:
         device = _first_device(inputs)

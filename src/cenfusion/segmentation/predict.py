@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.segmentation.modelio import TASK, model_from_record
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
+
+if TYPE_CHECKING:
+    from cenfusion.export import OnnxSegmenter
 
 #: File types read from input folders.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -85,18 +89,24 @@ class LoadedModel:
     """A segmenter read from a checkpoint, with the modality names it was trained on
     (``None`` when the file does not say, e.g. a released checkpoint)."""
 
-    model: CENRefineNet
+    model: CENRefineNet | OnnxSegmenter
     modalities: tuple[str, ...] | None
     released: bool
 
 
 def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
-    """Read a cenfusion checkpoint or a released CEN ``.pth.tar``.
+    """Read a cenfusion checkpoint, a released CEN ``.pth.tar`` or an exported ``.onnx``
+    (run with onnxruntime).
 
     ``official=None`` detects the format: a file our loader rejects as foreign is read as a
     released one; ``True``/``False`` force one format.
     """
     path = Path(path)
+    if path.suffix == ".onnx":
+        from cenfusion.export import OnnxSegmenter
+
+        onnx_model = OnnxSegmenter(path)
+        return LoadedModel(onnx_model, onnx_model.modalities, False)
     if official:
         return LoadedModel(load_official_checkpoint(path), None, True)
     try:
@@ -362,6 +372,8 @@ def predict(
     parsed = [parsed[i] for i in order]
     kinds = [m.kind for m in parsed]
 
+    if heads and getattr(loaded.model, "heads", "all") == "ensemble":
+        raise CenError(f"--heads: {checkpoint} was exported with the ensemble head only")
     target = resolve_device(device)
     model = loaded.model.to(target).eval()
     num = model.config.num_classes
