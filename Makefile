@@ -14,4 +14,6 @@ demo: $(BIN)/cen
 	$(BIN)/cen demo
 
 test: $(BIN)/cen
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest

@@ -13,7 +13,7 @@ import torch
 from cenfusion.cli import build_parser
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name, given_flags
-from cenfusion.engine.run import LAST, RunFolder, RunLog
+from cenfusion.engine.run import LAST, LogRouting, RunFolder
 from cenfusion.engine.trainer import CompiledOrEager
 from cenfusion.errors import CenError
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
@@ -147,7 +147,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
     monkeypatch.setattr(torch, "compile", broken)
     net = torch.nn.Linear(3, 2)
     x = torch.randn(4, 3)
-    with RunLog():
+    with LogRouting():
         wrapped = CompiledOrEager(net)
         assert torch.equal(wrapped(x), net(x))
         assert torch.equal(wrapped(x), net(x))

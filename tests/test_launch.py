@@ -102,9 +102,32 @@ def test_launch_trains_translation_in_two_gloo_processes(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
     data = generate_taskonomy_dataset(tmp_path / "data", 4, 2, 40, seed=1)
     argv = [
-        "i2i", "train", "-c", "launched", "--runs", str(tmp_path), "--data", str(data),
-        "--epochs", "2", "--eval-every", "1", "--size", "32", "--num-downs", "5", "--ngf", "4",
-        "--ndf", "4", "--device", "cpu", "--workers", "0", "--no-fid", "--quiet",
+        "i2i",
+        "train",
+        "-c",
+        "launched",
+        "--runs",
+        str(tmp_path),
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--eval-every",
+        "1",
+        "--size",
+        "32",
+        "--num-downs",
+        "5",
+        "--ngf",
+        "4",
+        "--ndf",
+        "4",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-fid",
+        "--quiet",
     ]
     assert launch(cen_command(argv), 2) == 0
     run = tmp_path / "launched"

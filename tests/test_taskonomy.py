@@ -114,8 +114,9 @@ def test_eight_bit_domains_grey_tiling_and_wrong_encodings() -> None:
 def test_png_round_trip_and_unreadable_file(tmp_path: Path) -> None:
     raw = np.array([[0, 1000], [11355, 65535]], dtype=np.uint16)
     Image.fromarray(raw).save(tmp_path / "e.png")
-    torch.testing.assert_close(read_domain(tmp_path / "e.png", "edge_texture"),
-                               decode_domain(raw, "edge_texture"))
+    torch.testing.assert_close(
+        read_domain(tmp_path / "e.png", "edge_texture"), decode_domain(raw, "edge_texture")
+    )
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(CenError, match="cannot read image"):
         read_domain(tmp_path / "bad.png", "rgb")
@@ -129,12 +130,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_synthetic_set_uses_the_real_encodings(synthetic_root: Path) -> None:
     assert read_split_file(synthetic_root / "train.txt") == [(0, 0), (1, 0), (2, 0)]
     assert read_split_file(synthetic_root / "val.txt") == [(3, 0), (4, 0)]
-    modes = {
-        d: Image.open(synthetic_root / domain_file(d, (1, 0))).mode for d in SYNTHETIC_DOMAINS
-    }
+    modes = {d: Image.open(synthetic_root / domain_file(d, (1, 0))).mode for d in SYNTHETIC_DOMAINS}
     assert modes == {
-        "rgb": "RGB", "normal": "RGB", "reshading": "L", "depth_euclidean": "I;16",
-        "depth_zbuffer": "I;16", "edge_occlusion": "I;16", "edge_texture": "I;16",
+        "rgb": "RGB",
+        "normal": "RGB",
+        "reshading": "L",
+        "depth_euclidean": "I;16",
+        "depth_zbuffer": "I;16",
+        "edge_occlusion": "I;16",
+        "edge_texture": "I;16",
         "segment_unsup2d": "L",
     }
     rng = np.random.default_rng([3, 1])
@@ -286,7 +290,9 @@ def test_prepare_fetches_only_requested_domains_and_split_views(
     splits = {"train": [(1, 0), (2, 0)], "val": [(4, 0)]}
     prepare_taskonomy(out, ["rgb", 2], base_url=url, workers=2, progress=False, splits=splits)
     assert sorted(requests) == sorted(
-        f"/{domain_file(d, v)}" for d in ("rgb", "reshading") for v in [(1, 0), (4, 0), (2, 0)]
+        f"/{domain_file(d, v)}"
+        for d in ("rgb", "reshading")
+        for v in [(1, 0), (4, 0), (2, 0)]
         if (d, v) != ("rgb", (2, 0))
     )
     assert not (out / "normal").exists()
@@ -308,8 +314,14 @@ def test_prepare_reports_missing_remote_file(
 ) -> None:
     url, _, _ = server
     with pytest.raises(CenError, match="HTTP 404") as info:
-        prepare_taskonomy(tmp_path / "o", ["rgb"], base_url=url, workers=1, progress=False,
-                          splits={"train": [(9, 9)], "val": [(1, 0)]})
+        prepare_taskonomy(
+            tmp_path / "o",
+            ["rgb"],
+            base_url=url,
+            workers=1,
+            progress=False,
+            splits={"train": [(9, 9)], "val": [(1, 0)]},
+        )
     assert "\n" not in str(info.value)
 
 

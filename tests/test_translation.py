@@ -32,9 +32,20 @@ def data_root(i2i_data: Path) -> Path:
 
 def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> TranslationConfig:
     settings = {
-        "exp": exp, "runs": runs, "data": data_root, "epochs": 2, "val_every": 1,
-        "batch_size": 2, "crop_size": 32, "load_size": 36, "num_downs": 5, "ngf": 4, "ndf": 4,
-        "device": "cpu", "workers": 0, "fid": False,
+        "exp": exp,
+        "runs": runs,
+        "data": data_root,
+        "epochs": 2,
+        "val_every": 1,
+        "batch_size": 2,
+        "crop_size": 32,
+        "load_size": 36,
+        "num_downs": 5,
+        "ngf": 4,
+        "ndf": 4,
+        "device": "cpu",
+        "workers": 0,
+        "fid": False,
     }
     return TranslationConfig(**{**settings, **changes})
 
@@ -73,7 +84,8 @@ def test_tiny_run_layout_and_best_follows_the_score(
     folders = ["input0", "input1", "fake0", "fake1", "fake2", "real"]
     for name in folders + ["best/fake0", "best/fake1", "best/fake2"]:
         assert sorted(p.name for p in (run / name).iterdir()) == [
-            "point_4_view_0.png", "point_5_view_0.png"
+            "point_4_view_0.png",
+            "point_5_view_0.png",
         ], name
     assert not (run / "best" / "real").exists()
     assert (result.score, result.epoch) == (0.3, 2)
@@ -177,8 +189,21 @@ def run_cli(*argv: str) -> None:
 def test_wrong_img_types_give_one_line(
     data_root: Path, tmp_path: Path, img_types: list[str], message: str
 ) -> None:
-    common = ["--runs", str(tmp_path), "--data", str(data_root), "--size", "32",
-              "--num-downs", "5", "--device", "cpu", "--no-fid", "--workers", "0"]
+    common = [
+        "--runs",
+        str(tmp_path),
+        "--data",
+        str(data_root),
+        "--size",
+        "32",
+        "--num-downs",
+        "5",
+        "--device",
+        "cpu",
+        "--no-fid",
+        "--workers",
+        "0",
+    ]
     with pytest.raises(CenError, match=message) as info:
         run_cli("i2i", "train", "-c", "bad", "--img-types", *img_types, *common)
     assert "\n" not in str(info.value)
@@ -194,10 +219,39 @@ def test_missing_split_file_gives_one_line(data_root: Path, tmp_path: Path) -> N
 
 
 def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Path) -> None:
-    run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--data", str(data_root),
-            "--epochs", "1", "--size", "32", "--num-downs", "5", "--ngf", "4", "--ndf", "4",
-            "--eval-every", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0",
-            "--no-fid", "--img-types", "2", "6", "0")
+    run_cli(
+        "i2i",
+        "train",
+        "-c",
+        "cli",
+        "--runs",
+        str(tmp_path),
+        "--data",
+        str(data_root),
+        "--epochs",
+        "1",
+        "--size",
+        "32",
+        "--num-downs",
+        "5",
+        "--ngf",
+        "4",
+        "--ndf",
+        "4",
+        "--eval-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-fid",
+        "--img-types",
+        "2",
+        "6",
+        "0",
+    )
     saved = load_config(tmp_path / "cli" / "config.yaml")
     assert saved.img_types == (2, 6, 0) and saved.resize_to == 36 and saved.fid is False
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")
@@ -205,9 +259,7 @@ def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Pa
     assert resumed == TranslationConfig(**{**saved.to_dict(), "epochs": 2})
     assert load_checkpoint(tmp_path / "cli" / "last.pth")["epoch"] == 2
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--evaluate")
-    assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])[
-        "evaluate"
-    ]
+    assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])["evaluate"]
 
 
 def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
@@ -220,8 +272,17 @@ def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
 
 
 def test_data_command_writes_synthetic_set(tmp_path: Path) -> None:
-    run_cli("data", "synthetic-taskonomy", str(tmp_path / "s"), "--num-train", "1",
-            "--num-val", "1", "--size", "16")
+    run_cli(
+        "data",
+        "synthetic-taskonomy",
+        str(tmp_path / "s"),
+        "--num-train",
+        "1",
+        "--num-val",
+        "1",
+        "--size",
+        "16",
+    )
     assert (tmp_path / "s" / "train.txt").is_file()
     assert (tmp_path / "s" / "edge_texture" / "point_1_view_0_domain_edge_texture.png").is_file()
     args = parser().parse_args(["data", "taskonomy", "out", "--domains", "2", "7", "rgb"])
@@ -279,8 +340,13 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
 
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     seen: list[str] = []
     states: list[dict] = []
@@ -301,8 +367,10 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
         best = train(cfg)
         evaluated = evaluate_run(cfg)["metrics"]["l1"]
         record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
-        torch.save({**record, "model": states[0]["model"],
-                    "discriminator": states[0]["discriminator"]}, Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {**record, "model": states[0]["model"], "discriminator": states[0]["discriminator"]},
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -337,7 +405,8 @@ def test_ddp_training_on_cpu_with_gloo(
     for name, value in last["model"].items():
         assert torch.equal(value, ranks[0]["model"][name]), name
     assert sorted(p.name for p in (run / "fake2").iterdir()) == [
-        "point_4_view_0.png", "point_5_view_0.png"
+        "point_4_view_0.png",
+        "point_5_view_0.png",
     ]
 
 

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import RunLog, add_run_flags
+from cenfusion.engine.run import LogRouting, add_run_flags
 from cenfusion.errors import MAX_LINE, CenError, shorten
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 
@@ -125,8 +125,19 @@ def _seg_predict(args: argparse.Namespace) -> None:
 
 
 _EVAL_FIELDS = (
-    "exp", "runs", "data", "val_list", "modalities", "mask_column", "depth_scale",
-    "num_classes", "workers", "device", "gpu", "amp", "channels_last",
+    "exp",
+    "runs",
+    "data",
+    "val_list",
+    "modalities",
+    "mask_column",
+    "depth_scale",
+    "num_classes",
+    "workers",
+    "device",
+    "gpu",
+    "amp",
+    "channels_last",
 )
 
 
@@ -252,8 +263,13 @@ def _export_onnx(args: argparse.Namespace) -> None:
 
     height, width = args.size
     out = export_checkpoint(
-        args.checkpoint, args.out, heads=args.heads, height=height, width=width,
-        dynamic=args.dynamic, opset=args.opset,
+        args.checkpoint,
+        args.out,
+        heads=args.heads,
+        height=height,
+        width=width,
+        dynamic=args.dynamic,
+        opset=args.opset,
     )
     print(f"wrote {out}")
 
@@ -266,8 +282,12 @@ def _data_check(args: argparse.Namespace) -> None:
 
     cfg = replace_config(NYUDV2, given_flags(SegmentationConfig, args))
     report = check_dataset(
-        args.root, args.lists, modality_specs(cfg), cfg.num_classes,
-        mask_column=cfg.mask_column, allow_mixed_depth=cfg.allow_mixed_depth,
+        args.root,
+        args.lists,
+        modality_specs(cfg),
+        cfg.num_classes,
+        mask_column=cfg.mask_column,
+        allow_mixed_depth=cfg.allow_mixed_depth,
     )
     print(f"{args.root}: {report.samples} samples, {report.files} files: OK")
 
@@ -299,7 +319,6 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     onnx.set_defaults(run=_export_onnx)
 
 
-
 def _add_data(sub: argparse._SubParsersAction) -> None:
     from cenfusion.segmentation.config import SegmentationConfig
 
@@ -309,7 +328,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "--lists", nargs="+", default=["train.txt", "val.txt"], help="(train.txt val.txt)"
     )
     add_config_flags(
-        check, SegmentationConfig,
+        check,
+        SegmentationConfig,
         only=("modalities", "mask_column", "depth_scale", "num_classes", "allow_mixed_depth"),
     )
     check.set_defaults(run=_data_check)
@@ -356,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="ablation on the embedded data: RGB, depth, CEN without and with exchange"
     )
     demo.add_argument(
-        "--task", choices=("seg", "i2i"), default="seg",
+        "--task",
+        choices=("seg", "i2i"),
+        default="seg",
         help="seg: the segmentation ablation; i2i: shading + texture -> RGB (default seg)",
     )
     demo.add_argument("--runs", type=Path, default=Path("runs"))
@@ -422,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr), 130 when interrupted, 1 for an internal error (a short traceback)."""
     args = build_parser().parse_args(argv)
     try:
-        with RunLog():
+        with LogRouting():
             from cenfusion.engine.launch import run_per_gpu
 
             if (code := run_per_gpu(args, argv)) is not None:

@@ -174,21 +174,19 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 @final
-class RunLog:
-    """Route :data:`log` to the console and, given a folder, ``log.txt`` (appended)."""
+class LogRouting:
+    """Route :data:`log` to the console (once, however deeply nested) and, from
+    :meth:`add_file` on, to a run's ``log.txt`` (appended); undone on exit."""
 
-    def __init__(self, run_dir: Path | None = None, is_main: bool = True) -> None:
+    def __init__(self, is_main: bool = True) -> None:
         self.handlers: list[logging.Handler] = []
         console = any(getattr(h, "console", False) for h in log.handlers)
         if is_main and not console:
             handler = logging.StreamHandler(sys.stdout)
             handler.console = True  # type: ignore[attr-defined]
             self.handlers.append(handler)
-        if run_dir is not None and is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.handlers.append(logging.FileHandler(run_dir / "log.txt"))
 
-    def __enter__(self) -> RunLog:
+    def __enter__(self) -> LogRouting:
         for handler in self.handlers:
             handler.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(handler)

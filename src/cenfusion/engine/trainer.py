@@ -29,8 +29,8 @@ from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
     LAST,
+    LogRouting,
     RunFolder,
-    RunLog,
     log,
 )
 from cenfusion.engine.threads import use_threads, worker_init
@@ -93,7 +93,7 @@ class Context:
     device: torch.device
     dist: DistInfo
     precision: Precision
-    run_log: RunLog
+    run_log: LogRouting
     channels_last: bool = False
     compile: bool = False
 
@@ -144,7 +144,7 @@ def prepare(cfg: Any) -> Iterator[Context]:
     threads_before = use_threads(cfg.threads)
     seed_everything(cfg.seed + dist_info.rank)
     try:
-        with RunLog(None, dist_info.is_main) as run_log:
+        with LogRouting(dist_info.is_main) as run_log:
             precision = Precision(cfg.amp, device)
             yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
     finally:

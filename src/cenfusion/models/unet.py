@@ -90,9 +90,7 @@ class DownBlock(nn.Module):
         self.act = nn.LeakyReLU(0.2) if activation else nn.Identity()
         self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)
         self.norm = (
-            ModalityInstanceNorm2d(
-                out_channels, num_modalities, exchange=True, threshold=threshold
-            )
+            ModalityInstanceNorm2d(out_channels, num_modalities, exchange=True, threshold=threshold)
             if norm
             else nn.Identity()
         )

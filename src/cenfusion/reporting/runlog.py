@@ -214,7 +214,11 @@ def _lift_translation(line: dict[str, Any]) -> dict[str, Any]:
         return line
     rest = {k: v for k, v in val.items() if k not in TRANSLATION_METRICS}
     lifted = {k: val[k] for k in TRANSLATION_METRICS if k in val}
-    return {**{k: v for k, v in line.items() if k != "val"}, **lifted, **({"val": rest} if rest else {})}
+    return {
+        **{k: v for k, v in line.items() if k != "val"},
+        **lifted,
+        **({"val": rest} if rest else {}),
+    }
 
 
 def _epoch_key(line: Mapping[str, Any], index: int) -> tuple[float, float]:

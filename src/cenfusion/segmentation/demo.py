@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.data.synthetic import CLASS_NAMES, INTERACTION_CLASSES
-from cenfusion.engine.run import METRICS, RunLog, log
+from cenfusion.engine.run import METRICS, LogRouting, log
 from cenfusion.errors import CenError
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.train import train
@@ -76,7 +76,7 @@ def run_demo(base: SegmentationConfig = SYNTHETIC, report: bool = True) -> list[
     if len(base.modalities) != 2 or base.num_classes != len(CLASS_NAMES):
         raise CenError("demo: needs the synthetic RGB-D data (two modalities, its classes)")
     rows: list[DemoRow] = []
-    with RunLog():
+    with LogRouting():
         for run in RUNS:
             cfg = replace(base, exp=f"demo-{run.name}", **run.changes)
             log.info(f"=== {run.label}: {' + '.join(cfg.modalities)} ===")
@@ -91,9 +91,13 @@ def run_demo(base: SegmentationConfig = SYNTHETIC, report: bool = True) -> list[
                 path = write_report(cfg.run_dir)
             rows.append(
                 DemoRow(
-                    run.label, scores["pixel_acc"], scores["mean_acc"], scores["miou"],
+                    run.label,
+                    scores["pixel_acc"],
+                    scores["mean_acc"],
+                    scores["miou"],
                     _interaction_miou(scores["iou"]),
-                    _exchanged_at_best(cfg.run_dir, best.epoch), path,
+                    _exchanged_at_best(cfg.run_dir, best.epoch),
+                    path,
                 )
             )
         log.info(demo_table(rows))

@@ -75,7 +75,9 @@ def add_taskonomy_data_parser(data_subparsers: argparse._SubParsersAction) -> No
     )
     p.add_argument("out", type=Path)
     p.add_argument(
-        "--domains", nargs="+", default=["reshading", "edge_texture", "rgb"],
+        "--domains",
+        nargs="+",
+        default=["reshading", "edge_texture", "rgb"],
         help=f"names or img-type indices (default: reshading edge_texture rgb); {_TABLE}",
     )
     p.add_argument("--base-url", help="where <domain>/<file> lives (the released host)")

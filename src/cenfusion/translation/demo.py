@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cenfusion.engine.run import RunLog, log
+from cenfusion.engine.run import LogRouting, log
 from cenfusion.translation.config import TranslationConfig
 
 DEMO = TranslationConfig(
@@ -34,7 +34,7 @@ def run_translation_demo(base: TranslationConfig = DEMO, report: bool = True) ->
     """Train the demo generator; log and return the best epoch's metrics per branch."""
     from cenfusion.translation.train import train
 
-    with RunLog():
+    with LogRouting():
         best = train(replace(base), force=True)
         metrics = best.metrics or {}
         names = ["shading branch", "texture branch", "ensemble"]
