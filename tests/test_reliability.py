@@ -30,7 +30,6 @@ from PIL import Image
 import cenfusion.engine.run as run_module
 from cenfusion.cli import main
 from cenfusion.data.synthetic import generate_segmentation_dataset
-from cenfusion.data.taskonomy import generate_taskonomy_dataset
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.models.refinenet import create_cen_refinenet
@@ -51,8 +50,8 @@ def seg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def i2i_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)
+def i2i_root(i2i_data: Path) -> Path:
+    return i2i_data
 
 
 def save_image(path: Path, array: np.ndarray) -> Path:
