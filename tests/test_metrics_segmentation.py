@@ -1,7 +1,6 @@
 """Segmentation metrics against an independent float64 numpy reference, DDP (gloo) included."""
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from cenfusion.engine.launch import free_port
 from cenfusion.metrics.segmentation import (
     MultiHeadSegmentationMetric,
     SegmentationMetric,
@@ -154,12 +154,6 @@ def test_multi_head_metric_and_table():
         metric.update(preds[:2], target)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, pred, target, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -182,7 +176,7 @@ def test_distributed_compute_equals_single_process(tmp_path):
     single = SegmentationMetric(NUM_CLASSES)
     single.update(pred, target)
     want = single.compute()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), pred, target, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), pred, target, str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert not torch.equal(results[0]["local"], single.confmat)  # each rank saw only half
     for result in results:

@@ -7,6 +7,7 @@ import torch
 
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.errors import CenError
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.build import config_for
@@ -218,13 +219,7 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
 
     import torch.distributed as dist
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(rank_env(rank, 2, port))
     torch.set_num_threads(1)
     try:
         progress = train(cfg)
@@ -234,13 +229,9 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
 
 
 def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     mp.spawn(_ddp_rank, args=(port, cfg, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

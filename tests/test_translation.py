@@ -15,6 +15,7 @@ from PIL import Image
 
 from cenfusion import CenError
 from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.models.unet import create_cen_unet
 from cenfusion.translation import train as train_module
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
@@ -326,27 +327,13 @@ def test_evaluation_dropout_is_a_choice(tmp_path: Path) -> None:
     assert not np.array_equal(sampled[0]["a.png"], plain[0]["a.png"])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     """One process of a 2-process gloo run: records the views it trained on and its weights."""
     import os
 
     import torch.distributed as dist
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    os.environ.update(rank_env(rank, 2, port))
     torch.set_num_threads(1)
     seen: list[str] = []
     states: list[dict] = []
@@ -384,7 +371,7 @@ def test_ddp_training_on_cpu_with_gloo(
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
     cfg = tiny(data_root, tmp_path, "ddp", batch_size=1)
-    mp.spawn(_ddp_rank, args=(_free_port(), cfg, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_rank, args=(free_port(), cfg, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["best"] == ranks[1]["best"] and ranks[0]["best_epoch"] == ranks[1]["best_epoch"]
     for epoch in range(2):

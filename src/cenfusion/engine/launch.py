@@ -38,7 +38,8 @@ def cen_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "cenfusion.cli", *argv]
 
 
-def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment of process ``rank`` of a one-machine group, as torchrun sets it."""
     return {
         **os.environ,
         "RANK": str(rank),
@@ -78,7 +79,7 @@ def launch(command: Sequence[str], world_size: int, poll_s: float = 0.2) -> int:
     """
     port = free_port()
     processes = [
-        subprocess.Popen(list(command), env=_rank_env(rank, world_size, port))
+        subprocess.Popen(list(command), env=rank_env(rank, world_size, port))
         for rank in range(world_size)
     ]
     try:
