@@ -3,11 +3,12 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
 from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
-from cenfusion.models.refinenet import ResidualConvUnit
+from cenfusion.models.refinenet import ResidualConvUnit, max_pool_5x5
 
 
 def count(model: nn.Module) -> int:
@@ -110,3 +111,20 @@ def test_unreachable_pretrained_weights_name_the_cache(monkeypatch) -> None:
     message = str(info.value)
     assert "resnet50.tv_in1k" in message and "huggingface" in message
     assert torch.hub.get_dir() in message and "--pretrained PATH" in message
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crp_pool_equals_torch_max_pool_in_values_gradients_and_layout(channels_last) -> None:
+    x = torch.randn(2, 8, 13, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = max_pool_5x5(ours)
+    expected = F.max_pool2d(theirs, 5, stride=1, padding=2)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert out.is_contiguous() == (not channels_last)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)

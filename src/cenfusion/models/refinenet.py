@@ -73,9 +73,22 @@ class ChainedResidualPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         top = x
         for conv in self.convs:
-            top = conv(F.max_pool2d(top, 5, stride=1, padding=2))
+            top = conv(max_pool_5x5(top))
             x = x + top
         return x
+
+
+def max_pool_5x5(x: Tensor) -> Tensor:
+    """``max_pool2d(x, 5, stride=1, padding=2)``, the same values in ``x``'s memory format.
+
+    PyTorch's CPU kernel for this pool is 3-5x slower on an NCHW tensor than on a channels-last
+    one (the 5x5 window then runs over contiguous channels), so on the CPU the pool runs in
+    channels-last: the conversion costs less than it saves.
+    """
+    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 5, stride=1, padding=2)
+    pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 5, 1, 2)
+    return pooled.contiguous()
 
 
 class RefineStage(nn.Module):
