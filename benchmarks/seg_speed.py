@@ -1,7 +1,7 @@
 """Speed of cenfusion's CEN RefineNet against the per-modality reference, on the same weights.
 
     python benchmarks/seg_speed.py --depths 50 101 [--device cuda] [--amp none bf16]
-        [--channels-last] [--compile] [--onnx model.onnx] [--json results.json]
+        [--channels-last] [--compile] [--onnx [FILE]] [--json results.json]
 
 First checks, in this process, that cenfusion and the per-modality reference
 (``reference_cen.py``: the released way of computing) give the same outputs on the same
@@ -26,8 +26,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from cenfusion.models.refinenet import CENRefineNet
 
 DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAMDA = 2e-4
+EXPORT = "export"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile")
     p.add_argument(
-        "--onnx", default=None, help="an exported .onnx: an inference row via onnxruntime"
+        "--onnx",
+        nargs="?",
+        const=EXPORT,
+        default=None,
+        metavar="FILE",
+        help="an inference row via onnxruntime: alone, the benchmark's own network exported "
+        "at --infer-size (outputs compared with PyTorch's); with FILE, that exported file",
     )
     p.add_argument("--check-size", type=int, nargs=2, default=[64, 96], metavar=("H", "W"))
     p.add_argument("--json", default=None, help="write every number here")
@@ -252,29 +261,45 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
 
 
 def run_onnx(case: dict, args: argparse.Namespace) -> dict:
-    """Inference through onnxruntime on the exported file's own weights (not checked)."""
+    """Inference through onnxruntime, on the benchmark's network exported here (its outputs
+    compared with PyTorch's, in the row's note) or on the given file's own weights."""
     try:
         import onnxruntime as ort
     except ImportError:
         return {**case, "variant": "onnxruntime", "error": "onnxruntime not installed: skipped"}
+    xs, _ = make_inputs(args.infer_batch, args.infer_size, args, torch.device("cpu"))
+    model, path = None, args.onnx
+    if args.onnx == EXPORT:
+        from cenfusion.export import export_onnx
+
+        model = build_model(case["depth"], args, torch.device("cpu")).eval()
+        path = Path(tempfile.mkdtemp()) / f"r{case['depth']}.onnx"
+        export_onnx(model, path, height=args.infer_size[0], width=args.infer_size[1])
     wanted = ["CUDAExecutionProvider"] if args.device == "cuda" else []
     providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     if args.threads:
         options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(args.onnx, options, providers=providers)
+    session = ort.InferenceSession(str(path), options, providers=providers)
     names = [i.name for i in session.get_inputs()]
-    xs, _ = make_inputs(args.infer_batch, args.infer_size, args, torch.device("cpu"))
     if len(names) != len(xs):
         return {
             **case,
             "variant": "onnxruntime",
-            "error": f"{args.onnx}: {len(names)} inputs, expected {len(xs)} modalities",
+            "error": f"{path}: {len(names)} inputs, expected {len(xs)} modalities",
         }
     feeds = {name: x.numpy() for name, x in zip(names, xs)}
     times = time_steps(
         lambda: session.run(None, feeds), torch.device("cpu"), args.warmup, args.repeats
     )
+    note = None
+    if model is not None:
+        with torch.no_grad():
+            expected = model(xs)
+        got = session.run(None, feeds)
+        diff = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected))
+        note = f"onnxruntime outputs equal PyTorch's within {diff:.1e} (max abs diff)"
+        path.unlink()
     median = statistics.median(times)
     return {
         **case,
@@ -283,7 +308,7 @@ def run_onnx(case: dict, args: argparse.Namespace) -> dict:
         "median_s": median,
         "images_per_s": args.infer_batch / median,
         "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "note": None,
+        "note": note,
     }
 
 
