@@ -79,3 +79,20 @@ def test_the_command_line_starts_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_demo_schedule_flag_reaches_the_demo_configs(tmp_path: Path, monkeypatch, capsys) -> None:
+    import cenfusion.segmentation.demo as seg_demo
+    import cenfusion.translation.demo as i2i_demo
+
+    seen = {}
+    monkeypatch.setattr(seg_demo, "run_demo", lambda cfg: seen.setdefault("seg", cfg))
+    monkeypatch.setattr(i2i_demo, "run_translation_demo", lambda cfg: seen.setdefault("i2i", cfg))
+    runs = str(tmp_path / "runs")
+    assert main(["demo", "--epochs", "16", "4", "--runs", runs]) == 0
+    assert main(["demo", "--task", "i2i", "--epochs", "7", "--runs", runs]) == 0
+    assert seen["seg"].epochs == (16, 4) and seen["seg"].seed == seg_demo.SYNTHETIC.seed
+    assert seen["i2i"].epochs == 7 and seen["i2i"].seed == i2i_demo.DEMO.seed
+    assert main(["demo", "--task", "i2i", "--epochs", "7", "2", "--runs", runs]) == 2
+    assert "--epochs [7, 2]: the translation demo takes one number" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -21,15 +21,22 @@ INTERNAL_FRAMES = 4
 def _demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    common = {"runs": args.runs, "device": args.device}
+    if args.seed is not None:
+        common["seed"] = args.seed
     if args.task == "i2i":
         from cenfusion.translation.demo import DEMO, run_translation_demo
 
-        run_translation_demo(replace(DEMO, runs=args.runs, device=args.device))
+        if args.epochs is not None and len(args.epochs) != 1:
+            raise CenError(f"--epochs {args.epochs}: the translation demo takes one number")
+        epochs = {} if args.epochs is None else {"epochs": args.epochs[0]}
+        run_translation_demo(replace(DEMO, **common, **epochs))
         return
     from cenfusion.segmentation.config import SYNTHETIC
     from cenfusion.segmentation.demo import run_demo
 
-    run_demo(replace(SYNTHETIC, runs=args.runs, seed=args.seed, device=args.device))
+    epochs = {} if args.epochs is None else {"epochs": tuple(args.epochs)}
+    run_demo(replace(SYNTHETIC, **common, **epochs))
 
 
 def _seg_train(args: argparse.Namespace) -> None:
@@ -382,8 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seg: the segmentation ablation; i2i: shading + texture -> RGB (default seg)",
     )
     demo.add_argument("--runs", type=Path, default=Path("runs"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=None, help="default: the demo's own")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    demo.add_argument(
+        "--epochs",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="a longer or shorter schedule: seg, epochs per stage (5 1); i2i, one number (30)",
+    )
     demo.set_defaults(run=_demo)
 
     seg = sub.add_parser("seg", help="RGB-D semantic segmentation")
