@@ -378,7 +378,7 @@ def test_refuses_non_empty_folder_and_bad_counts(tmp_path: Path) -> None:
 
 def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CEN_CACHE", str(tmp_path / "cache"))
-    assert default_data_root() == tmp_path / "cache" / "synthetic-v2"
+    assert default_data_root() == tmp_path / "cache" / "synthetic-v3"
     root = ensure_synthetic(num_train=2, num_val=1, size=(32, 32))
     assert root == default_data_root() and (root / "train.txt").is_file()
 
@@ -391,4 +391,4 @@ def test_ensure_synthetic_generates_once(tmp_path: Path, monkeypatch: pytest.Mon
         ensure_synthetic(num_train=3, num_val=1, size=(32, 32))
     assert "\n" not in str(excinfo.value) and str(root) in str(excinfo.value)
     monkeypatch.delenv("CEN_CACHE")
-    assert default_data_root() == Path.home() / ".cache" / "cenfusion" / "synthetic-v2"
+    assert default_data_root() == Path.home() / ".cache" / "cenfusion" / "synthetic-v3"

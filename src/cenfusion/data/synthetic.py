@@ -106,7 +106,7 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 #: Version of the generator; bump it when the images change so caches are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MARKER_FILE = "cenfusion-synthetic.json"
 
 #: Saturated object colours (albedo 0..1) shared by posters, cabinets, rugs, crates, blocks.
@@ -393,7 +393,7 @@ def _sign_at_one_metre(
     u, v = rng.uniform(0.1, 0.9), rng.uniform(0.08, 0.6)
     rotation = camera_rotation(camera)
     ray = rotation @ np.array([(u - 0.5) / camera.focal, (v - 0.5) / (camera.focal * aspect), 1.0])
-    half_width = rng.uniform(0.06, 0.12) / camera.focal
+    half_width = rng.uniform(0.08, 0.14) / camera.focal
     half = (half_width, half_width * rng.uniform(0.5, 1.2), 0.01)
     framed = bool(rng.random() < 0.5)
     box = Box(
@@ -439,7 +439,7 @@ def _signs(rng: np.random.Generator, camera: Camera, room: Box, aspect: float) -
     """Up to two interaction signs (module docstring), not overlapping in the image."""
     signs: list[Box] = []
     placed: list[np.ndarray] = []
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(2, 5))):
         for _ in range(30):
             box, image = _sign_at_one_metre(rng, camera, aspect)
             inside = bool(np.all(np.isfinite(image)) and image.min() > 0.03 and image.max() < 0.97)
