@@ -297,3 +297,32 @@ def test_every_unreadable_input_is_listed_before_anything_is_written(
     assert len(err) == 3 and "1 of 2 problems" in err[-1]
     assert "rgb/1.png" in err[0] and "depth/3.png" in err[1]
     assert not out.exists()
+
+
+def test_fast_path_flags_compute_the_same_labels(tiny, tmp_path, capsys) -> None:
+    model, checkpoint = tiny
+    rgb = write_rgb(tmp_path / "in" / "rgb" / "a.png", 37, 53)
+    depth = write_depth(tmp_path / "in" / "depth" / "a.png", 37, 53)
+    inputs = network_inputs(rgb, depth)
+    base = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
+
+    assert main([*base, "-o", str(tmp_path / "cl"), "--channels-last", "--device", "cpu"]) == 0
+    labels = read(tmp_path / "cl" / "a_label.png")
+    np.testing.assert_array_equal(labels, reference_labels(model, inputs)[-1])
+
+    assert main([*base, "-o", str(tmp_path / "amp"), "--amp", "--device", "cpu"]) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        heads = model(inputs).float()
+    expected = F.interpolate(heads[-1], size=(37, 53), mode="bilinear", align_corners=False)
+    np.testing.assert_array_equal(read(tmp_path / "amp" / "a_label.png"), expected[0].argmax(0))
+
+
+def test_fast_path_flags_are_refused_for_an_onnx_file(tiny, tmp_path, capsys) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    rgb = write_rgb(tmp_path / "rgb.png", 8, 8)
+    depth = write_depth(tmp_path / "depth.png", 8, 8)
+    argv = ["seg", "predict", str(onnx), "--rgb", str(rgb), "--depth", str(depth)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--amp", "--compile"]) == 2
+    assert "--amp --compile: for PyTorch checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

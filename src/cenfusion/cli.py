@@ -127,9 +127,18 @@ def _seg_predict(args: argparse.Namespace) -> None:
         official=args.official,
         modalities=modalities,
         num_classes=args.num_classes,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
     print(f"wrote {len(written)} files to {args.out}")
 
+
+PREDICT_FAST_PATHS = {
+    "--amp": "mixed precision: bfloat16 on the CPU, float16 on CUDA",
+    "--channels-last": "channels-last memory format for the convolutions",
+    "--compile": "torch.compile the network (eager, with a warning, if it fails)",
+}
 
 _EVAL_FIELDS = (
     "exp",
@@ -145,6 +154,7 @@ _EVAL_FIELDS = (
     "gpu",
     "amp",
     "channels_last",
+    "compile",
 )
 
 
@@ -215,6 +225,8 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         help="force (or rule out) the released .pth.tar format (default: detect)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    for flag, text in PREDICT_FAST_PATHS.items():
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=text)
     p.set_defaults(run=_seg_predict)
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from cenfusion.engine.distributed import resolve_device
 from cenfusion.engine.run import append_metrics, log
-from cenfusion.engine.trainer import Precision
+from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
@@ -212,11 +212,12 @@ def evaluate_protocols(
     )
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
+    fast = CompiledOrEager(model) if cfg.compile else model
     for protocol in protocols:
         net = (
-            model
+            fast
             if protocol.single_pass
-            else TestTimeAugmentation(model, kinds, protocol.scales, protocol.flip)
+            else TestTimeAugmentation(fast, kinds, protocol.scales, protocol.flip)
         )
         results[protocol.label] = evaluate(net, loader, cfg, device, precision)
     return results

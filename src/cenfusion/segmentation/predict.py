@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from cenfusion.data.check import check_images
@@ -39,6 +39,7 @@ from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
@@ -297,24 +298,26 @@ def _write_prediction(
 
 @torch.inference_mode()
 def predict_sample(
-    model: CENRefineNet,
+    model: nn.Module | OnnxSegmenter,
     inputs: Sequence[Tensor],
     kinds: Sequence[str],
     device: torch.device,
     size: tuple[int, int] | None = None,
+    precision: Precision | None = None,
 ) -> list[np.ndarray]:
     """Labels ``(H, W)`` uint8 of every head (modalities, then the ensemble) for one sample.
 
     ``inputs``: ``M`` normalised tensors ``(3, H, W)``. With ``size``, the network sees the
     inputs resized to ``size`` and the logits are resized back to ``(H, W)`` before the
-    argmax (bilinear, as in evaluation).
+    argmax (bilinear, as in evaluation). ``precision``: the autocast the network runs under.
     """
     original = tuple(inputs[0].shape[-2:])
     batch = [x[None].to(device) for x in inputs]
     if size is not None:
         batch = [resize_input(x, k, size) for x, k in zip(batch, kinds)]
-    heads = model(batch)
-    return [predict_labels(h[0], original) for h in heads]
+    with (precision or Precision(False, device)).autocast():
+        heads = model(batch)
+    return [predict_labels(h[0].float(), original) for h in heads]
 
 
 def predict(
@@ -329,6 +332,9 @@ def predict(
     modalities: Sequence[str] | None = None,
     num_classes: int | None = None,
     progress: bool = True,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> list[Path]:
     """Segment every sample of ``inputs`` with the model in ``checkpoint``; returns the
     files written under ``out`` (see the module docstring for their names).
@@ -346,10 +352,20 @@ def predict(
             checkpoint names the same modalities in another order, the inputs are reordered
             to the order the model was trained with.
         num_classes: if given, must equal the checkpoint's class count.
+        amp, channels_last, compile: the fast paths of training and evaluation (bfloat16
+            autocast on the CPU, float16 on CUDA; NHWC layout; ``torch.compile`` with an
+            eager fallback), for PyTorch checkpoints.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
+    fast = [f for f, on in (("--amp", amp), ("--channels-last", channels_last)) if on]
+    if compile:
+        fast.append("--compile")
+    if fast and checkpoint.suffix == ".onnx":
+        raise CenError(
+            f"{' '.join(fast)}: for PyTorch checkpoints; {checkpoint} runs in onnxruntime"
+        )
     loaded = load_segmenter(checkpoint, official)
     if modalities is None:
         modalities = loaded.modalities or ("rgb", "depth")
@@ -377,13 +393,19 @@ def predict(
     target = resolve_device(device)
     model = loaded.model.to(target).eval()
     num = model.config.num_classes
+    precision = Precision(amp, target)
+    net: nn.Module | OnnxSegmenter = model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        net = CompiledOrEager(model)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
     for sample in bar:
         sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
         tensors, ref = load_inputs(sample, parsed, depth_scale)
-        labels = predict_sample(model, tensors, kinds, target, size)
+        labels = predict_sample(net, tensors, kinds, target, size, precision)
         base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
         written += _write_prediction(out, sample.stem, labels[-1], base, num)
         if heads:
