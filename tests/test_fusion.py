@@ -12,6 +12,7 @@ from cenfusion.fusion import (
     ModalityBatchNorm2d,
     ModalityInstanceNorm2d,
     ModalityNorm,
+    _fixed_stats_affine_grad,
     convert,
     exchange_stats,
     exchanging_norms,
@@ -548,3 +549,23 @@ def test_compiles_to_the_same_function() -> None:
     for p, q in zip(eager.parameters(), compiled_copy.parameters()):
         assert_close(q.grad, p.grad)
     assert_close(compiled_copy[1].running_mean, eager[1].running_mean)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fixed_statistics_affine_gradient_closed_form_matches_native_backward(
+    channels_last: bool,
+) -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(-1, 1), bn.bias.normal_()
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    bn(x).backward(grad)
+    running = (bn.running_mean, bn.running_var)
+    weight_grad, bias_grad = _fixed_stats_affine_grad(grad, x, running, bn.eps)
+    torch.testing.assert_close(weight_grad, bn.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias_grad, bn.bias.grad, rtol=1e-5, atol=1e-5)

@@ -176,6 +176,20 @@ def _batch_norm(
     return stats
 
 
+def _fixed_stats_affine_grad(
+    grad: Tensor, x: Tensor, running: tuple[Tensor, Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """Gradients of one BatchNorm's ``weight`` and ``bias`` ``(C,)`` when it normalised
+    ``x`` ``(B, C, ...)`` with the running ``(mean, var)``: the closed form, for CUDA, whose
+    native backward asserts without batch statistics."""
+    g = grad.float()
+    invstd = torch.rsqrt(running[1].float() + eps)
+    spatial = x.dim() - 2
+    xhat = (x.float() - _per_channel(running[0].float(), spatial)) * _per_channel(invstd, spatial)
+    dims = [0, *range(2, g.dim())]
+    return (g * xhat).sum(dims), g.sum(dims)
+
+
 def _batch_norm_grad(
     grad: Tensor,
     x: Tensor,
@@ -209,16 +223,12 @@ def _batch_norm_grad(
                 out1=grad_weight[i],
                 out2=grad_bias[i],
             )
-        else:
-            # Fixed statistics: closed form (CUDA's native backward wants batch statistics).
-            g = grad[i].float()
-            invstd = torch.rsqrt(pair[1].float() + eps)
-            xhat = (x[i].float() - _per_channel(pair[0].float(), x.dim() - 3)) * _per_channel(
-                invstd, x.dim() - 3
+        elif x.device.type == "cpu":
+            _, grad_weight[i], grad_bias[i] = torch.ops.aten.native_batch_norm_backward(
+                grad[i], x[i], weight[i], *pair, None, None, False, eps, [False, True, True]
             )
-            dims = [0, *range(2, g.dim())]
-            grad_weight[i] = (g * xhat).sum(dims)
-            grad_bias[i] = g.sum(dims)
+        else:
+            grad_weight[i], grad_bias[i] = _fixed_stats_affine_grad(grad[i], x[i], pair, eps)
     if not batch_stats:
         scale = weight * torch.rsqrt(stats[1] + eps)
         scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
