@@ -207,8 +207,12 @@ def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
     assert [r.label for r in rows] == labels
     assert rows[0].exchanged is None and rows[2].exchanged is None
     assert rows[3].exchanged is not None and 0 <= rows[3].exchanged <= 1
+    assert [sorted(r.branch_miou) for r in rows] == [["rgb"], ["depth"], *[["depth", "rgb"]] * 2]
+    assert rows[0].branch_miou["rgb"] == rows[0].miou
     out = capsys.readouterr().out
     assert all(f"| {label} |" in out for label in labels)
+    assert "branch mIoU rgb / depth" in out
+    assert f"| {rows[1].interaction_miou:.2f} | - / {rows[1].branch_miou['depth']:.2f} |" in out
     no_exchange = load_checkpoint(tmp_path / "demo-cen-no-exchange" / "best.pth")
     assert not no_exchange["model_config"]["exchange_at"]
     assert no_exchange["config"]["lamda"] == 0.0
