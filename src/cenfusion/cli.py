@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="N",
-        help="a longer or shorter schedule: seg, epochs per stage (5 1); i2i, one number (30)",
+        help="a longer or shorter schedule: seg, epochs per stage (4 1); i2i, one number (30)",
     )
     demo.set_defaults(run=_demo)
 

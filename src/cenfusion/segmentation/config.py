@@ -144,7 +144,7 @@ SYNTHETIC = replace(
     pretrained=None,
     decoder_width=64,
     drop_rate=0.1,
-    epochs=(5, 1),
+    epochs=(4, 1),
     lr_enc=(5e-3, 1e-3),
     lr_dec=(5e-3, 1e-3),
     weight_decay_enc=1e-4,
@@ -159,7 +159,7 @@ SYNTHETIC = replace(
     seed=0,
 )
 """The embedded data on a CPU: ResNet-26 (ResNet-50 widths), decoder width 64, random init,
-80x80 crops, 6 epochs (the four-model demo stays under 10 minutes on 2 cores). ``lamda`` is
+80x80 crops, 4 + 1 epochs (the four-model demo stays under 10 minutes on 2 cores). ``lamda`` is
 large because training is short: the penalised gammas must reach the threshold within a few
 hundred steps for exchange to happen at all."""
 
