@@ -436,7 +436,8 @@ def _sign_fits(box: Box, camera: Camera, room: Box) -> bool:
 
 
 def _signs(rng: np.random.Generator, camera: Camera, room: Box, aspect: float) -> list[Box]:
-    """Up to two interaction signs (module docstring), not overlapping in the image."""
+    """Two to four interaction signs (module docstring; fewer where no placement fits), not
+    overlapping in the image."""
     signs: list[Box] = []
     placed: list[np.ndarray] = []
     for _ in range(int(rng.integers(2, 5))):
