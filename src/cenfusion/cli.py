@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import LogRouting, add_run_flags
+from cenfusion.engine.run import LogRouting, RunConfig, add_run_flags
 from cenfusion.errors import MAX_LINE, CenError, shorten
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 
@@ -127,18 +127,12 @@ def _seg_predict(args: argparse.Namespace) -> None:
         official=args.official,
         modalities=modalities,
         num_classes=args.num_classes,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
+        amp=bool(args.amp),
+        channels_last=bool(args.channels_last),
+        compile=bool(args.compile),
     )
     print(f"wrote {len(written)} files to {args.out}")
 
-
-PREDICT_FAST_PATHS = {
-    "--amp": "mixed precision: bfloat16 on the CPU, float16 on CUDA",
-    "--channels-last": "channels-last memory format for the convolutions",
-    "--compile": "torch.compile the network (eager, with a warning, if it fails)",
-}
 
 _EVAL_FIELDS = (
     "exp",
@@ -225,8 +219,7 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         help="force (or rule out) the released .pth.tar format (default: detect)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    for flag, text in PREDICT_FAST_PATHS.items():
-        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=text)
+    add_config_flags(p, RunConfig, only=("amp", "channels_last", "compile"))
     p.set_defaults(run=_seg_predict)
 
 

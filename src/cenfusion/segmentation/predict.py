@@ -359,9 +359,8 @@ def predict(
     checkpoint, out = Path(checkpoint), Path(out)
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
-    fast = [f for f, on in (("--amp", amp), ("--channels-last", channels_last)) if on]
-    if compile:
-        fast.append("--compile")
+    flags = {"--amp": amp, "--channels-last": channels_last, "--compile": compile}
+    fast = [flag for flag, on in flags.items() if on]
     if fast and checkpoint.suffix == ".onnx":
         raise CenError(
             f"{' '.join(fast)}: for PyTorch checkpoints; {checkpoint} runs in onnxruntime"
