@@ -28,3 +28,18 @@ def seg_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def i2i_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic Taskonomy set: 4 train / 2 val views of 40x40 (read-only for tests)."""
     return generate_taskonomy_dataset(tmp_path_factory.mktemp("i2i") / "data", 4, 2, 40, seed=1)
+
+
+def tiny_i2i_argv(data: Path, runs: Path, exp: str, *extra: str) -> list[str]:
+    """``cen i2i train`` of a tiny U-Net on ``data`` into ``runs/exp`` (no FID, no workers),
+    followed by ``extra`` flags (a later flag wins)."""
+    return [
+        "i2i", "train", "--data", str(data), "--runs", str(runs), "-c", exp, "--size", "32",
+        "--num-downs", "5", "--ngf", "4", "--ndf", "4", "--workers", "0", "--no-fid", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def i2i_argv():
+    """:func:`tiny_i2i_argv`, for tests to call."""
+    return tiny_i2i_argv

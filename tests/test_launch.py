@@ -96,39 +96,13 @@ def test_several_gpus_without_cuda_is_one_line(
 
 
 def test_launch_trains_translation_in_two_gloo_processes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, i2i_argv
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
     data = generate_taskonomy_dataset(tmp_path / "data", 4, 2, 40, seed=1)
-    argv = [
-        "i2i",
-        "train",
-        "-c",
-        "launched",
-        "--runs",
-        str(tmp_path),
-        "--data",
-        str(data),
-        "--epochs",
-        "2",
-        "--eval-every",
-        "1",
-        "--size",
-        "32",
-        "--num-downs",
-        "5",
-        "--ngf",
-        "4",
-        "--ndf",
-        "4",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-fid",
-        "--quiet",
-    ]
+    flags = ["--epochs", "2", "--eval-every", "1", "--device", "cpu", "--quiet"]
+    argv = i2i_argv(data, tmp_path, "launched", *flags)
     assert launch(cen_command(argv), 2) == 0
     run = tmp_path / "launched"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -219,40 +219,11 @@ def test_missing_split_file_gives_one_line(data_root: Path, tmp_path: Path) -> N
     assert "\n" not in str(info.value)
 
 
-def test_cli_flags_override_saved_config_on_resume(data_root: Path, tmp_path: Path) -> None:
-    run_cli(
-        "i2i",
-        "train",
-        "-c",
-        "cli",
-        "--runs",
-        str(tmp_path),
-        "--data",
-        str(data_root),
-        "--epochs",
-        "1",
-        "--size",
-        "32",
-        "--num-downs",
-        "5",
-        "--ngf",
-        "4",
-        "--ndf",
-        "4",
-        "--eval-every",
-        "1",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-        "--no-fid",
-        "--img-types",
-        "2",
-        "6",
-        "0",
-    )
+def test_cli_flags_override_saved_config_on_resume(
+    data_root: Path, tmp_path: Path, i2i_argv
+) -> None:
+    flags = ["--epochs", "1", "--eval-every", "1", "--batch-size", "2", "--device", "cpu"]
+    run_cli(*i2i_argv(data_root, tmp_path, "cli", *flags, "--img-types", "2", "6", "0"))
     saved = load_config(tmp_path / "cli" / "config.yaml")
     assert saved.img_types == (2, 6, 0) and saved.resize_to == 36 and saved.fid is False
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")
