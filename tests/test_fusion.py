@@ -12,7 +12,8 @@ from cenfusion.fusion import (
     ModalityBatchNorm2d,
     ModalityInstanceNorm2d,
     ModalityNorm,
-    _fixed_stats_affine_grad,
+    _exchange_subset,
+    _recorded,
     convert,
     exchange_stats,
     exchanging_norms,
@@ -375,21 +376,44 @@ def run_both(
     return ref, out, ref_out, x_ours.grad, x_ref.grad
 
 
+def widen_exchange(norm: ModalityNorm) -> None:
+    """Make modality 0 exchange channels 3 and 4 too: five of seven channels exchange."""
+    with torch.no_grad():
+        norm.weight[0, 3:5] = 0.01
+
+
+# (layout, spatial size, path). Large planes take the custom function, which exchanges only
+# the planned channels in NCHW when they are at most half of all, else over the whole stack;
+# small planes take the recorded operations.
+PATHS = [
+    ("nchw", (24, 24), "subset"),
+    ("nchw", (24, 24), "dense"),
+    ("channels_last", (24, 24), "dense"),
+    ("nchw", (5, 6), "recorded"),
+    ("channels_last", (5, 6), "recorded"),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("layout", "size", "path"), PATHS)
 @pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
 @pytest.mark.parametrize("num_modalities", [2, 3, 4])
 def test_batch_norm_fast_paths_match_per_modality_reference(
-    num_modalities: int, setting: str, channels_last: bool, device: str
+    num_modalities: int, setting: str, layout: str, size: tuple[int, int], path: str, device: str
 ) -> None:
     norm = random_norm(num_modalities).to(device)
+    if path == "dense" and layout == "nchw":
+        widen_exchange(norm)
     running = (norm.running_mean.clone(), norm.running_var.clone())
-    x = 3 * torch.randn(num_modalities * 3, 7, 5, 6, generator=torch.Generator().manual_seed(2))
-    x = (x + 2).to(device, memory_format=torch.channels_last if channels_last else None)
+    x = 3 * torch.randn(num_modalities * 2, 7, *size, generator=torch.Generator().manual_seed(2))
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (x + 2).to(device, memory_format=memory_format)
+    assert _recorded(x, num_modalities) == (path == "recorded" or device != "cpu")
+    if device == "cpu" and path != "recorded":
+        assert _exchange_subset(norm.exchange_plan(), x) == (path == "subset")
     ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert_close(out, ref_out)
-    if channels_last:
-        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=memory_format)
     if setting != "eval":
         assert_close(grad, ref_grad)
         for name in ("weight", "bias"):
@@ -404,10 +428,11 @@ def test_batch_norm_fast_paths_match_per_modality_reference(
         assert torch.equal(norm.running_var, running[1])
 
 
+@pytest.mark.parametrize("size", [(5, 7), (24, 24)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("num_modalities", [2, 4])
 def test_instance_norm_fast_path_matches_per_modality_reference(
-    num_modalities: int, channels_last: bool
+    num_modalities: int, channels_last: bool, size: tuple[int, int]
 ) -> None:
     torch.manual_seed(3)
     norm = ModalityInstanceNorm2d(6, num_modalities, exchange=True, threshold=0.1)
@@ -416,8 +441,9 @@ def test_instance_norm_fast_path_matches_per_modality_reference(
         norm.weight[:, 0] = 0.0
         norm.weight[1, 3] = 0.05
         norm.bias.normal_()
-    x = torch.randn(num_modalities * 2, 6, 5, 7) * 2 + 1
+    x = torch.randn(num_modalities * 2, 6, *size) * 2 + 1
     x = x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert _recorded(x, num_modalities) == (size == (5, 7))
     ref, out, ref_out, grad, ref_grad = run_both(norm, x, "train")
     assert_close(out, ref_out)
     assert_close(grad, ref_grad)
@@ -470,12 +496,12 @@ def test_exchange_follows_parameter_changes() -> None:
     state = random_norm(3, seed=9).state_dict()
     state["weight"][:, 6] = 0.0
     norm.load_state_dict(state)
-    assert norm.exchange_plan()[0].tolist() == [0, 1, 2, 6]
+    assert norm.exchange_plan().channels.tolist() == [0, 1, 2, 6]
     check()
     norm.weight.grad = torch.zeros_like(norm.weight)
     norm.weight.grad[2, 4] = norm.weight[2, 4].item() / 0.5
     torch.optim.SGD([norm.weight], lr=0.5).step()
-    assert norm.exchange_plan()[0].tolist() == [0, 1, 2, 4, 6]
+    assert norm.exchange_plan().channels.tolist() == [0, 1, 2, 4, 6]
     check()
     norm.double()
     check()
@@ -486,9 +512,11 @@ def test_exchange_follows_parameter_changes() -> None:
 
 
 def test_incoming_gradient_of_any_layout() -> None:
-    """Expanded (from ``sum``) and channels-last upstream gradients give the same result."""
+    """Expanded (from ``sum``) and channels-last upstream gradients give the same result in
+    the custom function's backward."""
     norm = random_norm(2).train()
-    x = torch.randn(4, 7, 5, 5, requires_grad=True)
+    x = torch.randn(4, 7, 24, 24, requires_grad=True)
+    assert not _recorded(x, 2)
     norm(x).sum().backward()
     expanded = x.grad.clone()
     x.grad = None
@@ -549,23 +577,3 @@ def test_compiles_to_the_same_function() -> None:
     for p, q in zip(eager.parameters(), compiled_copy.parameters()):
         assert_close(q.grad, p.grad)
     assert_close(compiled_copy[1].running_mean, eager[1].running_mean)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_fixed_statistics_affine_gradient_closed_form_matches_native_backward(
-    channels_last: bool,
-) -> None:
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(6).eval()
-    with torch.no_grad():
-        bn.weight.uniform_(-1, 1), bn.bias.normal_()
-        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(3, 6, 5, 7)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(x)
-    bn(x).backward(grad)
-    running = (bn.running_mean, bn.running_var)
-    weight_grad, bias_grad = _fixed_stats_affine_grad(grad, x, running, bn.eps)
-    torch.testing.assert_close(weight_grad, bn.weight.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(bias_grad, bn.bias.grad, rtol=1e-5, atol=1e-5)

@@ -4,10 +4,16 @@ Modalities travel stacked along the batch dimension: a tensor ``(M*B, C, H, W)``
 major. Layers with weights (convolutions, linear layers) are shared and therefore need no
 change: one call processes every modality. Normalisation layers are private: the modules here
 view the batch as ``(M, B, C, H, W)`` and keep one set of statistics and affine parameters per
-modality, stored as ``(M, C)`` tensors. Normalisation runs in the native kernels, one per
-modality (or one for the whole stack with instance statistics), writing into one stacked
-output; the exchange then touches only the channels some modality exchanges, and a
-hand-written backward does the same, so the stack costs no more than a per-modality loop.
+modality, stored as ``(M, C)`` tensors. Two implementations compute the same function, each
+no slower than a per-modality loop where it is used:
+
+- a custom autograd function, on the CPU for large planes, where memory passes dominate: the
+  native kernels, one per modality (one for the whole stack with instance statistics), write
+  into one stacked output; the exchange touches only the exchanged channels where they are
+  few, and a hand-written backward does the same;
+- operations that autograd records (one native norm and one exchange per modality, then a
+  concatenation) for small planes, on GPUs and under ``torch.compile`` or tracing, where
+  host time dominates or the custom function cannot run.
 
 Exchange (CEN, Eq. 6): where ``|gamma_m[c]| < threshold``, modality ``m`` replaces its own
 normalised channel ``c`` by the mean of the other modalities' normalised channel ``c``
@@ -76,12 +82,20 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
 class ExchangePlan(NamedTuple):
     """Where channels are exchanged, found once per value of the gammas."""
 
-    channels: Tensor
-    """``(E,)`` channels where some modality takes the others' value."""
-    mask: Tensor
-    """``(M, E)`` which modalities take them."""
     full_mask: Tensor
-    """``(M, C)`` the same over all channels."""
+    """``(M, C)`` which modalities take the others' value, per channel."""
+    channels: Tensor | None
+    """``(E,)`` channels where some modality does; found on the CPU only, where listing them
+    needs no device synchronisation."""
+    mask: Tensor | None
+    """``(M, E)`` which modalities take them."""
+
+
+def _exchange_subset(plan: ExchangePlan, x: Tensor) -> bool:
+    """Whether to exchange only the planned channels rather than over the whole stack: when
+    they are at most half of all and each channel's plane is contiguous (gathering channels
+    that are the innermost axis, in channels-last, is slow)."""
+    return 2 * len(plan.channels) <= x.shape[1] and not _channels_innermost(x)
 
 
 def _per_channel(values: Tensor, spatial: int) -> Tensor:
@@ -129,14 +143,6 @@ def _channels_innermost(x: Tensor) -> bool:
     return x.shape[1] > 1 and x.stride(1) == 1
 
 
-def _stat_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """dtype of the batch statistics the native BatchNorm kernel saves: the parameters' on
-    CPU; elsewhere the input's, accumulated in float32 when it is half precision."""
-    if x.device.type == "cpu":
-        return weight.dtype
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
 def _batch_norm(
     x: Tensor,
     weight: Tensor,
@@ -153,41 +159,32 @@ def _batch_norm(
     each kernel applies its modality's statistics and affine parameters folded into one scale
     and shift per channel, and the running statistics are returned."""
     if batch_stats:
-        saved = torch.empty(weight.shape, dtype=_stat_dtype(x, weight), device=x.device)
-        stats = (saved, torch.empty_like(saved))
+        stats = tuple(torch.empty((2, *weight.shape), dtype=weight.dtype, device=x.device))
+        saved = zip(stats[0].unbind(0), stats[1].unbind(0))
     else:
-        empty = torch.empty(0, dtype=_stat_dtype(x, weight), device=x.device)
-        unused = (empty, empty.clone())
         stats = running
-    for i in range(x.shape[0]):
+        unused = torch.empty(0, dtype=weight.dtype, device=x.device)
+        saved = ((unused, unused) for _ in range(x.shape[0]))
+    per_modality = zip(
+        x.unbind(0), weight.unbind(0), bias.unbind(0), *(r.unbind(0) for r in running)
+    )
+    for (xi, wi, bi, mean_i, var_i), oi, (save_mean, save_invstd) in zip(
+        per_modality, out.unbind(0), saved
+    ):
         torch.ops.aten.native_batch_norm.out(
-            x[i],
-            weight[i],
-            bias[i],
-            running[0][i],
-            running[1][i],
+            xi,
+            wi,
+            bi,
+            mean_i,
+            var_i,
             batch_stats,
             momentum,
             eps,
-            out=out[i],
-            save_mean=stats[0][i] if batch_stats else unused[0],
-            save_invstd=stats[1][i] if batch_stats else unused[1],
+            out=oi,
+            save_mean=save_mean,
+            save_invstd=save_invstd,
         )
     return stats
-
-
-def _fixed_stats_affine_grad(
-    grad: Tensor, x: Tensor, running: tuple[Tensor, Tensor], eps: float
-) -> tuple[Tensor, Tensor]:
-    """Gradients of one BatchNorm's ``weight`` and ``bias`` ``(C,)`` when it normalised
-    ``x`` ``(B, C, ...)`` with the running ``(mean, var)``: the closed form, for CUDA, whose
-    native backward asserts without batch statistics."""
-    g = grad.float()
-    invstd = torch.rsqrt(running[1].float() + eps)
-    spatial = x.dim() - 2
-    xhat = (x.float() - _per_channel(running[0].float(), spatial)) * _per_channel(invstd, spatial)
-    dims = [0, *range(2, g.dim())]
-    return (g * xhat).sum(dims), g.sum(dims)
 
 
 def _batch_norm_grad(
@@ -204,36 +201,39 @@ def _batch_norm_grad(
     With running statistics the input gradient is one scale per modality and channel, applied
     to the whole stack at once; the kernels only reduce for the parameters."""
     grad_x = torch.empty_like(x)
-    grad_weight = torch.empty_like(weight)
-    grad_bias = torch.empty_like(weight)
-    for i in range(x.shape[0]):
-        pair = (stats[0][i], stats[1][i])
-        if batch_stats:
+    per_modality = zip(grad.unbind(0), x.unbind(0), weight.unbind(0), *(s.unbind(0) for s in stats))
+    if batch_stats:
+        grad_weight, grad_bias = torch.empty(
+            (2, *weight.shape), dtype=weight.dtype, device=x.device
+        )
+        outs = zip(grad_x.unbind(0), grad_weight.unbind(0), grad_bias.unbind(0))
+        for (gi, xi, wi, *pair), (gxi, gwi, gbi) in zip(per_modality, outs):
             torch.ops.aten.native_batch_norm_backward.out(
-                grad[i],
-                x[i],
-                weight[i],
+                gi,
+                xi,
+                wi,
                 None,
                 None,
                 *pair,
                 True,
                 eps,
                 [True, True, True],
-                out0=grad_x[i],
-                out1=grad_weight[i],
-                out2=grad_bias[i],
+                out0=gxi,
+                out1=gwi,
+                out2=gbi,
             )
-        elif x.device.type == "cpu":
-            _, grad_weight[i], grad_bias[i] = torch.ops.aten.native_batch_norm_backward(
-                grad[i], x[i], weight[i], *pair, None, None, False, eps, [False, True, True]
-            )
-        else:
-            grad_weight[i], grad_bias[i] = _fixed_stats_affine_grad(grad[i], x[i], pair, eps)
-    if not batch_stats:
-        scale = weight * torch.rsqrt(stats[1] + eps)
-        scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
-        for i in range(x.shape[0]):
-            torch.mul(grad[i], scale[i], out=grad_x[i])
+        return grad_x, grad_weight, grad_bias
+    affine_grads = [
+        torch.ops.aten.native_batch_norm_backward(
+            gi, xi, wi, *pair, None, None, False, eps, [False, True, True]
+        )[1:]
+        for gi, xi, wi, *pair in per_modality
+    ]
+    scale = weight * torch.rsqrt(stats[1] + eps)
+    scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
+    for gi, si, gxi in zip(grad.unbind(0), scale.unbind(0), grad_x.unbind(0)):
+        torch.mul(gi, si, out=gxi)
+    grad_weight, grad_bias = (torch.stack(g) for g in zip(*affine_grads))
     return grad_x, grad_weight, grad_bias
 
 
@@ -244,7 +244,7 @@ def _instance_norm(
     native BatchNorm over the ``(1, M*B*C, ...)`` view, every (sample, channel) its own group
     with its modality's affine parameters. Returns the saved ``(M, B, C)`` mean and invstd."""
     m, b, c = x.shape[:3]
-    mean = torch.empty((m, b, c), dtype=_stat_dtype(x, weight), device=x.device)
+    mean = torch.empty((m, b, c), dtype=weight.dtype, device=x.device)
     invstd = torch.empty_like(mean)
     torch.ops.aten.native_batch_norm.out(
         x.view(1, m * b * c, -1),
@@ -282,15 +282,46 @@ def _instance_norm_grad(
     return grad_x.view(x.shape), grad_weight.view(m, b, c).sum(1), grad_bias.view(m, b, c).sum(1)
 
 
-class _PrivateNormExchange(torch.autograd.Function):
-    """Private norm, affine and exchange of a stacked batch with a hand-written backward.
+def _norm_exchange(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running: tuple[Tensor, Tensor] | None,
+    mode: str,
+    momentum: float,
+    eps: float,
+    plan: ExchangePlan | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor], str | None]:
+    """Private norm, affine and exchange of a stacked batch ``x`` ``(M*B, C, H, W)``.
 
-    The norm runs in native kernels straight into one stacked tensor. The exchange touches
-    only the planned channels, in place, forward and backward; where channels are the
-    innermost axis (channels-last), gathering them is slow and it runs over the whole stack
-    instead. ``mode``: ``"batch"``
-    (BatchNorm with batch statistics), ``"running"`` (running statistics) or ``"instance"``.
-    """
+    The norm runs in native kernels straight into one stacked tensor; the exchange then
+    touches only the planned channels, in place (``"subset"``), or runs over the whole stack
+    into a new one (``"dense"``). Returns the output, the statistics the backward needs and
+    the exchange done (``None`` if none)."""
+    if mode == "instance":
+        x = x.contiguous()
+    m = weight.shape[0]
+    out = torch.empty_like(x)
+    x5, out5 = split_modalities(x, m), split_modalities(out, m)
+    if mode == "instance":
+        stats = _instance_norm(x5, weight, bias, eps, out5)
+    else:
+        stats = _batch_norm(x5, weight, bias, running, mode == "batch", momentum, eps, out5)
+    if plan is None:
+        return out, stats, None
+    if _exchange_subset(plan, x):
+        part = out5.index_select(2, plan.channels)
+        out5.index_copy_(2, plan.channels, _mix(part, plan.mask, torch.empty_like(part)))
+        return out, stats, "subset"
+    mixed = torch.empty_like(out)
+    _mix(out5, plan.full_mask, split_modalities(mixed, m))
+    return mixed, stats, "dense"
+
+
+class _PrivateNormExchange(torch.autograd.Function):
+    """:func:`_norm_exchange` with a hand-written backward that follows the same path.
+    ``mode``: ``"batch"`` (BatchNorm with batch statistics), ``"running"`` (running
+    statistics) or ``"instance"``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -304,23 +335,12 @@ class _PrivateNormExchange(torch.autograd.Function):
         eps: float,
         plan: ExchangePlan | None,
     ) -> Tensor:
-        if mode == "instance":
-            x = x.contiguous()
-        out = torch.empty_like(x)
-        x5, out5 = split_modalities(x, weight.shape[0]), split_modalities(out, weight.shape[0])
-        if mode == "instance":
-            stats = _instance_norm(x5, weight, bias, eps, out5)
-        else:
-            stats = _batch_norm(x5, weight, bias, running, mode == "batch", momentum, eps, out5)
-        ctx.exchange = None if plan is None else "dense" if _channels_innermost(x) else "subset"
+        out, stats, ctx.exchange = _norm_exchange(
+            x, weight, bias, running, mode, momentum, eps, plan
+        )
         if ctx.exchange == "dense":
-            mixed = torch.empty_like(out)
-            _mix(out5, plan.full_mask, split_modalities(mixed, weight.shape[0]))
-            out = mixed
             ctx.save_for_backward(x, weight, *stats, plan.full_mask)
         elif ctx.exchange == "subset":
-            part = out5.index_select(2, plan.channels)
-            out5.index_copy_(2, plan.channels, _mix(part, plan.mask, torch.empty_like(part)))
             ctx.save_for_backward(x, weight, *stats, plan.channels, plan.mask)
         else:
             ctx.save_for_backward(x, weight, *stats)
@@ -354,6 +374,24 @@ class _PrivateNormExchange(torch.autograd.Function):
             grad_weight[:, channels] = part[1]
             grad_bias[:, channels] = part[2]
         return grad_x.view(x.shape), grad_weight, grad_bias, None, None, None, None, None
+
+
+def _private_norm_exchange(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running: tuple[Tensor, Tensor] | None,
+    mode: str,
+    momentum: float,
+    eps: float,
+    plan: ExchangePlan | None,
+) -> Tensor:
+    """:func:`_norm_exchange`, through the autograd function only when a gradient is wanted
+    (its bookkeeping costs more host time than the kernels of a small inference step)."""
+    args = (x, weight, bias, running, mode, momentum, eps, plan)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _PrivateNormExchange.apply(*args)
+    return _norm_exchange(*args)[0]
 
 
 class ModalityNorm(nn.Module):
@@ -402,28 +440,46 @@ class ModalityNorm(nn.Module):
         return self.weight.detach().abs() < self.threshold
 
     def exchange_plan(self) -> ExchangePlan | None:
-        """The channels to exchange and the ``(M, E)`` mask on them; ``None`` when none are."""
+        """Where channels are exchanged; ``None`` when nowhere. Off the CPU the channels are not
+        listed (that would wait for the device once per training step and exchange point), and
+        the plan is never ``None``: the exchange runs over the whole stack."""
         if not self.exchange:
             return None
         weight = self.weight
         key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, self.threshold)
         if key != self._plan_key:
             mask = self.exchange_mask()
-            channels = mask.any(0).nonzero().flatten()
-            self._plan = ExchangePlan(channels, mask[:, channels], mask) if len(channels) else None
+            if mask.device.type == "cpu":
+                channels = mask.any(0).nonzero().flatten()
+                self._plan = (
+                    ExchangePlan(mask, channels, mask[:, channels]) if len(channels) else None
+                )
+            else:
+                self._plan = ExchangePlan(mask, None, None)
             self._plan_key = key
         return self._plan
 
-    def _traceable_exchange(self, y: Tensor) -> Tensor:
-        """The exchange as whole-stack tensor operations on ``y`` ``(M*B, C, H, W)``: the path
-        under ``torch.compile``, which fuses it and cannot trace the data-dependent plan."""
+    def _recorded_exchange(self, ys: Sequence[Tensor]) -> Tensor:
+        """The exchange of the per-modality outputs ``ys`` (``M`` tensors ``(B, C, H, W)``) in
+        tensor operations that autograd records, stacked into ``(M*B, C, H, W)``: the path of
+        :func:`_recorded`. Under ``torch.compile`` and tracing, the mask is recomputed from
+        gamma, as they cannot follow the cached plan."""
         if not self.exchange:
-            return y
-        m = self.num_modalities
-        y5 = split_modalities(y, m)
-        takes = _per_channel(self.exchange_mask()[:, None], y.dim() - 2)
-        others = y5.flip(0) if m == 2 else (y5.sum(0, keepdim=True) - y5) / (m - 1)
-        return torch.where(takes, others, y5).view(y.shape)
+            return torch.cat(ys)
+        if _tracing():
+            mask = self.exchange_mask()
+        else:
+            plan = self.exchange_plan()
+            if plan is None:
+                return torch.cat(ys)
+            mask = plan.full_mask
+        takes = _per_channel(mask, ys[0].dim() - 2).unbind(0)
+        if len(ys) == 2:
+            others: Sequence[Tensor] = ys[::-1]
+        else:
+            total = sum(ys[1:], ys[0])
+            others = [(total - y) / (len(ys) - 1) for y in ys]
+        return torch.cat([torch.where(t, o, y) for t, o, y in zip(takes, others, ys)])
 
     def extra_repr(self) -> str:
         return (
@@ -432,11 +488,30 @@ class ModalityNorm(nn.Module):
         )
 
 
-def _whole_stack(x: Tensor) -> bool:
-    """Whether to compute with plain whole-stack operations: under ``torch.compile``, while
-    tracing (ONNX export) and on the ``meta`` device (FLOP counting), none of which can run
-    the data-dependent plan or the custom autograd function."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta"
+def _tracing() -> bool:
+    """Under ``torch.compile`` or tracing (ONNX export), which cannot follow the cached plan
+    or run the custom autograd function."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+_CUSTOM_MIN_PLANE = 1024
+"""Fewest values per channel and modality (batch x height x width) for which the custom
+function beats the recorded operations on the CPU (``benchmarks/bench_fusion.py``)."""
+
+
+def _recorded(x: Tensor, num_modalities: int) -> bool:
+    """Whether the private norms compute with tensor operations that autograd records, one
+    norm and one exchange per modality and a concatenation, rather than the custom function.
+    While :func:`_tracing`, and off the CPU (the ``meta`` device of FLOP counting included),
+    because the custom function needs the CPU's listed plan. And for small planes: there the
+    step is bound by host time, and the recorded operations, whose backward runs in the
+    autograd engine, cost less of it than the custom function, whose backward runs in
+    Python. Steps on a GPU at the usual batch sizes are bound by host time too."""
+    return (
+        x.device.type != "cpu"
+        or _tracing()
+        or x.numel() < _CUSTOM_MIN_PLANE * x.shape[1] * num_modalities
+    )
 
 
 class ModalityBatchNorm2d(ModalityNorm):
@@ -471,22 +546,19 @@ class ModalityBatchNorm2d(ModalityNorm):
         batch_stats = self.training and not self.frozen_stats
         if batch_stats:
             self.num_batches_tracked.add_(1)
-        if _whole_stack(x):
+        if _recorded(x, self.num_modalities):
+            per_modality = zip(
+                x.chunk(self.num_modalities),
+                *(
+                    t.unbind(0)
+                    for t in (self.running_mean, self.running_var, self.weight, self.bias)
+                ),
+            )
             parts = [
-                F.batch_norm(
-                    part,
-                    self.running_mean[i],
-                    self.running_var[i],
-                    self.weight[i],
-                    self.bias[i],
-                    batch_stats,
-                    self.momentum,
-                    self.eps,
-                )
-                for i, part in enumerate(x.chunk(self.num_modalities))
+                F.batch_norm(*args, batch_stats, self.momentum, self.eps) for args in per_modality
             ]
-            return self._traceable_exchange(torch.cat(parts))
-        return _PrivateNormExchange.apply(
+            return self._recorded_exchange(parts)
+        return _private_norm_exchange(
             x,
             self.weight,
             self.bias,
@@ -530,11 +602,11 @@ class ModalityInstanceNorm2d(ModalityNorm):
     def forward(self, x: Tensor) -> Tensor:
         if self.weight is None:
             return F.instance_norm(x, eps=self.eps)
-        if _whole_stack(x):
+        if _recorded(x, self.num_modalities):
             y = split_modalities(F.instance_norm(x, eps=self.eps), self.num_modalities)
             scale, shift = (_per_channel(p[:, None], x.dim() - 2) for p in (self.weight, self.bias))
-            return self._traceable_exchange(torch.addcmul(shift, y, scale).view(x.shape))
-        return _PrivateNormExchange.apply(
+            return self._recorded_exchange(torch.addcmul(shift, y, scale).unbind(0))
+        return _private_norm_exchange(
             x, self.weight, self.bias, None, "instance", 0.0, self.eps, self.exchange_plan()
         )
 
