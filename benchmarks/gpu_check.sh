@@ -2,7 +2,7 @@
 # GPU check, from the repository root on a CUDA machine, in under 8 minutes:
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
 #   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101 ($DEPTHS),
-#   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark),
+#   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark, also at a tiny size),
 #   (a) the test suite (python -m pytest -x -q; it mostly runs on the CPU),
 # then prints the benchmark table last. (b) and (c) run first so that a slow test suite,
 # which gets the time left, cannot starve them. Logs and JSON go to ${OUT:-/tmp}.
@@ -75,6 +75,9 @@ tail -n 20 "$OUT/seg_speed.log"
 
 echo "== (d) bench_fusion.py --device cuda: stacked norm + exchange against the loop, M = 2, 3, 4"
 timeout 60 $PY benchmarks/bench_fusion.py --device cuda --skip-model 2>&1 | tee "$OUT/fusion.md"
+echo "-- the same at a tiny size, where only host time counts"
+timeout 40 $PY benchmarks/bench_fusion.py --device cuda --skip-model --batch 1 --channels 64 \
+    --hw 2 --repeats 300 2>&1 | tee -a "$OUT/fusion.md"
 
 LEFT=$((BUDGET - SECONDS))
 echo "== (a) test suite (${LEFT} s left)"

@@ -577,3 +577,10 @@ def test_compiles_to_the_same_function() -> None:
     for p, q in zip(eager.parameters(), compiled_copy.parameters()):
         assert_close(q.grad, p.grad)
     assert_close(compiled_copy[1].running_mean, eager[1].running_mean)
+
+
+@pytest.mark.parametrize("size", [(5, 6), (24, 24)])
+def test_stack_not_a_multiple_of_the_modalities_is_refused(size: tuple[int, int]) -> None:
+    norm = random_norm(3)
+    with pytest.raises(ValueError, match="not a multiple of 3 modalities"):
+        norm(torch.randn(4, 7, *size))

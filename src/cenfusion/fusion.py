@@ -548,7 +548,7 @@ class ModalityBatchNorm2d(ModalityNorm):
             self.num_batches_tracked.add_(1)
         if _recorded(x, self.num_modalities):
             per_modality = zip(
-                x.chunk(self.num_modalities),
+                split_modalities(x, self.num_modalities).unbind(0),
                 *(
                     t.unbind(0)
                     for t in (self.running_mean, self.running_var, self.weight, self.bias)
