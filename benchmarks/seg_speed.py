@@ -5,11 +5,13 @@
 
 First checks, in this process, that cenfusion and the per-modality reference
 (``reference_cen.py``: the released way of computing) give the same outputs on the same
-weights, in eval and in training mode. Then times each case in a fresh subprocess (same seed,
-same weights): inference (eval, no grad) and a training step (forward, cross-entropy on every
-head plus the L1 sparsity term, backward, SGD). Rows: the reference and cenfusion in fp32,
-then cenfusion with the requested fast paths (one row per ``--amp`` value). Reported: median
-step time after warm-up, images/s, peak memory (CPU: the subprocess's max RSS; CUDA:
+weights, in eval and in training mode. Then times each case in a fresh subprocess (same
+seed, same weights); the cases of one net and mode run side by side and take their timed
+steps in turn, so that a shared machine's drift hits them alike. Cases: inference (eval, no
+grad) and a training step (forward, cross-entropy on every head plus the L1 sparsity term,
+backward, SGD). Rows: the reference and cenfusion in fp32, then cenfusion with the
+requested fast paths (one row per ``--amp`` value). Reported: median step time after
+warm-up, images/s, peak memory (CPU: the subprocess's max RSS; CUDA:
 ``max_memory_allocated``), FLOPs per image (torch's FLOP counter) and the achieved rate
 against a matrix-product peak measured in the same run. Prints a markdown table; ``--json``
 writes every number.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import platform
 import resource
@@ -142,6 +145,8 @@ def check_same(depth: int, args: argparse.Namespace, device: torch.device) -> fl
 
 
 def variant(case: dict) -> str:
+    if case["impl"] == "onnx":
+        return "onnxruntime"
     parts = ["fp32" if case["amp"] == "none" else case["amp"]]
     parts += [flag.replace("_", "-") for flag in ("channels_last", "compile") if case[flag]]
     return "+".join(parts)
@@ -217,11 +222,15 @@ def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
         return make(module), note
 
 
-def run_case(case: dict, args: argparse.Namespace) -> dict:
-    """Time one case in this (fresh) process and return its row."""
+Prepared = tuple[Callable[[], None], Callable[[list[float]], dict]]
+
+
+def prepare_case(case: dict, args: argparse.Namespace) -> Prepared:
+    """Build one case in this (fresh) process: its step, and the function that turns the
+    step times into its row (peak memory, FLOPs)."""
     device = torch.device(args.device)
     if args.onnx and case["impl"] == "onnx":
-        return run_onnx(case, args)
+        return prepare_onnx(case, args)
     torch.backends.cudnn.benchmark = device.type == "cuda" and variant(case) != "fp32"
     model = build_model(case["depth"], args, device)
     if case["impl"] == "reference":
@@ -242,31 +251,34 @@ def run_case(case: dict, args: argparse.Namespace) -> dict:
     step, note = compiled_or_eager(module, make) if case["compile"] else (make(module), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(step, device, args.warmup, args.repeats)
-    peak = peak_memory_mib(device)
-    with FlopCounterMode(display=False) as counter:
-        (make(module) if case["compile"] else step)()
-    batch = args.train_batch if case["mode"] == "train" else args.infer_batch
-    median = statistics.median(times)
-    return {
-        **case,
-        "variant": variant(case),
-        "times_s": times,
-        "median_s": median,
-        "images_per_s": batch / median,
-        "peak_mib": peak,
-        "flops_per_image": counter.get_total_flops() / batch,
-        "note": note,
-    }
+
+    def finish(times: list[float]) -> dict:
+        peak = peak_memory_mib(device)
+        with FlopCounterMode(display=False) as counter:
+            (make(module) if case["compile"] else step)()
+        batch = args.train_batch if case["mode"] == "train" else args.infer_batch
+        median = statistics.median(times)
+        return {
+            **case,
+            "variant": variant(case),
+            "times_s": times,
+            "median_s": median,
+            "images_per_s": batch / median,
+            "peak_mib": peak,
+            "flops_per_image": counter.get_total_flops() / batch,
+            "note": note,
+        }
+
+    return step, finish
 
 
-def run_onnx(case: dict, args: argparse.Namespace) -> dict:
+def prepare_onnx(case: dict, args: argparse.Namespace) -> Prepared:
     """Inference through onnxruntime, on the benchmark's network exported here (its outputs
     compared with PyTorch's, in the row's note) or on the given file's own weights."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return {**case, "variant": "onnxruntime", "error": "onnxruntime not installed: skipped"}
+        raise CaseError("onnxruntime not installed: skipped")
     xs, _ = make_inputs(args.infer_batch, args.infer_size, args, torch.device("cpu"))
     model, path = None, args.onnx
     if args.onnx == EXPORT:
@@ -283,15 +295,8 @@ def run_onnx(case: dict, args: argparse.Namespace) -> dict:
     session = ort.InferenceSession(str(path), options, providers=providers)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(xs):
-        return {
-            **case,
-            "variant": "onnxruntime",
-            "error": f"{path}: {len(names)} inputs, expected {len(xs)} modalities",
-        }
+        raise CaseError(f"{path}: {len(names)} inputs, expected {len(xs)} modalities")
     feeds = {name: x.numpy() for name, x in zip(names, xs)}
-    times = time_steps(
-        lambda: session.run(None, feeds), torch.device("cpu"), args.warmup, args.repeats
-    )
     note = None
     if model is not None:
         with torch.no_grad():
@@ -300,16 +305,20 @@ def run_onnx(case: dict, args: argparse.Namespace) -> dict:
         diff = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in zip(got, expected))
         note = f"onnxruntime outputs equal PyTorch's within {diff:.1e} (max abs diff)"
         path.unlink()
-    median = statistics.median(times)
-    return {
-        **case,
-        "variant": f"onnxruntime ({session.get_providers()[0]})",
-        "times_s": times,
-        "median_s": median,
-        "images_per_s": args.infer_batch / median,
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "note": note,
-    }
+
+    def finish(times: list[float]) -> dict:
+        median = statistics.median(times)
+        return {
+            **case,
+            "variant": f"onnxruntime ({session.get_providers()[0]})",
+            "times_s": times,
+            "median_s": median,
+            "images_per_s": args.infer_batch / median,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "note": note,
+        }
+
+    return lambda: session.run(None, feeds), finish
 
 
 def cases(args: argparse.Namespace) -> list[dict]:
@@ -342,16 +351,75 @@ def cases(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def spawn(case: dict) -> dict:
-    """Run one case in a fresh subprocess of this script (its own peak memory)."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--case", json.dumps(case)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    sys.stderr.write(proc.stderr[-3000:])
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**case, "variant": variant(case), "error": f"exit {proc.returncode}: {last}"}
+class CaseError(Exception):
+    """A case that cannot run here; its row gives the reason."""
+
+
+def serve(case: dict, args: argparse.Namespace) -> None:
+    """A case's subprocess: prepare and warm up, then time one step for each ``step`` line
+    on stdin and print the row at ``done``. Messages are JSON lines on stdout."""
+    device = torch.device(args.device)
+    try:
+        step, finish = prepare_case(case, args)
+    except CaseError as err:
+        print(json.dumps({**case, "variant": variant(case), "error": str(err)}), flush=True)
+        return
+    time_steps(step, device, args.warmup, 0)
+    print(json.dumps({"ready": True}), flush=True)
+    times: list[float] = []
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        times += time_steps(step, device, 0, 1)
+        print(json.dumps({"time": times[-1]}), flush=True)
+    print(json.dumps(finish(times)), flush=True)
+
+
+class Worker:
+    """One case in a fresh subprocess of this script (its own peak memory), stepped from
+    here so that the cases of one net and mode alternate step by step: the drift of a
+    shared machine then hits them alike."""
+
+    def __init__(self, case: dict) -> None:
+        self.case = case
+        self.row: dict | None = None
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the subprocess's life; closed in finish)
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--case", json.dumps(case)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
+        )
+        self._receive()
+
+    def _receive(self) -> None:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.seek(0)
+            err = self.log.read()
+            sys.stderr.write(err[-3000:])
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            error = f"exit {self.proc.returncode}: {last}"
+            self.row = {**self.case, "variant": variant(self.case), "error": error}
+            return
+        message = json.loads(line)
+        if "ready" not in message and "time" not in message:
+            self.row = message
+
+    def _send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        self._receive()
+
+    def step(self) -> None:
+        if self.row is None:
+            self._send("step")
+
+    def finish(self) -> dict:
+        if self.row is None:
+            self._send("done")
+        self.proc.wait()
+        self.log.close()
+        return self.row
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -437,7 +505,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case), args)))
+        serve(json.loads(args.case), args)
         return
     device = torch.device(args.device)
     checks = {depth: check_same(depth, args, device) for depth in args.depths}
@@ -450,14 +518,19 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows = []
-    for case in cases(args):
-        rows.append(spawn(case))
-        r = rows[-1]
-        done = r.get("error") or f"{r['median_s']:.3f} s, {r['images_per_s']:.2f} images/s"
-        print(
-            f"R{case['depth']} {case['mode']} {case['impl']} {r['variant']}: {done}",
-            file=sys.stderr,
-        )
+    for _, group in itertools.groupby(cases(args), key=lambda c: (c["depth"], c["mode"])):
+        workers = [Worker(case) for case in group]
+        for _ in range(args.repeats):
+            for worker in workers:
+                worker.step()
+        for worker in workers:
+            rows.append(worker.finish())
+            r, case = rows[-1], worker.case
+            done = r.get("error") or f"{r['median_s']:.3f} s, {r['images_per_s']:.2f} images/s"
+            print(
+                f"R{case['depth']} {case['mode']} {case['impl']} {r['variant']}: {done}",
+                file=sys.stderr,
+            )
     add_ratios(rows, peaks)
     meta = {
         "machine": machine(device),
