@@ -5,7 +5,8 @@ major. Layers with weights (convolutions, linear layers) are shared and therefor
 change: one call processes every modality. Normalisation layers are private: the modules here
 view the batch as ``(M, B, C, H, W)`` and keep one set of statistics and affine parameters per
 modality, stored as ``(M, C)`` tensors. Two implementations compute the same function, each
-no slower than a per-modality loop where it is used:
+used where it costs less (``benchmarks/bench_fusion.py`` times them against a per-modality
+loop):
 
 - a custom autograd function, on the CPU for large planes, where memory passes dominate: the
   native kernels, one per modality (one for the whole stack with instance statistics), write
