@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion import create_cen_refinenet, fusion, sparsity_penalty
 from cenfusion.fusion import ModalityBatchNorm2d
 
 PATH = Path(__file__).parents[1] / "benchmarks" / "reference_cen.py"
@@ -37,6 +37,14 @@ def model(request):
     return model
 
 
+@pytest.fixture(params=["custom", "recorded"])
+def norm_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every private norm on the custom function, or every one on the recorded operations
+    (by default the plane size picks per norm)."""
+    monkeypatch.setattr(fusion, "_CUSTOM_MIN_PLANE", 0 if request.param == "custom" else 10**9)
+    return request.param
+
+
 def inputs(m: int) -> list[torch.Tensor]:
     return [torch.randn(2, 3, 64, 48) for _ in range(m)]
 
@@ -52,7 +60,7 @@ def test_exchange_is_active(model) -> None:
     assert zeroed and all(zeroed)
 
 
-def test_eval_outputs_match(model) -> None:
+def test_eval_outputs_match(model, norm_path: str) -> None:
     reference = reference_cen.ReferenceCEN(model).eval()
     model.eval()
     xs = inputs(model.num_modalities)
@@ -60,7 +68,7 @@ def test_eval_outputs_match(model) -> None:
         assert_same(model(xs), reference(xs))
 
 
-def test_training_step_matches(model) -> None:
+def test_training_step_matches(model, norm_path: str) -> None:
     """In float64: in float32, rounding flips a few ReLUs and the gradients then differ."""
     ours = copy.deepcopy(model).double().train()
     theirs_model = copy.deepcopy(model).double()
