@@ -196,14 +196,18 @@ def _batch_norm_grad(
     batch_stats: bool,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Native BatchNorm backward per modality on ``(M, B, C, ...)`` stacks. ``stats``: the
-    saved batch ``(mean, invstd)``, or ``(running_mean, running_var)`` when they were used;
+    """BatchNorm backward per modality on ``(M, B, C, ...)`` stacks. ``stats``: the saved
+    batch ``(mean, invstd)``, or ``(running_mean, running_var)`` when they were used;
     ``(M, C)`` each. Returns the gradients of ``x`` (stacked), ``weight`` and ``bias``.
-    With running statistics the input gradient is one scale per modality and channel, applied
-    to the whole stack at once; the kernels only reduce for the parameters."""
+
+    The native kernels only reduce, for the parameters' gradients; the input gradient is
+    then affine in the incoming gradient and the input per modality and channel, written
+    straight into the stack (the kernels' ``.out`` forms compute elsewhere and copy). Half
+    precision with batch statistics keeps the native kernels, which subtract the mean in
+    float32 before that affine form would lose it."""
     grad_x = torch.empty_like(x)
     per_modality = zip(grad.unbind(0), x.unbind(0), weight.unbind(0), *(s.unbind(0) for s in stats))
-    if batch_stats:
+    if batch_stats and grad.dtype != weight.dtype:
         grad_weight, grad_bias = torch.empty(
             (2, *weight.shape), dtype=weight.dtype, device=x.device
         )
@@ -226,15 +230,33 @@ def _batch_norm_grad(
         return grad_x, grad_weight, grad_bias
     affine_grads = [
         torch.ops.aten.native_batch_norm_backward(
-            gi, xi, wi, *pair, None, None, False, eps, [False, True, True]
+            gi,
+            xi,
+            wi,
+            *((None, None, *pair) if batch_stats else (*pair, None, None)),
+            batch_stats,
+            eps,
+            [False, True, True],
         )[1:]
         for gi, xi, wi, *pair in per_modality
     ]
-    scale = weight * torch.rsqrt(stats[1] + eps)
-    scale = _per_channel(scale.to(grad.dtype), x.dim() - 3)
-    for gi, si, gxi in zip(grad.unbind(0), scale.unbind(0), grad_x.unbind(0)):
-        torch.mul(gi, si, out=gxi)
     grad_weight, grad_bias = (torch.stack(g) for g in zip(*affine_grads))
+    spatial = x.dim() - 3
+    invstd = stats[1] if batch_stats else torch.rsqrt(stats[1] + eps)
+    scale = weight * invstd
+    if not batch_stats:
+        scale = _per_channel(scale.to(grad.dtype), spatial)
+        for gi, si, gxi in zip(grad.unbind(0), scale.unbind(0), grad_x.unbind(0)):
+            torch.mul(gi, si, out=gxi)
+        return grad_x, grad_weight, grad_bias
+    count = x[0].numel() // x.shape[2]
+    of_x = -scale * invstd * grad_weight / count
+    shift = -(scale * grad_bias / count) - of_x * stats[0]
+    coefficients = (_per_channel(k, spatial).unbind(0) for k in (scale, of_x, shift))
+    for gi, xi, gxi, si, ki, bi in zip(
+        grad.unbind(0), x.unbind(0), grad_x.unbind(0), *coefficients
+    ):
+        torch.addcmul(bi, xi, ki, out=gxi).addcmul_(gi, si)
     return grad_x, grad_weight, grad_bias
 
 
