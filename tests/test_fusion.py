@@ -584,3 +584,19 @@ def test_stack_not_a_multiple_of_the_modalities_is_refused(size: tuple[int, int]
     norm = random_norm(3)
     with pytest.raises(ValueError, match="not a multiple of 3 modalities"):
         norm(torch.randn(4, 7, *size))
+
+
+def test_batch_statistics_input_gradient_far_from_zero() -> None:
+    """The custom backward writes the input gradient as ``a * grad + b * x + c``, which
+    cancels where the mean is far from zero: with the mean a thousand standard deviations
+    away, it stays within this suite's float32 tolerance of the float64 gradient."""
+    norm = random_norm(2).train()
+    x = torch.randn(4, 7, 24, 24, generator=torch.Generator().manual_seed(1)) + 1000
+    assert not _recorded(x, 2)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    ours = x.clone().requires_grad_()
+    (norm(ours) * weights).sum().backward()
+    exact = x.double().requires_grad_()
+    (LoopNorm(norm).double().train()(exact) * weights.double()).sum().backward()
+    error = (ours.grad.double() - exact.grad).abs().max() / exact.grad.abs().max()
+    assert error < 1e-5
