@@ -391,19 +391,21 @@ class Worker:
         self._receive()
 
     def _receive(self) -> None:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.log.seek(0)
-            err = self.log.read()
-            sys.stderr.write(err[-3000:])
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            error = f"exit {self.proc.returncode}: {last}"
-            self.row = {**self.case, "variant": variant(self.case), "error": error}
-            return
-        message = json.loads(line)
-        if "ready" not in message and "time" not in message:
-            self.row = message
+        """Read the subprocess's next message; other lines it prints are passed on."""
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                message = json.loads(line)
+                if "ready" not in message and "time" not in message:
+                    self.row = message
+                return
+            sys.stderr.write(line)
+        self.proc.wait()
+        self.log.seek(0)
+        err = self.log.read()
+        sys.stderr.write(err[-3000:])
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        error = f"exit {self.proc.returncode}: {last}"
+        self.row = {**self.case, "variant": variant(self.case), "error": error}
 
     def _send(self, command: str) -> None:
         self.proc.stdin.write(command + "\n")
