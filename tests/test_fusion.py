@@ -458,14 +458,16 @@ def assert_close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [(6, 6), (24, 24)])
 @pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_bf16_autocast_matches_reference_within_bf16_tolerance(
-    num_modalities: int, setting: str, device: str
+    num_modalities: int, setting: str, size: tuple[int, int], device: str
 ) -> None:
     norm = random_norm(num_modalities).to(device)
-    x = torch.randn(num_modalities * 2, 7, 6, 6, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(num_modalities * 2, 7, *size, generator=torch.Generator().manual_seed(4))
     x = x.to(device, torch.bfloat16)
+    assert _recorded(x, num_modalities) == (size == (6, 6) or device != "cpu")
     with torch.autocast(device, dtype=torch.bfloat16):
         ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert out.dtype == torch.bfloat16
