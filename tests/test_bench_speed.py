@@ -1,0 +1,28 @@
+"""The speed benchmark runs end to end: cases side by side, one timed step each in turn."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "seg_speed.py"
+
+
+def test_seg_speed_alternates_cases_and_reports_a_failing_one_as_a_row(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    missing = tmp_path / "missing.onnx"
+    cmd = [sys.executable, str(SCRIPT), "--depths", "50", "--cases", "infer"]
+    cmd += ["--infer-size", "32", "32", "--check-size", "32", "32", "--warmup", "0"]
+    cmd += ["--repeats", "2", "--threads", "1", "--onnx", str(missing), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["reference", "cenfusion", "onnx"]
+    for row in rows[:2]:
+        assert len(row["times_s"]) == 2
+        assert row["median_s"] > 0 and row["peak_mib"] > 0 and row["flops_per_image"] > 0
+    assert rows[1]["vs_reference"] > 0
+    has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
+    assert (str(missing) if has_onnxruntime else "onnxruntime not installed") in rows[2]["error"]
+    assert "| R50 | infer 1x32x32 | cenfusion | fp32 |" in proc.stdout
