@@ -1,4 +1,4 @@
-"""The speed benchmark runs end to end: cases side by side, one timed step each in turn."""
+"""The speed benchmark runs end to end through its case subprocesses."""
 
 import importlib.util
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "seg_speed.py"
 
 
-def test_seg_speed_alternates_cases_and_reports_a_failing_one_as_a_row(tmp_path: Path) -> None:
+def test_seg_speed_times_every_case_and_reports_a_failing_one_as_a_row(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     missing = tmp_path / "missing.onnx"
     cmd = [sys.executable, str(SCRIPT), "--depths", "50", "--cases", "infer"]
