@@ -305,15 +305,21 @@ def _instance_norm_grad(
     return grad_x.view(x.shape), grad_weight.view(m, b, c).sum(1), grad_bias.view(m, b, c).sum(1)
 
 
+class _NormCall(NamedTuple):
+    """What one call of a private norm needs besides its input and affine parameters."""
+
+    mode: str
+    """``"batch"`` (BatchNorm with batch statistics), ``"running"`` (running statistics) or
+    ``"instance"``."""
+    running: tuple[Tensor, Tensor] | None
+    """The running ``(mean, var)``, ``(M, C)`` each; ``None`` for instance statistics."""
+    momentum: float
+    eps: float
+    plan: ExchangePlan | None
+
+
 def _norm_exchange(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running: tuple[Tensor, Tensor] | None,
-    mode: str,
-    momentum: float,
-    eps: float,
-    plan: ExchangePlan | None,
+    x: Tensor, weight: Tensor, bias: Tensor, call: _NormCall
 ) -> tuple[Tensor, tuple[Tensor, Tensor], str | None]:
     """Private norm, affine and exchange of a stacked batch ``x`` ``(M*B, C, H, W)``.
 
@@ -321,6 +327,7 @@ def _norm_exchange(
     touches only the planned channels, in place (``"subset"``), or runs over the whole stack
     into a new one (``"dense"``). Returns the output, the statistics the backward needs and
     the exchange done (``None`` if none)."""
+    mode, running, momentum, eps, plan = call
     if mode == "instance":
         x = x.contiguous()
     m = weight.shape[0]
@@ -342,9 +349,7 @@ def _norm_exchange(
 
 
 class _PrivateNormExchange(torch.autograd.Function):
-    """:func:`_norm_exchange` with a hand-written backward that follows the same path.
-    ``mode``: ``"batch"`` (BatchNorm with batch statistics), ``"running"`` (running
-    statistics) or ``"instance"``."""
+    """:func:`_norm_exchange` with a hand-written backward that follows the same path."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -352,22 +357,17 @@ class _PrivateNormExchange(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor,
-        running: tuple[Tensor, Tensor] | None,
-        mode: str,
-        momentum: float,
-        eps: float,
-        plan: ExchangePlan | None,
+        call: _NormCall,
     ) -> Tensor:
-        out, stats, ctx.exchange = _norm_exchange(
-            x, weight, bias, running, mode, momentum, eps, plan
-        )
+        out, stats, ctx.exchange = _norm_exchange(x, weight, bias, call)
+        plan = call.plan
         if ctx.exchange == "dense":
             ctx.save_for_backward(x, weight, *stats, plan.full_mask)
         elif ctx.exchange == "subset":
             ctx.save_for_backward(x, weight, *stats, plan.channels, plan.mask)
         else:
             ctx.save_for_backward(x, weight, *stats)
-        ctx.mode, ctx.eps = mode, eps
+        ctx.mode, ctx.eps = call.mode, call.eps
         return out
 
     @staticmethod
@@ -396,25 +396,15 @@ class _PrivateNormExchange(torch.autograd.Function):
             grad_x.index_copy_(2, channels, part[0])
             grad_weight[:, channels] = part[1]
             grad_bias[:, channels] = part[2]
-        return grad_x.view(x.shape), grad_weight, grad_bias, None, None, None, None, None
+        return grad_x.view(x.shape), grad_weight, grad_bias, None
 
 
-def _private_norm_exchange(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running: tuple[Tensor, Tensor] | None,
-    mode: str,
-    momentum: float,
-    eps: float,
-    plan: ExchangePlan | None,
-) -> Tensor:
+def _private_norm_exchange(x: Tensor, weight: Tensor, bias: Tensor, call: _NormCall) -> Tensor:
     """:func:`_norm_exchange`, through the autograd function only when a gradient is wanted
     (its bookkeeping costs more host time than the kernels of a small inference step)."""
-    args = (x, weight, bias, running, mode, momentum, eps, plan)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _PrivateNormExchange.apply(*args)
-    return _norm_exchange(*args)[0]
+        return _PrivateNormExchange.apply(x, weight, bias, call)
+    return _norm_exchange(x, weight, bias, call)[0]
 
 
 class ModalityNorm(nn.Module):
@@ -581,16 +571,14 @@ class ModalityBatchNorm2d(ModalityNorm):
                 F.batch_norm(*args, batch_stats, self.momentum, self.eps) for args in per_modality
             ]
             return self._recorded_exchange(parts)
-        return _private_norm_exchange(
-            x,
-            self.weight,
-            self.bias,
-            (self.running_mean, self.running_var),
+        call = _NormCall(
             "batch" if batch_stats else "running",
+            (self.running_mean, self.running_var),
             self.momentum,
             self.eps,
             self.exchange_plan(),
         )
+        return _private_norm_exchange(x, self.weight, self.bias, call)
 
     @torch.no_grad()
     def load_from_batchnorm(self, bn: nn.BatchNorm2d) -> None:
@@ -629,9 +617,8 @@ class ModalityInstanceNorm2d(ModalityNorm):
             y = split_modalities(F.instance_norm(x, eps=self.eps), self.num_modalities)
             scale, shift = (_per_channel(p[:, None], x.dim() - 2) for p in (self.weight, self.bias))
             return self._recorded_exchange(torch.addcmul(shift, y, scale).unbind(0))
-        return _private_norm_exchange(
-            x, self.weight, self.bias, None, "instance", 0.0, self.eps, self.exchange_plan()
-        )
+        call = _NormCall("instance", None, 0.0, self.eps, self.exchange_plan())
+        return _private_norm_exchange(x, self.weight, self.bias, call)
 
 
 class AlphaEnsemble(nn.Module):
