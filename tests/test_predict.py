@@ -326,3 +326,25 @@ def test_fast_path_flags_are_refused_for_an_onnx_file(tiny, tmp_path, capsys) ->
     assert main([*argv, "-o", str(tmp_path / "out"), "--amp", "--compile"]) == 2
     assert "--amp --compile: for PyTorch checkpoints" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "kept"), [([], True), (["--no-keep-memory"], False)])
+def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
+    tiny, tmp_path, monkeypatch, flags, kept
+) -> None:
+    import cenfusion.segmentation.predict as module
+
+    asked = []
+    real = module.kept_cpu_memory
+
+    def recording(enabled: bool = True):
+        asked.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr(module, "kept_cpu_memory", recording)
+    _, checkpoint = tiny
+    rgb = write_rgb(tmp_path / "rgb.png", 8, 8)
+    depth = write_depth(tmp_path / "depth.png", 8, 8)
+    argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", *flags]) == 0
+    assert asked == [kept]

@@ -173,3 +173,23 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     assert same(evaluate_checkpoint(released_cfg, released), expected)
     with pytest.raises(CenError, match=f"model has {cfg.num_classes} classes, the data has 40"):
         evaluate_checkpoint(replace(released_cfg, num_classes=40), released)
+
+
+@pytest.mark.parametrize(("flags", "kept"), [([], True), (["--no-keep-memory"], False)])
+def test_cpu_evaluation_keeps_freed_memory_unless_told_not_to(
+    setup, tmp_path, monkeypatch, flags, kept
+) -> None:
+    import cenfusion.segmentation.evaluate as module
+
+    asked = []
+    real = module.kept_cpu_memory
+
+    def recording(enabled: bool = True):
+        asked.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr(module, "kept_cpu_memory", recording)
+    _, _, checkpoint = setup
+    argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", *flags]
+    assert main([*argv, "--runs", str(tmp_path)]) == 0
+    assert asked == [kept]

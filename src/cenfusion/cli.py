@@ -130,6 +130,7 @@ def _seg_predict(args: argparse.Namespace) -> None:
         amp=bool(args.amp),
         channels_last=bool(args.channels_last),
         compile=bool(args.compile),
+        keep_memory=RunConfig.keep_memory if args.keep_memory is None else args.keep_memory,
     )
     print(f"wrote {len(written)} files to {args.out}")
 
@@ -149,6 +150,7 @@ _EVAL_FIELDS = (
     "amp",
     "channels_last",
     "compile",
+    "keep_memory",
 )
 
 
@@ -219,7 +221,7 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         help="force (or rule out) the released .pth.tar format (default: detect)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    add_config_flags(p, RunConfig, only=("amp", "channels_last", "compile"))
+    add_config_flags(p, RunConfig, only=("amp", "channels_last", "compile", "keep_memory"))
     p.set_defaults(run=_seg_predict)
 
 

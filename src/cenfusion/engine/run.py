@@ -44,6 +44,11 @@ class RunConfig:
     amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
     threads: int | None = setting(None, "CPU threads of this process (none: the CPUs it may use)")
     channels_last: bool = setting(False, "channels-last memory format for the convolutions")
+    keep_memory: bool = setting(
+        True,
+        "CPU: keep freed memory in the process for the next tensors (no page faults; resident "
+        "memory stays at its peak)",
+    )
     compile: bool = setting(False, "torch.compile the network (eager, with a warning, if it fails)")
     quiet: bool = setting(False, "no progress bar")
     plots: bool = setting(True, "write plots to RUNS/EXP/plots/ at every validation")

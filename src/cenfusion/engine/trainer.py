@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
+from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
@@ -136,15 +137,19 @@ class Context:
 
 @contextlib.contextmanager
 def prepare(cfg: Any) -> Iterator[Context]:
-    """Validate ``cfg``, join the process group, choose the device and the CPU threads
-    (``cfg.threads``, restored on exit), seed, start logging."""
+    """Validate ``cfg``, join the process group, choose the device, the CPU threads
+    (``cfg.threads``, restored on exit) and the CPU heap (``cfg.keep_memory``), seed, start
+    logging."""
     cfg.validate()
     dist_info = init_distributed(cuda=cfg.device != "cpu")
     device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
     threads_before = use_threads(cfg.threads)
     seed_everything(cfg.seed + dist_info.rank)
     try:
-        with LogRouting(dist_info.is_main) as run_log:
+        with (
+            kept_cpu_memory(cfg.keep_memory and device.type == "cpu"),
+            LogRouting(dist_info.is_main) as run_log,
+        ):
             precision = Precision(cfg.amp, device)
             yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
     finally:

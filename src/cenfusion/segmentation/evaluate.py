@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.run import append_metrics, log
 from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError, ForeignCheckpointError
@@ -213,13 +214,14 @@ def evaluate_protocols(
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
     fast = CompiledOrEager(model) if cfg.compile else model
-    for protocol in protocols:
-        net = (
-            fast
-            if protocol.single_pass
-            else TestTimeAugmentation(fast, kinds, protocol.scales, protocol.flip)
-        )
-        results[protocol.label] = evaluate(net, loader, cfg, device, precision)
+    with kept_cpu_memory(cfg.keep_memory and device.type == "cpu"):
+        for protocol in protocols:
+            net = (
+                fast
+                if protocol.single_pass
+                else TestTimeAugmentation(fast, kinds, protocol.scales, protocol.flip)
+            )
+            results[protocol.label] = evaluate(net, loader, cfg, device, precision)
     return results
 
 

@@ -39,6 +39,7 @@ from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
@@ -335,6 +336,7 @@ def predict(
     amp: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    keep_memory: bool = True,
 ) -> list[Path]:
     """Segment every sample of ``inputs`` with the model in ``checkpoint``; returns the
     files written under ``out`` (see the module docstring for their names).
@@ -355,6 +357,8 @@ def predict(
         amp, channels_last, compile: the fast paths of training and evaluation (bfloat16
             autocast on the CPU, float16 on CUDA; NHWC layout; ``torch.compile`` with an
             eager fallback), for PyTorch checkpoints.
+        keep_memory: on the CPU, keep freed memory in the process for the next tensors
+            (:func:`cenfusion.engine.heap.kept_cpu_memory`).
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if size is not None and (len(size) != 2 or min(size) < 1):
@@ -401,15 +405,16 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
-    for sample in bar:
-        sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
-        tensors, ref = load_inputs(sample, parsed, depth_scale)
-        labels = predict_sample(net, tensors, kinds, target, size, precision)
-        base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
-        written += _write_prediction(out, sample.stem, labels[-1], base, num)
-        if heads:
-            for m, head in zip(parsed, labels[:-1]):
-                written += _write_prediction(out, f"{sample.stem}_{m.name}", head, base, num)
+    with kept_cpu_memory(keep_memory and target.type == "cpu"):
+        for sample in bar:
+            sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
+            tensors, ref = load_inputs(sample, parsed, depth_scale)
+            labels = predict_sample(net, tensors, kinds, target, size, precision)
+            base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
+            written += _write_prediction(out, sample.stem, labels[-1], base, num)
+            if heads:
+                for m, head in zip(parsed, labels[:-1]):
+                    written += _write_prediction(out, f"{sample.stem}_{m.name}", head, base, num)
     return written
 
 
