@@ -24,6 +24,7 @@ import contextlib
 import copy
 import itertools
 import json
+import operator
 import platform
 import resource
 import statistics
@@ -40,6 +41,7 @@ from reference_cen import ReferenceCEN
 from torch.utils.flop_counter import FlopCounterMode
 
 from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.fusion import exchanging_norms
 from cenfusion.models.refinenet import CENRefineNet
 
@@ -79,6 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="an inference row via onnxruntime: alone, the benchmark's own network exported "
         "at --infer-size (outputs compared with PyTorch's); with FILE, that exported file",
+    )
+    p.add_argument(
+        "--keep-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the CPU, every case keeps freed memory in its process, as cenfusion's runs do "
+        "(cenfusion.engine.heap); --no-keep-memory: glibc's defaults for every case",
+    )
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="run the cases one after another instead of side by side with alternating steps "
+        "(for machines that cannot hold every case of a net and mode at once)",
     )
     p.add_argument("--check-size", type=int, nargs=2, default=[64, 96], metavar=("H", "W"))
     p.add_argument("--json", default=None, help="write every number here")
@@ -351,6 +366,15 @@ def cases(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def case_groups(args: argparse.Namespace) -> list[list[dict]]:
+    """The cases whose subprocesses live side by side and alternate their steps: those of one
+    net and mode, or each case alone with ``--one-at-a-time`` (one process's memory at once)."""
+    if args.one_at_a_time:
+        return [[case] for case in cases(args)]
+    net_and_mode = operator.itemgetter("depth", "mode")
+    return [list(group) for _, group in itertools.groupby(cases(args), key=net_and_mode)]
+
+
 class CaseError(Exception):
     """A case that cannot run here; its row gives the reason."""
 
@@ -359,6 +383,11 @@ def serve(case: dict, args: argparse.Namespace) -> None:
     """A case's subprocess: prepare and warm up, then time one step for each ``step`` line
     on stdin and print the row at ``done``. Messages are JSON lines on stdout."""
     device = torch.device(args.device)
+    with kept_cpu_memory(args.keep_memory and device.type == "cpu"):
+        serve_steps(case, args, device)
+
+
+def serve_steps(case: dict, args: argparse.Namespace, device: torch.device) -> None:
     try:
         step, finish = prepare_case(case, args)
     except CaseError as err:
@@ -492,14 +521,17 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
+def machine(device: torch.device, keep_memory: bool) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         for line in info:
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                name = line.split(":", 1)[1].strip()
+                break
+    heap = "freed memory kept" if keep_memory else "glibc's default heap"
+    return f"{name}, {torch.get_num_threads()} threads, {heap}"
 
 
 def main() -> None:
@@ -520,7 +552,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows = []
-    for _, group in itertools.groupby(cases(args), key=lambda c: (c["depth"], c["mode"])):
+    for group in case_groups(args):
         workers = [Worker(case) for case in group]
         for _ in range(args.repeats):
             for worker in workers:
@@ -535,7 +567,7 @@ def main() -> None:
             )
     add_ratios(rows, peaks)
     meta = {
-        "machine": machine(device),
+        "machine": machine(device, args.keep_memory),
         "device": args.device,
         "torch": torch.__version__,
         "matmul_peak_flops": peaks,

@@ -26,3 +26,28 @@ def test_seg_speed_times_every_case_and_reports_a_failing_one_as_a_row(tmp_path:
     has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
     assert (str(missing) if has_onnxruntime else "onnxruntime not installed") in rows[2]["error"]
     assert "| R50 | infer 1x32x32 | cenfusion | fp32 |" in proc.stdout
+
+
+def test_cases_run_side_by_side_per_net_and_mode_or_one_at_a_time(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("seg_speed", SCRIPT)
+    seg_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seg_speed)
+    args = seg_speed.parse_args(["--depths", "50", "101", "--channels-last"])
+    every = seg_speed.cases(args)
+    side_by_side = seg_speed.case_groups(args)
+    assert [c for group in side_by_side for c in group] == every
+    assert [(g[0]["depth"], g[0]["mode"]) for g in side_by_side] == [
+        (50, "infer"),
+        (50, "train"),
+        (101, "infer"),
+        (101, "train"),
+    ]
+    assert all(
+        {(c["depth"], c["mode"]) for c in g} == {(g[0]["depth"], g[0]["mode"])}
+        for g in side_by_side
+    )
+    alone = seg_speed.case_groups(
+        seg_speed.parse_args(["--depths", "50", "101", "--channels-last", "--one-at-a-time"])
+    )
+    assert alone == [[case] for case in every]
