@@ -155,6 +155,21 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
     assert out.count("--compile failed (RuntimeError: no compiler here); running eager") == 1
 
 
+def test_a_network_that_fails_eagerly_too_raises_its_own_error(monkeypatch, capsys) -> None:
+    def compiled(net):
+        return net
+
+    monkeypatch.setattr(torch, "compile", compiled)
+    net = torch.nn.Linear(3, 2)
+    with LogRouting():
+        wrapped = CompiledOrEager(net)
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            wrapped(torch.randn(4, 5))
+        assert torch.equal(wrapped(torch.ones(1, 3)), net(torch.ones(1, 3)))
+        assert wrapped.compiled is net
+    assert "--compile failed" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("changes", "loss_tolerance", "weight_tolerance"),
     [({"channels_last": True}, 1e-4, 1e-3), ({"amp": True}, 5e-2, 5e-2)],

@@ -68,7 +68,8 @@ class Precision:
 
 class CompiledOrEager(nn.Module):
     """``torch.compile(net)``, falling back to ``net`` itself (with one warning) when
-    compilation fails, which shows only at the first call."""
+    compilation fails, which shows only at a call. When ``net`` fails eagerly too, the fault
+    is the network's or its input's: that error is raised, as without ``--compile``."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -81,10 +82,11 @@ class CompiledOrEager(nn.Module):
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure means eager
+            out = self.net(*args)
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
             log.info(f"warning: --compile failed ({type(err).__name__}: {first}); running eager")
             self.compiled = None
-            return self.net(*args)
+            return out
 
 
 @dataclass
