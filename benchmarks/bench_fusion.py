@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cenfusion import create_cen_refinenet
+from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.fusion import ModalityBatchNorm2d, split_modalities
 
 
@@ -188,25 +189,33 @@ def main() -> None:
         default="wall",
         help="cpu: process CPU time, steadier on a shared machine (meaningful with one thread)",
     )
+    parser.add_argument(
+        "--keep-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the CPU, keep freed memory in the process, as cenfusion's runs do "
+        "(cenfusion.engine.heap); --no-keep-memory: glibc's defaults",
+    )
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--size", type=int, nargs=2, default=(480, 640))
     parser.add_argument("--model-batch", type=int, default=6)
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(
-        f"private norm + exchange, B={args.batch} per modality, C={args.channels}, "
-        f"{args.hw}x{args.hw}, {device.type}, threads={torch.get_num_threads()}, "
-        f"amp={args.amp}, channels_last={args.channels_last}, {args.clock} clock, "
-        f"median of {args.repeats}"
-    )
-    print("| M | setting | stacked ms | loop ms | loop/stacked |")
-    print("|---|---|---:|---:|---:|")
-    for m in args.modalities:
-        for setting in args.settings:
-            bench_norm(args, device, m, setting)
-    if not args.skip_model:
-        bench_model(device, args.depth, tuple(args.size), args.model_batch, args.amp, repeats=3)
+    with kept_cpu_memory(args.keep_memory and device.type == "cpu") as kept:
+        print(
+            f"private norm + exchange, B={args.batch} per modality, C={args.channels}, "
+            f"{args.hw}x{args.hw}, {device.type}, threads={torch.get_num_threads()}, "
+            f"amp={args.amp}, channels_last={args.channels_last}, {args.clock} clock, "
+            f"median of {args.repeats}, freed memory kept={kept}"
+        )
+        print("| M | setting | stacked ms | loop ms | loop/stacked |")
+        print("|---|---|---:|---:|---:|")
+        for m in args.modalities:
+            for setting in args.settings:
+                bench_norm(args, device, m, setting)
+        if not args.skip_model:
+            bench_model(device, args.depth, tuple(args.size), args.model_batch, args.amp, repeats=3)
 
 
 if __name__ == "__main__":
