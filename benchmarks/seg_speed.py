@@ -491,6 +491,49 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
         row["of_matmul_peak"] = row["flop_rate"] / peak if peak and row["flop_rate"] else None
 
 
+FP32_TARGETS = {"cpu": {"train": 1.3, "infer": 1.2}, "cuda": {"train": 1.5, "infer": 1.2}}
+FAST_INFER_TARGET = 2.0
+
+
+def target_lines(rows: list[dict], device_type: str) -> list[str]:
+    """The speed targets of cenfusion against the reference (fp32 training, with peak memory
+    no higher; fp32 inference; inference with the fastest fast path or onnxruntime, where
+    the run has one), one line per net."""
+
+    def verdict(ratio: float, target: float) -> str:
+        return f"{ratio:.2f}x (target {target}x: {'met' if ratio >= target else 'not met'})"
+
+    lines = []
+    for depth in sorted({r["depth"] for r in rows}):
+        done = [r for r in rows if r["depth"] == depth and r.get("vs_reference") is not None]
+        found = {(r["mode"], r["impl"], r["variant"]): r for r in done}
+        parts = []
+        ours, ref = (
+            found.get(("train", "cenfusion", "fp32")),
+            found.get(("train", "reference", "fp32")),
+        )
+        if ours and ref:
+            memory = "no higher" if ours["peak_mib"] <= ref["peak_mib"] else "higher"
+            parts.append(
+                f"training fp32 {verdict(ours['vs_reference'], FP32_TARGETS[device_type]['train'])}, "
+                f"peak memory {ours['peak_mib']:.0f} MiB against {ref['peak_mib']:.0f} ({memory})"
+            )
+        ours = found.get(("infer", "cenfusion", "fp32"))
+        if ours:
+            target = FP32_TARGETS[device_type]["infer"]
+            parts.append(f"inference fp32 {verdict(ours['vs_reference'], target)}")
+        fast = [r for r in done if r["mode"] == "infer" and r["variant"] != "fp32"]
+        if fast:
+            best = max(fast, key=lambda r: r["vs_reference"])
+            parts.append(
+                f"fastest inference {best['variant']} "
+                f"{verdict(best['vs_reference'], FAST_INFER_TARGET)}"
+            )
+        if parts:
+            lines.append(f"- R{depth} targets: " + "; ".join(parts))
+    return lines
+
+
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     def num(value, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
@@ -581,6 +624,8 @@ def main() -> None:
         )
     )
     print(table(rows, args))
+    for line in target_lines(rows, device.type):
+        print(line)
     for r in rows:
         if r.get("note"):
             print(f"- R{r['depth']} {r['mode']} {r['variant']}: {r['note']}")

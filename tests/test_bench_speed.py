@@ -26,13 +26,19 @@ def test_seg_speed_times_every_case_and_reports_a_failing_one_as_a_row(tmp_path:
     has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
     assert (str(missing) if has_onnxruntime else "onnxruntime not installed") in rows[2]["error"]
     assert "| R50 | infer 1x32x32 | cenfusion | fp32 |" in proc.stdout
+    assert "- R50 targets: inference fp32 " in proc.stdout
 
 
-def test_cases_run_side_by_side_per_net_and_mode_or_one_at_a_time(monkeypatch) -> None:
+def load_seg_speed(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("seg_speed", SCRIPT)
     seg_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(seg_speed)
+    return seg_speed
+
+
+def test_cases_run_side_by_side_per_net_and_mode_or_one_at_a_time(monkeypatch) -> None:
+    seg_speed = load_seg_speed(monkeypatch)
     args = seg_speed.parse_args(["--depths", "50", "101", "--channels-last"])
     every = seg_speed.cases(args)
     side_by_side = seg_speed.case_groups(args)
@@ -51,3 +57,40 @@ def test_cases_run_side_by_side_per_net_and_mode_or_one_at_a_time(monkeypatch) -
         seg_speed.parse_args(["--depths", "50", "101", "--channels-last", "--one-at-a-time"])
     )
     assert alone == [[case] for case in every]
+
+
+def test_targets_line_states_each_target_against_the_run(monkeypatch) -> None:
+    seg_speed = load_seg_speed(monkeypatch)
+
+    def row(mode, impl, variant, ratio, peak=100.0):
+        return {
+            "depth": 101,
+            "mode": mode,
+            "impl": impl,
+            "variant": variant,
+            "vs_reference": ratio,
+            "peak_mib": peak,
+        }
+
+    rows = [
+        row("infer", "reference", "fp32", 1.0),
+        row("infer", "cenfusion", "fp32", 1.19),
+        row("infer", "cenfusion", "bf16+channels-last", 2.4),
+        row("infer", "onnx", "onnxruntime", 1.3),
+        row("train", "reference", "fp32", 1.0, peak=100.0),
+        row("train", "cenfusion", "fp32", 1.35, peak=99.0),
+        {"depth": 101, "mode": "infer", "impl": "cenfusion", "variant": "fp16", "error": "x"},
+    ]
+    (line,) = seg_speed.target_lines(rows, "cpu")
+    assert line == (
+        "- R101 targets: training fp32 1.35x (target 1.3x: met), peak memory 99 MiB against "
+        "100 (no higher); inference fp32 1.19x (target 1.2x: not met); fastest inference "
+        "bf16+channels-last 2.40x (target 2.0x: met)"
+    )
+    (line,) = seg_speed.target_lines(
+        rows[:4] + [row("train", "reference", "fp32", 1.0, 90.0), rows[5]], "cuda"
+    )
+    assert (
+        "training fp32 1.35x (target 1.5x: not met), peak memory 99 MiB against 90 (higher)" in line
+    )
+    assert seg_speed.target_lines(rows[:1], "cpu") == []
