@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--model-batch", type=int, default=6)
     args = parser.parse_args()
     device = torch.device(args.device)
-    with kept_cpu_memory(args.keep_memory and device.type == "cpu") as kept:
+    with kept_cpu_memory(args.keep_memory, device.type) as kept:
         print(
             f"private norm + exchange, B={args.batch} per modality, C={args.channels}, "
             f"{args.hw}x{args.hw}, {device.type}, threads={torch.get_num_threads()}, "

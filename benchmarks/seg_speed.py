@@ -383,7 +383,7 @@ def serve(case: dict, args: argparse.Namespace) -> None:
     """A case's subprocess: prepare and warm up, then time one step for each ``step`` line
     on stdin and print the row at ``done``. Messages are JSON lines on stdout."""
     device = torch.device(args.device)
-    with kept_cpu_memory(args.keep_memory and device.type == "cpu"):
+    with kept_cpu_memory(args.keep_memory, device.type):
         serve_steps(case, args, device)
 
 

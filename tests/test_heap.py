@@ -103,15 +103,16 @@ def test_nested_contexts_keep_memory_until_the_outermost_ends() -> None:
     assert seen == {"inner": False, "outer": False, "after": True}
 
 
-def test_disabled_changes_nothing() -> None:
+def test_disabled_or_off_the_cpu_changes_nothing() -> None:
     seen = probe(
         """
         with kept_cpu_memory(enabled=False) as applied:
-            seen["applied"] = applied
-            seen["mapped"] = mapped()
+            seen["disabled"] = applied, mapped()
+        with kept_cpu_memory(device_type="cuda") as applied:
+            seen["cuda"] = applied, mapped()
         """
     )
-    assert seen == {"applied": False, "mapped": True}
+    assert seen == {"disabled": [False, True], "cuda": [False, True]}
 
 
 @pytest.mark.parametrize("keep", [True, False])

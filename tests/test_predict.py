@@ -337,9 +337,9 @@ def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
     asked = []
     real = module.kept_cpu_memory
 
-    def recording(enabled: bool = True):
-        asked.append(enabled)
-        return real(enabled)
+    def recording(enabled: bool = True, device_type: str = "cpu"):
+        asked.append((enabled, device_type))
+        return real(enabled, device_type)
 
     monkeypatch.setattr(module, "kept_cpu_memory", recording)
     _, checkpoint = tiny
@@ -347,4 +347,4 @@ def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
     depth = write_depth(tmp_path / "depth.png", 8, 8)
     argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
     assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", *flags]) == 0
-    assert asked == [kept]
+    assert asked == [(kept, "cpu")]

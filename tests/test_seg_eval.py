@@ -184,12 +184,12 @@ def test_cpu_evaluation_keeps_freed_memory_unless_told_not_to(
     asked = []
     real = module.kept_cpu_memory
 
-    def recording(enabled: bool = True):
-        asked.append(enabled)
-        return real(enabled)
+    def recording(enabled: bool = True, device_type: str = "cpu"):
+        asked.append((enabled, device_type))
+        return real(enabled, device_type)
 
     monkeypatch.setattr(module, "kept_cpu_memory", recording)
     _, _, checkpoint = setup
     argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", *flags]
     assert main([*argv, "--runs", str(tmp_path)]) == 0
-    assert asked == [kept]
+    assert asked == [(kept, "cpu")]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1
@@ -30,13 +29,11 @@ _depth = 0  # open contexts: glibc's settings are the process's, the outermost o
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The process's C library when it is glibc (it has ``mallopt`` and ``malloc_trim``),
+    else None."""
     try:
-        libc = ctypes.CDLL(name)
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):
         return None
     if not all(hasattr(libc, f) for f in ("mallopt", "malloc_trim", "gnu_get_libc_version")):
         return None
@@ -44,16 +41,18 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def kept_cpu_memory(enabled: bool = True) -> Iterator[bool]:
-    """Keep freed memory in this process's heap while the context lasts.
+def kept_cpu_memory(enabled: bool = True, device_type: str = "cpu") -> Iterator[bool]:
+    """Keep freed memory in this process's heap while the context lasts, for a run whose
+    tensors live on ``device_type``: only the CPU's (CUDA's caching allocator already reuses
+    its memory, and a GPU run's host side allocates little).
 
-    Yields whether the setting took effect (``False`` when disabled or without glibc). When
-    the outermost such context ends, glibc's default limits come back (its self-adjusting
-    mmap threshold stays off, as after any ``mallopt``) and the heap's free memory is handed
-    back to the system.
+    Yields whether the setting took effect (``False`` when disabled, off the CPU or without
+    glibc). When the outermost such context ends, glibc's default limits come back (its
+    self-adjusting mmap threshold stays off, as after any ``mallopt``) and the heap's free
+    memory is handed back to the system.
     """
     global _depth
-    libc = _glibc() if enabled else None
+    libc = _glibc() if enabled and device_type == "cpu" else None
     if libc is None:
         yield False
         return

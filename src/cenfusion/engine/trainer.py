@@ -149,7 +149,7 @@ def prepare(cfg: Any) -> Iterator[Context]:
     seed_everything(cfg.seed + dist_info.rank)
     try:
         with (
-            kept_cpu_memory(cfg.keep_memory and device.type == "cpu"),
+            kept_cpu_memory(cfg.keep_memory, device.type),
             LogRouting(dist_info.is_main) as run_log,
         ):
             precision = Precision(cfg.amp, device)

@@ -214,7 +214,7 @@ def evaluate_protocols(
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
     fast = CompiledOrEager(model) if cfg.compile else model
-    with kept_cpu_memory(cfg.keep_memory and device.type == "cpu"):
+    with kept_cpu_memory(cfg.keep_memory, device.type):
         for protocol in protocols:
             net = (
                 fast

@@ -405,7 +405,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
-    with kept_cpu_memory(keep_memory and target.type == "cpu"):
+    with kept_cpu_memory(keep_memory, target.type):
         for sample in bar:
             sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
             tensors, ref = load_inputs(sample, parsed, depth_scale)
