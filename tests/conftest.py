@@ -17,6 +17,25 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def kept_memory_calls(monkeypatch: pytest.MonkeyPatch):
+    """``record(module)`` makes ``module``'s ``kept_cpu_memory`` note each call's
+    ``(enabled, device_type)`` in the list it returns (the context itself still runs)."""
+
+    def record(module) -> list[tuple[bool, str]]:
+        calls: list[tuple[bool, str]] = []
+        real = module.kept_cpu_memory
+
+        def recording(enabled: bool = True, device_type: str = "cpu"):
+            calls.append((enabled, device_type))
+            return real(enabled, device_type)
+
+        monkeypatch.setattr(module, "kept_cpu_memory", recording)
+        return calls
+
+    return record
+
+
 @pytest.fixture(scope="session")
 def seg_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic RGB-D set: 6 train / 3 val images of 40x48 (read-only for tests)."""

@@ -330,18 +330,11 @@ def test_fast_path_flags_are_refused_for_an_onnx_file(tiny, tmp_path, capsys) ->
 
 @pytest.mark.parametrize(("flags", "kept"), [([], True), (["--no-keep-memory"], False)])
 def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
-    tiny, tmp_path, monkeypatch, flags, kept
+    tiny, tmp_path, kept_memory_calls, flags, kept
 ) -> None:
     import cenfusion.segmentation.predict as module
 
-    asked = []
-    real = module.kept_cpu_memory
-
-    def recording(enabled: bool = True, device_type: str = "cpu"):
-        asked.append((enabled, device_type))
-        return real(enabled, device_type)
-
-    monkeypatch.setattr(module, "kept_cpu_memory", recording)
+    asked = kept_memory_calls(module)
     _, checkpoint = tiny
     rgb = write_rgb(tmp_path / "rgb.png", 8, 8)
     depth = write_depth(tmp_path / "depth.png", 8, 8)

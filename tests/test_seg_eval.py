@@ -177,18 +177,11 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
 
 @pytest.mark.parametrize(("flags", "kept"), [([], True), (["--no-keep-memory"], False)])
 def test_cpu_evaluation_keeps_freed_memory_unless_told_not_to(
-    setup, tmp_path, monkeypatch, flags, kept
+    setup, tmp_path, kept_memory_calls, flags, kept
 ) -> None:
     import cenfusion.segmentation.evaluate as module
 
-    asked = []
-    real = module.kept_cpu_memory
-
-    def recording(enabled: bool = True, device_type: str = "cpu"):
-        asked.append((enabled, device_type))
-        return real(enabled, device_type)
-
-    monkeypatch.setattr(module, "kept_cpu_memory", recording)
+    asked = kept_memory_calls(module)
     _, _, checkpoint = setup
     argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", *flags]
     assert main([*argv, "--runs", str(tmp_path)]) == 0
