@@ -112,6 +112,9 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_seg_train)
 
 
+_PREDICT_SETTINGS = ("amp", "channels_last", "compile", "keep_memory")
+
+
 def _seg_predict(args: argparse.Namespace) -> None:
     from cenfusion.segmentation.predict import gather_cli_inputs, predict
 
@@ -127,10 +130,10 @@ def _seg_predict(args: argparse.Namespace) -> None:
         official=args.official,
         modalities=modalities,
         num_classes=args.num_classes,
-        amp=bool(args.amp),
-        channels_last=bool(args.channels_last),
-        compile=bool(args.compile),
-        keep_memory=RunConfig.keep_memory if args.keep_memory is None else args.keep_memory,
+        **{
+            name: getattr(RunConfig, name) if getattr(args, name) is None else getattr(args, name)
+            for name in _PREDICT_SETTINGS
+        },
     )
     print(f"wrote {len(written)} files to {args.out}")
 
@@ -221,7 +224,7 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         help="force (or rule out) the released .pth.tar format (default: detect)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    add_config_flags(p, RunConfig, only=("amp", "channels_last", "compile", "keep_memory"))
+    add_config_flags(p, RunConfig, only=_PREDICT_SETTINGS)
     p.set_defaults(run=_seg_predict)
 
 
