@@ -128,3 +128,19 @@ def test_crp_pool_equals_torch_max_pool_in_values_gradients_and_layout(channels_
     out.backward(grad)
     expected.backward(grad)
     assert torch.equal(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crp_pool_keeps_only_its_input_for_the_backward(channels_last) -> None:
+    x = torch.randn(2, 8, 13, 17) * torch.ones(1, requires_grad=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    saved: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        max_pool_5x5(x)
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()

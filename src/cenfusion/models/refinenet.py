@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cenfusion.errors import CenError
 from cenfusion.fusion import (
@@ -84,7 +85,18 @@ def max_pool_5x5(x: Tensor) -> Tensor:
     PyTorch's CPU kernel for this pool is 3-5x slower on an NCHW tensor than on a channels-last
     one (the 5x5 window then runs over contiguous channels), so on the CPU the pool runs in
     channels-last: the conversion costs less than it saves.
+
+    Under autograd the pool is recomputed in the backward pass instead of keeping an int64
+    index per output value: those indices are twice the activation's own size and were the
+    largest of the decoder's saved tensors; finding the maxima again costs little next to
+    the convolutions around it.
     """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return checkpoint(_pool_5x5, x, use_reentrant=False, preserve_rng_state=False)
+    return _pool_5x5(x)
+
+
+def _pool_5x5(x: Tensor) -> Tensor:
     if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
         return F.max_pool2d(x, 5, stride=1, padding=2)
     pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 5, 1, 2)
