@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
 from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
-from cenfusion.models.refinenet import ResidualConvUnit, max_pool_5x5
+from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit, max_pool_5x5
 
 
 def count(model: nn.Module) -> int:
@@ -144,3 +145,19 @@ def test_crp_pool_keeps_only_its_input_for_the_backward(channels_last) -> None:
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         max_pool_5x5(x)
     assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+
+
+def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:
+    torch.manual_seed(0)
+    eager = ChainedResidualPool(8)
+    compiled_copy = copy.deepcopy(eager)
+    x = torch.randn(2, 8, 9, 11)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = eager(ours)
+    out.sum().backward()
+    compiled_out = torch.compile(compiled_copy, backend="aot_eager")(theirs)
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, out)
+    torch.testing.assert_close(theirs.grad, ours.grad)
+    for p, q in zip(eager.parameters(), compiled_copy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
