@@ -356,18 +356,20 @@ def run_both(
     norm: ModalityNorm, x: torch.Tensor, setting: str, weights: torch.Tensor | None = None
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``norm`` and its per-modality reference on copies of ``x`` in ``setting``
-    (``train``: batch statistics, ``frozen``: running statistics in training, ``eval``);
-    backward of ``(out * weights).sum()`` unless ``eval``. Returns the reference, both
-    outputs and both input gradients."""
+    (``train``: batch statistics, ``frozen``: running statistics in training, ``eval``, and
+    ``inference``: eval without autograd); backward of ``(out * weights).sum()`` in the first
+    two. Returns the reference, both outputs and both input gradients."""
     ref = LoopNorm(norm).to(x.device)
+    evaluating = setting in ("eval", "inference")
     if isinstance(norm, ModalityBatchNorm2d):
         norm.frozen_stats = setting == "frozen"
-    norm.train(setting != "eval")
+    norm.train(not evaluating)
     ref.train(setting == "train")
-    x_ours = x.detach().clone().requires_grad_(setting != "eval")
-    x_ref = x.detach().clone().requires_grad_(setting != "eval")
-    out, ref_out = norm(x_ours), ref(x_ref)
-    if setting == "eval":
+    x_ours = x.detach().clone().requires_grad_(not evaluating)
+    x_ref = x.detach().clone().requires_grad_(not evaluating)
+    with torch.set_grad_enabled(setting != "inference"):
+        out, ref_out = norm(x_ours), ref(x_ref)
+    if evaluating:
         return ref, out, ref_out, None, None
     if weights is None:
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
@@ -381,6 +383,8 @@ def widen_exchange(norm: ModalityNorm) -> None:
     with torch.no_grad():
         norm.weight[0, 3:5] = 0.01
 
+
+SETTINGS = ["train", "frozen", "eval", "inference"]
 
 # (layout, spatial size, path). Large planes take the custom function, which exchanges only
 # the planned channels in NCHW when they are at most half of all, else over the whole stack;
@@ -396,7 +400,7 @@ PATHS = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("layout", "size", "path"), PATHS)
-@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("num_modalities", [2, 3, 4])
 def test_batch_norm_fast_paths_match_per_modality_reference(
     num_modalities: int, setting: str, layout: str, size: tuple[int, int], path: str, device: str
@@ -414,7 +418,7 @@ def test_batch_norm_fast_paths_match_per_modality_reference(
     ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert_close(out, ref_out)
     assert out.is_contiguous(memory_format=memory_format)
-    if setting != "eval":
+    if setting in ("train", "frozen"):
         assert_close(grad, ref_grad)
         for name in ("weight", "bias"):
             expected = torch.stack([getattr(bn, name).grad for bn in ref.norms])
@@ -459,7 +463,7 @@ def assert_close_bf16(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [(6, 6), (24, 24)])
-@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_bf16_autocast_matches_reference_within_bf16_tolerance(
     num_modalities: int, setting: str, size: tuple[int, int], device: str
@@ -474,15 +478,17 @@ def test_bf16_autocast_matches_reference_within_bf16_tolerance(
     fp32_ref = LoopNorm(random_norm(num_modalities)).to(device).train(setting == "train")
     assert_close_bf16(out, fp32_ref(x.float()))
     assert_close_bf16(out, ref_out)
-    if setting != "eval":
+    if setting in ("train", "frozen"):
         assert grad.dtype == torch.bfloat16
         assert_close_bf16(grad, ref_grad)
         expected = torch.stack([bn.weight.grad for bn in ref.norms])
         assert_close_bf16(norm.weight.grad, expected)
 
 
-def test_exchange_follows_parameter_changes() -> None:
-    """The exchanged channels are cached; every way of changing gamma must refresh them."""
+def test_exchange_and_folded_statistics_follow_parameter_changes() -> None:
+    """The exchanged channels and, for inference, the scale and shift folded from the
+    statistics and affine parameters are cached; every way of changing them must refresh
+    them."""
     norm = random_norm(3).eval()
     x = torch.randn(6, 7, 4, 4, generator=torch.Generator().manual_seed(5))
 
@@ -491,6 +497,16 @@ def test_exchange_follows_parameter_changes() -> None:
         with torch.no_grad():
             assert_close(norm(x.to(dtype)), LoopNorm(norm).to(dtype).eval()(x.to(dtype)))
 
+    check()
+    with torch.no_grad():
+        norm.running_var.mul_(2)
+    check()
+    with torch.no_grad():
+        norm.bias.add_(1)
+    check()
+    norm.running_mean = torch.randn(3, 7, generator=torch.Generator().manual_seed(8))
+    check()
+    norm.eps = 0.5
     check()
     with torch.no_grad():
         norm.weight[1, 5] = 0.0
@@ -541,7 +557,7 @@ def test_four_modalities_take_the_mean_of_the_other_three() -> None:
     assert torch.equal(out[1:, 0], y[1:, 0]) and torch.equal(out[:3, 1], y[:3, 1])
 
 
-@pytest.mark.parametrize("setting", ["train", "frozen", "eval"])
+@pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("num_modalities", [2, 3])
 def test_traceable_path_matches_per_modality_reference(
     num_modalities: int, setting: str, monkeypatch: pytest.MonkeyPatch
@@ -552,7 +568,7 @@ def test_traceable_path_matches_per_modality_reference(
     x = torch.randn(num_modalities * 2, 7, 4, 5, generator=torch.Generator().manual_seed(6))
     ref, out, ref_out, grad, ref_grad = run_both(norm, x, setting)
     assert_close(out, ref_out)
-    if setting != "eval":
+    if setting in ("train", "frozen"):
         assert_close(grad, ref_grad)
         assert_close(norm.weight.grad, torch.stack([bn.weight.grad for bn in ref.norms]))
     if setting == "train":
