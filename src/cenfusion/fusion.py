@@ -554,7 +554,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         self.register_buffer("running_mean", torch.zeros(num_modalities, num_features))
         self.register_buffer("running_var", torch.ones(num_modalities, num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self._folded: tuple | None = None
+        self._fold_cache: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         batch_stats = self.training and not self.frozen_stats
@@ -583,24 +583,24 @@ class ModalityBatchNorm2d(ModalityNorm):
         )
         return _private_norm_exchange(x, self.weight, self.bias, call)
 
-    def folded_affine(self) -> tuple[Tensor, Tensor]:
+    def _folded_affine(self) -> tuple[Tensor, Tensor]:
         """The running statistics and affine parameters as one ``(M, C)`` scale and shift,
         ``y = scale * x + shift``; cached while none of them changes."""
         sources = (self.weight, self.bias, self.running_mean, self.running_var)
         key = (*((id(t), t._version, t.data_ptr()) for t in sources), self.eps)
-        if self._folded is None or self._folded[0] != key:
+        if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 scale = self.weight * torch.rsqrt(self.running_var + self.eps)
                 shift = self.bias - self.running_mean * scale
-            self._folded = (key, sources, scale, shift)
-        return self._folded[2], self._folded[3]
+            self._fold_cache = (key, sources, scale, shift)
+        return self._fold_cache[2], self._fold_cache[3]
 
     def _inference(self, x: Tensor) -> Tensor:
         """Running statistics without autograd on the recorded path: one multiply-add over
         the whole stack, in ``x``'s dtype and layout, then the exchange; one kernel where the
         per-modality norms launch ``M`` and a concatenation (a GPU step at small batch is
         bound by launches)."""
-        scale, shift = (_per_channel(t[:, None], x.dim() - 2) for t in self.folded_affine())
+        scale, shift = (_per_channel(t[:, None], x.dim() - 2) for t in self._folded_affine())
         x5 = split_modalities(x, self.num_modalities)
         y = torch.addcmul(shift, x5, scale, out=torch.empty_like(x5))
         plan = self.exchange_plan()
