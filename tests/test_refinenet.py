@@ -161,3 +161,26 @@ def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:
     torch.testing.assert_close(theirs.grad, ours.grad)
     for p, q in zip(eager.parameters(), compiled_copy.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crp_pool_without_autograd_equals_torch_max_pool(channels_last, dtype) -> None:
+    x = torch.randn(2, 8, 13, 17, generator=torch.Generator().manual_seed(3)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = max_pool_5x5(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, F.max_pool2d(x, 5, stride=1, padding=2))
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert out.is_contiguous() == (not channels_last)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_crp_pool_traces_to_the_standard_operator() -> None:
+    """An exported graph needs PyTorch's own pool, not oneDNN's layout conversions."""
+    with torch.no_grad():
+        graph = torch.jit.trace(max_pool_5x5, torch.randn(1, 2, 6, 7)).graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::max_pool2d" in kinds and not any("mkldnn" in kind for kind in kinds)
