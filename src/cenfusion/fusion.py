@@ -479,7 +479,7 @@ class ModalityNorm(nn.Module):
         gamma, as they cannot follow the cached plan."""
         if not self.exchange:
             return torch.cat(ys)
-        if _tracing():
+        if tracing():
             mask = self.exchange_mask()
         else:
             plan = self.exchange_plan()
@@ -501,9 +501,9 @@ class ModalityNorm(nn.Module):
         )
 
 
-def _tracing() -> bool:
-    """Under ``torch.compile`` or tracing (ONNX export), which cannot follow the cached plan
-    or run the custom autograd function."""
+def tracing() -> bool:
+    """Under ``torch.compile`` or tracing (ONNX export), which cannot follow the cached plan,
+    run the custom autograd function or export oneDNN's own layouts."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
@@ -515,14 +515,14 @@ function beats the recorded operations on the CPU (``benchmarks/bench_fusion.py`
 def _recorded(x: Tensor, num_modalities: int) -> bool:
     """Whether the private norms compute with tensor operations that autograd records, one
     norm and one exchange per modality and a concatenation, rather than the custom function.
-    While :func:`_tracing`, and off the CPU (the ``meta`` device of FLOP counting included),
+    While :func:`tracing`, and off the CPU (the ``meta`` device of FLOP counting included),
     because the custom function needs the CPU's listed plan. And for small planes: there the
     step is bound by host time, and the recorded operations, whose backward runs in the
     autograd engine, cost less of it than the custom function, whose backward runs in
     Python. Steps on a GPU at the usual batch sizes are bound by host time too."""
     return (
         x.device.type != "cpu"
-        or _tracing()
+        or tracing()
         or x.numel() < _CUSTOM_MIN_PLANE * x.shape[1] * num_modalities
     )
 
@@ -561,7 +561,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         if batch_stats:
             self.num_batches_tracked.add_(1)
         if _recorded(x, self.num_modalities):
-            if not (batch_stats or torch.is_grad_enabled() or _tracing()):
+            if not (batch_stats or torch.is_grad_enabled() or tracing()):
                 return self._inference(x)
             per_modality = zip(
                 split_modalities(x, self.num_modalities).unbind(0),

@@ -27,6 +27,7 @@ from cenfusion.fusion import (
     set_frozen_stats,
     split_modalities,
     stack_modalities,
+    tracing,
 )
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
@@ -112,7 +113,7 @@ def _onednn_pool(x: Tensor) -> bool:
         and x.is_contiguous()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        and not tracing()
     )
 
 
