@@ -80,6 +80,13 @@ def _part_mask(num_modalities: int, num_channels: int) -> Tensor:
     return (channel >= bounds[:-1, None]) & (channel < bounds[1:, None])
 
 
+def _cache_key(tensors: Sequence[Tensor]) -> tuple:
+    """What a cache of values derived from ``tensors`` compares: each tensor's object,
+    in-place version and storage (a move or a cast gives new storage). The cache must also
+    hold the tensors, so that no new tensor can take a freed one's ``id`` and address."""
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+
+
 class ExchangePlan(NamedTuple):
     """Where channels are exchanged, found once per value of the gammas."""
 
@@ -445,8 +452,7 @@ class ModalityNorm(nn.Module):
         self.register_buffer(
             "penalty_mask", _part_mask(num_modalities, num_features), persistent=False
         )
-        self._plan_key: tuple | None = None
-        self._plan: ExchangePlan | None = None
+        self._plan_cache: tuple | None = None
 
     def exchange_mask(self) -> Tensor:
         """``(M, C)`` bool: channels that take the other modalities' values."""
@@ -458,19 +464,16 @@ class ModalityNorm(nn.Module):
         the plan is never ``None``: the exchange runs over the whole stack."""
         if not self.exchange:
             return None
-        weight = self.weight
-        key = (weight._version, weight.data_ptr(), weight.device, weight.dtype, self.threshold)
-        if key != self._plan_key:
+        key = (_cache_key((self.weight,)), self.threshold)
+        if self._plan_cache is None or self._plan_cache[0] != key:
             mask = self.exchange_mask()
             if mask.device.type == "cpu":
                 channels = mask.any(0).nonzero().flatten()
-                self._plan = (
-                    ExchangePlan(mask, channels, mask[:, channels]) if len(channels) else None
-                )
+                plan = ExchangePlan(mask, channels, mask[:, channels]) if len(channels) else None
             else:
-                self._plan = ExchangePlan(mask, None, None)
-            self._plan_key = key
-        return self._plan
+                plan = ExchangePlan(mask, None, None)
+            self._plan_cache = (key, self.weight, plan)
+        return self._plan_cache[2]
 
     def _recorded_exchange(self, ys: Sequence[Tensor]) -> Tensor:
         """The exchange of the per-modality outputs ``ys`` (``M`` tensors ``(B, C, H, W)``) in
@@ -587,7 +590,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         """The running statistics and affine parameters as one ``(M, C)`` scale and shift,
         ``y = scale * x + shift``; cached while none of them changes."""
         sources = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = (*((id(t), t._version, t.data_ptr()) for t in sources), self.eps)
+        key = (_cache_key(sources), self.eps)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 scale = self.weight * torch.rsqrt(self.running_var + self.eps)
