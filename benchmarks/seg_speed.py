@@ -97,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--check-size", type=int, nargs=2, default=[64, 96], metavar=("H", "W"))
     p.add_argument("--json", default=None, help="write every number here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="profile one more step of every case (torch.profiler) and write each case's "
+        "busiest operators and its count of device kernels per step to FILE",
+    )
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if "fp16" in args.amp and args.device != "cuda":
@@ -237,6 +244,27 @@ def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
         return make(module), note
 
 
+def profile_step(step: Callable, device: torch.device) -> dict:
+    """One step under ``torch.profiler``: its busiest operators (by self time on the device
+    that runs them) and, on CUDA, how many kernels it launched (at batch 1-2 on a GPU the
+    launches, not the arithmetic, bound a step)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {
+        "kernels": kernels if device.type == "cuda" else None,
+        "profile": events.table(sort_by=sort, row_limit=15, max_name_column_width=60),
+    }
+
+
 Prepared = tuple[Callable[[], None], Callable[[list[float]], dict]]
 
 
@@ -275,6 +303,7 @@ def prepare_case(case: dict, args: argparse.Namespace) -> Prepared:
         median = statistics.median(times)
         return {
             **case,
+            **(profile_step(step, device) if args.profile else {}),
             "variant": variant(case),
             "times_s": times,
             "median_s": median,
@@ -634,6 +663,18 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"meta": meta, "rows": rows}, out, indent=1)
+    if args.profile:
+        write_profiles(rows, args.profile)
+
+
+def write_profiles(rows: list[dict], path: str) -> None:
+    with open(path, "w") as out:
+        for r in rows:
+            if "profile" not in r:
+                continue
+            kernels = "" if r["kernels"] is None else f", {r['kernels']} device kernels"
+            out.write(f"## R{r['depth']} {r['mode']} {r['impl']} {r['variant']}{kernels}\n\n")
+            out.write(r["profile"] + "\n\n")
 
 
 if __name__ == "__main__":

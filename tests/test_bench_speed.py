@@ -15,6 +15,7 @@ def test_seg_speed_times_every_case_and_reports_a_failing_one_as_a_row(tmp_path:
     cmd = [sys.executable, str(SCRIPT), "--depths", "50", "--cases", "infer"]
     cmd += ["--infer-size", "32", "32", "--check-size", "32", "32", "--warmup", "0"]
     cmd += ["--repeats", "2", "--threads", "1", "--onnx", str(missing), "--json", str(out)]
+    cmd += ["--profile", str(tmp_path / "profile.txt")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -27,6 +28,12 @@ def test_seg_speed_times_every_case_and_reports_a_failing_one_as_a_row(tmp_path:
     assert (str(missing) if has_onnxruntime else "onnxruntime not installed") in rows[2]["error"]
     assert "| R50 | infer 1x32x32 | cenfusion | fp32 |" in proc.stdout
     assert "- R50 targets: inference fp32 " in proc.stdout
+    sections = (tmp_path / "profile.txt").read_text().split("## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "R50 infer reference fp32",
+        "R50 infer cenfusion fp32",
+    ]
+    assert all("aten::convolution" in s or "aten::mkldnn_convolution" in s for s in sections)
 
 
 def load_seg_speed(monkeypatch):
