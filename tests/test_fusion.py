@@ -167,11 +167,16 @@ def test_instance_norm_matches_per_modality_loop(num_modalities: int) -> None:
 
 
 def hand_built_norm(gammas: torch.Tensor, threshold: float = 0.1) -> ModalityBatchNorm2d:
-    """Eval-mode norm with unit statistics and zero bias: output = gamma * input."""
+    """Eval-mode norm with var + eps exactly 1, zero mean and bias: output = gamma * input.
+
+    (eps stays positive: some torch versions refuse eps = 0 in ``F.batch_norm``.)
+    """
     m, c = gammas.shape
-    norm = ModalityBatchNorm2d(c, m, eps=0.0, exchange=True, threshold=threshold).eval()
+    eps = 2.0**-20
+    norm = ModalityBatchNorm2d(c, m, eps=eps, exchange=True, threshold=threshold).eval()
     with torch.no_grad():
         norm.weight.copy_(gammas)
+        norm.running_var.fill_(1.0 - eps)
     return norm
 
 
