@@ -245,9 +245,9 @@ def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
 
 
 def profile_step(step: Callable, device: torch.device) -> dict:
-    """One step under ``torch.profiler``: its busiest operators (by self time on the device
-    that runs them) and, on CUDA, how many kernels it launched (at batch 1-2 on a GPU the
-    launches, not the arithmetic, bound a step)."""
+    """One step under ``torch.profiler``: its busiest operators by self time on the CPU and,
+    on CUDA, also on the GPU, with how many kernels it launched (at batch 1-2 on a GPU the
+    host's work per launch, not the arithmetic, bounds a step)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -257,11 +257,15 @@ def profile_step(step: Callable, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sorts = ["self_cpu_time_total"]
+    if device.type == "cuda":
+        sorts.insert(0, "self_cuda_time_total")
     kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     return {
         "kernels": kernels if device.type == "cuda" else None,
-        "profile": events.table(sort_by=sort, row_limit=15, max_name_column_width=60),
+        "profile": "\n".join(
+            events.table(sort_by=sort, row_limit=15, max_name_column_width=60) for sort in sorts
+        ),
     }
 
 
