@@ -144,7 +144,8 @@ def test_crp_pool_keeps_only_its_input_for_the_backward(channels_last) -> None:
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         max_pool_5x5(x)
-    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+    holding = [t for t in saved if t.numel()]  # torch 2.11's checkpoint also saves an empty one
+    assert len(holding) == 1 and holding[0].data_ptr() == x.data_ptr()
 
 
 def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:

@@ -4,20 +4,20 @@ The table runs ``cen`` (``cenfusion.cli.main``) on inputs that cannot be right a
 exit status 2, exactly one line on stderr under 200 characters naming the flag or file,
 and no file created, changed or removed under the folder it would write to.
 
-The kill tests fork a tiny training whose write points (a checkpoint's temporary file
-written, a file renamed into place, a metrics line appended) are wrapped so that the N-th
-one sends SIGKILL to the process, for every N of an uninterrupted run. The run is then
-continued, killed once more at its own N-th write point, and continued to the end: it must
-end with the weights, best weights and metrics lines of the uninterrupted run, bit for bit,
-and no temporary file left.
+The kill tests run a tiny training in a child process whose write points (a checkpoint's
+temporary file written, a file renamed into place, a metrics line appended) are wrapped so
+that the N-th one sends SIGKILL to the process, for every N of an uninterrupted run. The
+run is then continued, killed once more at its own N-th write point, and continued to the
+end: it must end with the weights, best weights and metrics lines of the uninterrupted run,
+bit for bit, and no temporary file left.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +34,7 @@ from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation import train as seg_train
-from cenfusion.segmentation.config import SYNTHETIC
+from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.modelio import model_record
 from cenfusion.translation import train as i2i_train
 from cenfusion.translation.config import TranslationConfig
@@ -249,26 +249,30 @@ class WritePoints:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def killed_run(train: Callable[..., object], kill_at: int, *args: object) -> bool:
-    """Run ``train(*args)`` in a forked child killed at write point ``kill_at``; returns
-    whether it was killed."""
-    pid = os.fork()
-    if pid == 0:
-        status = 0
-        try:
-            with pytest.MonkeyPatch.context() as patch:
-                WritePoints(patch, kill_at)
-                train(*args)
-        except BaseException:  # noqa: BLE001 (the child reports any failure by its status)
-            traceback.print_exc()
-            status = 3
-        finally:
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
+#: Children come from a fork server, a clean process that has only imported these modules: a
+#: process that has run autograd on a machine with a GPU (autograd's device threads) cannot
+#: fork a child that runs autograd again, and pytest's own process has.
+FORK_SERVER = multiprocessing.get_context("forkserver")
+FORK_SERVER.set_forkserver_preload(
+    [
+        "torch",
+        "pytest",
+        "cenfusion.cli",
+        "cenfusion.segmentation.train",
+        "cenfusion.translation.train",
+    ]
+)
+
+
+def killed_run(kill_at: int, *args: object) -> bool:
+    """:func:`train_run` ``(*args)`` in a child process killed at write point ``kill_at``;
+    returns whether it was killed."""
+    child = FORK_SERVER.Process(target=_train_until_killed, args=(kill_at, *args))
+    child.start()
+    child.join()
+    if child.exitcode == -signal.SIGKILL:
         return True
-    assert os.WEXITSTATUS(status) == 0, f"the child failed (status {status})"
+    assert child.exitcode == 0, f"the child failed (exit code {child.exitcode})"
     return False
 
 
@@ -291,20 +295,38 @@ def assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
             assert torch.equal(got[name][key], value), f"{name} {key}"
 
 
-def check_kills(run: Callable[[str, bool, bool], object], runs: Path, monkeypatch) -> None:
-    """``run(exp, resume, force)`` trains a tiny run; kill it at every write point."""
+Config = SegmentationConfig | TranslationConfig
+
+
+def train_run(config: Config, exp: str, resume: bool, force: bool) -> None:
+    """Train run ``exp`` of ``config``, from its ``last.pth`` with ``resume``."""
+    train = seg_train.train if isinstance(config, SegmentationConfig) else i2i_train.train
+    last = Path(config.runs) / exp / "last.pth" if resume else None
+    train(replace(config, exp=exp), last, force=force)
+
+
+def _train_until_killed(kill_at: int, *args: object) -> None:
+    """The child of :func:`killed_run`."""
+    with pytest.MonkeyPatch.context() as patch:
+        WritePoints(patch, kill_at)
+        train_run(*args)
+
+
+def check_kills(config: Config, monkeypatch) -> None:
+    """Train a tiny run of ``config``, then kill one at every write point."""
+    runs = Path(config.runs)
     with monkeypatch.context() as patch:
         points = WritePoints(patch)
-        run("reference", False, False)
+        train_run(config, "reference", False, False)
     expected = outcome(runs / "reference")
     assert points.count >= 8
     for kill_at in range(1, points.count + 1):
         exp = f"kill{kill_at}"
-        assert killed_run(run, kill_at, exp, False, False)
+        assert killed_run(kill_at, config, exp, False, False)
         killed, again = True, kill_at
         while killed:
             resume = (runs / exp / "last.pth").is_file()
-            killed, again = killed_run(run, again, exp, resume, not resume), 0
+            killed, again = killed_run(again, config, exp, resume, not resume), 0
         assert_same(outcome(runs / exp), expected)
         left = [p.name for p in (runs / exp).iterdir() if p.name.startswith(".")]
         assert not left, f"kill at write point {kill_at} left {left}"
@@ -319,12 +341,7 @@ def test_segmentation_killed_at_every_write_point_resumes_bit_exactly(
         lr_enc=(0.02, 0.01), lr_dec=(0.02, 0.01), val_every=1, device="cpu", max_iters=2,
         threads=1, quiet=True, plots=False,
     )  # fmt: skip
-
-    def run(exp: str, resume: bool, force: bool) -> None:
-        last = tmp_path / exp / "last.pth" if resume else None
-        seg_train.train(replace(base, exp=exp), last, force=force)
-
-    check_kills(run, tmp_path, monkeypatch)
+    check_kills(base, monkeypatch)
 
 
 def test_translation_killed_at_every_write_point_resumes_bit_exactly(
@@ -335,12 +352,7 @@ def test_translation_killed_at_every_write_point_resumes_bit_exactly(
         crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu", workers=0,
         fid=False, threads=1, quiet=True, plots=False,
     )  # fmt: skip
-
-    def run(exp: str, resume: bool, force: bool) -> None:
-        last = tmp_path / exp / "last.pth" if resume else None
-        i2i_train.train(replace(base, exp=exp), last, force=force)
-
-    check_kills(run, tmp_path, monkeypatch)
+    check_kills(base, monkeypatch)
 
 
 def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:
