@@ -117,14 +117,15 @@ def _mix(y: Tensor, mask: Tensor, out: Tensor) -> Tensor:
     ``mask`` ``(M, E)`` is set, a modality takes the others' value (for two modalities an
     exact copy, else their mean). One elementwise pass per modality on its ``(B, E, ...)``
     slice, whose layout the kernels handle well whatever the memory format."""
-    m, spatial = y.shape[0], y.dim() - 3
+    takes, ys, outs = _per_channel(mask, y.dim() - 3).unbind(0), y.unbind(0), out.unbind(0)
+    m = len(ys)
     if m > 2:
-        mean_all = y[0] / (m - 1)
+        mean_all = ys[0] / (m - 1)
         for i in range(1, m):
-            mean_all.add_(y[i], alpha=1 / (m - 1))
+            mean_all.add_(ys[i], alpha=1 / (m - 1))
     for i in range(m):
-        others = y[1 - i] if m == 2 else torch.add(mean_all, y[i], alpha=-1 / (m - 1))
-        torch.where(_per_channel(mask[i], spatial), others, y[i], out=out[i])
+        others = ys[1 - i] if m == 2 else torch.add(mean_all, ys[i], alpha=-1 / (m - 1))
+        torch.where(takes[i], others, ys[i], out=outs[i])
     return out
 
 
@@ -586,24 +587,27 @@ class ModalityBatchNorm2d(ModalityNorm):
         )
         return _private_norm_exchange(x, self.weight, self.bias, call)
 
-    def _folded_affine(self) -> tuple[Tensor, Tensor]:
-        """The running statistics and affine parameters as one ``(M, C)`` scale and shift,
-        ``y = scale * x + shift``; cached while none of them changes."""
+    def _folded_affine(self, spatial: int) -> tuple[Tensor, Tensor]:
+        """The running statistics and affine parameters as one scale and shift per modality
+        and channel, ``y = scale * x + shift``, shaped ``(M, 1, C)`` plus ``spatial`` unit
+        axes to broadcast against the modality-split input; cached while none of them
+        changes."""
         sources = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = (_cache_key(sources), self.eps)
+        key = (_cache_key(sources), self.eps, spatial)
         if self._fold_cache is None or self._fold_cache[0] != key:
             with torch.no_grad():
                 scale = self.weight * torch.rsqrt(self.running_var + self.eps)
                 shift = self.bias - self.running_mean * scale
-            self._fold_cache = (key, sources, scale, shift)
+            shaped = (_per_channel(t[:, None], spatial) for t in (scale, shift))
+            self._fold_cache = (key, sources, *shaped)
         return self._fold_cache[2], self._fold_cache[3]
 
     def _inference(self, x: Tensor) -> Tensor:
         """Running statistics without autograd on the recorded path: one multiply-add over
         the whole stack, in ``x``'s dtype and layout, then the exchange; one kernel where the
         per-modality norms launch ``M`` and a concatenation (a GPU step at small batch is
-        bound by launches)."""
-        scale, shift = (_per_channel(t[:, None], x.dim() - 2) for t in self._folded_affine())
+        bound by launches, and by the host's work per operator)."""
+        scale, shift = self._folded_affine(x.dim() - 2)
         x5 = split_modalities(x, self.num_modalities)
         y = torch.addcmul(shift, x5, scale, out=torch.empty_like(x5))
         plan = self.exchange_plan()
