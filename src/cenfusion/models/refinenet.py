@@ -47,7 +47,9 @@ def conv3x3(in_channels: int, out_channels: int, bias: bool = False) -> nn.Conv2
 class ResidualConvUnit(nn.Module):
     """``relu(x) + conv(relu(conv_b(relu(x))))``; the first conv has a bias, the second none.
 
-    The residual is the *rectified* input, as the released RefineNet computes it.
+    The residual is the *rectified* input, as the released RefineNet computes it. The ReLUs
+    and the sum run in place (``x`` itself is rectified): in the decoder no other operation
+    needs these tensors, and the level's largest activations are held once, not twice.
     """
 
     def __init__(self, channels: int) -> None:
@@ -56,9 +58,8 @@ class ResidualConvUnit(nn.Module):
         self.conv2 = conv3x3(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Released code: an in-place ReLU also rewrites the tensor it kept as the residual.
-        x = F.relu(x)
-        return x + self.conv2(F.relu(self.conv1(x)))
+        x = F.relu(x, inplace=True)
+        return self.conv2(F.relu(self.conv1(x), inplace=True)).add_(x)
 
 
 def rcu_block(channels: int, units: int) -> nn.Sequential:
@@ -142,10 +143,13 @@ class RefineStage(nn.Module):
         self.project = conv3x3(width, out_channels) if out_channels is not None else None
 
     def forward(self, x: Tensor, deeper: Tensor | None, out_size: Sequence[int] | None) -> Tensor:
+        """``deeper`` (the previous stage's output) is consumed: the fused sum and its ReLU are
+        written into it, so that the stage's largest level holds one tensor where it held
+        three (the caller keeps a reference to ``deeper`` during the call)."""
         x = self.rcu_in(self.reduce(x))
         if self.fuse is not None:
-            x = self.fuse(x) + deeper
-        x = self.rcu_out(self.crp(F.relu(x)))
+            x = deeper.add_(self.fuse(x))
+        x = self.rcu_out(self.crp(F.relu(x, inplace=True)))
         if self.project is not None:
             x = F.interpolate(
                 self.project(x), size=tuple(out_size), mode="bilinear", align_corners=True
