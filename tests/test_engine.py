@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from cenfusion.cli import build_parser
+from cenfusion.engine import trainer
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name, given_flags
 from cenfusion.engine.run import LAST, LogRouting, RunFolder
-from cenfusion.engine.trainer import CompiledOrEager
+from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.train import train
@@ -185,6 +186,7 @@ def test_fast_paths_compute_the_same_training(
         SYNTHETIC, data=seg_data, runs=tmp_path, backbone="resnet26", decoder_width=16,
         crop_size=32, min_short_side=32, batch_size=2, workers=0, epochs=(2,), lr_enc=(0.01,),
         lr_dec=(0.01,), val_every=2, device="cpu", max_iters=2, quiet=True, plots=False,
+        amp=False, channels_last=False,
     )  # fmt: skip
     train(replace(base, exp="plain"))
     train(replace(base, exp="fast", **changes))
@@ -199,3 +201,15 @@ def test_fast_paths_compute_the_same_training(
         for exp in ("plain", "fast")
     )  # fmt: skip
     assert (fast - plain).norm() / plain.norm() < weight_tolerance
+
+
+def test_amp_on_a_cpu_without_bfloat16_computes_in_float32(monkeypatch, capsys) -> None:
+    cpu = torch.device("cpu")
+    assert Precision(True, cpu).dtype == (torch.bfloat16 if trainer.cpu_has_bfloat16() else None)
+    monkeypatch.setattr(trainer, "cpu_has_bfloat16", lambda: False)
+    with LogRouting():
+        precision = Precision(True, cpu)
+        assert Precision(False, cpu).dtype is None
+    assert precision.dtype is None and not precision.scaler.is_enabled()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no bfloat16 support; computing in float32" in out

@@ -131,6 +131,10 @@ Row = Callable[[dict[str, Path], Path, Path, Path], tuple[list[str], str]]
 #: (case, argv from (files, seg data, i2i data, runs), text the line must hold)
 TABLE: list[tuple[str, Row]] = [
     ("lamda", lambda f, s, i, r: ([*seg_args(s, r), "--lamda", "-1"], "--lamda")),
+    ("empty seg schedule", lambda f, s, i, r: (
+        [*seg_args(s, r), "--num-epoch", "0"], "--epochs [0]: nothing to train")),
+    ("empty i2i schedule", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--epochs", "0"], "--epochs 0: expected >= 1")),
     ("lr-enc", lambda f, s, i, r: ([*seg_args(s, r), "--lr-enc", "-0.1"], "--lr-enc")),
     ("bn-threshold", lambda f, s, i, r: ([*seg_args(s, r), "--bn-threshold", "-1"], "--threshold")),
     ("crop", lambda f, s, i, r: ([*seg_args(s, r), "--crop-size", "7"], "--crop-size")),

@@ -42,8 +42,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = generate_segmentation_dataset(root / "data", 4, 3, (48, 64), seed=0)
     cfg = replace(
-        SYNTHETIC, data=data, runs=root / "runs", decoder_width=32, workers=0, device="cpu"
-    )
+        SYNTHETIC, data=data, runs=root / "runs", decoder_width=32, workers=0, device="cpu",
+        amp=False, channels_last=False,
+    )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     checkpoint = root / "best.pt"
@@ -167,7 +168,7 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     released = tmp_path / "cen.pth.tar"
     torch.save({"segmenter": to_official_state_dict(model)}, released)
     overrides = {"data": cfg.data, "num_classes": cfg.num_classes, "workers": 0, "device": "cpu"}
-    released_cfg = eval_config("synthetic", None, overrides, released)
+    released_cfg = eval_config("synthetic", None, {**overrides, "amp": False}, released)
     val = build_dataset(released_cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(released_cfg, released), expected)

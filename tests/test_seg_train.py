@@ -202,20 +202,62 @@ def test_cli_bad_input_gives_one_line(data_root, tmp_path, capsys) -> None:
 
 def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
     cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
-    rows = run_demo(cfg, report=False)
+    rows = run_demo(cfg, report=False, processes=2)
     labels = ["RGB only", "depth only", "CEN without exchange", "CEN"]
     assert [r.label for r in rows] == labels
     assert rows[0].exchanged is None and rows[2].exchanged is None
     assert rows[3].exchanged is not None and 0 <= rows[3].exchanged <= 1
+    assert len(rows[3].exchanged_by_layer) == 8 and not rows[2].exchanged_by_layer
     assert [sorted(r.branch_miou) for r in rows] == [["rgb"], ["depth"], *[["depth", "rgb"]] * 2]
     assert rows[0].branch_miou["rgb"] == rows[0].miou
     out = capsys.readouterr().out
     assert all(f"| {label} |" in out for label in labels)
-    assert "branch mIoU rgb / depth" in out
+    assert all(f"{label}: mIoU {row.miou:.2f}" in out for label, row in zip(labels, rows))
+    assert "heads' mIoU rgb / depth" in out and "CEN without exchange is " in out
     assert f"| {rows[1].interaction_miou:.2f} | - / {rows[1].branch_miou['depth']:.2f} |" in out
+    assert "config (SegmentationConfig)" not in out  # the full config is in each log.txt
+    assert "config (SegmentationConfig)" in (tmp_path / "demo-cen" / "log.txt").read_text()
     no_exchange = load_checkpoint(tmp_path / "demo-cen-no-exchange" / "best.pth")
     assert not no_exchange["model_config"]["exchange_at"]
     assert no_exchange["config"]["lamda"] == 0.0
+    assert load_checkpoint(tmp_path / "demo-cen" / "best.pth")["config"]["threads"] == 1
+
+
+def test_demo_reports_a_failed_run_in_one_line(tmp_path) -> None:
+    """A run's error in its process ends the demo with that error, naming the run."""
+    cfg = tiny(tmp_path / "missing", tmp_path / "runs")
+    with pytest.raises(CenError, match=r"^demo (cen|cen-no-exchange): .*missing") as excinfo:
+        run_demo(cfg, report=False, processes=2)
+    assert "\n" not in str(excinfo.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_demo_plan_balances_modalities_over_processes() -> None:
+    from cenfusion.segmentation.demo import RUNS, plan
+
+    configs = {run.name: replace(SYNTHETIC, **run.changes) for run in RUNS}
+    chains = plan(RUNS, configs, 2)
+    assert [[run.name for run, _ in chain] for chain in chains] == [
+        ["cen-no-exchange", "rgb-only"],
+        ["cen", "depth-only"],
+    ]
+    assert [len(c) for c in plan(RUNS, configs, 8)] == [1, 1, 1, 1]
+    assert [run.name for run, _ in plan(RUNS, configs, 1)[0]][:2] == ["cen-no-exchange", "cen"]
+
+
+def test_the_demo_network_is_the_registry_cen_refinenet_at_a_quarter_width() -> None:
+    from cenfusion.models.registry import create_model
+    from cenfusion.segmentation.build import build_model
+
+    model = build_model(SYNTHETIC)
+    assert SYNTHETIC.model_name == "cen_refinenet" and SYNTHETIC.backbone == "resnet26_narrow"
+    assert model.encoder.feature_info.channels() == [64, 128, 256, 512]
+    names = [n for n, _ in model.named_modules() if n.endswith(".bn2")]
+    assert len(names) == 8 and set(model.config.exchange_at) == {"layer*.*.bn2"}
+    same = create_model("cen_refinenet", backbone="resnet26_narrow", num_classes=10)
+    assert [p.shape for p in same.encoder.parameters()] == [
+        p.shape for p in model.encoder.parameters()
+    ]
 
 
 def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:

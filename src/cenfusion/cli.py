@@ -63,8 +63,10 @@ def _convert_official(args: argparse.Namespace) -> None:
 def _data_synthetic(args: argparse.Namespace) -> None:
     from cenfusion.data.synthetic import generate_segmentation_dataset
 
+    size = None if args.size is None else tuple(args.size)
+    given = {"num_train": args.num_train, "num_val": args.num_val, "size": size}
     out = generate_segmentation_dataset(
-        args.out, args.num_train, args.num_val, tuple(args.size), args.seed
+        args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
     )
     print(f"wrote {out}")
 
@@ -353,9 +355,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     syn = sub.add_parser("synthetic", help="write the embedded RGB-D data set")
     syn.add_argument("out", type=Path)
-    syn.add_argument("--num-train", type=int, default=200)
-    syn.add_argument("--num-val", type=int, default=50)
-    syn.add_argument("--size", type=int, nargs=2, default=(120, 160), metavar=("H", "W"))
+    same = "(default: the embedded set's)"
+    syn.add_argument("--num-train", type=int, help=f"training images {same}")
+    syn.add_argument("--num-val", type=int, help=f"validation images {same}")
+    syn.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help=f"image size {same}")
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(run=_data_synthetic)
 

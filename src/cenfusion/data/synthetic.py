@@ -11,14 +11,14 @@ id  class      geometry                               appearance                
 0   wall       vertical room planes                   pale, nearly grey, plain         either
 1   floor      horizontal plane, height 0             wood or grey, plain or planks    either
 2   ceiling    horizontal plane, 2.5-3 m up           near white                       either
-3   poster     1 mm panel flat on the back wall       *decor* (see below)              RGB
-4   cabinet    box hung on the back wall, 20-45 cm    *decor*, same draw as poster     depth
+3   poster     8 cm panel on the back wall            *decor* (see below)              RGB
+4   cabinet    box hung on the back wall, 30-60 cm    *decor*, same draw as poster     depth
                deep, placed and sized like posters
 5   rug        1 mm panel flat on the floor           *decor*                          RGB
 6   crate      box standing on the floor              palette colour, dark slats       RGB
 7   block      same size and placement as crate       palette colour, plain            RGB
-8   sign-a     *sign*, near if warm, far if cool      self-lit, warm or cool colour    RGB x depth
-9   sign-b     *sign*, far if warm, near if cool      self-lit, same draw as sign-a    RGB x depth
+8   sign-a     *sign*, near (and warm)                self-lit, warm (and near)        RGB x depth
+9   sign-b     *sign*, far or cool                    self-lit, same draw as sign-a    RGB x depth
 255 (ignore)   small clutter boxes on the floor       any                              --
 ==  =========  =====================================  ===============================  ===========
 
@@ -29,20 +29,27 @@ Pairs told apart by one modality only:
 
 - geometry only (depth needed): poster / cabinet (same colours, patterns, placement and size;
   the cabinet protrudes from the wall).
-- appearance only (RGB needed): poster / wall and rug / floor (flush with the surface: the
-  1 mm depth step is far below the sensor noise); crate / block (identical shape
-  distribution, slats versus plain).
+- appearance only (RGB needed): rug / floor (flush with the floor: the 1 mm depth step is
+  far below the sensor noise); crate / block (identical shape distribution, slats versus
+  plain); poster / wall mostly (a poster stands 8 cm out, one to four times the depth noise
+  at the back wall).
 - both: e.g. cabinet / wall, rug / poster, crate / cabinet.
 
 A late fusion of per-modality predictions solves all of these. The *interaction* pair
 :data:`INTERACTION_CLASSES` (sign-a / sign-b) it cannot solve: a sign is a thin upright panel
-floating 1.2 to 2.8 m in front of the camera, facing it, and it carries two independent fair
-coin flips, its colour family (:data:`SIGN_COLOURS`: warm or cool, seen by RGB only) and its
-distance band (:data:`SIGN_BANDS`: near or far, seen by depth only). The class is their XOR:
-sign-a when warm and near or cool and far, sign-b otherwise. Each bit alone is independent of
-the class, so a model of either modality, and any combination of such models' per-pixel
-outputs, is at chance between the two; the pair of bits determines the class. Two
-construction rules keep each bit out of the other modality:
+floating 1.2 to 2.8 m in front of the camera, facing it, and it carries two independent coin
+flips, its colour family (:data:`SIGN_COLOURS`: warm or cool, seen by RGB only) and its
+distance band (:data:`SIGN_BANDS`: near or far, seen by depth only), each coming up warm or
+near with probability :data:`SIGN_BIT_P` (0.4). The class is their conjunction: sign-a when
+warm *and* near, sign-b otherwise. Each bit is correlated with the class (a cool or a far sign
+is always sign-b), so the gradient of a network that sees both has first-order signal, and
+the class is a linear threshold of the two bits, one layer's work once the features meet.
+Alone, neither modality can find a sign-a: given what RGB sees, a warm sign is sign-a with
+probability 0.4 (the chance that it is near), never above 1/2, and the same holds for depth.
+Any convex combination of the two modalities' class scores (probabilities or logits) therefore
+calls every sign sign-b, the warm and near ones included: late fusion labels no sign-a pixel
+(a test checks this on the generator). Two construction rules keep each bit out of the other
+modality:
 
 - RGB cannot see the distance: a sign is drawn at 1 m (image position, apparent size, yaw
   facing the camera, pattern) and then scaled about the camera centre to its distance, which
@@ -65,7 +72,7 @@ The generator is split as scene description (:func:`sample_scene`) -> per-pixel 
 writers (:func:`generate_segmentation_dataset`), so other domains (normals, shading, edges)
 can be written from the same scenes. :func:`predictable_scene` repaints a scene for
 translation, where every colour must follow from what shading and edges show. Everything is
-vectorised numpy; the default set (200 + 50 images of 120x160) takes a few seconds on one
+vectorised numpy; the default set (400 + 100 images of 60x80) takes a few seconds on one
 core.
 """
 
@@ -106,7 +113,10 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 #: Version of the generator; bump it when the images change so caches are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
+#: The embedded set: training and validation images, and their size ``(H, W)``. Small images
+#: that a 64x64 crop nearly covers: a CPU run sees whole scenes at every step.
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZE = 400, 100, (60, 80)
 MARKER_FILE = "cenfusion-synthetic.json"
 
 #: Saturated object colours (albedo 0..1) shared by posters, cabinets, rugs, crates, blocks.
@@ -139,6 +149,9 @@ SIGN_COLOURS = {
 }
 #: Sign distance bands, camera-frame z in metres: near, far.
 SIGN_BANDS = {"near": (1.2, 1.7), "far": (2.3, 2.8)}
+#: Probability that a sign is warm, and independently that it is near. Below 1/2, so each
+#: modality's best guess for a warm (or near) sign is sign-b: late fusion never finds sign-a.
+SIGN_BIT_P = 0.4
 #: Signs stay above this height (the tallest floor object is 0.9 m), in metres.
 _SIGN_MIN_HEIGHT = 1.0
 #: The 8 corners of a box in half-extent units, ``(8, 3)``.
@@ -291,7 +304,7 @@ def _box_paint(rng: np.random.Generator, slats: bool) -> Appearance:
         base=tuple(base.tolist()),
         second=tuple((base * 0.35).tolist()),
         pattern="slats" if slats else "plain",
-        period=float(rng.uniform(0.12, 0.2)),
+        period=float(rng.uniform(0.3, 0.45)),
         grain=0.05,
         waves=_waves(rng, 1.0, 4.0),
     )
@@ -455,14 +468,14 @@ def _signs(rng: np.random.Generator, camera: Camera, room: Box, aspect: float) -
                 break
         else:
             continue
-        family = "warm" if rng.random() < 0.5 else "cool"
-        band = "near" if rng.random() < 0.5 else "far"
+        family = "warm" if rng.random() < SIGN_BIT_P else "cool"
+        band = "near" if rng.random() < SIGN_BIT_P else "far"
         colours = SIGN_COLOURS[family]
         base = np.asarray(_jitter(rng, colours[rng.integers(len(colours))], 0.05))
         paint = replace(
             box.appearance, base=tuple(base.tolist()), second=tuple((base * 0.45).tolist())
         )
-        label = SIGN_A if (family == "warm") == (band == "near") else SIGN_B
+        label = SIGN_A if family == "warm" and band == "near" else SIGN_B
         distance = float(rng.uniform(*SIGN_BANDS[band]))
         signs.append(
             scale_about_camera(replace(box, label=label, appearance=paint), camera, distance)
@@ -495,10 +508,10 @@ def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
 
     # Posters and cabinets: one placement and size distribution; only the protrusion differs.
     rects: list[tuple[float, float, float, float]] = []
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(4, 8))):
         label = CABINET if rng.random() < 0.5 else POSTER
         hx, hy = float(rng.uniform(0.25, 0.7)), float(rng.uniform(0.2, 0.55))
-        hz = float(rng.uniform(0.1, 0.225)) if label == CABINET else 0.0005
+        hz = float(rng.uniform(0.15, 0.3)) if label == CABINET else 0.04
         appearance = _decor(rng)
         for _ in range(30):
             x = float(rng.uniform(-width / 2 + hx + 0.05, width / 2 - hx - 0.05))
@@ -683,7 +696,7 @@ def _albedo(
     elif appearance.pattern == "frame":
         mix = (np.minimum(hu - np.abs(u), hv - np.abs(v)) < p / 4) * 1.0
     elif appearance.pattern == "slats":
-        mix = (np.mod(v + hv, p) < 0.22 * p) * 1.0
+        mix = (np.mod(v + hv, p) < 0.5 * p) * 1.0
     elif appearance.pattern == "planks":
         mix = (np.mod(u, p) < 0.04 * p) * 1.0
     else:
@@ -851,9 +864,9 @@ def _list_lines(names: list[str]) -> str:
 
 def generate_segmentation_dataset(
     out: Path,
-    num_train: int = 200,
-    num_val: int = 50,
-    size: tuple[int, int] = (120, 160),
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    size: tuple[int, int] = DEFAULT_SIZE,
     seed: int = 0,
 ) -> Path:
     """Write a synthetic RGB-D segmentation set in the NYUDv2 layout and return ``out``.
@@ -896,9 +909,9 @@ def generate_segmentation_dataset(
 def ensure_synthetic(
     root: str | Path | None = None,
     *,
-    num_train: int = 200,
-    num_val: int = 50,
-    size: tuple[int, int] = (120, 160),
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    size: tuple[int, int] = DEFAULT_SIZE,
     seed: int = 0,
 ) -> Path:
     """Return a synthetic set at ``root`` (default :func:`default_data_root`), generating it once.

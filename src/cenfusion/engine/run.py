@@ -26,6 +26,9 @@ from cenfusion.errors import CenError
 log = logging.getLogger("cenfusion")
 
 LAST, BEST, METRICS, CONFIG = "last.pth", "best.pth", "metrics.jsonl", "config.yaml"
+#: The log record of each epoch's line carries that epoch's metrics record under this
+#: attribute, so a handler can follow a run without parsing its text.
+EPOCH_RECORD = "epoch_record"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
+    EPOCH_RECORD,
     LAST,
     LogRouting,
     RunFolder,
@@ -38,15 +39,25 @@ from cenfusion.engine.threads import use_threads, worker_init
 from cenfusion.errors import CenError
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU (AVX-512 or newer); elsewhere bfloat16
+    convolutions take a slow reference path."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Precision:
     """Autocast and gradient scaling: bfloat16 on the CPU, float16 with a GradScaler on CUDA.
 
-    One scaler serves every optimiser of a step (``step`` each, then one ``update``).
+    One scaler serves every optimiser of a step (``step`` each, then one ``update``). On a
+    CPU without bfloat16 support the run computes in float32, and says so.
     """
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.device = device
         cuda = device.type == "cuda"
+        if enabled and not cuda and not cpu_has_bfloat16():
+            log.info("warning: --amp: this CPU has no bfloat16 support; computing in float32")
+            enabled = False
         self.dtype = (torch.float16 if cuda else torch.bfloat16) if enabled else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and cuda)
 
@@ -353,7 +364,7 @@ def fit(
                     save_checkpoint(folder.path / BEST, state)
             if folder.is_main:
                 save_checkpoint(folder.path / LAST, state)
-            log.info(recipe.describe(record))
+            log.info(recipe.describe(record), extra={EPOCH_RECORD: record})
     finally:
         scalars.close()
     return best
