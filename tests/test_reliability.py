@@ -131,6 +131,11 @@ Row = Callable[[dict[str, Path], Path, Path, Path], tuple[list[str], str]]
 #: (case, argv from (files, seg data, i2i data, runs), text the line must hold)
 TABLE: list[tuple[str, Row]] = [
     ("lamda", lambda f, s, i, r: ([*seg_args(s, r), "--lamda", "-1"], "--lamda")),
+    ("empty run name", lambda f, s, i, r: (seg_args(s, r, exp=""), "--exp '': expected")),
+    ("run name .", lambda f, s, i, r: (seg_args(s, r, exp="."), "--exp '.': expected")),
+    ("run name ..", lambda f, s, i, r: (i2i_args(i, r, exp=".."), "--exp '..': expected")),
+    ("run name a/b", lambda f, s, i, r: (i2i_args(i, r, exp="a/b"), "--exp 'a/b': expected")),
+    ("run name ../x", lambda f, s, i, r: (seg_args(s, r, exp="../x"), "--exp '../x': expected")),
     ("empty seg schedule", lambda f, s, i, r: (
         [*seg_args(s, r), "--num-epoch", "0"], "--epochs [0]: nothing to train")),
     ("empty i2i schedule", lambda f, s, i, r: (

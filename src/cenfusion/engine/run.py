@@ -69,6 +69,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise :class:`CenError` (one line) for shared settings that cannot run."""
+        if self.exp in ("", ".", "..") or any(sep in self.exp for sep in ("/", "\\")):
+            raise CenError(
+                f"--exp {self.exp!r}: expected a run name, one folder name inside --runs "
+                "(not empty, no '/', not '.' or '..')"
+            )
         for name in ("batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
