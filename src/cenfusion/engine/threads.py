@@ -4,11 +4,11 @@ Three rules, because a busy machine otherwise slows a CPU training down many tim
 
 - **Passive waiting.** torch's OpenMP threads spin on a core while they wait for the next
   parallel region. When another process wants that core, the spinning thread takes turns
-  with it and every parallel region waits for the slowest thread: beside one busy process
-  an epoch took 84 s instead of 3.6 s (issue 10). ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead. OpenMP
-  reads it once, when torch loads it, so :func:`passive_wait_policy` runs when ``cenfusion``
-  is imported, before torch is (the ``cen`` command always is in time; a program that
-  imports torch first keeps its own policy). A value the user set is kept. The cost on an
+  with it and every parallel region waits for the slowest thread, so a busy neighbour
+  slows every step many times over. ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead.
+  OpenMP reads it once, when torch loads it, so :func:`passive_wait_policy` runs when
+  ``cenfusion`` is imported, before torch is (the ``cen`` command always is in time; a
+  program that imports torch first keeps its own policy). A value the user set is kept. The cost on an
   idle machine: waking a sleeping thread takes microseconds, paid per parallel region.
 - **As many threads as CPUs this process may use** (its affinity, e.g. under ``taskset``
   or a container's CPU set, not the machine's count), or ``--threads N``.

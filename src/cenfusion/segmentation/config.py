@@ -164,8 +164,8 @@ SYNTHETIC = replace(
 )
 """The embedded data on a CPU: the quarter-width ResNet-26 (``resnet26_narrow``), decoder width
 32, random init, 64x64 crops of the 60x80 images, 16 + 4 epochs of 50 steps, bfloat16 and
-channels-last (1.4x faster steps on one CPU thread). The decoder, which has no norms, learns
-at half the encoder's rate: at 1e-2 a bfloat16 run diverged. ``lamda`` moves a penalised scale
+channels-last (the faster steps on a CPU thread). The decoder, which has no norms, learns at
+half the encoder's rate: at the encoder's, a bfloat16 run can diverge. ``lamda`` moves a penalised scale
 by about 0.5 over the run, so the scales that start low (the narrow ResNet's start spread in
 [0, 1)) reach the threshold unless the task holds them up: part of the channels exchange,
 more as training goes on. Data loading stays in the training process: the demo trains two
