@@ -1,4 +1,5 @@
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.launch import free_port, rank_env
+from cenfusion.engine.run import EPOCH_RECORD
+from cenfusion.engine.run import log as run_log
 from cenfusion.errors import CenError
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.build import config_for
@@ -58,13 +61,26 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
         drop_rate=0.0,
         max_iters=3,
     )
-    progress = train(cfg)
+    records: list[dict] = []
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, EPOCH_RECORD):
+                records.append(getattr(record, EPOCH_RECORD))
+
+    listener = Listener()
+    run_log.addHandler(listener)
+    try:
+        progress = train(cfg)
+    finally:
+        run_log.removeHandler(listener)
     run_dir = tmp_path / cfg.exp
     assert {"config.yaml", "last.pth", "best.pth", "metrics.jsonl"} <= {
         p.name for p in run_dir.iterdir()
     }
     log = read_log(run_dir)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == [r["loss"] for r in log]  # what progress displays see
     assert log[-1]["loss"] < log[0]["loss"]
     assert "val" in log[2] and "val" not in log[1]
     assert set(log[2]["val"]) == {"rgb", "depth", "ensemble"}
@@ -254,6 +270,11 @@ def test_the_demo_network_is_the_registry_cen_refinenet_at_a_quarter_width() -> 
     assert model.encoder.feature_info.channels() == [64, 128, 256, 512]
     names = [n for n, _ in model.named_modules() if n.endswith(".bn2")]
     assert len(names) == 8 and set(model.config.exchange_at) == {"layer*.*.bn2"}
+    modules = dict(model.named_modules())
+    bn2 = torch.cat([modules[n].weight.detach().flatten() for n in names])
+    assert 0 <= bn2.min() and bn2.max() < 1 and bn2.std() > 0.2  # spread, not all at 1
+    bn3 = [m.weight for n, m in modules.items() if n.endswith(".bn3")]
+    assert len(bn3) == 8 and all(bool((w == 1).all()) for w in bn3)  # branches start open
     same = create_model("cen_refinenet", backbone="resnet26_narrow", num_classes=10)
     assert [p.shape for p in same.encoder.parameters()] == [
         p.shape for p in model.encoder.parameters()

@@ -209,7 +209,7 @@ def run_demo(
         ensure_synthetic()  # once here, not raced by the children
     with LogRouting():
         log.info(
-            f"cen demo: 4 models on the embedded RGB-D set, {processes} at a time "
+            f"cen demo: {len(RUNS)} models on the embedded RGB-D set, {processes} at a time "
             f"({threads} thread{'s' * (threads > 1)} each); full logs in {base.runs}/demo-*/log.txt"
         )
         rows = _run_parallel(plan(RUNS, configs, processes), configs, report)
