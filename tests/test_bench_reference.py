@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cenfusion import create_cen_refinenet, fusion, sparsity_penalty
-from cenfusion.fusion import ModalityBatchNorm2d
+from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion.fusion import ModalityBatchNorm2d, fastpath
 
 PATH = Path(__file__).parents[1] / "benchmarks" / "reference_cen.py"
 spec = importlib.util.spec_from_file_location("reference_cen", PATH)
@@ -41,7 +41,7 @@ def model(request):
 def norm_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every private norm on the custom function, or every one on the recorded operations
     (by default the plane size picks per norm)."""
-    monkeypatch.setattr(fusion, "_CUSTOM_MIN_PLANE", 0 if request.param == "custom" else 10**9)
+    monkeypatch.setattr(fastpath, "CUSTOM_MIN_PLANE", 0 if request.param == "custom" else 10**9)
     return request.param
 
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import stat
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +16,12 @@ from cenfusion.cli import build_parser
 from cenfusion.engine import trainer
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name, given_flags
-from cenfusion.engine.run import LAST, LogRouting, RunFolder
+from cenfusion.engine.rng import seed_everything
+from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
 from cenfusion.engine.trainer import CompiledOrEager, Precision
 from cenfusion.errors import CenError
+from cenfusion.reporting.runlog import save_confusion
+from cenfusion.segmentation.build import build_model
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.train import train
 from cenfusion.translation.config import TranslationConfig
@@ -138,6 +143,42 @@ def test_run_folder_is_continued_or_replaced_only_when_asked(tmp_path: Path) -> 
     assert len(aside) == 1 and (aside[0] / LAST).read_bytes() == b"weights"
 
 
+def test_a_folder_without_checkpoint_is_taken_over_and_has_nothing_to_resume(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "exp"
+    RunFolder.open(run, resuming=False, force=False)
+    (run / CONFIG).write_text("seed: 1\n")
+    (run / "log.txt").write_text("started\n")
+    (run / METRICS).write_text('{"epoch": 1, "lo')
+    with pytest.raises(CenError, match=r"nothing to resume, .*exp holds no last.pth \(its run"):
+        resume_path(Path(LAST), run)
+    RunFolder.open(run, resuming=False, force=False)
+    assert not (run / CONFIG).exists() and not (run / METRICS).exists()
+    assert (run / "log.txt").read_text() == "started\n"
+    assert not any(p.name.startswith("exp.old-") for p in tmp_path.iterdir())
+    (run / METRICS).write_text('{"evaluate": "best.pth", "val": {}}\n')
+    with pytest.raises(CenError, match="already holds a run"):
+        RunFolder.open(run, resuming=False, force=False)
+    with pytest.raises(CenError, match="nothing to resume.*holds no last.pth; start"):
+        resume_path(Path(LAST), tmp_path / "never")
+    assert resume_path(Path("other.pth"), run) == Path("other.pth")
+
+
+def test_confusion_matrices_follow_the_umask_and_their_temporaries_are_cleaned(
+    tmp_path: Path,
+) -> None:
+    old = os.umask(0o027)
+    try:
+        path = save_confusion(tmp_path, {"ensemble": np.eye(3)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    (tmp_path / ".confusion.npz.k1ll3d").write_bytes(b"half a write")
+    RunFolder.open(tmp_path, resuming=True, force=False)
+    assert not (tmp_path / ".confusion.npz.k1ll3d").exists() and path.is_file()
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
     def broken(net):
         def run(*args):
@@ -171,22 +212,21 @@ def test_a_network_that_fails_eagerly_too_raises_its_own_error(monkeypatch, caps
     assert "--compile failed" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(
-    ("changes", "loss_tolerance", "weight_tolerance"),
-    [({"channels_last": True}, 1e-4, 1e-3), ({"amp": True}, 5e-2, 5e-2)],
-)
-def test_fast_paths_compute_the_same_training(
-    seg_data, tmp_path, changes, loss_tolerance, weight_tolerance
-) -> None:
-    """channels-last (fp32) and bfloat16 autocast: losses and learnt weights match fp32.
+@pytest.mark.parametrize("changes", [{"channels_last": True}, {"amp": True}])
+def test_fast_paths_compute_the_same_training(seg_data, tmp_path, changes) -> None:
+    """channels-last (fp32) and bfloat16 autocast train the weights fp32 NCHW trains.
 
-    (Running statistics of the 1x1 deepest level over 2 samples are left out: their variance
-    of two near-equal values is all rounding.)"""
+    Frozen BN statistics (the released recipe's) and no L1 term keep the comparison well
+    conditioned: with batch statistics over 2 samples at the 1x1 deepest level, rounding
+    of near-equal values dominates the normalised output. Measured over these 4 steps: the
+    fast run's weights end 3.7% (channels-last) and 1.9% (bfloat16) of the training's own
+    movement away from fp32's, the losses 1.7e-4 and 4e-7 apart (relative); the bounds below
+    are about 4 and 6 times that."""
     base = replace(
         SYNTHETIC, data=seg_data, runs=tmp_path, backbone="resnet26", decoder_width=16,
         crop_size=32, min_short_side=32, batch_size=2, workers=0, epochs=(2,), lr_enc=(0.01,),
         lr_dec=(0.01,), val_every=2, device="cpu", max_iters=2, quiet=True, plots=False,
-        amp=False, channels_last=False,
+        amp=False, channels_last=False, frozen_bn=True, lamda=0.0,
     )  # fmt: skip
     train(replace(base, exp="plain"))
     train(replace(base, exp="fast", **changes))
@@ -194,13 +234,19 @@ def test_fast_paths_compute_the_same_training(
         [json.loads(line)["loss"] for line in (tmp_path / exp / "metrics.jsonl").open()]
         for exp in ("plain", "fast")
     ]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=loss_tolerance)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
+
+    def flat(state: dict) -> torch.Tensor:
+        return torch.cat([v.flatten().double() for k, v in state.items() if v.is_floating_point()])
+
+    seed_everything(base.seed)
+    init = flat(build_model(base).state_dict())
     plain, fast = (
-        torch.cat([v.flatten() for k, v in load_checkpoint(tmp_path / exp / LAST)["model"].items()
-                   if "running_" not in k])
-        for exp in ("plain", "fast")
-    )  # fmt: skip
-    assert (fast - plain).norm() / plain.norm() < weight_tolerance
+        flat(load_checkpoint(tmp_path / exp / LAST)["model"]) for exp in ("plain", "fast")
+    )
+    moved = (plain - init).norm()
+    assert 0 < moved < 1e-2 * plain.norm()  # the same initial weights, trained a little
+    assert (fast - plain).norm() < 0.15 * moved
 
 
 def test_amp_on_a_cpu_without_bfloat16_computes_in_float32(monkeypatch, capsys) -> None:

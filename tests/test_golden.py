@@ -1,9 +1,10 @@
 """Fidelity to the released CEN segmentation code.
 
-``data/released_r50_outputs.pt`` holds what the released model code (unchanged, CPU fp32,
-eval mode) outputs for a ResNet-50 CEN RefineNet, 40 classes, 2 modalities, on weights given
-by the deterministic rule below and on fixed inputs. We rebuild those weights in the released
-checkpoint layout, load them with our importer and require the same outputs.
+``data/released_r50_outputs.pt`` (described in ``data/README.md``) holds what the released
+model code (unchanged, CPU fp32, eval mode) outputs for a ResNet-50 CEN RefineNet, 40
+classes, 2 modalities, on weights given by the deterministic rule below and on fixed inputs.
+We rebuild those weights in the released checkpoint layout, load them with our importer and
+require the same outputs.
 """
 
 import math

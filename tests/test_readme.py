@@ -1,4 +1,4 @@
-"""Every ``cen`` command shown in the README parses, with flags that exist."""
+"""Every ``cen`` command shown in the README and in ``docs/`` parses, with flags that exist."""
 
 import argparse
 import re
@@ -9,13 +9,18 @@ import pytest
 
 from cenfusion.cli import build_parser
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _commands() -> list[str]:
-    """``cen ...`` lines of the README's shell blocks (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    lines = " ".join(blocks).replace("\\\n", " ").splitlines()
+    """``cen ...`` lines of the shell blocks of the README and the docs (continuations
+    joined), and their inline ``cen ...`` code spans."""
+    text = "\n".join(page.read_text() for page in PAGES)
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    blocks += re.findall(r"(?<!`)`(cen [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     commands = []
     for line in lines:
         line = line.split("#")[0].strip()

@@ -14,13 +14,16 @@ bit for bit, and no temporary file left.
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,6 +144,14 @@ TABLE: list[tuple[str, Row]] = [
     ("empty i2i schedule", lambda f, s, i, r: (
         [*i2i_args(i, r), "--epochs", "0"], "--epochs 0: expected >= 1")),
     ("lr-enc", lambda f, s, i, r: ([*seg_args(s, r), "--lr-enc", "-0.1"], "--lr-enc")),
+    ("huge seed", lambda f, s, i, r: (
+        [*seg_args(s, r), "--seed", "9" * 20], f"--seed {'9' * 20}: expected 0 to")),
+    ("i2i negative seed", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--seed", "-1"], "--seed -1: expected 0 to")),
+    ("resume alone, no run", lambda f, s, i, r: (
+        [*seg_args(s, r, "fresh"), "--resume"], "nothing to resume")),
+    ("i2i resume alone, no run", lambda f, s, i, r: (
+        [*i2i_args(i, r, "fresh"), "--resume"], "nothing to resume")),
     ("bn-threshold", lambda f, s, i, r: ([*seg_args(s, r), "--bn-threshold", "-1"], "--threshold")),
     ("crop", lambda f, s, i, r: ([*seg_args(s, r), "--crop-size", "7"], "--crop-size")),
     ("stages", lambda f, s, i, r: ([*seg_args(s, r), "--num-epoch", "1", "1"], "--epochs")),
@@ -223,28 +234,88 @@ def test_internal_error_shows_a_short_traceback_and_how_to_report(
     assert err.count('File "') <= 4
 
 
+# --- operating-system errors -------------------------------------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("cen: error: ") and "Traceback" not in lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(
+    seg_root, tmp_path, monkeypatch, capsys
+) -> None:
+    """torch.save's zip writer words a full disk as a RuntimeError; the run says what it is."""
+    runs = tmp_path / "runs"
+    assert main(seg_args(seg_root, runs, "full")) == 0
+    last = runs / "full" / "last.pth"
+    before = last.read_bytes()
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    full = SimpleNamespace(total=10**9, used=10**9 - 4096, free=4096)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    capsys.readouterr()
+    status = main([*seg_args(seg_root, runs, "full"), "--resume", "--num-epoch", "2"])
+    line = _one_error_line(capsys)
+    assert status == 2
+    assert "full/" in line and ".pth: No space left on device" in line
+    assert last.read_bytes() == before
+    assert not [p.name for p in (runs / "full").iterdir() if p.name.startswith(".")]
+
+
+def test_a_read_only_folder_is_one_line_naming_the_file(
+    seg_root, tmp_path, monkeypatch, capsys
+) -> None:
+    def read_only(path: Path, record: dict) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(run_module, "append_metrics", read_only)
+    status = main(seg_args(seg_root, tmp_path / "runs", "ro"))
+    line = _one_error_line(capsys)
+    assert status == 2 and line.endswith("ro/metrics.jsonl: Read-only file system")
+
+
 # --- kills -------------------------------------------------------------------------------
 
 
 class WritePoints:
-    """Counts write points; the ``kill_at``-th one SIGKILLs this process (0: never)."""
+    """Counts write points (and, with ``steps``, training steps: a kill there is one
+    mid-epoch); the ``kill_at``-th one SIGKILLs this process (0: never). ``kinds`` names
+    each point: ``save``, ``replace``, ``append`` or ``step``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, kill_at: int = 0) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, kill_at: int = 0, steps: bool = False
+    ) -> None:
         self.count, self.kill_at = 0, kill_at
+        self.kinds: list[str] = []
         real_save, real_replace = torch.save, os.replace
         real_append = run_module.append_metrics
+        for recipe in (seg_train.SegmentationRecipe, i2i_train.TranslationRecipe) * steps:
+            real_step = recipe.train_step
+
+            def step(recipe: object, batch: dict, real_step=real_step) -> dict:
+                out = real_step(recipe, batch)
+                self.point("step")
+                return out
+
+            monkeypatch.setattr(recipe, "train_step", step)
 
         def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
             real_save(obj, f, *args, **kwargs)
-            self.point()
+            self.point("save")
 
         def replace_(src: str | Path, dst: str | Path) -> None:
             real_replace(src, dst)
-            self.point()
+            self.point("replace")
 
         def append(path: Path, record: dict) -> None:
             real_append(path, record)
-            self.point()
+            self.point("append")
 
         monkeypatch.setattr(torch, "save", save)
         monkeypatch.setattr(os, "replace", replace_)
@@ -252,8 +323,9 @@ class WritePoints:
             if getattr(module, "append_metrics", None) is real_append:
                 monkeypatch.setattr(module, "append_metrics", append)
 
-    def point(self) -> None:
+    def point(self, kind: str) -> None:
         self.count += 1
+        self.kinds.append(kind)
         if self.count == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -317,19 +389,27 @@ def train_run(config: Config, exp: str, resume: bool, force: bool) -> None:
 def _train_until_killed(kill_at: int, *args: object) -> None:
     """The child of :func:`killed_run`."""
     with pytest.MonkeyPatch.context() as patch:
-        WritePoints(patch, kill_at)
+        WritePoints(patch, kill_at, steps=args[0].workers > 0)
         train_run(*args)
 
 
 def check_kills(config: Config, monkeypatch) -> None:
-    """Train a tiny run of ``config``, then kill one at every write point."""
+    """Train a tiny run of ``config``, then kill one at every write point; with data-loading
+    workers (whose processes make each run several times slower), at one step in the middle
+    of the second epoch and in the first checkpoint write instead."""
     runs = Path(config.runs)
     with monkeypatch.context() as patch:
-        points = WritePoints(patch)
+        points = WritePoints(patch, steps=config.workers > 0)
         train_run(config, "reference", False, False)
     expected = outcome(runs / "reference")
     assert points.count >= 8
-    for kill_at in range(1, points.count + 1):
+    kill_points = range(1, points.count + 1)
+    if config.workers > 0:
+        first_save = points.kinds.index("save")
+        mid_epoch = points.kinds.index("step", first_save)
+        assert points.kinds[mid_epoch + 1] == "step", "the second epoch has two steps"
+        kill_points = [mid_epoch + 1, first_save + 1]
+    for kill_at in kill_points:
         exp = f"kill{kill_at}"
         assert killed_run(kill_at, config, exp, False, False)
         killed, again = True, kill_at
@@ -362,6 +442,27 @@ def test_translation_killed_at_every_write_point_resumes_bit_exactly(
         fid=False, threads=1, quiet=True, plots=False,
     )  # fmt: skip
     check_kills(base, monkeypatch)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "translation"])
+def test_killed_with_loader_workers_resumes_bit_exactly(
+    task, seg_root, i2i_root, tmp_path, monkeypatch
+) -> None:
+    """The default two data-loading workers, each with its own random state: a kill in the
+    middle of an epoch and one in a checkpoint write resume to the uninterrupted run."""
+    common = {"batch_size": 2, "workers": 2, "device": "cpu", "threads": 1, "quiet": True}
+    if task == "segmentation":
+        config: Config = replace(
+            SYNTHETIC, data=seg_root, runs=tmp_path, backbone="resnet10t", decoder_width=16,
+            crop_size=32, min_short_side=32, epochs=(1, 1), lr_enc=(0.02, 0.01),
+            lr_dec=(0.02, 0.01), val_every=1, max_iters=2, plots=False, **common,
+        )  # fmt: skip
+    else:
+        config = TranslationConfig(
+            runs=str(tmp_path), data=str(i2i_root), epochs=2, val_every=1, crop_size=32,
+            load_size=36, num_downs=5, ngf=4, ndf=4, fid=False, plots=False, **common,
+        )  # fmt: skip
+    check_kills(config, monkeypatch)
 
 
 def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> None:

@@ -22,15 +22,15 @@ from cenfusion.data.class_names import (
 from cenfusion.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from cenfusion.errors import CenError
 from cenfusion.fusion import convert, exchange_stats, exchanging_norms
-from cenfusion.models.unet import create_cen_unet
-from cenfusion.reporting.exchange import GAMMA_EDGES, exchange_record
-from cenfusion.reporting.html import write_report
-from cenfusion.reporting.info import (
+from cenfusion.info import (
     count_flops,
     format_model_info,
     info_for_encoder,
     info_from_checkpoint,
 )
+from cenfusion.models.unet import create_cen_unet
+from cenfusion.reporting.exchange import GAMMA_EDGES, exchange_record
+from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import write_plots
 from cenfusion.reporting.runlog import load_confusion, read_run, save_confusion
 

@@ -106,6 +106,53 @@ def test_flip_averaging_of_an_equivariant_model_changes_nothing() -> None:
             torch.testing.assert_close(a, b)
 
 
+class StridedModel(nn.Module):
+    """Heads from a strided 3x3 convolution (outputs at half size, like CEN's quarter size),
+    neither mirror- nor scale-equivariant; the ensemble is their mean."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 3, stride=2, padding=1)
+
+    def forward(self, inputs):
+        heads = [self.conv(x) for x in inputs]
+        return [*heads, sum(heads) / len(heads)]
+
+
+def test_multi_scale_flip_is_the_average_of_every_pass() -> None:
+    """Each scale and mirror pass, computed here one by one: inputs resized (depth nearest,
+    photographs bilinear), run, logits upsampled to the input size, mirrored back, softmax;
+    the map is their mean."""
+    torch.manual_seed(0)
+    model = StridedModel().eval()
+    inputs = [torch.randn(2, 3, 20, 28), torch.randn(2, 3, 20, 28)]
+    kinds = ["rgb", "depth"]
+    scales = (0.5, 1.0, 1.5)
+    expected, passes = [torch.zeros(2, 4, 20, 28) for _ in range(3)], 0
+    with torch.no_grad():
+        for scale in scales:
+            size = (round(20 * scale), round(28 * scale))
+            resized = [
+                nn.functional.interpolate(inputs[0], size, mode="bilinear", align_corners=False),
+                nn.functional.interpolate(inputs[1], size, mode="nearest-exact"),
+            ]
+            for mirrored in (False, True):
+                batch = [x.flip(-1) for x in resized] if mirrored else resized
+                for i, logits in enumerate(model(batch)):
+                    up = nn.functional.interpolate(
+                        logits, (20, 28), mode="bilinear", align_corners=False
+                    )
+                    expected[i] += (up.flip(-1) if mirrored else up).softmax(1)
+                passes += 1
+        got = TestTimeAugmentation(model, kinds, scales, flip=True)(inputs)
+        single = TestTimeAugmentation(model, kinds, (1.0,), flip=False)(inputs)
+        two_scales = TestTimeAugmentation(model, kinds, scales[1:], flip=True)(inputs)
+    assert passes == 6 and got.shape == (3, 2, 4, 20, 28)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b / passes)
+    assert (got - single).abs().max() > 1e-2 and (got - two_scales).abs().max() > 1e-3
+
+
 def test_multi_scale_flip_differs_from_single_scale(setup) -> None:
     cfg, _, checkpoint = setup
     single = evaluate_checkpoint(cfg, checkpoint)

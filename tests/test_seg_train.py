@@ -168,6 +168,15 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
     classes = cfg.num_classes
     with pytest.raises(CenError, match=f"model has {classes} classes, the data has {classes + 1}"):
         train(replace(cfg, num_classes=classes + 1), resume=ckpt, evaluate_only=True)
+    for changes, message in (
+        ({"backbone": "resnet50"}, "--backbone resnet50: the model of .* has resnet26;"),
+        ({"decoder_width": 8}, "--decoder-width 8: the model of .* has 16;"),
+        ({"threshold": 0.1}, "--threshold 0.1: the model of .* has 0.02;"),
+        ({"exchange": False}, "--exchange False: the model of .* has exchange points;"),
+    ):
+        with pytest.raises(CenError, match=message):
+            train(replace(cfg, exp="more", epochs=(2,), **changes), resume=ckpt)
+    assert not (tmp_path / "more").exists()
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -282,20 +291,46 @@ def test_the_demo_network_is_the_registry_cen_refinenet_at_a_quarter_width() -> 
 
 
 def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
+    """One rank of the DDP test: train, and save what it saw and its parameters before and
+    after training."""
     import os
 
     import torch.distributed as dist
 
+    import cenfusion.segmentation.train as train_module
+
     os.environ.update(rank_env(rank, 2, port))
     torch.set_num_threads(1)
+    masks: list[float] = []
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    step, fit = train_module.SegmentationRecipe.train_step, train_module.fit
+
+    def recording_step(recipe: train_module.SegmentationRecipe, batch: dict) -> dict:
+        masks.append(float(batch["mask"].double().sum()))
+        return step(recipe, batch)
+
+    def named(recipe: train_module.SegmentationRecipe) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in recipe.net.named_parameters()}
+
+    def recording_fit(recipe: train_module.SegmentationRecipe, *args, **kwargs) -> object:
+        params["before"] = named(recipe)
+        best = fit(recipe, *args, **kwargs)
+        params["after"] = named(recipe)
+        return best
+
+    train_module.SegmentationRecipe.train_step = recording_step
+    train_module.fit = recording_fit
     try:
         progress = train(cfg)
-        torch.save({"best": progress.score}, Path(out) / f"rank{rank}.pt")
+        record = {"best": progress.score, "masks": masks, **params}
+        torch.save(record, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
+    """Two ranks see different halves of the data and end with the same parameters, which
+    training moved."""
     import torch.multiprocessing as mp
 
     port = free_port()
@@ -303,6 +338,14 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     mp.spawn(_ddp_rank, args=(port, cfg, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["best"] == ranks[1]["best"]
+    assert len(ranks[0]["masks"]) == len(ranks[1]["masks"]) >= 1
+    assert ranks[0]["masks"] != ranks[1]["masks"], "each rank sees its own part of the data"
+    after = [r["after"] for r in ranks]
+    assert after[0].keys() == after[1].keys() and len(after[0]) > 100
+    for name, value in after[0].items():
+        assert torch.equal(value, after[1][name]), name
+    moved = [n for n, v in after[0].items() if not torch.equal(v, ranks[0]["before"][n])]
+    assert len(moved) > len(after[0]) // 2
     log = read_log(tmp_path / "cen")
     assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
     assert load_checkpoint(tmp_path / "cen" / "last.pth")["epoch"] == 1

@@ -1,7 +1,6 @@
 import functools
 import http.server
 import json
-import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from cenfusion.data.taskonomy import (
     SYNTHETIC_DOMAINS,
     TaskonomyDataset,
     decode_domain,
+    decode_domain_8bit,
     domain_file,
     ensure_synthetic_taskonomy,
     generate_taskonomy_dataset,
@@ -36,6 +36,7 @@ from cenfusion.data.taskonomy import (
     read_split_file,
     resolve_domain,
     taskonomy_domains,
+    to_tensor,
     write_split_file,
 )
 
@@ -77,23 +78,28 @@ def test_split_file_round_trip_and_errors(tmp_path: Path) -> None:
         read_split_file(tmp_path / "val.txt")
 
 
-def test_sixteen_bit_edges_scale_by_their_maxima() -> None:
-    raw = np.array([[0, 11355, 11355 // 2, 20000]], dtype=np.uint16)
+def _levels(out: torch.Tensor) -> list[float]:
+    """First row of channel 0 of a decoded image, back in 8-bit levels."""
+    return [round(v, 4) for v in ((out[0, 0] + 1) * 127.5).tolist()]
+
+
+def test_sixteen_bit_edges_scale_by_their_maxima_and_floor() -> None:
+    # 5677 * 255 / 11355 = 127.49 -> 127 (floored, not rounded); above the maximum: 255.
+    raw = np.array([[0, 11355, 5677, 11354, 20000]], dtype=np.uint16)
     out = decode_domain(raw, "edge_texture")
-    assert out.shape == (3, 1, 4) and torch.equal(out[0], out[2])
-    expected = [-1.0, 1.0, (11355 // 2) * 255 / 11355 / 127.5 - 1, 1.0]  # above the max: clipped
-    torch.testing.assert_close(out[0, 0], torch.tensor(expected), rtol=0, atol=1e-6)
-    occlusion = decode_domain(np.array([[11584, 5792]], dtype=np.uint16), "edge_occlusion")
-    torch.testing.assert_close(occlusion[0, 0], torch.tensor([1.0, 0.0]), rtol=0, atol=1e-6)
+    assert out.shape == (3, 1, 5) and torch.equal(out[0], out[2])
+    assert _levels(out) == [0, 255, 127, 254, 255]
+    occlusion = decode_domain(np.array([[11584, 5792, 45]], dtype=np.uint16), "edge_occlusion")
+    assert _levels(occlusion) == [255, 127, 0]  # 127.5 -> 127; 0.99 -> 0
 
 
-def test_depth_is_log_scaled_and_no_depth_reads_far() -> None:
-    raw = np.array([[0, 512, 2048, 65535]], dtype=np.uint16)  # 0 m, 1 m, 4 m, no depth
+def test_depth_is_log_scaled_floored_and_no_depth_reads_near_as_released() -> None:
+    # log(1 + v) * 255 / 11.1: 0 -> 0; 512 -> 143.36; 2048 -> 175.17; 65534 -> 254.78;
+    # 65535 wraps to log(0) = -inf in 16 bits, which the 8-bit cast makes 0.
+    raw = np.array([[0, 512, 2048, 65534, 65535]], dtype=np.uint16)
     for domain in ("depth_zbuffer", "depth_euclidean"):
-        out = decode_domain(raw, domain)[0, 0]
-        expected = [math.log1p(v) * 255 / 11.1 / 127.5 - 1 for v in (0, 512, 2048, 65535)]
-        torch.testing.assert_close(out, torch.tensor(expected), rtol=0, atol=1e-6)
-    assert float(out[3]) == pytest.approx(0.9983, abs=1e-4)  # 65535 -> the far end
+        assert _levels(decode_domain(raw, domain)) == [0, 143, 175, 254, 0]
+    assert decode_domain_8bit(raw, "depth_zbuffer").dtype == np.uint8
 
 
 def test_eight_bit_domains_grey_tiling_and_wrong_encodings() -> None:
@@ -103,8 +109,8 @@ def test_eight_bit_domains_grey_tiling_and_wrong_encodings() -> None:
     )
     grey = decode_domain(np.array([[51]], dtype=np.uint8), "reshading")
     assert grey.shape == (3, 1, 1) and torch.all(grey == 51 / 127.5 - 1)
-    segments = decode_domain(np.array([[3, 300]], dtype=np.int32), "segment_unsup25d")[0, 0]
-    torch.testing.assert_close(segments, torch.tensor([3 / 127.5 - 1, 1.0]))
+    segments = decode_domain(np.array([[3, 300]], dtype=np.int32), "segment_unsup25d")
+    assert _levels(segments) == [3, 255]
     with pytest.raises(CenError, match="16-bit"):
         decode_domain(np.zeros((2, 2), np.uint8), "depth_zbuffer")
     with pytest.raises(CenError, match="8-bit"):
@@ -125,6 +131,27 @@ def test_png_round_trip_and_unreadable_file(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_taskonomy_dataset(tmp_path_factory.mktemp("tk") / "set", 3, 2, 48, seed=3)
+
+
+def test_views_are_resized_in_eight_bits_with_pils_bilinear_filter(synthetic_root: Path) -> None:
+    """Validation: the 8-bit image resized by PIL (bilinear), then scaled to [-1, 1]; training
+    resizes the same way to the load size before its crop."""
+    domains = ["reshading", "edge_texture", "rgb"]
+    val = TaskonomyDataset(synthetic_root, "val", domains[:2], domains[2], size=40)
+    sample = val[0]
+    images = [*sample["inputs"], sample["target"]]
+    for domain, image in zip(domains, images):
+        with Image.open(synthetic_root / domain_file(domain, (3, 0))) as png:
+            raw = np.asarray(png)
+        pil = Image.fromarray(decode_domain_8bit(raw, domain)).resize((40, 40), Image.BILINEAR)
+        expected = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1) / 127.5 - 1
+        assert torch.equal(image, expected.float()), domain
+    train = TaskonomyDataset(synthetic_root, "train", domains[:2], domains[2], True, 48, 48)
+    torch.manual_seed(0)
+    flipped = train[1]["target"]
+    with Image.open(synthetic_root / domain_file("rgb", (1, 0))) as png:
+        rgb = to_tensor(np.asarray(png))
+    assert torch.equal(flipped, rgb) or torch.equal(flipped, rgb.flip(-1))
 
 
 def test_synthetic_set_uses_the_real_encodings(synthetic_root: Path) -> None:

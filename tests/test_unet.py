@@ -177,9 +177,12 @@ def test_patchgan_map_for_256_input() -> None:
     with torch.no_grad():
         out = disc(torch.randn(1, 6, 256, 256))
     assert out.shape == (1, 1, 30, 30)
-    # 4x4 convolutions with bias: 6->64, 64->128, 128->256, 256->512, 512->1
+    # 4x4 convolutions with bias: 6->64, 64->128, 128->256, 256->512, 512->1; the released
+    # affine InstanceNorms after the middle three: 2 * (128 + 256 + 512)
     convs = 6208 + 131_200 + 524_544 + 2_097_664 + 8193
-    assert sum(p.numel() for p in disc.parameters()) == convs
+    assert sum(p.numel() for p in disc.parameters()) == convs + 1792
+    plain = create_patchgan(norm="instance")
+    assert sum(p.numel() for p in plain.parameters()) == convs
 
 
 def test_patchgan_receptive_field_is_70() -> None:

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import LogRouting, RunConfig, add_run_flags
-from cenfusion.errors import MAX_LINE, CenError, shorten
+from cenfusion.engine.run import LogRouting
+from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
+from cenfusion.segmentation.command import add_seg_data_parsers, add_seg_parser
+from cenfusion.segmentation.config import SYNTHETIC
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
+from cenfusion.translation.demo import DEMO
 
 #: Frames of an internal error's traceback that ``cen`` prints.
 INTERNAL_FRAMES = 4
@@ -25,237 +27,17 @@ def _demo(args: argparse.Namespace) -> None:
     if args.seed is not None:
         common["seed"] = args.seed
     if args.task == "i2i":
-        from cenfusion.translation.demo import DEMO, run_translation_demo
+        from cenfusion.translation.demo import run_translation_demo
 
         if args.epochs is not None and len(args.epochs) != 1:
             raise CenError(f"--epochs {args.epochs}: the translation demo takes one number")
         epochs = {} if args.epochs is None else {"epochs": args.epochs[0]}
         run_translation_demo(replace(DEMO, **common, **epochs))
         return
-    from cenfusion.segmentation.config import SYNTHETIC
     from cenfusion.segmentation.demo import run_demo
 
     epochs = {} if args.epochs is None else {"epochs": tuple(args.epochs)}
     run_demo(replace(SYNTHETIC, **common, **epochs))
-
-
-def _seg_train(args: argparse.Namespace) -> None:
-    from cenfusion.engine.run import resume_path
-    from cenfusion.segmentation.build import config_for
-    from cenfusion.segmentation.config import SegmentationConfig
-    from cenfusion.segmentation.train import train
-
-    given = given_flags(SegmentationConfig, args)
-    run_dir = Path(given.get("runs", "runs")) / given.get("exp", SegmentationConfig.exp)
-    resume = resume_path(args.resume, run_dir)
-    cfg = config_for(args.preset, args.config, given, resume)
-    train(cfg, resume, evaluate_only=args.evaluate, save_img=args.save_img, force=args.force)
-
-
-def _convert_official(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.modelio import convert_official
-
-    model = convert_official(args.checkpoint, args.out)
-    c = model.config
-    print(f"wrote {args.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
-
-
-def _data_synthetic(args: argparse.Namespace) -> None:
-    from cenfusion.data.synthetic import generate_segmentation_dataset
-
-    size = None if args.size is None else tuple(args.size)
-    given = {"num_train": args.num_train, "num_val": args.num_val, "size": size}
-    out = generate_segmentation_dataset(
-        args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
-    )
-    print(f"wrote {out}")
-
-
-def _data_nyudv2(args: argparse.Namespace) -> None:
-    from cenfusion.data.nyudv2 import NyuUrls, prepare_nyudv2
-
-    defaults = NyuUrls()
-    urls = NyuUrls(
-        labeled=args.labeled_url or defaults.labeled,
-        splits=args.splits_url or defaults.splits,
-        class_mapping=args.mapping_url or defaults.class_mapping,
-    )
-    print(f"wrote {prepare_nyudv2(args.out, from_dir=args.from_dir, urls=urls)}")
-
-
-def _data_sunrgbd(args: argparse.Namespace) -> None:
-    from cenfusion.data.sunrgbd import prepare_sunrgbd
-
-    out = prepare_sunrgbd(
-        args.out,
-        from_dir=args.from_dir,
-        base_url=args.base_url,
-        use_refined_depth=not args.raw_depth,
-    )
-    print(f"wrote {out}")
-
-
-def _add_seg_train(sub: argparse._SubParsersAction) -> None:
-    from cenfusion.segmentation.config import SegmentationConfig
-
-    p = sub.add_parser(
-        "train",
-        help="train or evaluate CEN segmentation (runs/EXP/)",
-        description="Train CEN RGB-D segmentation. Settings: the preset (synthetic without "
-        "--data, nyudv2 with it; a resumed checkpoint's own), then --config, then flags.",
-    )
-    p.add_argument(
-        "--preset", choices=("synthetic", "nyudv2"), help="base settings (see the description)"
-    )
-    add_run_flags(p)
-    p.add_argument("--evaluate", action="store_true", help="only evaluate --resume CHECKPOINT")
-    p.add_argument("--save-img", action="store_true", help="with --evaluate: write panels")
-    add_config_flags(p, SegmentationConfig)
-    p.set_defaults(run=_seg_train)
-
-
-_PREDICT_SETTINGS = ("amp", "channels_last", "compile", "keep_memory")
-
-
-def _seg_predict(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.predict import gather_cli_inputs, predict
-
-    inputs, modalities = gather_cli_inputs(args.folders, args.rgb, args.depth, args.input)
-    written = predict(
-        args.checkpoint,
-        inputs,
-        args.out,
-        depth_scale=args.depth_scale,
-        size=tuple(args.size) if args.size else None,
-        heads=args.heads,
-        device=args.device,
-        official=args.official,
-        modalities=modalities,
-        num_classes=args.num_classes,
-        **{
-            name: getattr(RunConfig, name) if getattr(args, name) is None else getattr(args, name)
-            for name in _PREDICT_SETTINGS
-        },
-    )
-    print(f"wrote {len(written)} files to {args.out}")
-
-
-_EVAL_FIELDS = (
-    "exp",
-    "runs",
-    "data",
-    "val_list",
-    "modalities",
-    "mask_column",
-    "depth_scale",
-    "num_classes",
-    "workers",
-    "device",
-    "gpu",
-    "amp",
-    "channels_last",
-    "compile",
-    "keep_memory",
-)
-
-
-def _seg_eval(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.config import SegmentationConfig
-    from cenfusion.segmentation.evaluate import eval_config, protocols_for, run_evaluation
-
-    given = given_flags(SegmentationConfig, args)
-    cfg = eval_config(args.preset, args.config, given, args.resume)
-    protocols = protocols_for(args.ms, args.scales, args.flip)
-    run_evaluation(cfg, args.resume, protocols, save="exp" in given)
-
-
-def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="segment one's own RGB-D images with a checkpoint (ours or released)",
-        description="Writes OUT/<stem>_color.png, _label.png (raw classes) and _overlay.png "
-        "per input. Depth PNG values are multiplied by --depth-scale; zeros (holes) stay "
-        "zero, as in training. Folders are paired by file stem.",
-    )
-    p.add_argument("checkpoint", type=Path, help="cenfusion checkpoint or released .pth.tar")
-    p.add_argument(
-        "folders",
-        type=Path,
-        nargs="*",
-        metavar="FOLDER",
-        help="folder with one subfolder per modality (rgb/, depth/)",
-    )
-    p.add_argument(
-        "--rgb", type=Path, nargs="+", action="extend", default=[], help="RGB image(s) or folder(s)"
-    )
-    p.add_argument(
-        "--depth",
-        type=Path,
-        nargs="+",
-        action="extend",
-        default=[],
-        help="depth PNG(s) or folder(s), matching --rgb one to one",
-    )
-    p.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME[:KIND]=PATH",
-        help="another modality (KIND rgb, depth or gray; default NAME)",
-    )
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--depth-scale",
-        type=float,
-        default=1 / 5000,
-        help="multiplies raw depth PNG values (default 1/5000, NYUDv2 mm)",
-    )
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="size the network sees; outputs keep each image's own size",
-    )
-    p.add_argument("--heads", action="store_true", help="also write each modality's head")
-    p.add_argument("--num-classes", type=int, help="refuse a checkpoint with another count")
-    p.add_argument(
-        "--official",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force (or rule out) the released .pth.tar format (default: detect)",
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    add_config_flags(p, RunConfig, only=_PREDICT_SETTINGS)
-    p.set_defaults(run=_seg_predict)
-
-
-def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
-    from cenfusion.segmentation.config import SegmentationConfig
-
-    p = sub.add_parser(
-        "eval",
-        help="validation scores: single scale (released) and multi-scale + flip",
-        description="Always prints the released single-scale protocol; --ms adds scales "
-        "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged).",
-    )
-    p.add_argument("--resume", type=Path, required=True, help="checkpoint (ours or released)")
-    p.add_argument(
-        "--preset",
-        choices=("synthetic", "nyudv2"),
-        help="base settings when the checkpoint holds none",
-    )
-    p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
-    add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)
-    p.add_argument("--ms", action="store_true", help="also multi-scale 0.5-1.5 + flip")
-    p.add_argument("--scales", type=float, nargs="+", help="scales of the extra protocol")
-    p.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mirror inputs too (default: on with --ms)",
-    )
-    p.set_defaults(run=_seg_eval)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -265,7 +47,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from cenfusion.reporting.info import format_model_info, info_for_encoder, info_from_checkpoint
+    from cenfusion.info import format_model_info, info_for_encoder, info_from_checkpoint
 
     size = tuple(args.size) if args.size else None
     if (args.checkpoint is None) == (args.enc is None):
@@ -291,24 +73,6 @@ def _export_onnx(args: argparse.Namespace) -> None:
         opset=args.opset,
     )
     print(f"wrote {out}")
-
-
-def _data_check(args: argparse.Namespace) -> None:
-    from cenfusion.data.check import check_dataset
-    from cenfusion.engine.config import replace_config
-    from cenfusion.segmentation.build import modality_specs
-    from cenfusion.segmentation.config import NYUDV2, SegmentationConfig
-
-    cfg = replace_config(NYUDV2, given_flags(SegmentationConfig, args))
-    report = check_dataset(
-        args.root,
-        args.lists,
-        modality_specs(cfg),
-        cfg.num_classes,
-        mask_column=cfg.mask_column,
-        allow_mixed_depth=cfg.allow_mixed_depth,
-    )
-    print(f"{args.root}: {report.samples} samples, {report.files} files: OK")
 
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:
@@ -338,58 +102,33 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     onnx.set_defaults(run=_export_onnx)
 
 
-def _add_data(sub: argparse._SubParsersAction) -> None:
-    from cenfusion.segmentation.config import SegmentationConfig
+def _convert_official(args: argparse.Namespace) -> None:
+    if args.checkpoint.suffix == ".pkl" or args.discriminator is not None:
+        from cenfusion.translation.modelio import convert_official as convert_translation
 
-    check = sub.add_parser("check", help="check a list-file data set before training (cached)")
-    check.add_argument("root", type=Path)
-    check.add_argument(
-        "--lists", nargs="+", default=["train.txt", "val.txt"], help="(train.txt val.txt)"
-    )
-    add_config_flags(
-        check,
-        SegmentationConfig,
-        only=("modalities", "mask_column", "depth_scale", "num_classes", "allow_mixed_depth"),
-    )
-    check.set_defaults(run=_data_check)
+        net = convert_translation(args.checkpoint, args.discriminator, args.out, args.threshold)
+        c = net.config
+        judged = " and its discriminator" if args.discriminator else ""
+        print(f"wrote {args.out}: U-Net{judged}, {c.num_downs} levels, {c.num_modalities} inputs")
+        return
+    from cenfusion.segmentation.modelio import convert_official
 
-    syn = sub.add_parser("synthetic", help="write the embedded RGB-D data set")
-    syn.add_argument("out", type=Path)
-    same = "(default: the embedded set's)"
-    syn.add_argument("--num-train", type=int, help=f"training images {same}")
-    syn.add_argument("--num-val", type=int, help=f"validation images {same}")
-    syn.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help=f"image size {same}")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.set_defaults(run=_data_synthetic)
+    model = convert_official(args.checkpoint, args.out)
+    c = model.config
+    print(f"wrote {args.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
 
-    nyu = sub.add_parser("nyudv2", help="download and convert NYU Depth v2 (40 classes)")
-    nyu.add_argument("out", type=Path)
-    nyu.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        help="folder with the downloaded files, or a released preprocessed set",
-    )
-    nyu.add_argument("--labeled-url", help="mirror of nyu_depth_v2_labeled.mat")
-    nyu.add_argument("--splits-url", help="mirror of splits.mat")
-    nyu.add_argument("--mapping-url", help="mirror of classMapping40.mat")
-    nyu.set_defaults(run=_data_nyudv2)
 
-    sun = sub.add_parser("sunrgbd", help="download and convert SUN RGB-D (37 classes)")
-    sun.add_argument("out", type=Path)
-    sun.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        help="folder with SUNRGBD(.zip) and SUNRGBDtoolbox(.zip)",
-    )
-    sun.add_argument("--base-url", default="http://rgbd.cs.princeton.edu/data/")
-    sun.add_argument("--raw-depth", action="store_true", help="depth/ instead of depth_bfx/")
-    sun.set_defaults(run=_data_sunrgbd)
+def _version() -> str:
+    """The installed package's version (``unknown`` when run from a source tree)."""
+    try:
+        return metadata.version("cenfusion")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cen", description="CEN multimodal fusion")
+    parser.add_argument("--version", action="version", version=f"cenfusion {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -410,26 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="N",
-        help="a longer or shorter schedule: seg, epochs per stage (4 1); i2i, one number (30)",
+        help="a longer or shorter schedule: seg, epochs per stage "
+        f"({' '.join(map(str, SYNTHETIC.epochs))}); i2i, one number ({DEMO.epochs})",
     )
     demo.set_defaults(run=_demo)
 
-    seg = sub.add_parser("seg", help="RGB-D semantic segmentation")
-    seg_sub = seg.add_subparsers(dest="seg_command", required=True)
-    _add_seg_train(seg_sub)
-    _add_seg_predict(seg_sub)
-    _add_seg_eval(seg_sub)
-
+    add_seg_parser(sub)
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    _add_data(data_sub)
+    add_seg_data_parsers(data_sub)
     add_taskonomy_data_parser(data_sub)
-
     add_i2i_parser(sub)
-
-    conv = sub.add_parser("convert-official", help="released CEN .pth.tar -> cenfusion checkpoint")
+    conv = sub.add_parser(
+        "convert-official",
+        help="released CEN checkpoint -> cenfusion checkpoint",
+        description="A released segmentation .pth.tar, or a released translation generator "
+        "checkpoint-gen-N.pkl (with --discriminator checkpoint-dis-N.pkl).",
+    )
     conv.add_argument("checkpoint", type=Path)
     conv.add_argument("out", type=Path)
+    conv.add_argument("--discriminator", type=Path, help="translation: the released D (.pkl)")
+    conv.add_argument("--threshold", type=float, default=1e-2, help="translation: theta (1e-2)")
     conv.set_defaults(run=_convert_official)
     _add_tools(sub)
     return parser
@@ -468,8 +208,9 @@ def _issues_url() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``cen`` command; returns its exit status: 0, 2 for bad input (one line on
-    stderr), 130 when interrupted, 1 for an internal error (a short traceback)."""
+    """Run the ``cen`` command; returns its exit status: 0, 2 for bad input or an
+    operating-system error such as a full disk (one line on stderr), 130 when interrupted,
+    1 for an internal error (a short traceback)."""
     args = build_parser().parse_args(argv)
     try:
         with LogRouting():
@@ -480,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.run(args)
     except CenError as err:
         print(f"cen: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"cen: error: {shorten(describe_os_error(err), MAX_LINE - 12)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cen: interrupted", file=sys.stderr)

@@ -1,7 +1,9 @@
 """The one exception type for bad user input, and short words for what a library said.
 
 Raised with a single line naming the file, flag or sample at fault and what was expected;
-the CLI prints it without a traceback and exits with status 2.
+the CLI prints it without a traceback and exits with status 2. Operating-system errors (a
+full disk, a read-only folder, too many open files) are the user's to fix too: the CLI
+prints them as one line with :func:`describe_os_error`.
 """
 
 from __future__ import annotations
@@ -50,3 +52,10 @@ def describe_load_error(err: BaseException) -> str:
         return "not a PyTorch file"
     first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
     return shorten(first, 80)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``PATH: cause`` for an operating-system error (the cause as the system words it)."""
+    cause = err.strerror or shorten(str(err), 80) or type(err).__name__
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(map(str, paths))}: {cause}" if paths else cause

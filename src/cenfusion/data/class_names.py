@@ -11,7 +11,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["NYU40_CLASSES", "SUN37_CLASSES", "generic_class_names", "resolve_class_names"]
+__all__ = [
+    "NYU40_CLASSES",
+    "SUN37_CLASSES",
+    "SYNTHETIC_CLASSES",
+    "generic_class_names",
+    "resolve_class_names",
+]
 
 # The 40 names as ``className`` in NYUDv2's classMapping40.mat spells them.
 NYU40_CLASSES: tuple[str, ...] = (
@@ -108,9 +114,7 @@ def resolve_class_names(
     if data_root is not None and Path(data_root).is_dir():
         candidates.append(_names_in_root(Path(data_root)))
     if synthetic:
-        from cenfusion.data.synthetic import CLASS_NAMES
-
-        candidates.append(CLASS_NAMES)
+        candidates.append(SYNTHETIC_CLASSES)
     candidates += [NYU40_CLASSES, SUN37_CLASSES]
     for found in candidates:
         if found is not None and len(found) == num_classes:

@@ -11,7 +11,7 @@ id  class      geometry                               appearance                
 0   wall       vertical room planes                   pale, nearly grey, plain         either
 1   floor      horizontal plane, height 0             wood or grey, plain or planks    either
 2   ceiling    horizontal plane, 2.5-3 m up           near white                       either
-3   poster     8 cm panel on the back wall            *decor* (see below)              RGB
+3   poster     15 cm panel on the back wall           *decor* (see below)              RGB
 4   cabinet    box hung on the back wall, 30-60 cm    *decor*, same draw as poster     depth
                deep, placed and sized like posters
 5   rug        1 mm panel flat on the floor           *decor*                          RGB
@@ -31,8 +31,8 @@ Pairs told apart by one modality only:
   the cabinet protrudes from the wall).
 - appearance only (RGB needed): rug / floor (flush with the floor: the 1 mm depth step is
   far below the sensor noise); crate / block (identical shape distribution, slats versus
-  plain); poster / wall mostly (a poster stands 8 cm out, one to four times the depth noise
-  at the back wall).
+  plain); poster / wall mostly (a poster stands 15 cm out, three to eight times the depth
+  noise at the back wall, under the depth-edge rule that makes holes around cabinets).
 - both: e.g. cabinet / wall, rug / poster, crate / cabinet.
 
 A late fusion of per-modality predictions solves all of these. The *interaction* pair
@@ -113,7 +113,7 @@ PALETTE = np.array(
     dtype=np.uint8,
 )
 #: Version of the generator; bump it when the images change so caches are regenerated.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 #: The embedded set: training and validation images, and their size ``(H, W)``. Small images
 #: that a 64x64 crop nearly covers: a CPU run sees whole scenes at every step.
 DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZE = 400, 100, (60, 80)
@@ -511,7 +511,7 @@ def sample_scene(rng: np.random.Generator, aspect: float = 4 / 3) -> Scene:
     for _ in range(int(rng.integers(4, 8))):
         label = CABINET if rng.random() < 0.5 else POSTER
         hx, hy = float(rng.uniform(0.25, 0.7)), float(rng.uniform(0.2, 0.55))
-        hz = float(rng.uniform(0.15, 0.3)) if label == CABINET else 0.04
+        hz = float(rng.uniform(0.15, 0.3)) if label == CABINET else 0.075
         appearance = _decor(rng)
         for _ in range(30):
             x = float(rng.uniform(-width / 2 + hx + 0.05, width / 2 - hx - 0.05))

@@ -13,22 +13,27 @@ A split file names views, not domains: the literal ``{domain}`` is filled in per
 ``segment_semantic`` files end in ``_domain_segmentsemantic.png`` (its folder keeps the
 underscore). CEN's ``--img-types`` indices refer to :data:`DOMAINS`.
 
-Decoding (:func:`decode_domain`) maps every domain to float32 ``(3, H, W)`` in ``[-1, 1]``
-(``value / 127.5 - 1`` of a 0..255 intensity), so one shared network reads any of them:
+Decoding follows the released loader step by step, so a view gives the tensors the paper's
+models saw. Each file is first turned into an 8-bit image (:func:`decode_domain_8bit`):
 
 - 8-bit domains (rgb, normal, reshading, principal_curvature) as stored; one channel is
   tiled to three;
-- edge_texture / edge_occlusion: 16-bit single channel, scaled to 0..255 by the dataset's
-  maxima (11355 and 11584) and clipped there;
-- depth_zbuffer / depth_euclidean: 16-bit single channel in 1/512 m; the intensity is
-  ``255 * log(1 + value) / 11.1``. The "no depth" value 65535 is not masked: as in the
-  released preprocessing it becomes ``log(65536) = 11.09``, i.e. 254.8, the far end of the
-  range, so missing depth reads as "very far";
-- segmentation domains: region ids as given (values above 255 clipped), tiled.
+- edge_texture / edge_occlusion: 16-bit single channel, ``value * 255 / maximum`` with the
+  dataset's maxima (11355 and 11584), clipped to 255 and floored by the cast to 8 bits;
+- depth_zbuffer / depth_euclidean: 16-bit single channel in 1/512 m; ``log(1 + value)`` is
+  computed on the 16-bit array (in float32, as numpy does), times ``255 / 11.1``, floored.
+  The "no depth" value 65535 is the released code's accident kept for reproduction: ``1 +
+  65535`` wraps to 0 in 16 bits, ``log(0)`` is minus infinity, and the cast to 8 bits gives
+  0, the *near* end of the range. Missing depth therefore reads as "touching the camera";
+- segmentation domains: region ids as given, clipped to 255.
+
+The 8-bit image is resized with PIL's bilinear filter (training: to ``load_size``, then a
+random ``size`` crop and a flip with p = 0.5, the same draw for every domain of the sample;
+validation: to ``size``), and only then becomes float32 ``(3, H, W)`` in ``[-1, 1]``
+(``value / 127.5 - 1``: ``ToTensor`` then ``Normalize(0.5, 0.5)``).
 
 Samples (:class:`TaskonomyDataset`) are ``{"inputs": (M, 3, S, S), "target": (3, S, S),
-"name": "point_P_view_V"}``; training augmentation resizes to ``load_size``, crops ``size``
-at random and flips with p = 0.5, with the same draw for every domain of the sample.
+"name": "point_P_view_V"}``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from torch import Tensor
@@ -67,6 +71,7 @@ __all__ = [
     "SYNTHETIC_DOMAINS",
     "TaskonomyDataset",
     "decode_domain",
+    "decode_domain_8bit",
     "default_synthetic_taskonomy_root",
     "domain_file",
     "ensure_synthetic_taskonomy",
@@ -74,9 +79,12 @@ __all__ = [
     "load_split",
     "prepare_taskonomy",
     "read_domain",
+    "read_domain_8bit",
     "read_split_file",
+    "resize_8bit",
     "resolve_domain",
     "taskonomy_domains",
+    "to_tensor",
     "view_name",
     "write_split_file",
 ]
@@ -187,12 +195,10 @@ def read_png(path: Path) -> np.ndarray:
         raise CenError(f"cannot read image {path}: {exc}") from None
 
 
-def decode_domain(values: np.ndarray, domain: str, where: str = "image") -> Tensor:
-    """Raw image values of ``domain`` -> float32 ``(3, H, W)`` in ``[-1, 1]`` (module docstring).
-
-    ``values``: ``(H, W)`` or ``(H, W, 3)`` as read from the PNG; ``where`` names the file
-    in errors.
-    """
+def decode_domain_8bit(values: np.ndarray, domain: str, where: str = "image") -> np.ndarray:
+    """Raw image values of ``domain`` -> the released 8-bit image ``(H, W, 3)`` uint8 (module
+    docstring). ``values``: ``(H, W)`` or ``(H, W, 3)`` as read from the PNG; ``where`` names
+    the file in errors."""
     array = np.asarray(values)
     sixteen_bit = domain in EDGE_MAXIMA or domain in DEPTH_DOMAINS
     if sixteen_bit and (array.ndim != 2 or array.dtype == np.uint8):
@@ -202,19 +208,32 @@ def decode_domain(values: np.ndarray, domain: str, where: str = "image") -> Tens
         )
     if not sixteen_bit and array.dtype != np.uint8 and domain not in SEGMENT_DOMAINS:
         raise CenError(f"{where}: {domain} must be an 8-bit PNG, got {array.dtype}")
-    raw = array.astype(np.float64)
     if domain in EDGE_MAXIMA:
-        intensity = np.clip(raw * (255.0 / EDGE_MAXIMA[domain]), 0.0, 255.0)
+        intensity = np.clip(array.astype(np.float64) * 255.0 / EDGE_MAXIMA[domain], 0, 255)
     elif domain in DEPTH_DOMAINS:
-        intensity = np.log1p(raw) * (255.0 / LOG_DEPTH_MAX)
+        wrapped = array.astype(np.uint16) + np.uint16(1)
+        with np.errstate(divide="ignore"):
+            log_depth = np.log(wrapped) * np.float32(255.0) / np.float32(LOG_DEPTH_MAX)
+        intensity = np.where(np.isfinite(log_depth), log_depth, 0)
     else:
-        intensity = np.clip(raw, 0.0, 255.0)
-    tensor = torch.from_numpy((intensity / 127.5 - 1.0).astype(np.float32))
-    if tensor.dim() == 2:
-        return tensor.expand(3, *tensor.shape).contiguous()
-    if tensor.dim() == 3 and tensor.shape[-1] == 3:
-        return tensor.permute(2, 0, 1).contiguous()
+        intensity = np.clip(array, 0, 255)
+    image = intensity.astype(np.uint8)
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[-1] == 3:
+        return image
     raise CenError(f"{where}: {domain} image of shape {array.shape} is neither grey nor RGB")
+
+
+def to_tensor(image: np.ndarray) -> Tensor:
+    """8-bit ``(H, W, 3)`` -> float32 ``(3, H, W)`` in ``[-1, 1]``, ``value / 127.5 - 1``."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def decode_domain(values: np.ndarray, domain: str, where: str = "image") -> Tensor:
+    """Raw image values of ``domain`` -> float32 ``(3, H, W)`` in ``[-1, 1]``, at the file's
+    size: :func:`decode_domain_8bit` then :func:`to_tensor`."""
+    return to_tensor(decode_domain_8bit(values, domain, where))
 
 
 def read_domain(path: Path, domain: str) -> Tensor:
@@ -222,19 +241,19 @@ def read_domain(path: Path, domain: str) -> Tensor:
     return decode_domain(read_png(path), domain, str(path))
 
 
+def read_domain_8bit(path: Path, domain: str) -> np.ndarray:
+    """Read one file of ``domain`` as the released 8-bit image ``(H, W, 3)``."""
+    return decode_domain_8bit(read_png(path), domain, str(path))
+
+
 # ----------------------------------------------------------------------------- dataset
 
 
-def _resize(image: Tensor, size: int, domain: str) -> Tensor:
-    """``(3, H, W)`` -> ``(3, size, size)``; region ids with nearest, the rest bilinear."""
-    if image.shape[-2:] == (size, size):
+def resize_8bit(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` with PIL's bilinear filter, as released."""
+    if image.shape[:2] == (size, size):
         return image
-    if domain in SEGMENT_DOMAINS:
-        return F.interpolate(image[None], size=(size, size), mode="nearest-exact")[0]
-    resized = F.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return resized[0].clamp_(-1.0, 1.0)
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
 class TaskonomyDataset(Dataset):
@@ -293,18 +312,18 @@ class TaskonomyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         view = self.views[index]
         domains = [*self.inputs, self.target]
-        images = [read_domain(self.root / domain_file(d, view), d) for d in domains]
+        images = [read_domain_8bit(self.root / domain_file(d, view), d) for d in domains]
         if self.train:
-            images = [_resize(im, self.load_size, d) for im, d in zip(images, domains)]
+            images = [resize_8bit(im, self.load_size) for im in images]
             top, left = (
                 int(torch.randint(0, self.load_size - self.size + 1, ())) for _ in range(2)
             )
-            images = [im[:, top : top + self.size, left : left + self.size] for im in images]
+            images = [im[top : top + self.size, left : left + self.size] for im in images]
             if bool(torch.rand(()) < 0.5):
-                images = [im.flip(-1) for im in images]
+                images = [im[:, ::-1] for im in images]
         else:
-            images = [_resize(im, self.size, d) for im, d in zip(images, domains)]
-        stacked = torch.stack(images)
+            images = [resize_8bit(im, self.size) for im in images]
+        stacked = torch.stack([to_tensor(im) for im in images])
         return {"inputs": stacked[:-1], "target": stacked[-1], "name": view_name(view)}
 
 

@@ -13,15 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from cenfusion.checkpoint_format import CHECKPOINT_FORMAT
 from cenfusion.engine.files import atomic_write
 from cenfusion.errors import CenError, ForeignCheckpointError, describe_load_error, shorten
-
-FORMAT = "cenfusion-v1"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, **state}, f))
 
 
 def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
         raise ForeignCheckpointError(
             f"{path}: not a readable checkpoint: {describe_load_error(err)}"
         ) from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ForeignCheckpointError(
             f"{path}: not a cenfusion checkpoint (released CEN files: `cen convert-official`)"
         )

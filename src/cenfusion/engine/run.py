@@ -26,6 +26,9 @@ from cenfusion.errors import CenError
 log = logging.getLogger("cenfusion")
 
 LAST, BEST, METRICS, CONFIG = "last.pth", "best.pth", "metrics.jsonl", "config.yaml"
+CONFUSION = "confusion.npz"
+#: The files of a run written atomically (see :func:`~cenfusion.engine.files.atomic_write`).
+ATOMIC_FILES = (LAST, BEST, METRICS, CONFIG, CONFUSION)
 #: The log record of each epoch's line carries that epoch's metrics record under this
 #: attribute, so a handler can follow a run without parsing its text.
 EPOCH_RECORD = "epoch_record"
@@ -74,6 +77,8 @@ class RunConfig:
                 f"--exp {self.exp!r}: expected a run name, one folder name inside --runs "
                 "(not empty, no '/', not '.' or '..')"
             )
+        if not 0 <= self.seed < 2**32:
+            raise CenError(f"--seed {self.seed}: expected 0 to {2**32 - 1}")
         for name in ("batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
@@ -104,10 +109,39 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def resume_path(resume: Path | None, run_dir: Path) -> Path | None:
-    """``--resume`` alone means the run's own ``last.pth``."""
+    """``--resume`` alone means the run's own ``last.pth``, which must exist.
+
+    Raises:
+        CenError: ``--resume`` alone, and ``run_dir`` holds no checkpoint.
+    """
     if resume is None:
         return None
-    return run_dir / LAST if resume == Path(LAST) else resume
+    if resume != Path(LAST):
+        return resume
+    if not (run_dir / LAST).is_file():
+        stopped = " (its run stopped before the first checkpoint)" if run_dir.is_dir() else ""
+        raise CenError(
+            f"--resume: nothing to resume, {run_dir} holds no {LAST}{stopped}; "
+            "start the run without --resume"
+        )
+    return run_dir / LAST
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds work to keep: a checkpoint, or a metrics line (an evaluation's
+    scores). A folder whose run stopped before its first checkpoint holds none."""
+    if any((path / name).is_file() for name in (LAST, BEST)):
+        return True
+    metrics = path / METRICS
+    if not metrics.is_file():
+        return False
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 class RunFolder:
@@ -121,23 +155,29 @@ class RunFolder:
     def open(cls, path: Path, resuming: bool, force: bool, is_main: bool = True) -> RunFolder:
         """Claim ``path`` for a run: new, continued (``resuming``) or replaced (``force``).
 
-        Raises :class:`CenError` when ``path`` holds a run and neither is given. Left-over
-        temporaries of an interrupted write (``.last.pth.*``, ...) are removed.
+        Raises :class:`CenError` when ``path`` holds a run (:func:`holds_run`) and neither is
+        given. A folder left by a run that stopped before its first checkpoint is taken over
+        (its config and empty metrics go; its log is appended to). Left-over temporaries of
+        an interrupted write (``.last.pth.*``, ...) are removed.
         """
-        holds_run = any((path / name).exists() for name in (LAST, METRICS, CONFIG))
-        if holds_run and not resuming and not force:
+        kept = holds_run(path)
+        if kept and not resuming and not force:
             raise CenError(
                 f"{path} already holds a run; --resume continues it, --force moves it aside "
                 "and starts afresh, or choose another -c EXP"
             )
         if is_main:
-            if holds_run and force and not resuming:
+            if kept and force and not resuming:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
                 aside = _unused(path.with_name(f"{path.name}.old-{stamp}"))
                 path.rename(aside)
                 log.info(f"moved the previous run to {aside}")
+            elif not kept and not resuming and (path / CONFIG).exists():
+                for name in (CONFIG, METRICS):
+                    (path / name).unlink(missing_ok=True)
+                log.info(f"{path} holds no checkpoint (its run stopped before the first): reused")
             path.mkdir(parents=True, exist_ok=True)
-            for name in (LAST, BEST, METRICS, CONFIG):
+            for name in ATOMIC_FILES:
                 for tmp in path.glob(f".{name}.*"):
                     tmp.unlink(missing_ok=True)
         return cls(path, is_main)
@@ -186,6 +226,21 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.flush()
 
 
+class _RunLogFile(logging.FileHandler):
+    """A run's ``log.txt``. When the system refuses a line (a full disk), it stops writing
+    instead of printing a traceback for every line; the run's next checkpoint or metrics
+    write meets the same cause and ends the run with it in one line."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+
 @final
 class LogRouting:
     """Route :data:`log` to the console (once, however deeply nested) and, from
@@ -208,7 +263,7 @@ class LogRouting:
         return self
 
     def add_file(self, run_dir: Path) -> None:
-        handler = logging.FileHandler(run_dir / "log.txt")
+        handler = _RunLogFile(run_dir / "log.txt")
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         self.handlers.append(handler)

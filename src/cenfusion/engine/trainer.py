@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -125,10 +125,16 @@ class Context:
         return CompiledOrEager(net) if self.compile else net
 
     def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
-        """A DataLoader with the run's workers (one thread each); pinned memory on CUDA."""
+        """A DataLoader with the run's workers (one thread each); pinned memory on CUDA.
+
+        Workers start afresh every epoch, seeded from the loader's generator (or torch's
+        global one) at that epoch's start, so their random state depends only on the seed
+        and the epoch: a resumed run repeats the uninterrupted one bit for bit. Persistent
+        workers would carry their state across epochs, which a resumed run cannot rebuild.
+        """
         workers = cfg.workers
         options: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": workers}
-        options.update(pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        options.update(pin_memory=self.device.type == "cuda", persistent_workers=False)
         if workers > 0:
             options["worker_init_fn"] = worker_init
         return DataLoader(dataset, **{**options, **kwargs})
@@ -321,11 +327,14 @@ def fit(
     higher_is_better: bool,
     resume: dict[str, Any] | None = None,
     where: str = "checkpoint",
+    after_validation: Callable[[Path], None] | None = None,
 ) -> BestScore:
     """Train ``recipe`` to the end of its schedule, continuing ``resume`` when given.
 
     Each epoch's metrics line is written before its checkpoint, so a kill at any moment loses
     nothing a checkpoint holds; on resume, lines after the checkpoint's epoch are dropped.
+    ``after_validation(run_folder)`` runs on the main process once a validation's line is
+    written: the task's reports (plots) hang there, so the engine knows nothing of them.
     """
     best = BestScore(higher_is_better)
     start = 0
@@ -353,10 +362,8 @@ def fit(
                 record.update(val=metrics, best=improved)
             folder.append_metrics(record)
             scalars.add(record, epoch)
-            if "val" in record and folder.is_main and getattr(config, "plots", False):
-                from cenfusion.reporting.plots import write_plots
-
-                write_plots(folder.path)
+            if "val" in record and folder.is_main and after_validation is not None:
+                after_validation(folder.path)
             state = _checkpoint(recipe, config, epoch, best)
             if improved:
                 recipe.on_best(epoch)

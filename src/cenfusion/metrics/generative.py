@@ -235,7 +235,7 @@ class InceptionFeatures(nn.Module):
       natural photo (720x477, resized to 299) the first conv's pre-BN channel variances match its stored BN
       statistics for this range (mean log ratio +0.17) but not for ``[0, 1]`` (-1.21) or
       0..255 (about +10).
-    - *Resize:* ``FidHelper`` defaults to ``nv_bilinear``, ``grid_sample`` with a shifted
+    - *Resize:* ``FidHelper`` defaults to ``nv_bilinear_float``, ``grid_sample`` with a shifted
       grid that reproduces TF1 ``ResizeBilinear`` (sample ``j * H / 299``); the direct
       version here agrees with it to 3e-11 on 0..255 inputs (float64, 64x64, 37x80 and
       512x400 to 299).

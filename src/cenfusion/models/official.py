@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cenfusion.engine.checkpoint import FORMAT
+from cenfusion.checkpoint_format import CHECKPOINT_FORMAT
 from cenfusion.errors import CenError, describe_load_error, shorten
 from cenfusion.fusion import ModalityBatchNorm2d
 from cenfusion.models.refinenet import (
@@ -121,7 +121,7 @@ def load_official_state_dict(
     state: dict[str, Tensor], where: str = "checkpoint", bn_threshold: float = 2e-2
 ) -> CENRefineNet:
     """Build our model from a released-layout state dict; depth, classes and M are inferred."""
-    _check_state_dict(state, where)
+    check_state_dict(state, where)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     config = _infer_config(state, where)
     model = create_cen_refinenet(
@@ -152,7 +152,7 @@ def load_official_state_dict(
     return model
 
 
-def _check_state_dict(state: dict, where: str) -> None:
+def check_state_dict(state: dict, where: str) -> None:
     """A state dict maps parameter names (strings) to tensors; say which entry does not."""
     for key, value in state.items():
         if not isinstance(key, str):
@@ -179,7 +179,7 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CenError(f"{path}: not a readable checkpoint: {describe_load_error(err)}") from err
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
         raise CenError(
             f"{path}: this is already a cenfusion checkpoint; use it as it is (no conversion)"
         )

@@ -5,8 +5,19 @@ where ``image`` is the real target or a generated one. Layers: conv 4x4 stride 2
 (no norm), then ``n_layers - 1`` convs stride 2 and one stride 1, doubling the width up to
 ``8 * ndf``, each followed by a norm, all with LeakyReLU(0.2); a last conv 4x4 stride 1 to one
 channel. With ``n_layers = 3`` every output unit sees a 70x70 input patch, and a 256x256
-input gives a 30x30 map. ``norm`` is ``"instance"`` (non-affine, pix2pix's instance setting)
-or ``"none"``; batch norm is not offered because it would mix the stacked branches.
+input gives a 30x30 map. ``norm``:
+
+- ``"affine_instance"`` (default): the released CEN discriminator's InstanceNorm, affine with
+  running statistics (``nn.InstanceNorm2d(C, affine=True, track_running_stats=True)``), one
+  module per layer shared by every branch. Training uses instance statistics; the running
+  statistics are kept (as released) but used only in eval mode, where the discriminator never
+  runs. The released code calls the norm once per branch, we once for the stacked branches,
+  so the running statistics (not the outputs) differ from the released ones.
+- ``"instance"``: non-affine InstanceNorm, pix2pix's instance setting (and the discriminator
+  of checkpoints written before the released norm was adopted, which keep it);
+- ``"none"``.
+
+Batch norm is not offered because it would mix the stacked branches.
 
 The output is the map of *logits*: the sigmoid of the released network is folded into the
 loss (``binary_cross_entropy_with_logits``), which is the same function, computed stably.
@@ -22,7 +33,7 @@ from torch import Tensor, nn
 
 __all__ = ["PatchDiscriminator", "PatchGANConfig", "create_patchgan"]
 
-NORMS = ("instance", "none")
+NORMS = ("affine_instance", "instance", "none")
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class PatchGANConfig:
     in_channels: int = 6
     ndf: int = 64
     n_layers: int = 3
-    norm: str = "instance"
+    norm: str = "affine_instance"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +54,8 @@ class PatchGANConfig:
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "affine_instance":
+        return nn.InstanceNorm2d(channels, affine=True, track_running_stats=True)
     return nn.InstanceNorm2d(channels) if kind == "instance" else nn.Identity()
 
 
@@ -88,7 +101,7 @@ def create_patchgan(
     target_channels: int = 3,
     ndf: int = 64,
     n_layers: int = 3,
-    norm: str = "instance",
+    norm: str = "affine_instance",
 ) -> PatchDiscriminator:
     """The 70x70 PatchGAN (defaults) judging ``cat(source, target)`` pairs."""
     return PatchDiscriminator(

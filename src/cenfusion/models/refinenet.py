@@ -27,8 +27,8 @@ from cenfusion.fusion import (
     set_frozen_stats,
     split_modalities,
     stack_modalities,
-    tracing,
 )
+from cenfusion.fusion.fastpath import tracing
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
 LOCAL_WEIGHT_SUFFIXES = {".pth", ".pt", ".tar", ".safetensors", ".bin"}

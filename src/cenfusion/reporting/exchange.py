@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cenfusion.fusion import exchanging_norms
+from cenfusion.fusion import exchange_stats, exchanging_norms
 
 __all__ = ["GAMMA_EDGES", "exchange_record"]
 
@@ -46,15 +46,9 @@ def exchange_record(model: nn.Module, edges: Sequence[float] = GAMMA_EDGES) -> d
     edges_array = np.asarray(edges, dtype=np.float64)
     if edges_array.ndim != 1 or len(edges_array) < 2 or np.any(np.diff(edges_array) <= 0):
         raise ValueError("edges must be at least two increasing values")
-    points: dict[str, list[float]] = {}
+    stats = exchange_stats(model)
     gammas: list[list[np.ndarray]] = [[] for _ in range(num_modalities)]
-    below, total = 0, 0
-    for name, norm in norms:
-        hits = (norm.exchange_mask() & norm.penalty_mask).sum(1)
-        counts = norm.penalty_mask.sum(1)
-        points[name] = (hits.double() / counts.clamp(min=1).double()).tolist()
-        below += int(hits.sum())
-        total += int(counts.sum())
+    for _, norm in norms:
         magnitudes = norm.weight.detach().abs().float().cpu()
         for m in range(norm.num_modalities):
             gammas[m].append(magnitudes[m][norm.penalty_mask[m].cpu()].numpy())
@@ -64,8 +58,8 @@ def exchange_record(model: nn.Module, edges: Sequence[float] = GAMMA_EDGES) -> d
         values = np.clip(values, edges_array[0], edges_array[-1])
         hist.append(np.histogram(values, bins=edges_array)[0].tolist())
     return {
-        "overall": below / total if total else 0.0,
+        "overall": stats.overall,
         "thresholds": sorted({float(norm.threshold) for _, norm in norms}),
-        "points": points,
+        "points": stats.per_modality,
         "gamma_hist": {"edges": edges_array.tolist(), "counts": hist},
     }

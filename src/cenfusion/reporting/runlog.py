@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cenfusion.engine.files import atomic_write
+from cenfusion.engine.run import CONFUSION
 from cenfusion.errors import CenError
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
-CONFUSION_FILE = "confusion.npz"
+CONFUSION_FILE = CONFUSION
 TRANSLATION_METRICS = ("fid", "kid_x100", "l1", "mse")
 SEGMENTATION_METRICS = ("pixel_acc", "mean_acc", "miou")
 
@@ -290,14 +290,7 @@ def save_confusion(run_dir: str | Path, matrices: Mapping[str, Any]) -> Path:
             raise ValueError(f"confusion matrix of {head}: expected (C, C), got {array.shape}")
         arrays[str(head)] = array
     path = run_dir / CONFUSION_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CONFUSION_FILE}.", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
 

@@ -137,6 +137,35 @@ def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -
         )
 
 
+def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:
+    """Refuse settings that describe another model than the checkpoint's: a resumed run
+    keeps its model, so a flag that contradicts it (encoder, width, dropout, threshold,
+    exchange) would otherwise be ignored while the printed config shows it."""
+    c = model.config
+    exchange_points = "exchange points" if c.exchange_at else "no exchange points"
+    if cfg.backbone is not None:
+        encoder = ("--backbone", cfg.backbone, cfg.backbone == c.backbone, c.backbone)
+    else:
+        encoder = ("--enc", cfg.enc, f"resnet{cfg.enc}" == c.backbone, c.backbone)
+    for flag, value, same, theirs in (
+        encoder,
+        (
+            "--decoder-width",
+            cfg.decoder_width,
+            cfg.decoder_width == c.decoder_width,
+            c.decoder_width,
+        ),
+        ("--drop-rate", cfg.drop_rate, cfg.drop_rate == c.drop_rate, c.drop_rate),
+        ("--threshold", cfg.threshold, cfg.threshold == c.bn_threshold, c.bn_threshold),
+        ("--exchange", cfg.exchange, cfg.exchange == bool(c.exchange_at), exchange_points),
+    ):
+        if not same:
+            raise CenError(
+                f"{flag} {value}: the model of {where} has {theirs}; a resumed run keeps its "
+                "model (start a new run for another one)"
+            )
+
+
 def build_loaders(
     cfg: SegmentationConfig, ctx: Context, training: bool
 ) -> tuple[DataLoader | None, DataLoader, torch.Generator]:

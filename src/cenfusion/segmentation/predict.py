@@ -48,7 +48,7 @@ from cenfusion.segmentation.modelio import TASK, model_from_record
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
 
 if TYPE_CHECKING:
-    from cenfusion.export import OnnxSegmenter
+    from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 #: File types read from input folders.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -105,7 +105,7 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
     """
     path = Path(path)
     if path.suffix == ".onnx":
-        from cenfusion.export import OnnxSegmenter
+        from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
         onnx_model = OnnxSegmenter(path)
         return LoadedModel(onnx_model, onnx_model.modalities, False)

@@ -27,8 +27,15 @@ from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.reporting.exchange import exchange_record
+from cenfusion.reporting.plots import write_plots
 from cenfusion.reporting.runlog import save_confusion
-from cenfusion.segmentation.build import build_loaders, build_model, check_data, check_model_fits
+from cenfusion.segmentation.build import (
+    build_loaders,
+    build_model,
+    check_data,
+    check_model_fits,
+    check_resumed_model,
+)
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.evaluate import Scores, evaluate, score_loader
 from cenfusion.segmentation.modelio import TASK, model_from_record, model_record
@@ -181,6 +188,8 @@ def train(
         model = model_from_record(state, str(resume)) if state else build_model(cfg)
         if state is not None:
             check_model_fits(model, cfg, str(resume))
+            if not evaluate_only:
+                check_resumed_model(model, cfg, str(resume))
         recipe = SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
         resuming = state is not None and "optimizer" in state
         folder = ctx.open_folder(cfg, resuming=resuming or evaluate_only, force=force)
@@ -198,7 +207,15 @@ def train(
             log.info(format_scores(scores))
             folder.append_metrics({"evaluate": str(resume), "val": scores})
             return BestScore(True, float(scores["ensemble"]["miou"]), 0, scores)
-        best = fit(recipe, cfg, folder, True, state if resuming else None, str(resume))
+        best = fit(
+            recipe,
+            cfg,
+            folder,
+            True,
+            state if resuming else None,
+            str(resume),
+            write_plots if cfg.plots else None,
+        )
         if best.metrics is not None:
             log.info(
                 f"best (ensemble mIoU {best.score:.2f}, epoch {best.epoch}):\n"

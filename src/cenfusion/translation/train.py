@@ -41,8 +41,10 @@ from cenfusion.engine.run import BEST, LAST, log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
 from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities
+from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
 from cenfusion.models.unet import CENUNet, CENUNetConfig
 from cenfusion.reporting.exchange import exchange_record
+from cenfusion.reporting.plots import write_plots
 from cenfusion.translation.build import (
     build_models,
     datasets,
@@ -79,13 +81,24 @@ class TranslationRecipe(Recipe):
         self.cfg, self.ctx = cfg, ctx
         self.train_loader, val_loader = loaders
         torch.manual_seed(cfg.seed)
-        self.generator, self.discriminator = (m.to(ctx.device) for m in build_models(cfg))
-        self.g_net, self.d_net = ctx.parallel(self.generator), ctx.parallel(self.discriminator)
-        betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_d, betas=betas)
+        generator, discriminator = build_models(cfg)
+        self.generator = generator.to(ctx.device)
+        self.g_net = ctx.parallel(self.generator)
+        self.opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2)
+        )
+        self._use_discriminator(discriminator)
         self.evaluator: Evaluator | None = None
         self.criterion = on_main(lambda: self._build_evaluator(val_loader))
+
+    def _use_discriminator(self, discriminator: PatchDiscriminator) -> None:
+        """Train ``discriminator`` (on the run's device, with its own optimiser)."""
+        self.discriminator = discriminator.to(self.ctx.device)
+        self.d_net = self.ctx.parallel(self.discriminator)
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        self.opt_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas
+        )
 
     def _build_evaluator(self, val_loader: DataLoader) -> str:
         """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
@@ -180,8 +193,20 @@ class TranslationRecipe(Recipe):
         }
 
     def load_state_dict(self, state: dict[str, Any], where: str) -> None:
+        """Continue from ``state``; a converted released checkpoint holds no optimiser state
+        (and maybe no discriminator): those start afresh, and the log says so."""
         load_weights(self.generator, state["model"], where)
-        load_weights(self.discriminator, state["discriminator"], where)
+        if "discriminator" in state:
+            saved = PatchGANConfig.from_dict(state["discriminator_config"])
+            if saved != self.discriminator.config:
+                log.info(f"{where}: its discriminator keeps the {saved.norm!r} norms it has")
+                self._use_discriminator(PatchDiscriminator(saved))
+            load_weights(self.discriminator, state["discriminator"], where)
+        else:
+            log.info(f"{where}: no discriminator; a new one starts")
+        if "optimizer_g" not in state:
+            log.info(f"{where}: no optimiser state; Adam starts afresh")
+            return
         self.opt_g.load_state_dict(state["optimizer_g"])
         self.opt_d.load_state_dict(state["optimizer_d"])
         self.ctx.precision.scaler.load_state_dict(state["scaler"])
@@ -208,7 +233,9 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
                 f"{recipe.criterion}: best tracking restarts"
             )
             state = {**state, "best": None}
-        best = fit(recipe, cfg, folder, False, state, str(resume))
+        best = fit(
+            recipe, cfg, folder, False, state, str(resume), write_plots if cfg.plots else None
+        )
         if best.score is not None:
             log.info(f"done: best {recipe.criterion} {best.score:.4f} at epoch {best.epoch}")
         return best

@@ -1,0 +1,78 @@
+"""Turn any BatchNorm CNN into its CEN form: shared layers, private norms, exchange points."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from cenfusion.fusion.norms import ModalityBatchNorm2d
+
+__all__ = ["RESNET_EXCHANGE_POINTS", "ExchangeSelector", "convert"]
+
+
+ExchangeSelector = Sequence[str] | Callable[[str, nn.Module], bool]
+
+RESNET_EXCHANGE_POINTS: tuple[str, ...] = ("layer*.*.bn2",)
+
+
+def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
+    if callable(exchange_at):
+        return exchange_at
+    patterns = [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
+    return lambda name, _: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _private_norm(
+    bn: nn.BatchNorm2d, num_modalities: int, exchange: bool, threshold: float
+) -> ModalityBatchNorm2d:
+    norm = ModalityBatchNorm2d(
+        bn.num_features,
+        num_modalities,
+        eps=bn.eps,
+        momentum=bn.momentum if bn.momentum is not None else 0.1,
+        exchange=exchange,
+        threshold=threshold,
+    )
+    norm.load_from_batchnorm(bn)
+    return norm.to(device=bn.weight.device if bn.affine else None)
+
+
+def convert(
+    model: nn.Module,
+    num_modalities: int,
+    exchange_at: ExchangeSelector = RESNET_EXCHANGE_POINTS,
+    threshold: float = 2e-2,
+) -> nn.Module:
+    """Turn a BatchNorm CNN into its CEN form, in place, and return it.
+
+    Every ``nn.BatchNorm2d`` becomes a :class:`ModalityBatchNorm2d` holding its statistics
+    and affine parameters copied into each of ``num_modalities`` modalities; those selected by
+    ``exchange_at`` (``fnmatch`` patterns on qualified module names, or a predicate
+    ``(name, module) -> bool``) also exchange channels below ``threshold``. All other layers
+    stay shared. The converted model expects the modality-stacked batch ``(M*B, C, H, W)``.
+    timm's ``BatchNormAct2d`` keeps its activation (and drop) after the private norm.
+
+    The default points are the ``bn2`` of every block in ``layer1..4``: in ResNet
+    bottlenecks, the BN after the 3x3 convolution, as in the paper. Tested with timm
+    ``resnet*`` (basic and bottleneck blocks, torchvision layout) and ``resnext*``;
+    other BatchNorm families convert but their exchange points must be given.
+    """
+    match = _matcher(exchange_at)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d) and name
+    ]
+    for name, bn in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        norm = _private_norm(bn, num_modalities, match(name, bn), threshold)
+        act = getattr(bn, "act", None)
+        if isinstance(act, nn.Module):
+            replacement: nn.Module = nn.Sequential(norm, getattr(bn, "drop", nn.Identity()), act)
+        else:
+            replacement = norm
+        setattr(parent, child, replacement)
+    return model

@@ -1,0 +1,43 @@
+"""The layout every fusion layer works on: modalities stacked along the batch dimension.
+
+A tensor ``(M*B, C, H, W)`` holds modality 0's batch, then modality 1's, and so on (modality
+major). Shared layers (convolutions, linear layers) process it in one call; private norms
+view it as ``(M, B, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["per_channel", "split_modalities", "stack_modalities"]
+
+
+def stack_modalities(inputs: Sequence[Tensor] | Tensor) -> Tensor:
+    """Return the modality-major stacked batch ``(M*B, C, H, W)``.
+
+    Accepts ``M`` tensors ``(B, C, H, W)``, a data loader's batch ``(B, M, C, H, W)``, or an
+    already stacked ``(M*B, C, H, W)`` tensor (returned unchanged).
+    """
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 5:
+            return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
+        return inputs
+    return torch.cat(list(inputs), dim=0)
+
+
+def split_modalities(x: Tensor, num_modalities: int) -> Tensor:
+    """View a stacked batch ``(M*B, ...)`` as ``(M, B, ...)``."""
+    if x.shape[0] % num_modalities:
+        raise ValueError(
+            f"stacked batch of {x.shape[0]} is not a multiple of {num_modalities} modalities"
+        )
+    return x.view(num_modalities, x.shape[0] // num_modalities, *x.shape[1:])
+
+
+def per_channel(values: Tensor, spatial: int) -> Tensor:
+    """``values`` (last axis: channels) with ``spatial`` unit axes appended, to broadcast
+    against tensors whose channel axis is followed by that many spatial axes."""
+    return values.view(*values.shape, *([1] * spatial))
