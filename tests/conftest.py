@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cenfusion.data.synthetic import generate_segmentation_dataset
-from cenfusion.data.taskonomy import generate_taskonomy_dataset
+from cenfusion.data.synthetic_taskonomy import generate_taskonomy_dataset
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cenfusion.cli import build_parser, main
-from cenfusion.data.taskonomy import generate_taskonomy_dataset
+from cenfusion.data.synthetic_taskonomy import generate_taskonomy_dataset
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.launch import cen_command, launch, run_per_gpu
 from cenfusion.errors import CenError

@@ -16,10 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from cenfusion.data.class_names import (
     NYU40_CLASSES,
     SUN37_CLASSES,
+    SYNTHETIC_CLASSES,
     generic_class_names,
     resolve_class_names,
 )
-from cenfusion.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from cenfusion.errors import CenError
 from cenfusion.fusion import convert, exchange_stats, exchanging_norms
 from cenfusion.info import (

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cenfusion.data import synthetic
+from cenfusion.data import scenes, synthetic
 from cenfusion.data.listfile import ListFileDataset, nyudv2_modalities
-from cenfusion.data.synthetic import (
+from cenfusion.data.render import render, render_scene
+from cenfusion.data.scenes import (
     BLOCK,
     CABINET,
     CLASS_NAMES,
@@ -21,7 +22,6 @@ from cenfusion.data.synthetic import (
     FLOOR,
     IGNORE_INDEX,
     INTERACTION_CLASSES,
-    PALETTE,
     POSTER,
     RUG,
     SIGN_A,
@@ -31,13 +31,14 @@ from cenfusion.data.synthetic import (
     SIGN_COLOURS,
     WALL,
     camera_rotation,
+    sample_scene,
+    scale_about_camera,
+)
+from cenfusion.data.synthetic import (
+    PALETTE,
     default_data_root,
     ensure_synthetic,
     generate_segmentation_dataset,
-    render,
-    render_scene,
-    sample_scene,
-    scale_about_camera,
 )
 from cenfusion.data.transforms import train_transform
 from cenfusion.errors import CenError
@@ -51,7 +52,7 @@ def _sigma(z: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def renders() -> list[tuple[synthetic.Scene, dict, np.ndarray]]:
+def renders() -> list[tuple[scenes.Scene, dict, np.ndarray]]:
     """(scene, rendering, depth of the empty room) for 150 scenes at 60x80."""
     out = []
     for i in range(150):
@@ -185,12 +186,12 @@ def test_appearance_only_pairs(renders: list) -> None:
     assert np.mean(chroma[RUG]) > np.mean(chroma[FLOOR]) + 0.2
 
 
-def _camera_z(box: synthetic.Box, camera: synthetic.Camera) -> float:
+def _camera_z(box: scenes.Box, camera: scenes.Camera) -> float:
     """Depth of the box centre along the optical axis (what a depth sensor measures)."""
     return float((np.asarray(box.center) - camera.position) @ camera_rotation(camera)[:, 2])
 
 
-def _image_box(box: synthetic.Box, camera: synthetic.Camera) -> np.ndarray:
+def _image_box(box: scenes.Box, camera: scenes.Camera) -> np.ndarray:
     """Where the box appears, ``(u0, v0, u1, v1)`` in image widths from the image centre."""
     c, s = np.cos(box.yaw), np.sin(box.yaw)
     yaw = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])

@@ -11,31 +11,25 @@ import torch
 from PIL import Image
 
 from cenfusion import CenError
-from cenfusion.data.synthetic import (
-    BLOCK,
-    CRATE,
-    HEADLIGHT,
-    IGNORE_INDEX,
-    INTERACTION_CLASSES,
-    predictable_scene,
-    render,
-    sample_scene,
+from cenfusion.data.render import HEADLIGHT, predictable_scene, render
+from cenfusion.data.scenes import BLOCK, CRATE, IGNORE_INDEX, INTERACTION_CLASSES, sample_scene
+from cenfusion.data.synthetic_taskonomy import (
+    SYNTHETIC_DOMAINS,
+    ensure_synthetic_taskonomy,
+    generate_taskonomy_dataset,
+    taskonomy_domains,
 )
 from cenfusion.data.taskonomy import (
     DOMAINS,
-    SYNTHETIC_DOMAINS,
     TaskonomyDataset,
     decode_domain,
     decode_domain_8bit,
     domain_file,
-    ensure_synthetic_taskonomy,
-    generate_taskonomy_dataset,
     load_split,
     prepare_taskonomy,
     read_domain,
     read_split_file,
     resolve_domain,
-    taskonomy_domains,
     to_tensor,
     write_split_file,
 )

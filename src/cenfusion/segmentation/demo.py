@@ -42,7 +42,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from cenfusion.data.synthetic import CLASS_NAMES, INTERACTION_CLASSES
+from cenfusion.data.scenes import CLASS_NAMES, INTERACTION_CLASSES
 from cenfusion.engine.run import EPOCH_RECORD, METRICS, LogRouting, log
 from cenfusion.engine.threads import available_cpus
 from cenfusion.errors import CenError

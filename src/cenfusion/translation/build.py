@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from cenfusion.data.taskonomy import TaskonomyDataset, ensure_synthetic_taskonomy
+from cenfusion.data.synthetic_taskonomy import ensure_synthetic_taskonomy
+from cenfusion.data.taskonomy import TaskonomyDataset
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import Context

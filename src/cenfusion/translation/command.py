@@ -105,7 +105,7 @@ def _run_taskonomy(args: argparse.Namespace) -> None:
 
 
 def _run_synthetic(args: argparse.Namespace) -> None:
-    from cenfusion.data.taskonomy import generate_taskonomy_dataset
+    from cenfusion.data.synthetic_taskonomy import generate_taskonomy_dataset
 
     out = generate_taskonomy_dataset(args.out, args.num_train, args.num_val, args.size, args.seed)
     log.info(f"wrote {out}: {args.num_train} train / {args.num_val} val synthetic views")
