@@ -1,5 +1,6 @@
 """``check_dataset``: every line, file, size, bit depth and label of a data root, cached."""
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -63,8 +64,9 @@ def run(root: Path, tmp_path: Path, **kwargs) -> tuple[check.CheckReport | None,
         "report": lines.append,
     }
     try:
+        modalities = kwargs.pop("modalities", nyudv2_modalities())
         report = check_dataset(
-            root, ["train.txt", "val.txt"], nyudv2_modalities(), **{**arguments, **kwargs}
+            root, ["train.txt", "val.txt"], modalities, **{**arguments, **kwargs}
         )
     except CenError as err:
         more = re.fullmatch(r"\.\.\. and (\d+) more problems", lines[-1])
@@ -149,6 +151,17 @@ def test_all_problems_are_reported_up_to_the_cap(root: Path, tmp_path: Path) -> 
     assert sum("train.txt:1: file rgb/t0.png does not exist" in line for line in lines) == 1
     _, capped = run(root, tmp_path, max_problems=2)
     assert capped[2:] == ["... and 4 more problems"]
+
+
+def test_a_column_every_line_lacks_is_one_problem_per_list(root: Path, tmp_path: Path) -> None:
+    rgb, depth = nyudv2_modalities()
+    far = [rgb, dataclasses.replace(depth, column=9)]
+    report, lines = run(root, tmp_path, modalities=far)
+    assert report is None and len(lines) == 2
+    assert lines[0].startswith(f"{root / 'train.txt'}:1: expected at least 10 tab-separated")
+    assert lines[0].endswith("got 3; 2 more lines are as short")
+    assert lines[1].endswith("val.txt:1: expected at least 10 tab-separated columns "
+                             "(columns [0, 1, 9] are read), got 3; 1 more line is as short")  # fmt: skip
 
 
 def test_mixed_depth_accepted_when_allowed(root: Path, tmp_path: Path) -> None:

@@ -87,6 +87,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     broken = images / "depth" / "1.png"
     broken.write_bytes(broken.read_bytes()[:60])
     paths["images"] = images
+    paths["text"] = folder / "text.txt"
+    paths["text"].write_text("not a checkpoint\n")
+    paths["yaml"] = folder / "settings.yaml"
+    paths["yaml"].write_text("lamda: 0.1\n")
     return paths
 
 
@@ -176,6 +180,12 @@ TABLE: list[tuple[str, Row]] = [
     ("i2i lamda", lambda f, s, i, r: ([*i2i_args(i, r), "--lamda", "-1"], "--lamda")),
     ("i2i crop", lambda f, s, i, r: ([*i2i_args(i, r), "--crop-size", "7"], "--crop-size")),
     ("i2i lr", lambda f, s, i, r: ([*i2i_args(i, r), "--lr-g", "0"], "--lr-g")),
+    ("i2i img-types 99 0", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--img-types", "99", "0"], "--img-types: 99 is out of range")),
+    ("export a text file", lambda f, s, i, r: (
+        ["export", "onnx", str(f["text"]), str(r / "m.onnx")], "text.txt: neither")),
+    ("export a YAML file", lambda f, s, i, r: (
+        ["export", "onnx", str(f["yaml"]), str(r / "m.onnx")], "not a PyTorch file)")),
     ("i2i gpu", lambda f, s, i, r: ([*i2i_args(i, r), "--gpu", "3"], "--gpu 3")),
     ("i2i existing run", lambda f, s, i, r: (i2i_args(i, r, "old"), "--resume")),
     ("i2i truncated resume", lambda f, s, i, r: (

@@ -48,6 +48,10 @@ def describe_load_error(err: BaseException) -> str:
         return "truncated or damaged (the file ends before its data does)"
     if "mmap can only be used" in text:
         return "not in the zip format of torch.save"
+    if isinstance(err, (KeyError, IndexError, UnicodeDecodeError)) or "UnpicklingError" in repr(
+        type(err)
+    ):
+        return "not a PyTorch file"
     if re.search(r"Unsupported operand|invalid load key|could not find MARK", text):
         return "not a PyTorch file"
     first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)

@@ -302,6 +302,7 @@ def check_dataset(
     for list_path, lines in lists:
         width: int | None = None
         listed = 0
+        short: list[tuple[int, int]] = []
         for number, line in enumerate(lines, start=1):
             bar.update()
             if not line.strip():
@@ -309,10 +310,7 @@ def check_dataset(
             columns = split_line(line.strip())
             where = f"{list_path}:{number}"
             if width is None and len(columns) <= used[-1]:
-                checker.problems.append(
-                    f"{where}: expected at least {used[-1] + 1} tab-separated columns "
-                    f"(columns {used} are read), got {len(columns)}"
-                )
+                short.append((number, len(columns)))
             elif len(columns) != (width := width or len(columns)):
                 checker.problems.append(
                     f"{where}: expected {width} tab-separated columns like the first line, "
@@ -321,7 +319,15 @@ def check_dataset(
             else:
                 listed += 1
                 checker.check_sample(where, columns)
-        if not listed:
+        if short:
+            number, got = short[0]
+            rest = len(short) - 1
+            more = f"; {rest} more line{'s are' if rest > 1 else ' is'} as short" if rest else ""
+            checker.problems.append(
+                f"{list_path}:{number}: expected at least {used[-1] + 1} tab-separated columns "
+                f"(columns {used} are read), got {got}{more}"
+            )
+        elif not listed:
             checker.problems.append(f"list file {list_path} lists no samples")
         samples += listed
     bar.close()

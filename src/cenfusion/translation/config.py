@@ -89,15 +89,15 @@ class TranslationConfig(RunConfig):
         """Raise :class:`CenError` (one line) for settings that cannot run."""
         super().validate()
         types = self.img_types
+        for t in types:
+            if not 0 <= t < len(DOMAINS):
+                table = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
+                raise CenError(f"--img-types: {t} is out of range, expected 0..9 ({table})")
         if len(types) < 3:
             raise CenError(
                 f"--img-types {' '.join(map(str, types))}: expected at least two inputs and "
                 "a target, e.g. --img-types 2 7 0"
             )
-        for t in types:
-            if not 0 <= t < len(DOMAINS):
-                table = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
-                raise CenError(f"--img-types: {t} is out of range, expected 0..9 ({table})")
         if self.target in self.inputs:
             raise CenError(
                 f"--img-types: the target {self.target} ({DOMAINS[self.target]}) is also an input"
