@@ -296,7 +296,8 @@ def test_a_read_only_folder_is_one_line_naming_the_file(
 class WritePoints:
     """Counts write points (and, with ``steps``, training steps: a kill there is one
     mid-epoch); the ``kill_at``-th one SIGKILLs this process (0: never). ``kinds`` names
-    each point: ``save``, ``replace``, ``append`` or ``step``."""
+    each point: ``save``, ``replace``, ``append``, ``image`` (a picture written, e.g. a
+    translation prediction) or ``step``."""
 
     def __init__(
         self, monkeypatch: pytest.MonkeyPatch, kill_at: int = 0, steps: bool = False
@@ -327,8 +328,15 @@ class WritePoints:
             real_append(path, record)
             self.point("append")
 
+        real_image_save = Image.Image.save
+
+        def image_save(image: Image.Image, *args: object, **kwargs: object) -> None:
+            real_image_save(image, *args, **kwargs)
+            self.point("image")
+
         monkeypatch.setattr(torch, "save", save)
         monkeypatch.setattr(os, "replace", replace_)
+        monkeypatch.setattr(Image.Image, "save", image_save)
         for module in (run_module, seg_train, i2i_train):
             if getattr(module, "append_metrics", None) is real_append:
                 monkeypatch.setattr(module, "append_metrics", append)
@@ -368,18 +376,21 @@ def killed_run(kill_at: int, *args: object) -> bool:
 
 
 def outcome(run_dir: Path) -> dict[str, object]:
-    """Weights of last and best checkpoints, and metrics lines without their timings."""
+    """Weights of last and best checkpoints, metrics lines without their timings, and the
+    pictures the run wrote (translation predictions)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [{k: v for k, v in json.loads(line).items() if k not in TIMES} for line in lines]
     weights = {
         name: torch.load(run_dir / name, map_location="cpu", weights_only=True)["model"]
         for name in ("last.pth", "best.pth")
     }
-    return {"metrics": records, **weights}
+    images = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.png"))}
+    return {"metrics": records, "images": images, **weights}
 
 
 def assert_same(got: dict[str, object], expected: dict[str, object]) -> None:
     assert got["metrics"] == expected["metrics"]
+    assert got["images"] == expected["images"]
     for name in ("last.pth", "best.pth"):
         assert got[name].keys() == expected[name].keys()
         for key, value in expected[name].items():
