@@ -23,8 +23,8 @@ from cenfusion.models.unet import create_cen_unet
 from cenfusion.translation import train as train_module
 from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 from cenfusion.translation.config import TranslationConfig, load_config
-from cenfusion.translation.evaluate import Evaluator
-from cenfusion.translation.train import _branch_bce, evaluate_run, train
+from cenfusion.translation.evaluate import Evaluator, evaluate_run
+from cenfusion.translation.train import _branch_bce, train
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,8 @@ def config_from_args(args: argparse.Namespace) -> TranslationConfig:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from cenfusion.translation.train import evaluate_run, train
+    from cenfusion.translation.evaluate import evaluate_run
+    from cenfusion.translation.train import train
 
     cfg = config_from_args(args)
     resume = resume_path(args.resume, cfg.run_dir)

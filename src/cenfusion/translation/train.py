@@ -37,12 +37,10 @@ from torch.utils.data.distributed import DistributedSampler
 from cenfusion.data.taskonomy import DOMAINS
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.distributed import on_main
-from cenfusion.engine.run import BEST, LAST, log
+from cenfusion.engine.run import log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
-from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
-from cenfusion.models.unet import CENUNet, CENUNetConfig
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.reporting.plots import write_plots
 from cenfusion.translation.build import (
@@ -54,10 +52,9 @@ from cenfusion.translation.build import (
 )
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
+from cenfusion.translation.modelio import TASK
 
-__all__ = ["TranslationRecipe", "build_models", "evaluate_run", "train"]
-
-TASK = "translation"
+__all__ = ["TranslationRecipe", "build_models", "train"]
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -239,48 +236,3 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
         if best.score is not None:
             log.info(f"done: best {recipe.criterion} {best.score:.4f} at epoch {best.epoch}")
         return best
-
-
-def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (default ``runs/EXP/best.pth``, else ``last.pth``).
-
-    Writes the prediction layout into the run folder (``best/`` is left alone), appends an
-    ``{"evaluate": ...}`` line to the metrics log; returns ``{"checkpoint", "epoch", "metrics"}``.
-    Under torchrun rank 0 evaluates alone and every process returns its result.
-    """
-    run_dir = cfg.run_dir
-    path = checkpoint or next((run_dir / n for n in (BEST, LAST) if (run_dir / n).is_file()), None)
-    if path is None:
-        raise CenError(f"--evaluate: no checkpoint ({BEST} or {LAST}) in {run_dir}")
-    with prepare(cfg) as ctx:
-        state = load_checkpoint(path, task=TASK)
-        generator = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-        load_weights(generator, state["model"], str(path))
-        if generator.num_modalities != len(cfg.inputs):
-            raise CenError(
-                f"{path}: a model for {generator.num_modalities} inputs, but "
-                f"--img-types names {len(cfg.inputs)}"
-            )
-        _, val_set = datasets(cfg)
-        epoch = int(state["epoch"])
-        folder = ctx.open_folder(cfg, resuming=True, force=False)
-
-        def evaluate() -> dict[str, Any]:
-            evaluator = Evaluator(
-                ctx.loader(val_set, cfg),
-                ctx.device,
-                fid_extractor(cfg, ctx.device),
-                ctx.precision.autocast(),
-                cfg.eval_dropout,
-            )
-            metrics = evaluator(generator.to(ctx.device), run_dir)
-            log.info(
-                f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: "
-                f"{format_metrics(metrics)}"
-            )
-            folder.append_metrics(
-                {"evaluate": True, "checkpoint": path.name, "epoch": epoch, "val": metrics}
-            )
-            return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
-
-        return on_main(evaluate)
