@@ -303,7 +303,9 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
     torch.set_num_threads(1)
     masks: list[float] = []
     params: dict[str, dict[str, torch.Tensor]] = {}
-    step, fit = train_module.SegmentationRecipe.train_step, train_module.fit
+    import cenfusion.engine.trainer as engine
+
+    step, fit = train_module.SegmentationRecipe.train_step, engine.fit
 
     def recording_step(recipe: train_module.SegmentationRecipe, batch: dict) -> dict:
         masks.append(float(batch["mask"].double().sum()))
@@ -319,7 +321,7 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
         return best
 
     train_module.SegmentationRecipe.train_step = recording_step
-    train_module.fit = recording_fit
+    engine.fit = recording_fit
     try:
         progress = train(cfg)
         record = {"best": progress.score, "masks": masks, **params}

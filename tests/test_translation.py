@@ -373,7 +373,9 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     torch.set_num_threads(1)
     seen: list[str] = []
     states: list[dict] = []
-    step, fit = train_module.TranslationRecipe.train_step, train_module.fit
+    import cenfusion.engine.trainer as engine
+
+    step, fit = train_module.TranslationRecipe.train_step, engine.fit
 
     def recording_step(recipe: train_module.TranslationRecipe, batch: dict) -> dict:
         seen.extend(batch["name"])
@@ -387,7 +389,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
         return best
 
     train_module.TranslationRecipe.train_step = recording_step
-    train_module.fit = recording_fit
+    engine.fit = recording_fit
     try:
         best = train(cfg)
         evaluated = evaluate_run(cfg)["metrics"]["l1"]

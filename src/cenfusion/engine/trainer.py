@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
 from cenfusion.engine.heap import kept_cpu_memory
@@ -196,6 +196,20 @@ class Recipe(ABC):
     """A task's part of a training run. Built with its models, optimisers and loaders ready."""
 
     task: str
+    #: Whether a higher validation score is better (mIoU) or a lower one (FID, L1).
+    higher_is_better: bool = True
+
+    def start_line(self) -> str:
+        """The log line that opens a run: what is trained on what, where."""
+        return f"{self.task}: {self.num_epochs()} epochs"
+
+    def best_line(self, best: BestScore) -> str | None:
+        """The log line that closes a run with its best validation, if there was one."""
+        return None
+
+    def keeps_best(self, state: dict[str, Any]) -> bool:
+        """Whether the best score saved in ``state`` still counts (the same criterion)."""
+        return True
 
     @abstractmethod
     def num_epochs(self) -> int:
@@ -324,7 +338,6 @@ def fit(
     recipe: Recipe,
     config: Any,
     folder: RunFolder,
-    higher_is_better: bool,
     resume: dict[str, Any] | None = None,
     where: str = "checkpoint",
     after_validation: Callable[[Path], None] | None = None,
@@ -336,14 +349,15 @@ def fit(
     ``after_validation(run_folder)`` runs on the main process once a validation's line is
     written: the task's reports (plots) hang there, so the engine knows nothing of them.
     """
-    best = BestScore(higher_is_better)
+    best = BestScore(recipe.higher_is_better)
     start = 0
     if resume is not None:
         recipe.load_state_dict(resume, where)
         start = int(resume.get("epoch", 0))
         saved = resume.get("best") or {}
-        if saved.get("higher", higher_is_better) == higher_is_better:
-            best = BestScore(**{**saved, "higher": higher_is_better})
+        same = saved.get("higher", recipe.higher_is_better) == recipe.higher_is_better
+        if same and recipe.keeps_best(resume):
+            best = BestScore(**{**saved, "higher": recipe.higher_is_better})
         if "rng" in resume:
             restore_rng(resume["rng"])
         folder.truncate_metrics(start)
@@ -375,3 +389,32 @@ def fit(
     finally:
         scalars.close()
     return best
+
+
+def run_training(
+    cfg: Any,
+    task: str,
+    build: Callable[[Context, dict[str, Any] | None, str], Recipe],
+    resume: Path | None = None,
+    force: bool = False,
+    after_validation: Callable[[Path], None] | None = None,
+) -> BestScore:
+    """The run sequence every task shares: validate the settings, set up the process, read
+    the checkpoint ``resume`` (of ``task``), let the task ``build(ctx, state, where)`` its
+    recipe (data, model, checks), claim the run folder, train to the end of the schedule and
+    log the best validation. A checkpoint that holds an epoch is continued (its run
+    folder is this run's); one with weights only (a converted released model) starts a new
+    run from those weights. ``after_validation`` runs when ``cfg.plots`` is on.
+    """
+    with prepare(cfg) as ctx:
+        state = load_checkpoint(resume, task=task) if resume is not None else None
+        where = str(resume)
+        recipe = build(ctx, state, where)
+        continuing = state is not None and "epoch" in state
+        folder = ctx.open_folder(cfg, resuming=continuing, force=force)
+        log.info(recipe.start_line())
+        report = after_validation if getattr(cfg, "plots", False) else None
+        best = fit(recipe, cfg, folder, state if continuing else None, where, report)
+        if (line := recipe.best_line(best)) is not None:
+            log.info(line)
+        return best

@@ -21,7 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
+from cenfusion.engine.trainer import BestScore, Context, Recipe, prepare, run_training
 from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
@@ -149,6 +149,20 @@ class SegmentationRecipe(Recipe):
             )
         return line
 
+    def start_line(self) -> str:
+        train = len(self.train_loader.dataset) if self.train_loader else 0
+        millions = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return (
+            f"model {self.model.config.backbone}: {millions:.1f} M parameters, {train} train / "
+            f"{len(self.val_loader.dataset)} val samples, device {self.ctx.device}"
+        )
+
+    def best_line(self, best: BestScore) -> str | None:
+        if best.metrics is None:
+            return None
+        head = f"best (ensemble mIoU {best.score:.2f}, epoch {best.epoch}):\n"
+        return head + format_scores(best.metrics)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **model_record(self.model),
@@ -181,44 +195,43 @@ def train(
         raise CenError("--evaluate: needs --resume CHECKPOINT (the weights to evaluate)")
     if save_img and not evaluate_only:
         raise CenError("--save-img: only with --evaluate (validation panels of a checkpoint)")
+    if evaluate_only:
+        return _evaluate(cfg, resume, save_img)
+
+    def build(ctx: Context, state: dict[str, Any] | None, where: str) -> SegmentationRecipe:
+        return _recipe(cfg, ctx, state, where, training=True)
+
+    return run_training(cfg, TASK, build, resume, force, write_plots)
+
+
+def _recipe(
+    cfg: SegmentationConfig,
+    ctx: Context,
+    state: dict[str, Any] | None,
+    where: str,
+    training: bool,
+) -> SegmentationRecipe:
+    """Data checked, loaders, and the model: the checkpoint's (checked against the
+    settings) or a new one."""
+    check_data(cfg, training=training)
+    loaders = build_loaders(cfg, ctx, training=training)
+    model = model_from_record(state, where) if state else build_model(cfg)
+    if state is not None:
+        check_model_fits(model, cfg, where)
+        if training:
+            check_resumed_model(model, cfg, where)
+    return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
+
+
+def _evaluate(cfg: SegmentationConfig, resume: Path, save_img: bool) -> BestScore:
+    """``--evaluate``: score the checkpoint on the validation list into ``runs/EXP``."""
     with prepare(cfg) as ctx:
-        check_data(cfg, training=not evaluate_only)
-        loaders = build_loaders(cfg, ctx, training=not evaluate_only)
-        state = load_checkpoint(resume, task=TASK) if resume is not None else None
-        model = model_from_record(state, str(resume)) if state else build_model(cfg)
-        if state is not None:
-            check_model_fits(model, cfg, str(resume))
-            if not evaluate_only:
-                check_resumed_model(model, cfg, str(resume))
-        recipe = SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
-        resuming = state is not None and "optimizer" in state
-        folder = ctx.open_folder(cfg, resuming=resuming or evaluate_only, force=force)
-        train_count = len(recipe.train_loader.dataset) if recipe.train_loader else 0
-        log.info(
-            f"model {model.config.backbone}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}"
-            f" M parameters, {train_count} train / {len(recipe.val_loader.dataset)} val samples,"
-            f" device {ctx.device}"
-        )
-        if evaluate_only:
-            image_dir = folder.path / "images" if save_img else None
-            scores = evaluate(
-                recipe.net, recipe.val_loader, cfg, ctx.device, ctx.precision, image_dir
-            )
-            log.info(format_scores(scores))
-            folder.append_metrics({"evaluate": str(resume), "val": scores})
-            return BestScore(True, float(scores["ensemble"]["miou"]), 0, scores)
-        best = fit(
-            recipe,
-            cfg,
-            folder,
-            True,
-            state if resuming else None,
-            str(resume),
-            write_plots if cfg.plots else None,
-        )
-        if best.metrics is not None:
-            log.info(
-                f"best (ensemble mIoU {best.score:.2f}, epoch {best.epoch}):\n"
-                + format_scores(best.metrics)
-            )
-        return best
+        state = load_checkpoint(resume, task=TASK)
+        recipe = _recipe(cfg, ctx, state, str(resume), training=False)
+        folder = ctx.open_folder(cfg, resuming=True, force=False)
+        log.info(recipe.start_line())
+        image_dir = folder.path / "images" if save_img else None
+        scores = evaluate(recipe.net, recipe.val_loader, cfg, ctx.device, ctx.precision, image_dir)
+        log.info(format_scores(scores))
+        folder.append_metrics({"evaluate": str(resume), "val": scores})
+        return BestScore(True, float(scores["ensemble"]["miou"]), 0, scores)

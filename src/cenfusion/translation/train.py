@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.taskonomy import DOMAINS
-from cenfusion.engine.checkpoint import load_checkpoint, load_weights
+from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import BestScore, Context, Recipe, fit, prepare
+from cenfusion.engine.trainer import BestScore, Context, Recipe, run_training
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
 from cenfusion.reporting.exchange import exchange_record
@@ -71,12 +71,13 @@ def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
 
 class TranslationRecipe(Recipe):
     task = TASK
+    higher_is_better = False
 
     def __init__(
         self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]
     ) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.train_loader, val_loader = loaders
+        self.train_loader, self.val_loader = loaders
         torch.manual_seed(cfg.seed)
         generator, discriminator = build_models(cfg)
         self.generator = generator.to(ctx.device)
@@ -86,7 +87,7 @@ class TranslationRecipe(Recipe):
         )
         self._use_discriminator(discriminator)
         self.evaluator: Evaluator | None = None
-        self.criterion = on_main(lambda: self._build_evaluator(val_loader))
+        self.criterion = on_main(lambda: self._build_evaluator(self.val_loader))
 
     def _use_discriminator(self, discriminator: PatchDiscriminator) -> None:
         """Train ``discriminator`` (on the run's device, with its own optimiser)."""
@@ -96,6 +97,30 @@ class TranslationRecipe(Recipe):
         self.opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas
         )
+
+    def start_line(self) -> str:
+        cfg, ctx = self.cfg, self.ctx
+        inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
+        processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
+        return (
+            f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; "
+            f"{len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val "
+            f"views, device {ctx.device}{processes}"
+        )
+
+    def best_line(self, best: BestScore) -> str | None:
+        if best.score is None:
+            return None
+        return f"done: best {self.criterion} {best.score:.4f} at epoch {best.epoch}"
+
+    def keeps_best(self, state: dict[str, Any]) -> bool:
+        if state.get("criterion") == self.criterion:
+            return True
+        log.info(
+            f"the best epoch was chosen by {state.get('criterion')}, now by "
+            f"{self.criterion}: best tracking restarts"
+        )
+        return False
 
     def _build_evaluator(self, val_loader: DataLoader) -> str:
         """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
@@ -212,27 +237,10 @@ class TranslationRecipe(Recipe):
 def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = False) -> BestScore:
     """Train (or continue the checkpoint ``resume``) up to ``cfg.epochs``; returns the best
     validation: ``score`` (ensemble FID, or L1), ``epoch`` and its ``metrics``."""
-    with prepare(cfg) as ctx:
+
+    def build(ctx: Context, state: dict[str, Any] | None, where: str) -> TranslationRecipe:
         train_set, val_set = datasets(cfg)
-        state = load_checkpoint(resume, task=TASK) if resume is not None else None
         loaders = (train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
-        recipe = TranslationRecipe(cfg, ctx, loaders)
-        folder = ctx.open_folder(cfg, resuming=state is not None, force=force)
-        inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
-        processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
-        log.info(
-            f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; {len(train_set)} train / "
-            f"{len(val_set)} val views, device {ctx.device}{processes}"
-        )
-        if state is not None and state.get("criterion") != recipe.criterion:
-            log.info(
-                f"the best epoch was chosen by {state.get('criterion')}, now by "
-                f"{recipe.criterion}: best tracking restarts"
-            )
-            state = {**state, "best": None}
-        best = fit(
-            recipe, cfg, folder, False, state, str(resume), write_plots if cfg.plots else None
-        )
-        if best.score is not None:
-            log.info(f"done: best {recipe.criterion} {best.score:.4f} at epoch {best.epoch}")
-        return best
+        return TranslationRecipe(cfg, ctx, loaders)
+
+    return run_training(cfg, TASK, build, resume, force, write_plots)
