@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from cenfusion.engine.run import LogRouting
+from cenfusion.engine.config import add_config_flags, given_flags
+from cenfusion.engine.run import LogRouting, RunConfig
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
 from cenfusion.segmentation.command import add_seg_data_parsers, add_seg_parser
 from cenfusion.segmentation.config import SYNTHETIC
@@ -23,9 +24,7 @@ INTERNAL_FRAMES = 4
 def _demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    common = {"runs": args.runs, "device": args.device}
-    if args.seed is not None:
-        common["seed"] = args.seed
+    common = given_flags(RunConfig, args)  # --seed too: it is a RunConfig field
     if args.task == "i2i":
         from cenfusion.translation.demo import run_translation_demo
 
@@ -140,9 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="seg",
         help="seg: the segmentation ablation; i2i: shading + texture -> RGB (default seg)",
     )
-    demo.add_argument("--runs", type=Path, default=Path("runs"))
-    demo.add_argument("--seed", type=int, default=None, help="default: the demo's own")
-    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_config_flags(demo, RunConfig, only=("runs", "device"))
+    demo.add_argument("--seed", type=int, help="random seed (default: the demo's own)")
     demo.add_argument(
         "--epochs",
         type=int,

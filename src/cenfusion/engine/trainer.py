@@ -1,9 +1,11 @@
-"""The training loop both tasks run, and the contract a task fills in (:class:`Recipe`).
+"""The training run both tasks use, and the contract a task fills in (:class:`Recipe`).
 
-A task supplies its models, optimisers and data (in its recipe's constructor), one training
-step, one validation and its checkpoint state. The engine owns the rest: the epoch loop with
-its progress bar, mixed precision, the non-finite-loss stop, the best-score tracker, the one
-checkpoint schema, resume, the metrics log and TensorBoard.
+A task supplies a function that builds its recipe (data, models, optimisers, checks), one
+training step, one validation, its checkpoint state and its log lines. The engine owns the
+rest: the run sequence (:func:`run_training`: settings, process set-up, checkpoint, run
+folder), the epoch loop with its progress bar, mixed precision, the non-finite-loss stop,
+the best-score tracker, the one checkpoint schema, resume, the metrics log and TensorBoard;
+reports hang on a hook it calls after each validation.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_seg_train)
 
 
-_PREDICT_SETTINGS = ("amp", "channels_last", "compile", "keep_memory")
+_PREDICT_SETTINGS = ("device", "amp", "channels_last", "compile", "keep_memory")
 
 
 def _seg_predict(args: argparse.Namespace) -> None:
@@ -104,7 +104,6 @@ def _seg_predict(args: argparse.Namespace) -> None:
         depth_scale=args.depth_scale,
         size=tuple(args.size) if args.size else None,
         heads=args.heads,
-        device=args.device,
         official=args.official,
         modalities=modalities,
         num_classes=args.num_classes,
@@ -201,7 +200,6 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="force (or rule out) the released .pth.tar format (default: detect)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_config_flags(p, RunConfig, only=_PREDICT_SETTINGS)
     p.set_defaults(run=_seg_predict)
 

@@ -24,7 +24,6 @@ class SegmentationConfig(RunConfig):
     ``data=None`` means the embedded synthetic set, generated into the cache on first use.
     """
 
-    exp: str = setting("cen", "experiment name: the run folder RUNS/EXP", aliases=("-c", "--ckpt"))
     batch_size: int = setting(6, "samples per step and process")
     seed: int = setting(42, "random seed", aliases=("--random-seed",))
     train_list: str = setting("train.txt", "training list file, relative to --data")
