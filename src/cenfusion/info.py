@@ -153,6 +153,56 @@ def _size(size: tuple[int, int] | int | None, default: tuple[int, int]) -> tuple
     return (int(size[0]), int(size[1]))
 
 
+@dataclass(frozen=True)
+class _Summary:
+    """What ``cen info`` reads from one task's checkpoint."""
+
+    model: nn.Module
+    modalities: list[str]
+    classes: Sequence[str]
+    default_size: tuple[int, int]
+    progress: str | None
+
+
+def _segmentation(state: dict[str, Any], where: str) -> _Summary:
+    from cenfusion.segmentation.modelio import model_from_record
+
+    model = model_from_record(state, where)
+    config = state.get("config") or {}
+    classes = resolve_class_names(
+        model.config.num_classes,
+        config.get("data"),
+        synthetic="data" in config and config["data"] is None,
+    )
+    progress = None
+    epochs = config.get("epochs")
+    if "epoch" in state and isinstance(epochs, list):
+        progress = f"{int(state['epoch'])} of {sum(epochs)} epochs done"
+        best = state.get("best") or {}
+        if isinstance(best.get("score"), float):
+            progress += f"; best ensemble mIoU {best['score']:.2f}"
+    modalities = [str(m).split(":")[0] for m in config.get("modalities", [])]
+    return _Summary(model, modalities, classes, SEGMENTATION_SIZE, progress)
+
+
+def _translation(state: dict[str, Any], where: str) -> _Summary:
+    from cenfusion.data.taskonomy import DOMAINS
+    from cenfusion.models.unet import CENUNet, CENUNetConfig
+
+    model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
+    load_weights(model, state["model"], where)
+    config = state.get("config") or {}
+    types = config.get("img_types", [])
+    modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
+    side = int(config.get("crop_size", TRANSLATION_SIZE))
+    progress = f"epoch {state['epoch']}" if "epoch" in state else None
+    return _Summary(model, modalities, (), (side, side), progress)
+
+
+#: How each task's checkpoint is summarised, by the checkpoint's ``task``.
+SUMMARIES = {"segmentation": _segmentation, "translation": _translation}
+
+
 def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = None) -> ModelInfo:
     """Summarise the model of a cenfusion checkpoint (segmentation or translation).
 
@@ -165,44 +215,20 @@ def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = 
     path = Path(path)
     state = load_checkpoint(path)
     task = state.get("task")
-    if task == "segmentation":
-        from cenfusion.segmentation.modelio import model_from_record
-
-        model = model_from_record(state, str(path))
-        config = state.get("config") or {}
-        modalities = [str(m).split(":")[0] for m in config.get("modalities", [])]
-        classes = resolve_class_names(
-            model.config.num_classes,
-            config.get("data"),
-            synthetic="data" in config and config["data"] is None,
-        )
-        default_size = SEGMENTATION_SIZE
-        progress = None
-        epochs = config.get("epochs")
-        if "epoch" in state and isinstance(epochs, list):
-            progress = f"{int(state['epoch'])} of {sum(epochs)} epochs done"
-            best = state.get("best") or {}
-            if isinstance(best.get("score"), float):
-                progress += f"; best ensemble mIoU {best['score']:.2f}"
-    elif task == "translation":
-        from cenfusion.data.taskonomy import DOMAINS
-        from cenfusion.models.unet import CENUNet, CENUNetConfig
-
-        model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-        load_weights(model, state["model"], str(path))
-        config = state.get("config") or {}
-        types = config.get("img_types", [])
-        modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
-        classes = ()
-        side = int(config.get("crop_size", TRANSLATION_SIZE))
-        default_size = (side, side)
-        progress = f"epoch {state['epoch']}" if "epoch" in state else None
-    else:
-        raise CenError(f"{path}: a {task} checkpoint; expected segmentation or translation")
-    if len(modalities) != model.num_modalities:
+    if task not in SUMMARIES:
+        raise CenError(f"{path}: a {task} checkpoint; expected {' or '.join(SUMMARIES)}")
+    summary = SUMMARIES[task](state, str(path))
+    modalities = summary.modalities
+    if len(modalities) != summary.model.num_modalities:
         modalities = []
     return model_info(
-        model, _size(size, default_size), modalities, classes, task, str(path), progress
+        summary.model,
+        _size(size, summary.default_size),
+        modalities,
+        summary.classes,
+        task,
+        str(path),
+        summary.progress,
     )
 
 
