@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from cenfusion.cli import build_parser
-from cenfusion.engine import trainer
+from cenfusion.engine import runtime
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name, given_flags
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
-from cenfusion.engine.trainer import CompiledOrEager, Precision
+from cenfusion.engine.runtime import CompiledOrEager, Precision
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
 from cenfusion.segmentation.build import build_model
@@ -251,8 +251,8 @@ def test_fast_paths_compute_the_same_training(seg_data, tmp_path, changes) -> No
 
 def test_amp_on_a_cpu_without_bfloat16_computes_in_float32(monkeypatch, capsys) -> None:
     cpu = torch.device("cpu")
-    assert Precision(True, cpu).dtype == (torch.bfloat16 if trainer.cpu_has_bfloat16() else None)
-    monkeypatch.setattr(trainer, "cpu_has_bfloat16", lambda: False)
+    assert Precision(True, cpu).dtype == (torch.bfloat16 if runtime.cpu_has_bfloat16() else None)
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: False)
     with LogRouting():
         precision = Precision(True, cpu)
         assert Precision(False, cpu).dtype is None

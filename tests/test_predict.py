@@ -332,7 +332,7 @@ def test_fast_path_flags_are_refused_for_an_onnx_file(tiny, tmp_path, capsys) ->
 def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
     tiny, tmp_path, kept_memory_calls, flags, kept
 ) -> None:
-    import cenfusion.segmentation.predict as module
+    import cenfusion.engine.runtime as module
 
     asked = kept_memory_calls(module)
     _, checkpoint = tiny

@@ -227,7 +227,7 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
 def test_cpu_evaluation_keeps_freed_memory_unless_told_not_to(
     setup, tmp_path, kept_memory_calls, flags, kept
 ) -> None:
-    import cenfusion.segmentation.evaluate as module
+    import cenfusion.engine.runtime as module
 
     asked = kept_memory_calls(module)
     _, _, checkpoint = setup

@@ -26,10 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cenfusion.engine.distributed import resolve_device
-from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.run import append_metrics, log
-from cenfusion.engine.trainer import CompiledOrEager, Precision
+from cenfusion.engine.runtime import Precision, inference_runtime
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
@@ -200,28 +198,27 @@ def evaluate_protocols(
     The checkpoint may be ours or a released ``.pth.tar``; its modality and class counts must
     match ``cfg``'s. Single process, batch 1 (validation images keep their own sizes).
     """
-    device = resolve_device(cfg.device, cfg.gpu)
-    precision = Precision(cfg.amp, device)
     model = load_segmenter(checkpoint, official).model
     check_model_fits(model, cfg, str(checkpoint))
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
     val_set = build_dataset(cfg, train=False)
-    loader = DataLoader(
-        val_set, batch_size=1, num_workers=cfg.workers, pin_memory=device.type == "cuda"
-    )
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
-    fast = CompiledOrEager(model) if cfg.compile else model
-    with kept_cpu_memory(cfg.keep_memory, device.type):
+    settings = ("device", "gpu", "amp", "channels_last", "compile", "keep_memory")
+    with inference_runtime(**{name: getattr(cfg, name) for name in settings}) as runtime:
+        fast = runtime.prepare(model)
+        loader = DataLoader(
+            val_set,
+            batch_size=1,
+            num_workers=cfg.workers,
+            pin_memory=runtime.device.type == "cuda",
+        )
         for protocol in protocols:
             net = (
                 fast
                 if protocol.single_pass
                 else TestTimeAugmentation(fast, kinds, protocol.scales, protocol.flip)
             )
-            results[protocol.label] = evaluate(net, loader, cfg, device, precision)
+            results[protocol.label] = evaluate(net, loader, cfg, runtime.device, runtime.precision)
     return results
 
 

@@ -38,9 +38,7 @@ from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.distributed import resolve_device
-from cenfusion.engine.heap import kept_cpu_memory
-from cenfusion.engine.trainer import CompiledOrEager, Precision
+from cenfusion.engine.runtime import Precision, inference_runtime
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
@@ -393,23 +391,16 @@ def predict(
 
     if heads and getattr(loaded.model, "heads", "all") == "ensemble":
         raise CenError(f"--heads: {checkpoint} was exported with the ensemble head only")
-    target = resolve_device(device)
-    model = loaded.model.to(target).eval()
-    num = model.config.num_classes
-    precision = Precision(amp, target)
-    net: nn.Module | OnnxSegmenter = model
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if compile:
-        net = CompiledOrEager(model)
+    num = loaded.model.config.num_classes
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
-    with kept_cpu_memory(keep_memory, target.type):
+    with inference_runtime(device, (), amp, channels_last, compile, keep_memory) as runtime:
+        net = runtime.prepare(loaded.model)
         for sample in bar:
             sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
             tensors, ref = load_inputs(sample, parsed, depth_scale)
-            labels = predict_sample(net, tensors, kinds, target, size, precision)
+            labels = predict_sample(net, tensors, kinds, runtime.device, size, runtime.precision)
             base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
             written += _write_prediction(out, sample.stem, labels[-1], base, num)
             if heads:
