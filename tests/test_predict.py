@@ -341,3 +341,39 @@ def test_cpu_prediction_keeps_freed_memory_unless_told_not_to(
     argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
     assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", *flags]) == 0
     assert asked == [(kept, "cpu")]
+
+
+def test_batched_prediction_equals_one_image_at_a_time(tmp_path) -> None:
+    """Images share a forward pass where the network sees them at one size (a change of size
+    mid-stream starts a new batch); every output equals the one-at-a-time run's, and the
+    labels vary (a classifier of unit-scale weights without bias) so that mixing up images
+    or their sizes would show."""
+    torch.manual_seed(2)
+    model = create_cen_refinenet(backbone="resnet26", num_classes=5, decoder_width=32).eval()
+    with torch.no_grad():
+        model.decoder.classifier.weight.normal_(0, 1)
+        model.decoder.classifier.bias.zero_()
+    checkpoint = tmp_path / "varied.pt"
+    save_checkpoint(checkpoint, model_record(model))
+    sizes = [(24, 32), (24, 32), (20, 28), (24, 32), (24, 32), (24, 32)]
+    pairs = [
+        (
+            write_rgb(tmp_path / "in" / f"{i}.png", h, w, seed=i),
+            write_depth(tmp_path / "in" / f"{i}_depth.png", h, w, seed=i),
+        )
+        for i, (h, w) in enumerate(sizes)
+    ]
+    for size in (None, (16, 24)):
+        outs = []
+        for batch in (1, 4):
+            out = tmp_path / f"out-{batch}-{size}"
+            predict(checkpoint, pairs, out, heads=True, device="cpu", size=size, batch_size=batch)
+            outs.append(out)
+        names = sorted(p.name for p in outs[0].iterdir())
+        assert len(names) == 6 * 3 * 3 and names == sorted(p.name for p in outs[1].iterdir())
+        for name in names:
+            assert np.array_equal(read(outs[0] / name), read(outs[1] / name)), (size, name)
+    labels = read(tmp_path / "out-4-None" / "2_label.png")
+    assert labels.shape == (20, 28) and len(np.unique(labels)) >= 2
+    expected = reference_labels(model, network_inputs(*pairs[2]))[-1]
+    assert (labels == expected).mean() > 0.999

@@ -107,6 +107,7 @@ def _seg_predict(args: argparse.Namespace) -> None:
         official=args.official,
         modalities=modalities,
         num_classes=args.num_classes,
+        batch_size=args.batch_size,
         **{
             name: getattr(RunConfig, name) if getattr(args, name) is None else getattr(args, name)
             for name in _PREDICT_SETTINGS
@@ -193,6 +194,13 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         help="size the network sees; outputs keep each image's own size",
     )
     p.add_argument("--heads", action="store_true", help="also write each modality's head")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per forward pass (1); images share one where the network sees them at "
+        "one size (--size, or equal sizes)",
+    )
     p.add_argument("--num-classes", type=int, help="refuse a checkpoint with another count")
     p.add_argument(
         "--official",

@@ -296,27 +296,34 @@ def _write_prediction(
 
 
 @torch.inference_mode()
-def predict_sample(
+def predict_batch(
     model: nn.Module | OnnxSegmenter,
-    inputs: Sequence[Tensor],
+    samples: Sequence[Sequence[Tensor]],
     kinds: Sequence[str],
     device: torch.device,
     size: tuple[int, int] | None = None,
     precision: Precision | None = None,
-) -> list[np.ndarray]:
-    """Labels ``(H, W)`` uint8 of every head (modalities, then the ensemble) for one sample.
+) -> list[list[np.ndarray]]:
+    """Labels ``(H, W)`` uint8 of every head (modalities, then the ensemble) for each sample,
+    from one forward pass over all of them.
 
-    ``inputs``: ``M`` normalised tensors ``(3, H, W)``. With ``size``, the network sees the
-    inputs resized to ``size`` and the logits are resized back to ``(H, W)`` before the
-    argmax (bilinear, as in evaluation). ``precision``: the autocast the network runs under.
+    ``samples``: per sample ``M`` normalised tensors ``(3, H, W)``; the network sees them at
+    ``size`` when given (resized), else at their own size, which must then be the same for
+    all. Each sample's logits are resized back to its own ``(H, W)`` before the argmax
+    (bilinear, as in evaluation). ``precision``: the autocast the network runs under.
     """
-    original = tuple(inputs[0].shape[-2:])
-    batch = [x[None].to(device) for x in inputs]
-    if size is not None:
-        batch = [resize_input(x, k, size) for x, k in zip(batch, kinds)]
+    batch = []
+    for m, kind in enumerate(kinds):
+        views = [sample[m][None].to(device) for sample in samples]
+        if size is not None:
+            views = [resize_input(x, kind, size) for x in views]
+        batch.append(torch.cat(views))
     with (precision or Precision(False, device)).autocast():
         heads = model(batch)
-    return [predict_labels(h[0].float(), original) for h in heads]
+    return [
+        [predict_labels(h[b].float(), tuple(sample[0].shape[-2:])) for h in heads]
+        for b, sample in enumerate(samples)
+    ]
 
 
 def predict(
@@ -335,6 +342,7 @@ def predict(
     channels_last: bool = False,
     compile: bool = False,
     keep_memory: bool = True,
+    batch_size: int = 1,
 ) -> list[Path]:
     """Segment every sample of ``inputs`` with the model in ``checkpoint``; returns the
     files written under ``out`` (see the module docstring for their names).
@@ -357,8 +365,13 @@ def predict(
             eager fallback), for PyTorch checkpoints.
         keep_memory: on the CPU, keep freed memory in the process for the next tensors
             (:func:`cenfusion.engine.heap.kept_cpu_memory`).
+        batch_size: images per forward pass; consecutive images share one only where the
+            network sees them at one size (``size``, or images of equal size). The outputs
+            are those of one image at a time.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    if batch_size < 1:
+        raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
     flags = {"--amp": amp, "--channels-last": channels_last, "--compile": compile}
@@ -395,17 +408,32 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
+    pending: list[tuple[str, list[Tensor], int]] = []
+
+    def flush() -> None:
+        stacked = [tensors for _, tensors, _ in pending]
+        labels = predict_batch(net, stacked, kinds, runtime.device, size, runtime.precision)
+        for (stem, tensors, ref), maps in zip(pending, labels):
+            base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
+            written.extend(_write_prediction(out, stem, maps[-1], base, num))
+            if heads:
+                for m, head in zip(parsed, maps[:-1]):
+                    written.extend(_write_prediction(out, f"{stem}_{m.name}", head, base, num))
+        pending.clear()
+
     with inference_runtime(device, (), amp, channels_last, compile, keep_memory) as runtime:
         net = runtime.prepare(loaded.model)
         for sample in bar:
             sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
             tensors, ref = load_inputs(sample, parsed, depth_scale)
-            labels = predict_sample(net, tensors, kinds, runtime.device, size, runtime.precision)
-            base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
-            written += _write_prediction(out, sample.stem, labels[-1], base, num)
-            if heads:
-                for m, head in zip(parsed, labels[:-1]):
-                    written += _write_prediction(out, f"{sample.stem}_{m.name}", head, base, num)
+            seen = tuple(size or tensors[0].shape[-2:])
+            if pending and tuple(size or pending[0][1][0].shape[-2:]) != seen:
+                flush()
+            pending.append((sample.stem, tensors, ref))
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
     return written
 
 
