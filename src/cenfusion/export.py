@@ -15,8 +15,8 @@ under 1 s where the ``torch.export`` one (``dynamo=True``) took 11-22 s for the 
 small model, with the same outputs.
 
 The file carries metadata (modality names, heads, class count, the model config) that
-:class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads back. ``onnx`` and ``onnxruntime`` are an optional extra:
-``pip install cenfusion[onnx]``.
+:class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads back. ``onnx`` and
+``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
 """
 
 from __future__ import annotations

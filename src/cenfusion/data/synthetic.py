@@ -22,7 +22,7 @@ id  class      geometry                               appearance                
 255 (ignore)   small clutter boxes on the floor       any                              --
 ==  =========  =====================================  ===============================  ===========
 
-*decor*: a colour from the shared :data:`_DECOR_COLOURS` palette (jittered per instance),
+*decor*: a colour from the shared ``_DECOR_COLOURS`` palette (jittered per instance),
 plain or with a checker, dot or frame pattern in a second palette colour.
 
 Pairs told apart by one modality only:
@@ -36,7 +36,7 @@ Pairs told apart by one modality only:
 - both: e.g. cabinet / wall, rug / poster, crate / cabinet.
 
 A late fusion of per-modality predictions solves all of these. The *interaction* pair
-:data:`~cenfusion.data.scenes.INTERACTION_CLASSES` (sign-a / sign-b) it cannot solve: a sign is a thin upright panel
+:data:`INTERACTION_CLASSES` (sign-a / sign-b) it cannot solve: a sign is a thin upright panel
 floating 1.2 to 2.8 m in front of the camera, facing it, and it carries two independent coin
 flips, its colour family (:data:`SIGN_COLOURS`: warm or cool, seen by RGB only) and its
 distance band (:data:`SIGN_BANDS`: near or far, seen by depth only), each coming up warm or
@@ -67,14 +67,15 @@ from the same distribution. Depth carries Kinect-like noise (sigma grows with di
 squared), millimetre quantisation and holes (zeros) in blobs and along depth edges; RGB has
 Lambertian shading from a directional and a point light, vignetting and sensor noise.
 
-The generator is split as scene description (:func:`cenfusion.data.scenes.sample_scene`) ->
-per-pixel rendering (:func:`cenfusion.data.render.render`: depth, normals, labels, instances,
-albedo, shading, RGB, sensor depth) -> writers (:func:`generate_segmentation_dataset`
-here), so other domains (normals, shading, edges) can be written from the same scenes.
+Names without a module here (palettes, sign constants, :class:`Appearance`,
+:data:`INTERACTION_CLASSES`) are those of :mod:`cenfusion.data.scenes`. The generator is
+split as scene description (:func:`cenfusion.data.scenes.sample_scene`) -> per-pixel
+rendering (:func:`cenfusion.data.render.render`: depth, normals, labels, instances, albedo,
+shading, RGB, sensor depth) -> writers (:func:`generate_segmentation_dataset` here), so other
+domains (normals, shading, edges) can be written from the same scenes.
 :func:`cenfusion.data.render.predictable_scene` repaints a scene for translation, where
-every colour must follow from what shading and edges show. Everything is
-vectorised numpy; the default set (400 + 100 images of 60x80) takes a few seconds on one
-core.
+every colour must follow from what shading and edges show. Everything is vectorised numpy;
+the default set (400 + 100 images of 60x80) takes a few seconds on one core.
 """
 
 from __future__ import annotations

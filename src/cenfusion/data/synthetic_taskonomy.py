@@ -79,7 +79,7 @@ def _depth_jumps(depth: np.ndarray, tolerance: float = 0.03) -> np.ndarray:
 def taskonomy_domains(arrays: dict[str, np.ndarray], focal: float) -> dict[str, np.ndarray]:
     """The Taskonomy domains of one rendered view, as the PNG arrays the real data stores.
 
-    ``arrays`` is :func:`cenfusion.data.synthetic.render`'s output for an ``(H, W)`` image,
+    ``arrays`` is :func:`cenfusion.data.render.render`'s output for an ``(H, W)`` image,
     ``focal`` the camera's focal length in pixels. Each domain follows its Taskonomy
     definition, computed from the scene:
 
@@ -144,7 +144,7 @@ def generate_taskonomy_dataset(
 
     Scene ``i`` (rendered at ``size`` x ``size`` from ``numpy.random.default_rng([seed, i])``
     by :mod:`cenfusion.data.synthetic`, repainted and relit by
-    :func:`~cenfusion.data.synthetic.predictable_scene` so that the photo is learnable from
+    :func:`~cenfusion.data.render.predictable_scene` so that the photo is learnable from
     the other domains: each surface's colour follows from its class and pattern or
     silhouette, its shading from ``reshading``) becomes view ``point_i_view_0`` of every
     domain in :data:`SYNTHETIC_DOMAINS` (see :func:`taskonomy_domains`); scenes

@@ -1,7 +1,7 @@
 """The translation demo: shading + texture -> RGB on the embedded Taskonomy-style scenes.
 
 A small CEN U-Net (64x64, 6 levels) trained on the synthetic views, whose colours follow from
-what the two inputs show (:func:`cenfusion.data.synthetic.predictable_scene`). Exchange starts
+what the two inputs show (:func:`cenfusion.data.render.predictable_scene`). Exchange starts
 within the short schedule only with a generator learning rate above the released 2e-4: Adam
 moves each penalised gamma by about ``lr_g`` per step whatever ``lamda`` is, so 1e-3 brings
 them to the threshold after about 1000 steps (epoch 20). The run's report
