@@ -23,9 +23,11 @@ from cenfusion.segmentation.evaluate import (
     SINGLE_SCALE,
     Protocol,
     TestTimeAugmentation,
+    batches_by_size,
     eval_config,
     evaluate,
     evaluate_checkpoint,
+    evaluate_protocols,
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
@@ -50,6 +52,31 @@ def setup(tmp_path_factory):
     checkpoint = root / "best.pt"
     save_checkpoint(checkpoint, {**model_record(model), "config": config_to_dict(cfg)})
     return cfg, model, checkpoint
+
+
+def test_batched_evaluation_gives_the_scores_of_one_image_at_a_time(setup) -> None:
+    cfg, _, checkpoint = setup
+    protocols = [SINGLE_SCALE, MULTI_SCALE_FLIP]
+    one = evaluate_protocols(cfg, checkpoint, protocols)
+    three = evaluate_protocols(cfg, checkpoint, protocols, batch_size=3)
+    for protocol in protocols:
+        assert same(three[protocol.label], one[protocol.label]), protocol.label
+    with pytest.raises(CenError, match="--batch-size 0: expected >= 1"):
+        evaluate_protocols(cfg, checkpoint, protocols, batch_size=0)
+
+
+def test_a_batch_splits_where_the_image_size_changes() -> None:
+    def sample(h: int, w: int, name: str) -> dict:
+        return {"inputs": torch.zeros(2, 3, h, w), "mask": torch.zeros(h, w), "name": name}
+
+    sizes = [(4, 6), (4, 6), (5, 6), (4, 6)]
+    batches = batches_by_size([sample(h, w, str(i)) for i, (h, w) in enumerate(sizes)])
+    assert [b["name"] for b in batches] == [["0", "1"], ["2"], ["3"]]
+    assert [tuple(b["inputs"].shape) for b in batches] == [
+        (2, 2, 3, 4, 6),
+        (1, 2, 3, 5, 6),
+        (1, 2, 3, 4, 6),
+    ]
 
 
 def test_one_pass_at_scale_one_is_the_single_scale_evaluate(setup) -> None:

@@ -142,7 +142,7 @@ def _seg_eval(args: argparse.Namespace) -> None:
     given = given_flags(SegmentationConfig, args)
     cfg = eval_config(args.preset, args.config, given, args.resume)
     protocols = protocols_for(args.ms, args.scales, args.flip)
-    run_evaluation(cfg, args.resume, protocols, save="exp" in given)
+    run_evaluation(cfg, args.resume, protocols, save="exp" in given, batch_size=args.eval_batch)
 
 
 def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
@@ -228,6 +228,13 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
     add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)
     p.add_argument("--ms", action="store_true", help="also multi-scale 0.5-1.5 + flip")
+    p.add_argument(
+        "--batch-size",
+        dest="eval_batch",
+        type=int,
+        default=1,
+        help="images per forward pass where consecutive ones share a size (1); same scores",
+    )
     p.add_argument("--scales", type=float, nargs="+", help="scales of the extra protocol")
     p.add_argument(
         "--flip",

@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from cenfusion.engine.run import append_metrics, log
 from cenfusion.engine.runtime import Precision, inference_runtime
@@ -157,21 +158,47 @@ def score_loader(
     model.eval()
     precision = precision or Precision(False, device)
     metric = MultiHeadSegmentationMetric(cfg.num_classes, cfg.head_names, device)
-    for batch in loader:
-        target = batch["mask"].to(device, non_blocking=True)
-        with precision.autocast():
-            heads = model(stack_modalities(batch["inputs"].to(device))).float()
-        metric.update(list(heads), target)
-        for b, name in enumerate(batch["name"] if image_dir is not None else ()):
-            save_prediction_panel(
-                image_dir / f"{name}.png",
-                list(batch["inputs"][b]),
-                [k[b] for k in batch["kinds"]],
-                batch["mask"][b],
-                list(heads[:, b]),
-                cfg.num_classes,
-            )
+    for loaded in loader:
+        for batch in loaded if isinstance(loaded, list) else [loaded]:
+            _score_batch(model, batch, metric, cfg, device, precision, image_dir)
     return metric
+
+
+def _score_batch(
+    model: nn.Module,
+    batch: dict[str, Any],
+    metric: MultiHeadSegmentationMetric,
+    cfg: SegmentationConfig,
+    device: torch.device,
+    precision: Precision,
+    image_dir: Path | None,
+) -> None:
+    """Add one batch (samples of one size) to ``metric``; with ``image_dir``, its panels."""
+    target = batch["mask"].to(device, non_blocking=True)
+    with precision.autocast():
+        heads = model(stack_modalities(batch["inputs"].to(device))).float()
+    metric.update(list(heads), target)
+    for b, name in enumerate(batch["name"] if image_dir is not None else ()):
+        save_prediction_panel(
+            image_dir / f"{name}.png",
+            list(batch["inputs"][b]),
+            [k[b] for k in batch["kinds"]],
+            batch["mask"][b],
+            list(heads[:, b]),
+            cfg.num_classes,
+        )
+
+
+def batches_by_size(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``collate_fn`` of a loader whose samples may differ in size: the list of batches of
+    consecutive samples that share one (validation images keep their own sizes)."""
+    runs: list[list[dict[str, Any]]] = []
+    for sample in samples:
+        if runs and runs[-1][0]["mask"].shape == sample["mask"].shape:
+            runs[-1].append(sample)
+        else:
+            runs.append([sample])
+    return [default_collate(run) for run in runs]
 
 
 def evaluate(
@@ -192,12 +219,16 @@ def evaluate_protocols(
     checkpoint: str | Path,
     protocols: Sequence[Protocol] = (SINGLE_SCALE,),
     official: bool | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Scores]:
     """Scores of the checkpoint on ``cfg``'s validation split, ``{protocol label: scores}``.
 
     The checkpoint may be ours or a released ``.pth.tar``; its modality and class counts must
-    match ``cfg``'s. Single process, batch 1 (validation images keep their own sizes).
+    match ``cfg``'s. Single process; ``batch_size`` images a forward pass where consecutive
+    validation images share their size (each keeps its own), the same scores as one at a time.
     """
+    if batch_size < 1:
+        raise CenError(f"--batch-size {batch_size}: expected >= 1")
     model = load_segmenter(checkpoint, official).model
     check_model_fits(model, cfg, str(checkpoint))
     val_set = build_dataset(cfg, train=False)
@@ -208,9 +239,10 @@ def evaluate_protocols(
         fast = runtime.prepare(model)
         loader = DataLoader(
             val_set,
-            batch_size=1,
+            batch_size=batch_size,
             num_workers=cfg.workers,
             pin_memory=runtime.device.type == "cuda",
+            collate_fn=batches_by_size,
         )
         for protocol in protocols:
             net = (
@@ -255,10 +287,11 @@ def run_evaluation(
     protocols: Sequence[Protocol] = (SINGLE_SCALE,),
     save: bool = False,
     official: bool | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Scores]:
     """Evaluate, print one labelled table per protocol and, with ``save``, append one JSON
     line per protocol to ``runs/EXP/metrics.jsonl``."""
-    results = evaluate_protocols(cfg, checkpoint, protocols, official)
+    results = evaluate_protocols(cfg, checkpoint, protocols, official, batch_size)
     for protocol in protocols:
         scores = results[protocol.label]
         log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
