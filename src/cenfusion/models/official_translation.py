@@ -126,18 +126,22 @@ def load_official_translation(
     generator_path: str | Path, discriminator_path: str | Path | None, threshold: float = 1e-2
 ) -> tuple[CENUNet, PatchDiscriminator | None]:
     """Our generator (and discriminator) from released translation checkpoints; levels,
-    widths and the number of modalities are read from the generator's keys."""
-    where = str(generator_path)
-    state = read_released_state_dict(generator_path)
+    widths and the number of modalities are read from the keys."""
+    generator = _official_generator(generator_path, threshold)
+    if discriminator_path is None:
+        return generator, None
+    return generator, _official_discriminator(discriminator_path)
+
+
+def _official_generator(path: str | Path, threshold: float) -> CENUNet:
+    where = str(path)
+    state = read_released_state_dict(path)
     if not is_released_generator(state):
         raise CenError(f"{where}: not a released CEN translation generator (no deconv1 layer)")
-    levels = [
-        int(k[4:].split(".")[0]) for k in state if re.fullmatch(r"conv\d+\.conv\.module\.weight", k)
-    ]
-    first, last = (
-        state["conv1.conv.module.weight"],
-        state.get(f"deconv{max(levels)}.deconv.module.weight"),
-    )
+    pattern = r"conv(\d+)\.conv\.module\.weight"
+    levels = max(int(m[1]) for k in state if (m := re.fullmatch(pattern, k)))
+    first = state["conv1.conv.module.weight"]
+    last = state.get(f"deconv{levels}.deconv.module.weight")
     modalities = {k.split(".")[2] for k in state if k.startswith("conv2.insnorm_conv.insnorm_")}
     if last is None or not modalities:
         raise CenError(f"{where}: incomplete released generator (decoder or norms missing)")
@@ -146,17 +150,18 @@ def load_official_translation(
         in_channels=first.shape[1],
         out_channels=last.shape[1],
         ngf=first.shape[0],
-        num_downs=max(levels),
+        num_downs=levels,
         threshold=threshold,
     )
-    unused = {k for k in state if _unused_generator_key(k, max(levels))}
-    _load(
-        generator, _convert(state, generator_key_map(generator), unused, "generator", where), where
-    )
-    if discriminator_path is None:
-        return generator, None
-    where = str(discriminator_path)
-    state = read_released_state_dict(discriminator_path)
+    unused = {k for k in state if _unused_generator_key(k, levels)}
+    sources = generator_key_map(generator)
+    _load(generator, _convert(state, sources, unused, "generator", where), where)
+    return generator
+
+
+def _official_discriminator(path: str | Path) -> PatchDiscriminator:
+    where = str(path)
+    state = read_released_state_dict(path)
     convs = sorted(int(k[4]) for k in state if re.fullmatch(r"conv\d\.conv\.module\.weight", k))
     if not convs or "conv1.conv.module.weight" not in state:
         raise CenError(f"{where}: not a released CEN translation discriminator (no conv1 layer)")
@@ -166,7 +171,7 @@ def load_official_translation(
     unused = {k for k in state if _unused_discriminator_key(k, len(convs))}
     sources = discriminator_key_map(discriminator)
     _load(discriminator, _convert(state, sources, unused, "discriminator", where), where)
-    return generator, discriminator
+    return discriminator
 
 
 def _load(model: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
