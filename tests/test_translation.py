@@ -129,6 +129,22 @@ def test_a_checkpoint_with_the_earlier_discriminator_resumes_with_it(
     assert not any("weight" in k and k.startswith("layers.3") for k in resumed["discriminator"])
 
 
+def test_resume_refuses_settings_that_contradict_the_generator(
+    data_root: Path, tmp_path: Path
+) -> None:
+    train(tiny(data_root, tmp_path, "keep", epochs=1))
+    last, config = tmp_path / "keep" / "last.pth", tmp_path / "keep" / "config.yaml"
+    before = config.read_bytes()
+    for changes, message in (
+        ({"ngf": 8}, "--ngf 8: the generator of .*last.pth has 4;"),
+        ({"num_downs": 4}, "--num-downs 4: the generator of .* has 5;"),
+        ({"threshold": 0.05}, "--threshold 0.05: the generator of .* has 0.01;"),
+    ):
+        with pytest.raises(CenError, match=message):
+            train(tiny(data_root, tmp_path, "keep", epochs=2, **changes), resume=last)
+    assert config.read_bytes() == before
+
+
 def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path: Path) -> None:
     train(tiny(data_root, tmp_path, "full", epochs=3, val_every=2))
     train(tiny(data_root, tmp_path, "split", epochs=2, val_every=2))

@@ -39,8 +39,10 @@ from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import BestScore, Context, Recipe, run_training
+from cenfusion.errors import CenError
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
+from cenfusion.models.unet import CENUNetConfig
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.reporting.plots import write_plots
 from cenfusion.translation.build import (
@@ -239,8 +241,26 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
     validation: ``score`` (ensemble FID, or L1), ``epoch`` and its ``metrics``."""
 
     def build(ctx: Context, state: dict[str, Any] | None, where: str) -> TranslationRecipe:
+        if state is not None:
+            _check_resumed_generator(cfg, state, where)
         train_set, val_set = datasets(cfg)
         loaders = (train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
         return TranslationRecipe(cfg, ctx, loaders)
 
     return run_training(cfg, TASK, build, resume, force, write_plots)
+
+
+def _check_resumed_generator(cfg: TranslationConfig, state: dict[str, Any], where: str) -> None:
+    """Refuse settings that contradict the checkpoint's generator (a resumed run keeps its
+    model), naming both values, before anything is written."""
+    saved = CENUNetConfig.from_dict(state["model_config"])
+    for flag, ours, theirs in (
+        ("--ngf", cfg.ngf, saved.ngf),
+        ("--num-downs", cfg.num_downs, saved.num_downs),
+        ("--threshold", cfg.threshold, saved.threshold),
+    ):
+        if ours != theirs:
+            raise CenError(
+                f"{flag} {ours}: the generator of {where} has {theirs}; a resumed run keeps "
+                "its model (start a new run for another one)"
+            )
