@@ -11,11 +11,12 @@ both directions: loading fails on the first key it cannot place or cannot find.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cenfusion.checkpoint_format import CHECKPOINT_FORMAT
 from cenfusion.errors import CenError, describe_load_error, shorten
@@ -130,26 +131,40 @@ def load_official_state_dict(
         num_modalities=config.num_modalities,
         bn_threshold=bn_threshold,
     )
-    used: set[str] = set()
+    load_mapped(model, state, official_key_map(model), "CEN RefineNet", where)
+    return model
+
+
+def load_mapped(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    sources: dict[str, list[str]],
+    what: str,
+    where: str,
+    unused: Collection[str] = (),
+) -> None:
+    """Load a released-layout ``state`` into ``model`` through ``sources`` (our key -> its
+    released keys; several are the per-modality rows of one private norm, stacked). The map
+    must be total both ways: every key of ours has its sources, and every released key is
+    used or among ``unused`` (parts the released code owns but never applies)."""
     converted: dict[str, Tensor] = {}
-    for key, sources in official_key_map(model).items():
-        missing = [s for s in sources if s not in state]
+    for key, names in sources.items():
+        missing = [n for n in names if n not in state]
         if missing:
             raise CenError(f"{where}: lacks key {missing[0]!r} (needed for {key!r})")
-        used.update(sources)
-        if len(sources) == 1 or key.endswith("num_batches_tracked"):
-            converted[key] = state[sources[0]]
+        if len(names) == 1 or key.endswith("num_batches_tracked"):
+            converted[key] = state[names[0]]
         else:
-            converted[key] = torch.stack([state[s] for s in sources])
-    unmatched = [k for k in state if k not in used]
+            converted[key] = torch.stack([state[n] for n in names])
+    used = {n for names in sources.values() for n in names}
+    unmatched = [k for k in state if k not in used and k not in unused]
     if unmatched:
-        raise CenError(f"{where}: key {unmatched[0]!r} has no place in CEN RefineNet")
+        raise CenError(f"{where}: key {unmatched[0]!r} has no place in the {what}")
     try:
         model.load_state_dict(converted)
     except RuntimeError as err:
         detail = shorten(str(err).strip().splitlines()[-1], 100)
-        raise CenError(f"{where}: shapes do not fit CEN RefineNet ({detail})") from err
-    return model
+        raise CenError(f"{where}: shapes do not fit the {what} ({detail})") from err
 
 
 def check_state_dict(state: dict, where: str) -> None:

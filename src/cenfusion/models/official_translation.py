@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from cenfusion.errors import CenError, describe_load_error
-from cenfusion.models.official import check_state_dict
+from cenfusion.models.official import check_state_dict, load_mapped
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
 from cenfusion.models.unet import CENUNet, create_cen_unet
 
@@ -100,28 +100,6 @@ def _unused_discriminator_key(key: str, num_convs: int) -> bool:
     return match is not None and int(match[1]) in (1, num_convs)
 
 
-def _convert(
-    state: dict[str, Tensor],
-    sources: dict[str, list[str]],
-    unused: set[str],
-    what: str,
-    where: str,
-) -> dict[str, Tensor]:
-    converted: dict[str, Tensor] = {}
-    for key, names in sources.items():
-        missing = [s for s in names if s not in state]
-        if missing:
-            raise CenError(f"{where}: lacks key {missing[0]!r} (needed for {key!r})")
-        converted[key] = (
-            state[names[0]] if len(names) == 1 else torch.stack([state[s] for s in names])
-        )
-    used = {s for names in sources.values() for s in names} | unused
-    unmatched = [k for k in state if k not in used]
-    if unmatched:
-        raise CenError(f"{where}: key {unmatched[0]!r} has no place in the {what}")
-    return converted
-
-
 def load_official_translation(
     generator_path: str | Path, discriminator_path: str | Path | None, threshold: float = 1e-2
 ) -> tuple[CENUNet, PatchDiscriminator | None]:
@@ -154,8 +132,7 @@ def _official_generator(path: str | Path, threshold: float) -> CENUNet:
         threshold=threshold,
     )
     unused = {k for k in state if _unused_generator_key(k, levels)}
-    sources = generator_key_map(generator)
-    _load(generator, _convert(state, sources, unused, "generator", where), where)
+    load_mapped(generator, state, generator_key_map(generator), "generator", where, unused)
     return generator
 
 
@@ -170,13 +147,5 @@ def _official_discriminator(path: str | Path) -> PatchDiscriminator:
     discriminator = PatchDiscriminator(config)
     unused = {k for k in state if _unused_discriminator_key(k, len(convs))}
     sources = discriminator_key_map(discriminator)
-    _load(discriminator, _convert(state, sources, unused, "discriminator", where), where)
+    load_mapped(discriminator, state, sources, "discriminator", where, unused)
     return discriminator
-
-
-def _load(model: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[-1][:100]
-        raise CenError(f"{where}: shapes do not fit ({detail})") from err
