@@ -306,7 +306,7 @@ class WritePoints:
         self.kinds: list[str] = []
         real_save, real_replace = torch.save, os.replace
         real_append = run_module.append_metrics
-        for recipe in (seg_train.SegmentationRecipe, i2i_train.TranslationRecipe) * steps:
+        for recipe in (seg_train.SegmentationRecipe, i2i_train.TranslationRecipe) if steps else ():
             real_step = recipe.train_step
 
             def step(recipe: object, batch: dict, real_step=real_step) -> dict:

@@ -8,6 +8,7 @@ prints them as one line with :func:`describe_os_error`.
 
 from __future__ import annotations
 
+import pickle
 import re
 
 #: The longest line an error may print (longer ones are cut, ending in "...").
@@ -48,9 +49,7 @@ def describe_load_error(err: BaseException) -> str:
         return "truncated or damaged (the file ends before its data does)"
     if "mmap can only be used" in text:
         return "not in the zip format of torch.save"
-    if isinstance(err, (KeyError, IndexError, UnicodeDecodeError)) or "UnpicklingError" in repr(
-        type(err)
-    ):
+    if isinstance(err, (KeyError, IndexError, UnicodeDecodeError, pickle.UnpicklingError)):
         return "not a PyTorch file"
     if re.search(r"Unsupported operand|invalid load key|could not find MARK", text):
         return "not a PyTorch file"
