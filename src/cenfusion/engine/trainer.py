@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from cenfusion.engine.config import config_to_dict
@@ -81,6 +82,17 @@ class Context:
             options["worker_init_fn"] = worker_init
         return DataLoader(dataset, **{**options, **kwargs})
 
+    def train_loader(self, dataset: Dataset, cfg: Any, drop_last: bool) -> DataLoader:
+        """The training loader: shuffled by its own generator, or split across the processes
+        by a DistributedSampler; :func:`fit` seeds both at every epoch (:func:`seed_epoch`)."""
+        generator = torch.Generator()
+        sampler = (
+            DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=drop_last)
+            if self.dist.enabled
+            else RandomSampler(dataset, generator=generator)
+        )
+        return self.loader(dataset, cfg, sampler=sampler, drop_last=drop_last, generator=generator)
+
     def open_folder(self, cfg: Any, resuming: bool, force: bool) -> RunFolder:
         """Claim the run folder (after every check passed), log to it, save the config.
 
@@ -134,10 +146,26 @@ class BestScore:
         return better
 
 
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed epoch ``epoch`` (1-based) of ``loader``: its order and its workers' random state
+    depend only on the seed and the epoch, so a resumed run draws what the uninterrupted one
+    drew. (Randomness outside the loader, such as dropout, is saved in every checkpoint.)"""
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1_000_003 + epoch - 1)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch - 1)
+
+
 class Recipe(ABC):
-    """A task's part of a training run. Built with its models, optimisers and loaders ready."""
+    """A task's part of a training run. Built with its models, optimisers and loaders ready.
+
+    ``train_loader`` is seeded by the engine at every epoch; the mixed-precision scaler of
+    ``ctx`` is saved and restored by the engine with the recipe's own state.
+    """
 
     task: str
+    ctx: Context
+    train_loader: DataLoader
     #: Whether a higher validation score is better (mIoU) or a lower one (FID, L1).
     higher_is_better: bool = True
 
@@ -194,11 +222,13 @@ class Recipe(ABC):
     def load_state_dict(self, state: dict[str, Any], where: str) -> None: ...
 
 
-def _run_epoch(recipe: Recipe, epoch: int, total: int, quiet: bool) -> dict[str, float]:
+def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
     """Train one epoch with a progress bar; returns mean losses, seconds and data seconds."""
     from tqdm import tqdm
 
+    seed_epoch(recipe.train_loader, config.seed, epoch)
     batches = recipe.begin_epoch(epoch)
+    total = recipe.num_epochs()
     sums: dict[str, float] = {}
     steps, samples, data_time = 0, 0, 0.0
     began = time.perf_counter()
@@ -206,7 +236,7 @@ def _run_epoch(recipe: Recipe, epoch: int, total: int, quiet: bool) -> dict[str,
         batches,
         desc=f"epoch {epoch}/{total}",
         leave=False,
-        disable=quiet or not sys.stderr.isatty(),
+        disable=getattr(config, "quiet", False) or not sys.stderr.isatty(),
         dynamic_ncols=True,
     )
     waited = time.perf_counter()
@@ -268,6 +298,7 @@ class Scalars:
 def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dict[str, Any]:
     return {
         **recipe.state_dict(),
+        "scaler": recipe.ctx.precision.scaler.state_dict(),
         "task": recipe.task,
         "config": config_to_dict(config),
         "epoch": epoch,
@@ -295,6 +326,8 @@ def fit(
     start = 0
     if resume is not None:
         recipe.load_state_dict(resume, where)
+        if "scaler" in resume:
+            recipe.ctx.precision.scaler.load_state_dict(resume["scaler"])
         start = int(resume.get("epoch", 0))
         saved = resume.get("best") or {}
         same = saved.get("higher", recipe.higher_is_better) == recipe.higher_is_better
@@ -309,7 +342,7 @@ def fit(
     try:
         for epoch in range(start + 1, total + 1):
             record: dict[str, Any] = {"epoch": epoch}
-            record.update(_run_epoch(recipe, epoch, total, getattr(config, "quiet", False)))
+            record.update(_run_epoch(recipe, epoch, config))
             record.update(recipe.epoch_record())
             improved = False
             if recipe.wants_validation(epoch):

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, RandomSampler, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Subset
 
 from cenfusion.data.check import check_dataset
 from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
@@ -168,28 +166,20 @@ def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str
 
 def build_loaders(
     cfg: SegmentationConfig, ctx: Context, training: bool
-) -> tuple[DataLoader | None, DataLoader, torch.Generator]:
-    """Training loader (None when only evaluating), validation loader, and the generator
-    that shuffles the training set (re-seeded every epoch)."""
-    generator = torch.Generator()
-    train_loader = _train_loader(cfg, ctx, generator) if training else None
-    return train_loader, _val_loader(cfg, ctx), generator
+) -> tuple[DataLoader | None, DataLoader]:
+    """Training loader (None when only evaluating) and validation loader."""
+    return (_train_loader(cfg, ctx) if training else None), _val_loader(cfg, ctx)
 
 
-def _train_loader(cfg: SegmentationConfig, ctx: Context, generator: torch.Generator) -> DataLoader:
-    """Shuffled by ``generator`` (re-seeded every epoch), or by a DistributedSampler."""
+def _train_loader(cfg: SegmentationConfig, ctx: Context) -> DataLoader:
+    """Every process takes whole batches; a set smaller than one batch per process is refused."""
     train_set = build_dataset(cfg, train=True)
     if len(train_set) < cfg.batch_size * ctx.dist.world_size:
         raise CenError(
             f"{train_set.list_path}: {len(train_set)} samples, fewer than one batch of "
             f"{cfg.batch_size} per process"
         )
-    sampler = (
-        DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
-        if ctx.dist.enabled
-        else RandomSampler(train_set, generator=generator)
-    )
-    return ctx.loader(train_set, cfg, sampler=sampler, drop_last=True, generator=generator)
+    return ctx.train_loader(train_set, cfg, drop_last=True)
 
 
 def _val_loader(cfg: SegmentationConfig, ctx: Context) -> DataLoader:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights
@@ -62,11 +61,11 @@ class SegmentationRecipe(Recipe):
         cfg: SegmentationConfig,
         ctx: Context,
         model: CENRefineNet,
-        loaders: tuple[DataLoader | None, DataLoader, torch.Generator],
+        loaders: tuple[DataLoader | None, DataLoader],
     ) -> None:
         self.cfg, self.ctx, self.model = cfg, ctx, model
         self.net = ctx.parallel(model)
-        self.train_loader, self.val_loader, self.generator = loaders
+        self.train_loader, self.val_loader = loaders
         self.stage = 0
         self.optimizer = self._optimizer(0)
 
@@ -103,9 +102,6 @@ class SegmentationRecipe(Recipe):
         stage, _ = self._position(epoch)
         if stage != self.stage:
             self.stage, self.optimizer = stage, self._optimizer(stage)
-        self.generator.manual_seed(self.cfg.seed * 1_000_003 + epoch - 1)
-        if isinstance(self.train_loader.sampler, DistributedSampler):
-            self.train_loader.sampler.set_epoch(epoch - 1)
         self.net.train()
         return islice(self.train_loader, self.cfg.max_iters)
 
@@ -168,7 +164,6 @@ class SegmentationRecipe(Recipe):
             **model_record(self.model),
             "stage": self.stage,
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.ctx.precision.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], where: str) -> None:
@@ -176,7 +171,6 @@ class SegmentationRecipe(Recipe):
         self.stage = int(state["stage"])
         self.optimizer = self._optimizer(self.stage)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ctx.precision.scaler.load_state_dict(state["scaler"])
 
 
 def train(

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.synthetic_taskonomy import ensure_synthetic_taskonomy
 from cenfusion.data.taskonomy import TaskonomyDataset
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.metrics.generative import InceptionFeatures
 from cenfusion.models.patchgan import PatchDiscriminator, create_patchgan
@@ -37,13 +34,6 @@ def datasets(cfg: TranslationConfig) -> tuple[TaskonomyDataset, TaskonomyDataset
     common = {"root": root, "inputs": cfg.inputs, "target": cfg.target, "size": cfg.crop_size}
     train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
     return train_set, TaskonomyDataset(split="val", train=False, **common)
-
-
-def train_loader(train_set: TaskonomyDataset, cfg: TranslationConfig, ctx: Context) -> DataLoader:
-    """Shuffled by the global generator, or split across the processes by a DistributedSampler."""
-    if not ctx.dist.enabled:
-        return ctx.loader(train_set, cfg, shuffle=True)
-    return ctx.loader(train_set, cfg, sampler=DistributedSampler(train_set, seed=cfg.seed))
 
 
 def fid_extractor(cfg: TranslationConfig, device: torch.device) -> InceptionFeatures | None:

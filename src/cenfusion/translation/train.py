@@ -17,9 +17,7 @@ Under torchrun (or ``--gpu 0 1``) the generator and the discriminator are each w
 and every process trains on its share of the views (a DistributedSampler). Validation runs on
 rank 0 alone, over all views, while the others wait for its metrics: FID needs every feature in
 one place and the views are written to one folder, so the scores equal a one-process
-evaluation of the same weights. Every epoch re-seeds the global generator (crops, flips,
-dropout, shuffling) from the seed, the epoch and the rank, so ranks draw differently and a
-resumed run repeats the uninterrupted one.
+evaluation of the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.data.taskonomy import DOMAINS
 from cenfusion.engine.checkpoint import load_weights
@@ -50,17 +47,12 @@ from cenfusion.translation.build import (
     datasets,
     fid_extractor,
     format_metrics,
-    train_loader,
 )
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
 from cenfusion.translation.modelio import TASK
 
 __all__ = ["TranslationRecipe", "build_models", "train"]
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
@@ -140,9 +132,6 @@ class TranslationRecipe(Recipe):
         return self.cfg.epochs
 
     def begin_epoch(self, epoch: int) -> DataLoader:
-        torch.manual_seed(_epoch_seed(self.cfg.seed, epoch, self.ctx.dist.rank))
-        if isinstance(self.train_loader.sampler, DistributedSampler):
-            self.train_loader.sampler.set_epoch(epoch - 1)
         self.generator.train()
         self.discriminator.train()
         return self.train_loader
@@ -212,7 +201,6 @@ class TranslationRecipe(Recipe):
             "discriminator": self.discriminator.state_dict(),
             "optimizer_g": self.opt_g.state_dict(),
             "optimizer_d": self.opt_d.state_dict(),
-            "scaler": self.ctx.precision.scaler.state_dict(),
             "criterion": self.criterion,
         }
 
@@ -233,7 +221,6 @@ class TranslationRecipe(Recipe):
             return
         self.opt_g.load_state_dict(state["optimizer_g"])
         self.opt_d.load_state_dict(state["optimizer_d"])
-        self.ctx.precision.scaler.load_state_dict(state["scaler"])
 
 
 def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = False) -> BestScore:
@@ -244,7 +231,7 @@ def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = Fals
         if state is not None:
             _check_resumed_generator(cfg, state, where)
         train_set, val_set = datasets(cfg)
-        loaders = (train_loader(train_set, cfg, ctx), ctx.loader(val_set, cfg))
+        loaders = (ctx.train_loader(train_set, cfg, drop_last=False), ctx.loader(val_set, cfg))
         return TranslationRecipe(cfg, ctx, loaders)
 
     return run_training(cfg, TASK, build, resume, force, write_plots)
