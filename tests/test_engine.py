@@ -19,11 +19,12 @@ from cenfusion.engine.config import flag_name, given_flags
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
 from cenfusion.engine.runtime import CompiledOrEager, Precision
+from cenfusion.engine.session import train
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
 from cenfusion.segmentation.build import build_model
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
-from cenfusion.segmentation.train import train
+from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.translation.config import TranslationConfig
 
 COMMANDS = {SegmentationConfig: ["seg", "train"], TranslationConfig: ["i2i", "train"]}
@@ -228,8 +229,8 @@ def test_fast_paths_compute_the_same_training(seg_data, tmp_path, changes) -> No
         lr_dec=(0.01,), val_every=2, device="cpu", max_iters=2, quiet=True, plots=False,
         amp=False, channels_last=False, frozen_bn=True, lamda=0.0,
     )  # fmt: skip
-    train(replace(base, exp="plain"))
-    train(replace(base, exp="fast", **changes))
+    train(SEGMENTATION, replace(base, exp="plain"))
+    train(SEGMENTATION, replace(base, exp="fast", **changes))
     losses = [
         [json.loads(line)["loss"] for line in (tmp_path / exp / "metrics.jsonl").open()]
         for exp in ("plain", "fast")

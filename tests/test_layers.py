@@ -22,6 +22,7 @@ LAYERS = {
     "translation": 4,
     "export": 5,
     "info": 5,
+    "tasks": 5,
     "cli": 6,
 }
 

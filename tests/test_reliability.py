@@ -35,12 +35,15 @@ from cenfusion.cli import main
 from cenfusion.data.synthetic import generate_segmentation_dataset
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
+from cenfusion.engine.session import train
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation import train as seg_train
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.modelio import model_record
+from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.translation import train as i2i_train
 from cenfusion.translation.config import TranslationConfig
+from cenfusion.translation.task import TRANSLATION
 
 #: Fields of a metrics line that measure time, not results.
 TIMES = ("seconds", "data_seconds")
@@ -236,7 +239,9 @@ def test_internal_error_shows_a_short_traceback_and_how_to_report(
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(seg_train, "train", broken)
+    import cenfusion.engine.session as session
+
+    monkeypatch.setattr(session, "train", broken)
     status = main(seg_args(seg_root, tmp_path))
     err = capsys.readouterr().err
     assert status == 1
@@ -357,8 +362,8 @@ FORK_SERVER.set_forkserver_preload(
         "torch",
         "pytest",
         "cenfusion.cli",
-        "cenfusion.segmentation.train",
-        "cenfusion.translation.train",
+        "cenfusion.segmentation.task",
+        "cenfusion.translation.task",
     ]
 )
 
@@ -402,9 +407,9 @@ Config = SegmentationConfig | TranslationConfig
 
 def train_run(config: Config, exp: str, resume: bool, force: bool) -> None:
     """Train run ``exp`` of ``config``, from its ``last.pth`` with ``resume``."""
-    train = seg_train.train if isinstance(config, SegmentationConfig) else i2i_train.train
+    task = SEGMENTATION if isinstance(config, SegmentationConfig) else TRANSLATION
     last = Path(config.runs) / exp / "last.pth" if resume else None
-    train(replace(config, exp=exp), last, force=force)
+    train(task, replace(config, exp=exp), last, force=force)
 
 
 def _train_until_killed(kill_at: int, *args: object) -> None:

@@ -119,8 +119,9 @@ def seg_report(seg_run: Path) -> Path:
 @pytest.fixture(scope="module")
 def i2i_run(tmp_path_factory: pytest.TempPathFactory, i2i_data: Path) -> Path:
     """A real tiny translation run (two epochs of four 32x32 views, no FID)."""
+    from cenfusion.engine.session import train
     from cenfusion.translation.config import TranslationConfig
-    from cenfusion.translation.train import train
+    from cenfusion.translation.task import TRANSLATION
 
     root = tmp_path_factory.mktemp("i2i")
     data = i2i_data
@@ -129,7 +130,7 @@ def i2i_run(tmp_path_factory: pytest.TempPathFactory, i2i_data: Path) -> Path:
         batch_size=2, crop_size=32, load_size=36, num_downs=5, ngf=4, ndf=4, device="cpu",
         workers=0, fid=False,
     )  # fmt: skip
-    train(cfg)
+    train(TRANSLATION, cfg)
     return root / "runs" / "i2i"
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from cenfusion.cli import main
 from cenfusion.data.synthetic import generate_segmentation_dataset
-from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.checkpoint import save_checkpoint, saved_config
 from cenfusion.engine.config import config_to_dict
 from cenfusion.errors import CenError
 from cenfusion.models.official import to_official_state_dict
@@ -24,13 +24,13 @@ from cenfusion.segmentation.evaluate import (
     Protocol,
     TestTimeAugmentation,
     batches_by_size,
-    eval_config,
     evaluate,
     evaluate_checkpoint,
     evaluate_protocols,
     protocols_for,
 )
 from cenfusion.segmentation.modelio import model_record
+from cenfusion.segmentation.task import SEGMENTATION
 
 
 def same(a, b) -> bool:
@@ -242,7 +242,11 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     released = tmp_path / "cen.pth.tar"
     torch.save({"segmenter": to_official_state_dict(model)}, released)
     overrides = {"data": cfg.data, "num_classes": cfg.num_classes, "workers": 0, "device": "cpu"}
-    released_cfg = eval_config("synthetic", None, {**overrides, "amp": False}, released)
+    saved = saved_config(released, "segmentation")
+    assert saved is None, "a released file saves no settings: the preset is the base"
+    released_cfg = SEGMENTATION.resolve_config(
+        "synthetic", None, {**overrides, "amp": False}, saved
+    )
     val = build_dataset(released_cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(released_cfg, released), expected)

@@ -7,16 +7,27 @@ import pytest
 import torch
 
 from cenfusion.cli import main
-from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.checkpoint import load_checkpoint, saved_config
 from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.engine.run import EPOCH_RECORD
 from cenfusion.engine.run import log as run_log
+from cenfusion.engine.session import evaluate
+from cenfusion.engine.session import train as train_task
 from cenfusion.errors import CenError
 from cenfusion.segmentation import train as train_module
-from cenfusion.segmentation.build import config_for
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
-from cenfusion.segmentation.train import SegmentationRecipe, train
+from cenfusion.segmentation.task import SEGMENTATION
+from cenfusion.segmentation.train import SegmentationRecipe
+
+
+def train(cfg: SegmentationConfig, resume: Path | None = None, force: bool = False):
+    return train_task(SEGMENTATION, cfg, resume, force)
+
+
+def resolved(checkpoint: Path) -> SegmentationConfig:
+    """The settings a command continuing ``checkpoint`` with no flags runs with."""
+    return SEGMENTATION.resolve_config(None, None, {}, saved_config(checkpoint, "segmentation"))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +100,7 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     best = load_checkpoint(run_dir / "best.pth", task="segmentation")
     assert best["best"]["score"] == progress.score
     assert best["best"]["score"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
-    saved = config_for(None, None, {}, run_dir / "last.pth")
+    saved = resolved(run_dir / "last.pth")
     assert saved == cfg
 
 
@@ -118,7 +129,7 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
     stopped = load_checkpoint(last)
     assert (stopped["stage"], stopped["epoch"]) == (0, interrupt_at)
 
-    resumed = train(config_for(None, None, {}, last), resume=last)
+    resumed = train(resolved(last), resume=last)
     got = load_checkpoint(last)
     assert resumed.score == full.score
     for key, value in expected["model"].items():
@@ -147,14 +158,11 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
     ckpt = tmp_path / "cen" / "best.pth"
-    evaluated = train(
-        replace(cfg, exp="eval", train_list="absent.txt"),
-        resume=ckpt,
-        evaluate_only=True,
-        save_img=True,
+    evaluated = evaluate(
+        SEGMENTATION, replace(cfg, exp="eval", train_list="absent.txt"), ckpt, save_img=True
     )
     best = load_checkpoint(ckpt)
-    assert evaluated.metrics["ensemble"]["miou"] == best["best"]["metrics"]["ensemble"]["miou"]
+    assert evaluated["ensemble"]["miou"] == best["best"]["metrics"]["ensemble"]["miou"]
     images = sorted((tmp_path / "eval" / "images").iterdir())
     assert len(images) == 3
 
@@ -164,10 +172,10 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
     train(cfg)
     ckpt = tmp_path / "cen" / "last.pth"
     with pytest.raises(CenError, match="model has 2 modalities, --modalities gives 1"):
-        train(replace(cfg, modalities=("rgb",)), resume=ckpt, evaluate_only=True)
+        evaluate(SEGMENTATION, replace(cfg, modalities=("rgb",)), ckpt)
     classes = cfg.num_classes
     with pytest.raises(CenError, match=f"model has {classes} classes, the data has {classes + 1}"):
-        train(replace(cfg, num_classes=classes + 1), resume=ckpt, evaluate_only=True)
+        evaluate(SEGMENTATION, replace(cfg, num_classes=classes + 1), ckpt)
     for changes, message in (
         ({"backbone": "resnet50"}, "--backbone resnet50: the model of .* has resnet26;"),
         ({"decoder_width": 8}, "--decoder-width 8: the model of .* has 16;"),
@@ -303,7 +311,7 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
     torch.set_num_threads(1)
     masks: list[float] = []
     params: dict[str, dict[str, torch.Tensor]] = {}
-    import cenfusion.engine.trainer as engine
+    import cenfusion.engine.session as engine
 
     step, fit = train_module.SegmentationRecipe.train_step, engine.fit
 

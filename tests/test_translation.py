@@ -17,14 +17,21 @@ from cenfusion import CenError
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from cenfusion.engine.launch import free_port, rank_env
+from cenfusion.engine.session import evaluate
+from cenfusion.engine.session import train as train_task
 from cenfusion.models.official_translation import discriminator_key_map, generator_key_map
 from cenfusion.models.patchgan import create_patchgan
 from cenfusion.models.unet import create_cen_unet
+from cenfusion.translation import command as i2i_command
 from cenfusion.translation import train as train_module
-from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
 from cenfusion.translation.config import TranslationConfig, load_config
-from cenfusion.translation.evaluate import Evaluator, evaluate_run
-from cenfusion.translation.train import _branch_bce, train
+from cenfusion.translation.evaluate import Evaluator
+from cenfusion.translation.task import TRANSLATION
+from cenfusion.translation.train import _branch_bce
+
+
+def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = False):
+    return train_task(TRANSLATION, cfg, resume, force)
 
 
 @pytest.fixture(scope="module")
@@ -185,13 +192,12 @@ def test_fid_run_picks_best_by_fid_and_evaluate_reproduces_it(
     assert all(math.isfinite(v) and v > 0 for v in metrics["fid"])
     assert result.score == metrics["fid"][2]
     shutil.rmtree(tmp_path / "fid" / "fake0")
-    again = evaluate_run(cfg)
-    assert again["checkpoint"].endswith("best.pth") and again["epoch"] == 1
+    again = evaluate(TRANSLATION, cfg)
     for key in ("fid", "kid_x100", "l1", "mse"):
-        np.testing.assert_allclose(again["metrics"][key], metrics[key], rtol=1e-6)
+        np.testing.assert_allclose(again[key], metrics[key], rtol=1e-6)
     assert (tmp_path / "fid" / "fake0").is_dir()
     last = json.loads((tmp_path / "fid" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["evaluate"] is True and last["checkpoint"] == "best.pth"
+    assert last["evaluate"].endswith("best.pth") and last["epoch"] == 1
 
 
 def test_missing_inception_file_given_explicitly_is_an_error(
@@ -205,9 +211,9 @@ def test_missing_inception_file_given_explicitly_is_an_error(
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cen")
     sub = p.add_subparsers(dest="command", required=True)
-    add_i2i_parser(sub)
+    i2i_command.add_parsers(sub)
     data = sub.add_parser("data").add_subparsers(dest="data_command", required=True)
-    add_taskonomy_data_parser(data)
+    i2i_command.add_data_parsers(data)
     return p
 
 
@@ -389,7 +395,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     torch.set_num_threads(1)
     seen: list[str] = []
     states: list[dict] = []
-    import cenfusion.engine.trainer as engine
+    import cenfusion.engine.session as engine
 
     step, fit = train_module.TranslationRecipe.train_step, engine.fit
 
@@ -408,7 +414,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     engine.fit = recording_fit
     try:
         best = train(cfg)
-        evaluated = evaluate_run(cfg)["metrics"]["l1"]
+        evaluated = evaluate(TRANSLATION, cfg)["l1"]
         record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
         torch.save(
             {**record, "model": states[0]["model"], "discriminator": states[0]["discriminator"]},
@@ -422,7 +428,7 @@ def test_ddp_training_on_cpu_with_gloo(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two processes split the views of each epoch, stay in step, and only rank 0 writes;
-    validation and ``evaluate_run`` run on rank 0 and every rank gets their result."""
+    validation and the evaluation run on rank 0 and every rank gets their result."""
     import torch.multiprocessing as mp
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run: gloo, also on GPU machines
@@ -443,7 +449,7 @@ def test_ddp_training_on_cpu_with_gloo(
     run = tmp_path / "ddp"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2, 2]
-    assert [line.get("evaluate", False) for line in lines] == [False, False, True]
+    assert ["evaluate" in line for line in lines] == [False, False, True]
     assert lines[2]["val"]["l1"] == ranks[0]["eval"] == ranks[1]["eval"]
     assert min(line["val"]["l1"][-1] for line in lines[:2]) == ranks[0]["best"]
     last = load_checkpoint(run / "last.pth", task="translation")

@@ -12,31 +12,14 @@ from pathlib import Path
 from cenfusion.engine.config import add_config_flags, given_flags
 from cenfusion.engine.run import LogRouting, RunConfig
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
-from cenfusion.segmentation.command import add_seg_data_parsers, add_seg_parser
-from cenfusion.segmentation.config import SYNTHETIC
-from cenfusion.translation.command import add_i2i_parser, add_taskonomy_data_parser
-from cenfusion.translation.demo import DEMO
+from cenfusion.tasks import COMMANDS
 
 #: Frames of an internal error's traceback that ``cen`` prints.
 INTERNAL_FRAMES = 4
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    common = given_flags(RunConfig, args)  # --seed too: it is a RunConfig field
-    if args.task == "i2i":
-        from cenfusion.translation.demo import run_translation_demo
-
-        if args.epochs is not None and len(args.epochs) != 1:
-            raise CenError(f"--epochs {args.epochs}: the translation demo takes one number")
-        epochs = {} if args.epochs is None else {"epochs": args.epochs[0]}
-        run_translation_demo(replace(DEMO, **common, **epochs))
-        return
-    from cenfusion.segmentation.demo import run_demo
-
-    epochs = {} if args.epochs is None else {"epochs": tuple(args.epochs)}
-    run_demo(replace(SYNTHETIC, **common, **epochs))
+    COMMANDS[args.task].demo(given_flags(RunConfig, args), args.epochs)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -130,34 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cenfusion {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo", help="ablation on the embedded data: RGB, depth, CEN without and with exchange"
-    )
+    demo = sub.add_parser("demo", help="train on the embedded data, to see the method work")
+    words = list(COMMANDS)
     demo.add_argument(
         "--task",
-        choices=("seg", "i2i"),
-        default="seg",
-        help="seg: the segmentation ablation; i2i: shading + texture -> RGB (default seg)",
+        choices=words,
+        default=words[0],
+        help="; ".join(f"{word}: {c.DEMO_HELP}" for word, c in COMMANDS.items())
+        + f" (default {words[0]})",
     )
     add_config_flags(demo, RunConfig, only=("runs", "device"))
     demo.add_argument("--seed", type=int, help="random seed (default: the demo's own)")
+    schedules = ", ".join(f"{w} {' '.join(map(str, c.DEMO_SCHEDULE))}" for w, c in COMMANDS.items())
     demo.add_argument(
         "--epochs",
         type=int,
         nargs="+",
         default=None,
         metavar="N",
-        help="a longer or shorter schedule: seg, epochs per stage "
-        f"({' '.join(map(str, SYNTHETIC.epochs))}); i2i, one number ({DEMO.epochs})",
+        help=f"a longer or shorter schedule, per stage ({schedules})",
     )
     demo.set_defaults(run=_demo)
 
-    add_seg_parser(sub)
     data = sub.add_parser("data", help="prepare data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    add_seg_data_parsers(data_sub)
-    add_taskonomy_data_parser(data_sub)
-    add_i2i_parser(sub)
+    for commands in COMMANDS.values():
+        commands.add_parsers(sub)
+        commands.add_data_parsers(data_sub)
     conv = sub.add_parser(
         "convert-official",
         help="released CEN checkpoint -> cenfusion checkpoint",

@@ -20,10 +20,11 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from cenfusion.data.class_names import resolve_class_names
-from cenfusion.engine.checkpoint import load_checkpoint, load_weights
+from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchanging_norms
 from cenfusion.reporting.exchange import exchange_record
+from cenfusion.tasks import task_named
 
 __all__ = [
     "ExchangePointInfo",
@@ -34,9 +35,6 @@ __all__ = [
     "info_from_checkpoint",
     "model_info",
 ]
-
-SEGMENTATION_SIZE = (480, 640)
-TRANSLATION_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -153,71 +151,19 @@ def _size(size: tuple[int, int] | int | None, default: tuple[int, int]) -> tuple
     return (int(size[0]), int(size[1]))
 
 
-@dataclass(frozen=True)
-class _Summary:
-    """What ``cen info`` reads from one task's checkpoint."""
-
-    model: nn.Module
-    modalities: list[str]
-    classes: Sequence[str]
-    default_size: tuple[int, int]
-    progress: str | None
-
-
-def _segmentation(state: dict[str, Any], where: str) -> _Summary:
-    from cenfusion.segmentation.modelio import model_from_record
-
-    model = model_from_record(state, where)
-    config = state.get("config") or {}
-    classes = resolve_class_names(
-        model.config.num_classes,
-        config.get("data"),
-        synthetic="data" in config and config["data"] is None,
-    )
-    progress = None
-    epochs = config.get("epochs")
-    if "epoch" in state and isinstance(epochs, list):
-        progress = f"{int(state['epoch'])} of {sum(epochs)} epochs done"
-        best = state.get("best") or {}
-        if isinstance(best.get("score"), float):
-            progress += f"; best ensemble mIoU {best['score']:.2f}"
-    modalities = [str(m).split(":")[0] for m in config.get("modalities", [])]
-    return _Summary(model, modalities, classes, SEGMENTATION_SIZE, progress)
-
-
-def _translation(state: dict[str, Any], where: str) -> _Summary:
-    from cenfusion.data.taskonomy import DOMAINS
-    from cenfusion.models.unet import CENUNet, CENUNetConfig
-
-    model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-    load_weights(model, state["model"], where)
-    config = state.get("config") or {}
-    types = config.get("img_types", [])
-    modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
-    side = int(config.get("crop_size", TRANSLATION_SIZE))
-    progress = f"epoch {state['epoch']}" if "epoch" in state else None
-    return _Summary(model, modalities, (), (side, side), progress)
-
-
-#: How each task's checkpoint is summarised, by the checkpoint's ``task``.
-SUMMARIES = {"segmentation": _segmentation, "translation": _translation}
-
-
 def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = None) -> ModelInfo:
     """Summarise the model of a cenfusion checkpoint (segmentation or translation).
 
-    ``size``: input ``(H, W)`` for the FLOPs; default 480x640 for segmentation, the run's
-    ``size`` (else 256) squared for translation.
+    ``size``: input ``(H, W)`` for the FLOPs; default: the task's (480x640 for segmentation,
+    the run's crop squared for translation).
 
     Raises:
         CenError: not a readable cenfusion checkpoint, or of an unknown task.
     """
     path = Path(path)
     state = load_checkpoint(path)
-    task = state.get("task")
-    if task not in SUMMARIES:
-        raise CenError(f"{path}: a {task} checkpoint; expected {' or '.join(SUMMARIES)}")
-    summary = SUMMARIES[task](state, str(path))
+    task = task_named(state.get("task"), str(path))
+    summary = task.summarize(state, str(path))
     modalities = summary.modalities
     if len(modalities) != summary.model.num_modalities:
         modalities = []
@@ -226,7 +172,7 @@ def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = 
         _size(size, summary.default_size),
         modalities,
         summary.classes,
-        task,
+        task.name,
         str(path),
         summary.progress,
     )
@@ -241,6 +187,7 @@ def info_for_encoder(
     """Summarise a freshly built CEN RefineNet (``--enc 50/101/152``, random weights, so the
     exchange fractions are 0); classes named as NYUDv2-40 or SUN RGB-D-37 when they fit."""
     from cenfusion.models.refinenet import create_cen_refinenet
+    from cenfusion.segmentation.task import INFO_SIZE
 
     model = create_cen_refinenet(
         depth=depth, num_classes=num_classes, num_modalities=num_modalities, pretrained=None
@@ -248,7 +195,7 @@ def info_for_encoder(
     names = ("rgb", "depth") if num_modalities == 2 else None
     return model_info(
         model,
-        _size(size, SEGMENTATION_SIZE),
+        _size(size, INFO_SIZE),
         names,
         resolve_class_names(num_classes),
         "segmentation",

@@ -55,3 +55,14 @@ def load_weights(model: nn.Module, weights: dict, where: str) -> None:
     except RuntimeError as err:
         first = str(err).strip().splitlines()[1:2] or [str(err)]
         raise CenError(f"{where}: weights do not fit this model ({shorten(first[0])})") from err
+
+
+def saved_config(path: Path | None, task: str) -> dict[str, Any] | None:
+    """The settings saved in the checkpoint ``path`` of ``task``; None without a path, and
+    for a released file, which saves none."""
+    if path is None:
+        return None
+    try:
+        return load_checkpoint(path, task=task).get("config")
+    except ForeignCheckpointError:
+        return None

@@ -1,9 +1,9 @@
 """The training run both tasks use, and the contract a task fills in (:class:`Recipe`).
 
-A task supplies a function that builds its recipe (data, models, optimisers, checks), one
-training step, one validation, its checkpoint state and its log lines. The engine owns the
-rest: the run sequence (:func:`run_training`: settings, process set-up, checkpoint, run
-folder), the epoch loop with its progress bar, mixed precision, the non-finite-loss stop,
+A task (:class:`~cenfusion.engine.task.Task`) supplies a function that builds its recipe (data,
+models, optimisers, checks), one training step, one validation, its checkpoint state and its
+log lines. The engine owns the rest: the run sequences (:mod:`cenfusion.engine.session`:
+settings, process set-up, checkpoint, run folder), the epoch loop with its progress bar, mixed precision, the non-finite-loss stop,
 the best-score tracker, the one checkpoint schema, resume, the metrics log and TensorBoard;
 reports hang on a hook it calls after each validation.
 """
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
 from cenfusion.engine.heap import kept_cpu_memory
@@ -211,6 +211,11 @@ class Recipe(ABC):
         """Called when epoch ``epoch`` became the best (before ``best.pth`` is written)."""
 
     @abstractmethod
+    def evaluate(self, run_dir: Path, **options: Any) -> dict[str, Any]:
+        """A checkpoint's evaluation (:func:`~cenfusion.engine.session.evaluate`): its validation metrics, logged;
+        what the task writes of it (``options``) goes under ``run_dir``."""
+
+    @abstractmethod
     def describe(self, record: dict[str, Any]) -> str:
         """One log line for an epoch's metrics record."""
 
@@ -364,32 +369,3 @@ def fit(
     finally:
         scalars.close()
     return best
-
-
-def run_training(
-    cfg: Any,
-    task: str,
-    build: Callable[[Context, dict[str, Any] | None, str], Recipe],
-    resume: Path | None = None,
-    force: bool = False,
-    after_validation: Callable[[Path], None] | None = None,
-) -> BestScore:
-    """The run sequence every task shares: validate the settings, set up the process, read
-    the checkpoint ``resume`` (of ``task``), let the task ``build(ctx, state, where)`` its
-    recipe (data, model, checks), claim the run folder, train to the end of the schedule and
-    log the best validation. A checkpoint that holds an epoch is continued (its run
-    folder is this run's); one with weights only (a converted released model) starts a new
-    run from those weights. ``after_validation`` runs when ``cfg.plots`` is on.
-    """
-    with prepare(cfg) as ctx:
-        state = load_checkpoint(resume, task=task) if resume is not None else None
-        where = str(resume)
-        recipe = build(ctx, state, where)
-        continuing = state is not None and "epoch" in state
-        folder = ctx.open_folder(cfg, resuming=continuing, force=force)
-        log.info(recipe.start_line())
-        report = after_validation if getattr(cfg, "plots", False) else None
-        best = fit(recipe, cfg, folder, state if continuing else None, where, report)
-        if (line := recipe.best_line(best)) is not None:
-            log.info(line)
-        return best

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch.utils.data import DataLoader, Subset
 
@@ -11,41 +10,12 @@ from cenfusion.data.check import check_dataset
 from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
 from cenfusion.data.synthetic import ensure_synthetic
 from cenfusion.data.transforms import train_transform, val_transform
-from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
-from cenfusion.segmentation.config import PRESETS, SegmentationConfig
-from cenfusion.segmentation.modelio import TASK
-
-
-def config_for(
-    preset: str | None,
-    yaml_path: Path | None,
-    overrides: dict[str, Any],
-    resume: Path | None = None,
-) -> SegmentationConfig:
-    """The run's config: a base, then a YAML file, then flags (``None`` = not given).
-
-    The base is the config saved in the ``resume`` checkpoint when it has one, else the
-    preset (default: ``synthetic`` without ``--data``, ``nyudv2`` with it).
-    """
-    base: SegmentationConfig | None = None
-    if resume is not None and preset is None:
-        saved = load_checkpoint(resume, task=TASK).get("config")
-        if saved is not None:
-            base = config_from_dict(SegmentationConfig, saved, str(resume))
-    if base is None:
-        name = preset or ("nyudv2" if overrides.get("data") is not None else "synthetic")
-        if name not in PRESETS:
-            raise CenError(f"--preset {name}: expected one of {', '.join(PRESETS)}")
-        base = PRESETS[name]
-    if yaml_path is not None:
-        base = replace_config(base, load_yaml(yaml_path), f"--config {yaml_path}")
-    return replace_config(base, overrides)
+from cenfusion.segmentation.config import SegmentationConfig
 
 
 def build_model(cfg: SegmentationConfig) -> CENRefineNet:

@@ -8,16 +8,30 @@ these functions takes typed arguments.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from cenfusion.engine.config import add_config_flags, given_flags
 from cenfusion.engine.run import RunConfig, add_run_flags
-from cenfusion.segmentation.config import NYUDV2, SegmentationConfig
+from cenfusion.segmentation.config import NYUDV2, SYNTHETIC, SegmentationConfig
 
-__all__ = ["add_seg_data_parsers", "add_seg_parser"]
+__all__ = ["DEMO_HELP", "DEMO_SCHEDULE", "add_data_parsers", "add_parsers", "demo"]
+
+DEMO_HELP = "the segmentation ablation: RGB, depth, CEN without and with exchange"
+#: The demo's epochs per stage.
+DEMO_SCHEDULE = SYNTHETIC.epochs
 
 
-def add_seg_parser(subparsers: argparse._SubParsersAction) -> None:
+def demo(flags: dict[str, Any], epochs: list[int] | None) -> None:
+    """``cen demo``: the ablation on the embedded data, ``epochs`` per stage if given."""
+    from cenfusion.segmentation.demo import run_demo
+
+    schedule = {} if epochs is None else {"epochs": tuple(epochs)}
+    run_demo(replace(SYNTHETIC, **flags, **schedule))
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``seg train``, ``seg predict`` and ``seg eval`` to ``subparsers`` (``cen``'s)."""
     seg = subparsers.add_parser("seg", help="RGB-D semantic segmentation")
     commands = seg.add_subparsers(dest="seg_command", required=True)
@@ -27,15 +41,19 @@ def add_seg_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _seg_train(args: argparse.Namespace) -> None:
-    from cenfusion.engine.run import resume_path
-    from cenfusion.segmentation.build import config_for
-    from cenfusion.segmentation.train import train
+    from cenfusion.engine.session import run_command
+    from cenfusion.segmentation.task import SEGMENTATION
 
-    given = given_flags(SegmentationConfig, args)
-    run_dir = Path(given.get("runs", "runs")) / given.get("exp", SegmentationConfig.exp)
-    resume = resume_path(args.resume, run_dir)
-    cfg = config_for(args.preset, args.config, given, resume)
-    train(cfg, resume, evaluate_only=args.evaluate, save_img=args.save_img, force=args.force)
+    run_command(
+        SEGMENTATION,
+        given_flags(SegmentationConfig, args),
+        preset=args.preset,
+        yaml_path=args.config,
+        resume=args.resume,
+        evaluate_only=args.evaluate,
+        force=args.force,
+        **({"save_img": True} if args.save_img else {}),
+    )
 
 
 def _data_synthetic(args: argparse.Namespace) -> None:
@@ -84,7 +102,9 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
         "--preset", choices=("synthetic", "nyudv2"), help="base settings (see the description)"
     )
     add_run_flags(p)
-    p.add_argument("--evaluate", action="store_true", help="only evaluate --resume CHECKPOINT")
+    p.add_argument(
+        "--evaluate", action="store_true", help="evaluate --resume PATH, else best.pth/last.pth"
+    )
     p.add_argument("--save-img", action="store_true", help="with --evaluate: write panels")
     add_config_flags(p, SegmentationConfig)
     p.set_defaults(run=_seg_train)
@@ -136,11 +156,13 @@ _EVAL_FIELDS = (
 
 
 def _seg_eval(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.config import SegmentationConfig
-    from cenfusion.segmentation.evaluate import eval_config, protocols_for, run_evaluation
+    from cenfusion.engine.checkpoint import saved_config
+    from cenfusion.segmentation.evaluate import protocols_for, run_evaluation
+    from cenfusion.segmentation.task import SEGMENTATION
 
     given = given_flags(SegmentationConfig, args)
-    cfg = eval_config(args.preset, args.config, given, args.resume)
+    saved = saved_config(args.resume, SEGMENTATION.name)
+    cfg = SEGMENTATION.resolve_config(args.preset, args.config, given, saved, str(args.resume))
     protocols = protocols_for(args.ms, args.scales, args.flip)
     run_evaluation(cfg, args.resume, protocols, save="exp" in given, batch_size=args.eval_batch)
 
@@ -262,7 +284,7 @@ def _data_check(args: argparse.Namespace) -> None:
     print(f"{args.root}: {report.samples} samples, {report.files} files: OK")
 
 
-def add_seg_data_parsers(sub: argparse._SubParsersAction) -> None:
+def add_data_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``check``, ``synthetic``, ``nyudv2`` and ``sunrgbd`` to ``cen data``."""
     check = sub.add_parser("check", help="check a list-file data set before training (cached)")
     check.add_argument("root", type=Path)

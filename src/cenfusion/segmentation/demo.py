@@ -101,10 +101,11 @@ def _exchange_at(run_dir: Path, epoch: int) -> dict[str, Any] | None:
 
 def _train_row(run: DemoRun, cfg: SegmentationConfig, report: bool) -> DemoRow:
     """Train one model of the ablation and read its row off the best validation."""
-    from cenfusion.segmentation.train import train
+    from cenfusion.engine.session import train
+    from cenfusion.segmentation.task import SEGMENTATION
 
     began = time.perf_counter()
-    best = train(cfg, force=True)
+    best = train(SEGMENTATION, cfg, force=True)
     assert best.metrics is not None  # every stage ends with a validation
     path = None
     if report:

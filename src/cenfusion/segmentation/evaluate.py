@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, default_collate
 
 from cenfusion.engine.run import append_metrics, log
 from cenfusion.engine.runtime import Precision, inference_runtime
-from cenfusion.errors import CenError, ForeignCheckpointError
+from cenfusion.errors import CenError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
-from cenfusion.segmentation.build import build_dataset, check_model_fits, config_for
+from cenfusion.segmentation.build import build_dataset, check_model_fits
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.predict import load_segmenter, resize_input
 from cenfusion.segmentation.visualize import save_prediction_panel
@@ -267,20 +267,6 @@ def evaluate_checkpoint(
     return evaluate_protocols(cfg, checkpoint, [protocol], official)[protocol.label]
 
 
-def eval_config(
-    preset: str | None,
-    yaml_path: Path | None,
-    overrides: dict[str, object],
-    checkpoint: Path,
-) -> SegmentationConfig:
-    """:func:`config_for` with the checkpoint's saved config as base; a released checkpoint
-    saves none, so the preset (``nyudv2`` with ``--data``) is the base then."""
-    try:
-        return config_for(preset, yaml_path, overrides, checkpoint)
-    except ForeignCheckpointError:
-        return config_for(preset, yaml_path, overrides, None)
-
-
 def run_evaluation(
     cfg: SegmentationConfig,
     checkpoint: str | Path,
@@ -318,7 +304,6 @@ __all__ = [
     "SINGLE_SCALE",
     "Protocol",
     "TestTimeAugmentation",
-    "eval_config",
     "evaluate_checkpoint",
     "evaluate_protocols",
     "protocols_for",

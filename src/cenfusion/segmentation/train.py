@@ -18,26 +18,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from cenfusion.data.listfile import IGNORE_INDEX
-from cenfusion.engine.checkpoint import load_checkpoint, load_weights
+from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import BestScore, Context, Recipe, prepare, run_training
-from cenfusion.errors import CenError
+from cenfusion.engine.trainer import BestScore, Context, Recipe
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.reporting.exchange import exchange_record
-from cenfusion.reporting.plots import write_plots
 from cenfusion.reporting.runlog import save_confusion
-from cenfusion.segmentation.build import (
-    build_loaders,
-    build_model,
-    check_data,
-    check_model_fits,
-    check_resumed_model,
-)
 from cenfusion.segmentation.config import SegmentationConfig
-from cenfusion.segmentation.evaluate import Scores, evaluate, score_loader
-from cenfusion.segmentation.modelio import TASK, model_from_record, model_record
+from cenfusion.segmentation.evaluate import Scores, score_loader
+from cenfusion.segmentation.evaluate import evaluate as evaluate_model
+from cenfusion.segmentation.modelio import TASK, model_record
 
 
 def segmentation_loss(heads: Tensor, target: Tensor) -> Tensor:
@@ -167,65 +159,19 @@ class SegmentationRecipe(Recipe):
         }
 
     def load_state_dict(self, state: dict[str, Any], where: str) -> None:
+        """Continue from ``state``; a converted released model holds no training state."""
         load_weights(self.model, state["model"], where)
-        self.stage = int(state["stage"])
+        self.stage = int(state.get("stage", 0))
         self.optimizer = self._optimizer(self.stage)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
 
-
-def train(
-    cfg: SegmentationConfig,
-    resume: Path | None = None,
-    evaluate_only: bool = False,
-    save_img: bool = False,
-    force: bool = False,
-) -> BestScore:
-    """Run, resume (``resume``: a checkpoint) or only evaluate a segmentation experiment.
-
-    Returns the best validation (by ensemble mIoU) or, with ``evaluate_only``, the evaluation.
-    Settings, data and checkpoint are all checked before the run folder is touched.
-    """
-    if evaluate_only and resume is None:
-        raise CenError("--evaluate: needs --resume CHECKPOINT (the weights to evaluate)")
-    if save_img and not evaluate_only:
-        raise CenError("--save-img: only with --evaluate (validation panels of a checkpoint)")
-    if evaluate_only:
-        return _evaluate(cfg, resume, save_img)
-
-    def build(ctx: Context, state: dict[str, Any] | None, where: str) -> SegmentationRecipe:
-        return _recipe(cfg, ctx, state, where, training=True)
-
-    return run_training(cfg, TASK, build, resume, force, write_plots)
-
-
-def _recipe(
-    cfg: SegmentationConfig,
-    ctx: Context,
-    state: dict[str, Any] | None,
-    where: str,
-    training: bool,
-) -> SegmentationRecipe:
-    """Data checked, loaders, and the model: the checkpoint's (checked against the
-    settings) or a new one."""
-    check_data(cfg, training=training)
-    loaders = build_loaders(cfg, ctx, training=training)
-    model = model_from_record(state, where) if state else build_model(cfg)
-    if state is not None:
-        check_model_fits(model, cfg, where)
-        if training:
-            check_resumed_model(model, cfg, where)
-    return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
-
-
-def _evaluate(cfg: SegmentationConfig, resume: Path, save_img: bool) -> BestScore:
-    """``--evaluate``: score the checkpoint on the validation list into ``runs/EXP``."""
-    with prepare(cfg) as ctx:
-        state = load_checkpoint(resume, task=TASK)
-        recipe = _recipe(cfg, ctx, state, str(resume), training=False)
-        folder = ctx.open_folder(cfg, resuming=True, force=False)
-        log.info(recipe.start_line())
-        image_dir = folder.path / "images" if save_img else None
-        scores = evaluate(recipe.net, recipe.val_loader, cfg, ctx.device, ctx.precision, image_dir)
+    def evaluate(self, run_dir: Path, save_img: bool = False) -> Scores:
+        """``save_img``: also write each validation image's panel to ``run_dir/images``."""
+        image_dir = run_dir / "images" if save_img else None
+        ctx = self.ctx
+        scores = evaluate_model(
+            self.net, self.val_loader, self.cfg, ctx.device, ctx.precision, image_dir
+        )
         log.info(format_scores(scores))
-        folder.append_metrics({"evaluate": str(resume), "val": scores})
-        return BestScore(True, float(scores["ensemble"]["miou"]), 0, scores)
+        return scores

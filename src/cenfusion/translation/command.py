@@ -7,20 +7,39 @@ and calls ``args.run(args)``; everything under these functions takes typed argum
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
 from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import add_run_flags, log, resume_path
+from cenfusion.engine.run import add_run_flags, log
 from cenfusion.errors import CenError
-from cenfusion.translation.config import TranslationConfig, load_config
+from cenfusion.translation.config import TranslationConfig
+from cenfusion.translation.demo import DEMO
 
-__all__ = ["add_i2i_parser", "add_taskonomy_data_parser", "config_from_args"]
+__all__ = ["DEMO_HELP", "DEMO_SCHEDULE", "add_data_parsers", "add_parsers", "demo"]
+
+DEMO_HELP = "shading + texture -> RGB on the embedded scenes"
+#: The demo's epochs.
+DEMO_SCHEDULE = (DEMO.epochs,)
 
 _TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
 
 
-def add_i2i_parser(subparsers: argparse._SubParsersAction) -> None:
+def demo(flags: dict[str, Any], epochs: list[int] | None) -> None:
+    """``cen demo --task i2i``, for ``epochs`` (one number) if given."""
+    from cenfusion.translation.demo import run_translation_demo
+
+    if epochs is not None and len(epochs) != 1:
+        raise CenError(
+            f"--epochs {' '.join(map(str, epochs))}: the translation demo takes one number"
+        )
+    schedule = {} if epochs is None else {"epochs": epochs[0]}
+    run_translation_demo(replace(DEMO, **flags, **schedule))
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``i2i train`` to ``subparsers`` (the ``cen`` command's)."""
     i2i = subparsers.add_parser("i2i", help="multimodal image-to-image translation (Taskonomy)")
     commands = i2i.add_subparsers(dest="i2i_command", required=True)
@@ -29,8 +48,8 @@ def add_i2i_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train a CEN U-Net (or evaluate one with --evaluate)",
         description="Train CEN image-to-image translation; every --val-every epochs the "
         "validation predictions are written to RUNS/EXP (input*/ fake*/ real/ best/) with "
-        "FID/KID and L1/MSE. Unset flags come from --config, else (with --resume or "
-        "--evaluate) from RUNS/EXP/config.yaml, else the released recipe.",
+        "FID/KID and L1/MSE. Settings: the checkpoint's own (with --resume or --evaluate), "
+        "else the released recipe; then --config, then flags.",
     )
     add_run_flags(p)
     p.add_argument(
@@ -40,33 +59,21 @@ def add_i2i_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train)
 
 
-def config_from_args(args: argparse.Namespace) -> TranslationConfig:
-    """Defaults <- YAML (``--config``, else a resumed run's ``config.yaml``) <- given flags."""
-    given = given_flags(TranslationConfig, args)
-    base = TranslationConfig()
-    saved = Path(given.get("runs", base.runs)) / given.get("exp", base.exp) / "config.yaml"
-    if args.config is not None:
-        base = load_config(args.config)
-    elif (args.resume or args.evaluate) and saved.is_file():
-        base = load_config(saved)
-    return base.replace(**given)
-
-
 def _run_train(args: argparse.Namespace) -> None:
-    from cenfusion.translation.evaluate import evaluate_run
-    from cenfusion.translation.train import train
+    from cenfusion.engine.session import run_command
+    from cenfusion.translation.task import TRANSLATION
 
-    cfg = config_from_args(args)
-    resume = resume_path(args.resume, cfg.run_dir)
-    if args.evaluate:
-        if args.force:
-            raise CenError("--force: not with --evaluate (it only adds to a run)")
-        evaluate_run(cfg, resume)
-    else:
-        train(cfg, resume, force=args.force)
+    run_command(
+        TRANSLATION,
+        given_flags(TranslationConfig, args),
+        yaml_path=args.config,
+        resume=args.resume,
+        evaluate_only=args.evaluate,
+        force=args.force,
+    )
 
 
-def add_taskonomy_data_parser(data_subparsers: argparse._SubParsersAction) -> None:
+def add_data_parsers(data_subparsers: argparse._SubParsersAction) -> None:
     """Add ``taskonomy`` and ``synthetic-taskonomy`` to the ``cen data`` subcommands."""
     p = data_subparsers.add_parser(
         "taskonomy",

@@ -11,8 +11,6 @@ curves of every branch.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from cenfusion.engine.run import LogRouting, log
 from cenfusion.translation.config import TranslationConfig
 
@@ -35,10 +33,11 @@ DEMO = TranslationConfig(
 
 def run_translation_demo(base: TranslationConfig = DEMO, report: bool = True) -> dict:
     """Train the demo generator; log and return the best epoch's metrics per branch."""
-    from cenfusion.translation.train import train
+    from cenfusion.engine.session import train
+    from cenfusion.translation.task import TRANSLATION
 
     with LogRouting():
-        best = train(replace(base), force=True)
+        best = train(TRANSLATION, base, force=True)
         metrics = best.metrics or {}
         names = ["shading branch", "texture branch", "ensemble"]
         for key in ("fid", "kid_x100", "l1"):

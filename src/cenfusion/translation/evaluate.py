@@ -27,19 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from cenfusion.engine.checkpoint import load_checkpoint, load_weights
-from cenfusion.engine.distributed import on_main
-from cenfusion.engine.run import BEST, LAST, log
-from cenfusion.engine.trainer import prepare
-from cenfusion.errors import CenError
 from cenfusion.fusion import stack_modalities
 from cenfusion.metrics.generative import fid_from_features, kid_from_features
-from cenfusion.models.unet import CENUNet, CENUNetConfig
-from cenfusion.translation.build import datasets, fid_extractor, format_metrics
-from cenfusion.translation.config import TranslationConfig
-from cenfusion.translation.modelio import TASK
 
-__all__ = ["Evaluator", "evaluate_run", "save_images"]
+__all__ = ["Evaluator", "save_images"]
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -147,48 +138,3 @@ class Evaluator:
                 100.0 * kid_from_features(f, real, KID_SUBSETS, KID_SUBSET_SIZE)[0] for f in fakes
             ]
         return metrics
-
-
-def evaluate_run(cfg: TranslationConfig, checkpoint: Path | None = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (default ``runs/EXP/best.pth``, else ``last.pth``).
-
-    Writes the prediction layout into the run folder (``best/`` is left alone), appends an
-    ``{"evaluate": ...}`` line to the metrics log; returns ``{"checkpoint", "epoch", "metrics"}``.
-    Under torchrun rank 0 evaluates alone and every process returns its result.
-    """
-    run_dir = cfg.run_dir
-    path = checkpoint or next((run_dir / n for n in (BEST, LAST) if (run_dir / n).is_file()), None)
-    if path is None:
-        raise CenError(f"--evaluate: no checkpoint ({BEST} or {LAST}) in {run_dir}")
-    with prepare(cfg) as ctx:
-        state = load_checkpoint(path, task=TASK)
-        generator = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-        load_weights(generator, state["model"], str(path))
-        if generator.num_modalities != len(cfg.inputs):
-            raise CenError(
-                f"{path}: a model for {generator.num_modalities} inputs, but "
-                f"--img-types names {len(cfg.inputs)}"
-            )
-        _, val_set = datasets(cfg)
-        epoch = int(state["epoch"])
-        folder = ctx.open_folder(cfg, resuming=True, force=False)
-
-        def evaluate() -> dict[str, Any]:
-            evaluator = Evaluator(
-                ctx.loader(val_set, cfg),
-                ctx.device,
-                fid_extractor(cfg, ctx.device),
-                ctx.precision.autocast(),
-                cfg.eval_dropout,
-            )
-            metrics = evaluator(generator.to(ctx.device), run_dir)
-            log.info(
-                f"evaluate {path} (epoch {epoch}) on {len(val_set)} views: "
-                f"{format_metrics(metrics)}"
-            )
-            folder.append_metrics(
-                {"evaluate": True, "checkpoint": path.name, "epoch": epoch, "val": metrics}
-            )
-            return {"checkpoint": str(path), "epoch": epoch, "metrics": metrics}
-
-        return on_main(evaluate)

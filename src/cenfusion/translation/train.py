@@ -35,16 +35,12 @@ from cenfusion.data.taskonomy import DOMAINS
 from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
-from cenfusion.engine.trainer import BestScore, Context, Recipe, run_training
-from cenfusion.errors import CenError
+from cenfusion.engine.trainer import BestScore, Context, Recipe
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
-from cenfusion.models.unet import CENUNetConfig
 from cenfusion.reporting.exchange import exchange_record
-from cenfusion.reporting.plots import write_plots
 from cenfusion.translation.build import (
     build_models,
-    datasets,
     fid_extractor,
     format_metrics,
 )
@@ -52,7 +48,7 @@ from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
 from cenfusion.translation.modelio import TASK
 
-__all__ = ["TranslationRecipe", "build_models", "train"]
+__all__ = ["TranslationRecipe"]
 
 
 def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
@@ -68,7 +64,7 @@ class TranslationRecipe(Recipe):
     higher_is_better = False
 
     def __init__(
-        self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader, DataLoader]
+        self, cfg: TranslationConfig, ctx: Context, loaders: tuple[DataLoader | None, DataLoader]
     ) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.train_loader, self.val_loader = loaders
@@ -96,10 +92,10 @@ class TranslationRecipe(Recipe):
         cfg, ctx = self.cfg, self.ctx
         inputs = " + ".join(DOMAINS[t] for t in cfg.inputs)
         processes = f", {ctx.dist.world_size} processes" if ctx.dist.enabled else ""
+        train = len(self.train_loader.dataset) if self.train_loader else 0
         return (
-            f"cen i2i train: {inputs} -> {DOMAINS[cfg.target]}; "
-            f"{len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val "
-            f"views, device {ctx.device}{processes}"
+            f"cen i2i: {inputs} -> {DOMAINS[cfg.target]}; {train} train / "
+            f"{len(self.val_loader.dataset)} val views, device {ctx.device}{processes}"
         )
 
     def best_line(self, best: BestScore) -> str | None:
@@ -173,6 +169,12 @@ class TranslationRecipe(Recipe):
         metrics = on_main(lambda: self.evaluator(self.generator, self.cfg.run_dir))
         return metrics, metrics[self.criterion][-1]
 
+    def evaluate(self, run_dir: Path, **options: Any) -> dict[str, Any]:
+        """The validation, its views written to the run folder as every validation's are."""
+        metrics, _ = self.validate(0)
+        log.info(f"evaluated on {len(self.val_loader.dataset)} views: {format_metrics(metrics)}")
+        return metrics
+
     def on_best(self, epoch: int) -> None:
         if not self.ctx.dist.is_main:
             return
@@ -221,33 +223,3 @@ class TranslationRecipe(Recipe):
             return
         self.opt_g.load_state_dict(state["optimizer_g"])
         self.opt_d.load_state_dict(state["optimizer_d"])
-
-
-def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = False) -> BestScore:
-    """Train (or continue the checkpoint ``resume``) up to ``cfg.epochs``; returns the best
-    validation: ``score`` (ensemble FID, or L1), ``epoch`` and its ``metrics``."""
-
-    def build(ctx: Context, state: dict[str, Any] | None, where: str) -> TranslationRecipe:
-        if state is not None:
-            _check_resumed_generator(cfg, state, where)
-        train_set, val_set = datasets(cfg)
-        loaders = (ctx.train_loader(train_set, cfg, drop_last=False), ctx.loader(val_set, cfg))
-        return TranslationRecipe(cfg, ctx, loaders)
-
-    return run_training(cfg, TASK, build, resume, force, write_plots)
-
-
-def _check_resumed_generator(cfg: TranslationConfig, state: dict[str, Any], where: str) -> None:
-    """Refuse settings that contradict the checkpoint's generator (a resumed run keeps its
-    model), naming both values, before anything is written."""
-    saved = CENUNetConfig.from_dict(state["model_config"])
-    for flag, ours, theirs in (
-        ("--ngf", cfg.ngf, saved.ngf),
-        ("--num-downs", cfg.num_downs, saved.num_downs),
-        ("--threshold", cfg.threshold, saved.threshold),
-    ):
-        if ours != theirs:
-            raise CenError(
-                f"{flag} {ours}: the generator of {where} has {theirs}; a resumed run keeps "
-                "its model (start a new run for another one)"
-            )

@@ -1,0 +1,86 @@
+"""The contract between a task and the rest of the package: what the engine, ``cen info`` and
+``cen report`` need to know of segmentation, translation or a task of one's own.
+
+A task gives its checkpoint name, its config class and presets, how to build its
+:class:`~cenfusion.engine.trainer.Recipe` from a config (and a checkpoint's state), and how to
+summarise a checkpoint's model. The engine does the rest, once for every task: the settings
+(:meth:`Task.resolve_config`), :func:`~cenfusion.engine.trainer.train` and
+:func:`~cenfusion.engine.trainer.evaluate`. This module imports no torch, so that a registry
+of tasks costs nothing to the ``cen`` command's start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
+from cenfusion.errors import CenError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from cenfusion.engine.trainer import Context, Recipe
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What ``cen info`` reads from a task's checkpoint: the model with its weights, the names
+    of its modalities and classes (empty where they do not apply), the input size its FLOPs
+    are counted at, and how far its training went (None when the checkpoint does not say)."""
+
+    model: nn.Module
+    modalities: Sequence[str]
+    classes: Sequence[str]
+    default_size: tuple[int, int]
+    progress: str | None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task.
+
+    ``presets`` are named starting settings; ``default_preset(flags)`` names the one a
+    command starts from when none is asked for. ``build_recipe(cfg, ctx, state, where, training)`` returns the recipe of ``cfg`` on
+    ``ctx`` with every setting, the data and (when ``state`` is a checkpoint's, read from
+    ``where``) the checkpoint checked against each other; ``training=False`` builds what an
+    evaluation needs (no training data). ``summarize(state, where)`` rebuilds a checkpoint's
+    model for ``cen info``. ``after_validation(run_folder)`` redraws the run's reports.
+    """
+
+    name: str
+    config: type
+    presets: Mapping[str, Any]
+    default_preset: Callable[[Mapping[str, Any]], str]
+    build_recipe: Callable[[Any, Context, dict[str, Any] | None, str, bool], Recipe]
+    summarize: Callable[[dict[str, Any], str], ModelSummary]
+    after_validation: Callable[[Path], Any] | None = None
+
+    def resolve_config(
+        self,
+        preset: str | None,
+        yaml_path: Path | None,
+        flags: Mapping[str, Any],
+        saved: Mapping[str, Any] | None = None,
+        where: str = "checkpoint",
+    ) -> Any:
+        """A command's settings, by one rule for every task and command: the base is the
+        config ``saved`` with the checkpoint the command continues or evaluates (read from
+        ``where``), unless a preset is asked for; else the preset; then the YAML file; then
+        the flags that were given.
+
+        Raises:
+            CenError: an unknown preset, or a setting of the wrong name or type.
+        """
+        if saved is not None and preset is None:
+            base = config_from_dict(self.config, dict(saved), where)
+        else:
+            name = preset or self.default_preset(flags)
+            if name not in self.presets:
+                raise CenError(f"--preset {name}: expected one of {', '.join(self.presets)}")
+            base = self.presets[name]
+        if yaml_path is not None:
+            base = replace_config(base, load_yaml(yaml_path), f"--config {yaml_path}")
+        return replace_config(base, dict(flags))

@@ -1,0 +1,81 @@
+"""Translation as a :class:`~cenfusion.engine.task.Task`: its settings, its recipe built and
+checked, and what ``cen info`` reads from its checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cenfusion.data.taskonomy import DOMAINS
+from cenfusion.engine.checkpoint import load_weights
+from cenfusion.engine.task import ModelSummary, Task
+from cenfusion.engine.trainer import Context
+from cenfusion.errors import CenError
+from cenfusion.models.unet import CENUNet, CENUNetConfig
+from cenfusion.reporting.plots import write_plots
+from cenfusion.translation.build import datasets
+from cenfusion.translation.config import TranslationConfig
+from cenfusion.translation.modelio import TASK
+from cenfusion.translation.train import TranslationRecipe
+
+#: The side ``cen info`` counts FLOPs at when a checkpoint does not give its crop size.
+INFO_SIDE = 256
+
+
+def build_recipe(
+    cfg: TranslationConfig,
+    ctx: Context,
+    state: dict[str, Any] | None,
+    where: str,
+    training: bool,
+) -> TranslationRecipe:
+    """The checkpoint's generator checked against the settings, then data and networks."""
+    if state is not None:
+        _check_generator(cfg, state, where)
+    train_set, val_set = datasets(cfg)
+    train = ctx.train_loader(train_set, cfg, drop_last=False) if training else None
+    return TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
+
+
+def _check_generator(cfg: TranslationConfig, state: dict[str, Any], where: str) -> None:
+    """Refuse settings that contradict the checkpoint's generator (a resumed or evaluated
+    run keeps its model), naming both values, before anything is written."""
+    saved = CENUNetConfig.from_dict(state["model_config"])
+    for flag, ours, theirs in (
+        ("--img-types (inputs)", len(cfg.inputs), saved.num_modalities),
+        ("--ngf", cfg.ngf, saved.ngf),
+        ("--num-downs", cfg.num_downs, saved.num_downs),
+        ("--threshold", cfg.threshold, saved.threshold),
+    ):
+        if ours != theirs:
+            raise CenError(
+                f"{flag} {ours}: the generator of {where} has {theirs}; a resumed run keeps "
+                "its model (start a new run for another one)"
+            )
+
+
+def summarize(state: dict[str, Any], where: str) -> ModelSummary:
+    """The checkpoint's generator, its input domains, and the epoch it was saved at."""
+    model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
+    load_weights(model, state["model"], where)
+    config = state.get("config") or {}
+    types = config.get("img_types", [])
+    modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
+    side = int(config.get("crop_size", INFO_SIDE))
+    progress = f"epoch {state['epoch']}" if "epoch" in state else None
+    return ModelSummary(model, modalities, (), (side, side), progress)
+
+
+def default_preset(flags: Mapping[str, Any]) -> str:
+    return "released"
+
+
+TRANSLATION = Task(
+    name=TASK,
+    config=TranslationConfig,
+    presets={"released": TranslationConfig()},
+    default_preset=default_preset,
+    build_recipe=build_recipe,
+    summarize=summarize,
+    after_validation=write_plots,
+)
