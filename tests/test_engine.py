@@ -15,7 +15,7 @@ import torch
 from cenfusion.cli import build_parser
 from cenfusion.engine import runtime
 from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.config import flag_name, given_flags
+from cenfusion.engine.config import config_to_dict, flag_name, given_flags
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
 from cenfusion.engine.runtime import CompiledOrEager, Precision
@@ -23,9 +23,10 @@ from cenfusion.engine.session import train
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
 from cenfusion.segmentation.build import build_model
-from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
+from cenfusion.segmentation.config import NYUDV2, SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.translation.config import TranslationConfig
+from cenfusion.translation.task import TRANSLATION
 
 COMMANDS = {SegmentationConfig: ["seg", "train"], TranslationConfig: ["i2i", "train"]}
 
@@ -120,6 +121,31 @@ def test_released_flag_spellings(command, cls, line, expected) -> None:
     args = build_parser().parse_args([*command, *line.split()])
     name, value = expected
     assert given_flags(cls, args) == {name: value}
+
+
+@pytest.mark.parametrize("task", [SEGMENTATION, TRANSLATION])
+def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
+    """Checkpoint's settings (else the preset) < YAML file < flags."""
+    preset = task.presets[task.default_preset({})]
+    saved = {**config_to_dict(preset), "exp": "saved", "batch_size": 3, "seed": 5}
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text("batch_size: 4\nworkers: 1\n")
+    cfg = task.resolve_config(None, yaml_file, {"workers": 2}, saved)
+    assert (cfg.exp, cfg.seed, cfg.batch_size, cfg.workers) == ("saved", 5, 4, 2)
+    fresh = task.resolve_config(None, None, {}, None)
+    assert fresh == preset
+    asked = task.resolve_config(task.default_preset({}), None, {}, saved)
+    assert asked == preset, "a preset asked for replaces the checkpoint's settings"
+    with pytest.raises(CenError, match="--preset nope: expected one of"):
+        task.resolve_config("nope", None, {}, None)
+    with pytest.raises(CenError, match="checkpoint: unknown setting 'colour'"):
+        task.resolve_config(None, None, {}, {**saved, "colour": 1})
+
+
+def test_segmentation_preset_follows_the_data_flag() -> None:
+    assert SEGMENTATION.resolve_config(None, None, {}) == SYNTHETIC
+    own = SEGMENTATION.resolve_config(None, None, {"data": Path("d")})
+    assert own == replace(NYUDV2, data=Path("d"))
 
 
 @pytest.mark.parametrize("command", [["seg", "train"], ["i2i", "train"]])

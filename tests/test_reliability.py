@@ -239,7 +239,7 @@ def test_internal_error_shows_a_short_traceback_and_how_to_report(
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("a bug")
 
-    import cenfusion.engine.session as session
+    from cenfusion.engine import session
 
     monkeypatch.setattr(session, "train", broken)
     status = main(seg_args(seg_root, tmp_path))
