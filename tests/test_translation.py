@@ -26,8 +26,8 @@ from cenfusion.translation import command as i2i_command
 from cenfusion.translation import train as train_module
 from cenfusion.translation.config import TranslationConfig, load_config
 from cenfusion.translation.evaluate import Evaluator
+from cenfusion.translation.losses import branch_bce
 from cenfusion.translation.task import TRANSLATION
-from cenfusion.translation.train import _branch_bce
 
 
 def train(cfg: TranslationConfig, resume: Path | None = None, force: bool = False):
@@ -69,7 +69,7 @@ def test_branch_bce_sums_per_branch_means() -> None:
         F.binary_cross_entropy(torch.sigmoid(chunk), torch.ones_like(chunk))
         for chunk in logits.chunk(3)
     )
-    torch.testing.assert_close(_branch_bce(logits, True, 3), expected)
+    torch.testing.assert_close(branch_bce(logits, True, 3), expected)
 
 
 def test_tiny_run_layout_and_best_follows_the_score(

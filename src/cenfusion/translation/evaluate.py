@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cenfusion.fusion import stack_modalities
 from cenfusion.metrics.generative import fid_from_features, kid_from_features
 
-__all__ = ["Evaluator", "save_images"]
+__all__ = ["Evaluator", "keep_best_views", "save_images"]
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -41,6 +41,14 @@ def save_images(images: Tensor, folder: Path, names: Iterable[str]) -> None:
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     for array, name in zip(pixels.permute(0, 2, 3, 1).cpu().numpy(), names):
         Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{name}.png")
+
+
+def keep_best_views(run_dir: Path, num_heads: int) -> None:
+    """Copy the predictions of every head (``fake*/``) to ``best/fake*/``."""
+    for k in range(num_heads):
+        target = run_dir / "best" / f"fake{k}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(run_dir / f"fake{k}", target)
 
 
 class Evaluator:

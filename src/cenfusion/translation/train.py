@@ -1,14 +1,7 @@
-"""CEN image-to-image translation (CEN paper, Sec. 4.2; pix2pix losses) as an engine recipe.
+"""CEN image-to-image translation (CEN paper, Sec. 4.2) as an engine recipe: one Adam per
+network; D is updated first, then G against the updated D, as in pix2pix, with the losses of
+:mod:`~cenfusion.translation.losses`.
 
-Per batch, with ``M`` input modalities stacked along the batch, generator heads
-``G = (M + 1, B, 3, H, W)`` (branches, then the ensemble) and target ``y``:
-
-- discriminator: ``sum_m 0.5 * [BCE(D(x_m, y), 1) + BCE(D(x_m, G_m), 0)]``;
-- generator: ``sum_m BCE(D(x_m, G_m), 1) + l1_weight * sum_{k <= M} L1(G_k, y)
-  + lamda * sum |gamma|`` over the disjoint penalised parts of the exchanging norms.
-
-The ensemble head gets the L1 term too; its inputs are detached, so it trains only alpha.
-One Adam per network; D is updated first, then G against the updated D, as in pix2pix.
 Besides the engine's files, the run folder holds the :mod:`~cenfusion.translation.evaluate`
 layout and ``best/fake*/`` copies of the best epoch's predictions. The best epoch has the
 lowest ensemble FID, or the lowest ensemble L1 when FID is off or its network is missing.
@@ -22,12 +15,10 @@ evaluation of the same weights.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -45,18 +36,11 @@ from cenfusion.translation.build import (
     format_metrics,
 )
 from cenfusion.translation.config import TranslationConfig
-from cenfusion.translation.evaluate import Evaluator
+from cenfusion.translation.evaluate import Evaluator, keep_best_views
+from cenfusion.translation.losses import branch_bce, discriminator_loss, heads_l1
 from cenfusion.translation.modelio import TASK
 
 __all__ = ["TranslationRecipe"]
-
-
-def _branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
-    """Sum over branches of each branch's mean BCE; ``logits`` ``(M*B, 1, h, w)``, stacked."""
-    logits = logits.float()
-    target = torch.full_like(logits, 1.0 if real else 0.0)
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return loss.view(num_branches, -1).mean(1).sum()
 
 
 class TranslationRecipe(Recipe):
@@ -72,9 +56,8 @@ class TranslationRecipe(Recipe):
         generator, discriminator = build_models(cfg)
         self.generator = generator.to(ctx.device)
         self.g_net = ctx.parallel(self.generator)
-        self.opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2)
-        )
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas)
         self._use_discriminator(discriminator)
         self.evaluator: Evaluator | None = None
         self.criterion = on_main(lambda: self._build_evaluator(self.val_loader))
@@ -114,14 +97,9 @@ class TranslationRecipe(Recipe):
 
     def _build_evaluator(self, val_loader: DataLoader) -> str:
         """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
-        extractor = fid_extractor(self.cfg, self.ctx.device)
-        self.evaluator = Evaluator(
-            val_loader,
-            self.ctx.device,
-            extractor,
-            self.ctx.precision.autocast(),
-            self.cfg.eval_dropout,
-        )
+        ctx, extractor = self.ctx, fid_extractor(self.cfg, self.ctx.device)
+        autocast, dropout = ctx.precision.autocast(), self.cfg.eval_dropout
+        self.evaluator = Evaluator(val_loader, ctx.device, extractor, autocast, dropout)
         return "fid" if extractor is not None else "l1"
 
     def num_epochs(self) -> int:
@@ -143,14 +121,14 @@ class TranslationRecipe(Recipe):
             self.discriminator.requires_grad_(True)
             real_logits = self.d_net(torch.cat([x, y_branches], 1))
             fake_logits = self.d_net(torch.cat([x, fakes.detach()], 1))
-        loss_d = 0.5 * (_branch_bce(real_logits, True, m) + _branch_bce(fake_logits, False, m))
+        loss_d = discriminator_loss(real_logits, fake_logits, m)
         precision.backward_step(loss_d, self.opt_d)
         self.discriminator.requires_grad_(False)
         with precision.autocast():
             # the bare module: D takes no gradient here, so DDP has nothing to synchronise
             fooled = self.discriminator(torch.cat([x, fakes], 1))
-        loss_gan = _branch_bce(fooled, True, m)
-        loss_l1 = (heads.float() - y[None]).abs().flatten(2).mean(2).mean(1).sum()
+        loss_gan = branch_bce(fooled, True, m)
+        loss_l1 = heads_l1(heads, y)
         penalty = sparsity_penalty(self.generator, self.cfg.lamda)
         loss_g = loss_gan + self.cfg.l1_weight * loss_l1 + penalty
         precision.backward_step(loss_g, self.opt_g)
@@ -176,12 +154,8 @@ class TranslationRecipe(Recipe):
         return metrics
 
     def on_best(self, epoch: int) -> None:
-        if not self.ctx.dist.is_main:
-            return
-        for k in range(self.generator.num_modalities + 1):
-            target = self.cfg.run_dir / "best" / f"fake{k}"
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(self.cfg.run_dir / f"fake{k}", target)
+        if self.ctx.dist.is_main:
+            keep_best_views(self.cfg.run_dir, self.generator.num_modalities + 1)
 
     def describe(self, record: dict[str, Any]) -> str:
         line = (
