@@ -1,5 +1,6 @@
 """The engine's contracts: settings defined once as flags, the run folder rules."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 from cenfusion.cli import build_parser
 from cenfusion.engine import runtime
 from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.config import config_to_dict, flag_name, given_flags
+from cenfusion.engine.config import SETTING_OF_ACTION, config_to_dict, flag_name, given_flags
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
 from cenfusion.engine.runtime import CompiledOrEager, Precision
@@ -63,6 +64,34 @@ def test_every_field_is_a_flag(cls: type) -> None:
         words, value = _example(cls, field)
         args = parser.parse_args([*COMMANDS[cls], *words])
         assert given_flags(cls, args) == {field.name: value}, field.name
+
+
+def _commands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ("cen",)):
+    """Every parser of the ``cen`` command, with the words that reach it."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*words, name))
+
+
+def test_every_flag_of_every_command_comes_from_a_setting() -> None:
+    """Each argument of each command is made from a dataclass field, with its help."""
+    count = 0
+    for words, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if isinstance(
+                action,
+                (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction),
+            ):
+                continue
+            where = f"{' '.join(words)} {'/'.join(action.option_strings) or action.dest}"
+            assert hasattr(action, SETTING_OF_ACTION), f"{where}: not made from a setting"
+            cls, name = getattr(action, SETTING_OF_ACTION)
+            field = next(f for f in dataclasses.fields(cls) if f.name == name)
+            assert action.dest == name and field.metadata["help"] in action.help, where
+            count += 1
+    assert count > 150
 
 
 SEG_ALIASES = {

@@ -23,6 +23,7 @@ LAYERS = {
     "export": 5,
     "info": 5,
     "tasks": 5,
+    "tool_commands": 6,
     "cli": 6,
 }
 

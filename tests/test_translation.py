@@ -16,6 +16,7 @@ from PIL import Image
 from cenfusion import CenError
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from cenfusion.engine.config import options_from_args
 from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.engine.session import evaluate
 from cenfusion.engine.session import train as train_task
@@ -345,7 +346,8 @@ def test_data_command_writes_synthetic_set(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "train.txt").is_file()
     assert (tmp_path / "s" / "edge_texture" / "point_1_view_0_domain_edge_texture.png").is_file()
     args = parser().parse_args(["data", "taskonomy", "out", "--domains", "2", "7", "rgb"])
-    assert args.domains == ["2", "7", "rgb"] and args.workers == 4
+    options = options_from_args(i2i_command.TaskonomyOptions, args)
+    assert options.domains == ("2", "7", "rgb") and options.workers == 4
 
 
 def test_bfloat16_autocast_run(data_root: Path, tmp_path: Path) -> None:

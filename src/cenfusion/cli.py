@@ -6,98 +6,41 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
-from cenfusion.engine.config import add_config_flags, given_flags
+from cenfusion.engine.config import add_config_flags, given_flags, options_from_args, setting
 from cenfusion.engine.run import LogRouting, RunConfig
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
 from cenfusion.tasks import COMMANDS
+from cenfusion.tool_commands import add_tool_parsers
 
 #: Frames of an internal error's traceback that ``cen`` prints.
 INTERNAL_FRAMES = 4
 
 
+_WORDS = tuple(COMMANDS)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    task: str = setting(
+        _WORDS[0],
+        "; ".join(f"{word}: {commands.DEMO_HELP}" for word, commands in COMMANDS.items()),
+        choices=_WORDS,
+    )
+    seed: int | None = setting(None, "random seed (default: the demo's own)")
+    epochs: tuple[int, ...] | None = setting(
+        None,
+        "a longer or shorter schedule, per stage ("
+        + ", ".join(f"{w} {' '.join(map(str, c.DEMO_SCHEDULE))}" for w, c in COMMANDS.items())
+        + ")",
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
-    COMMANDS[args.task].demo(given_flags(RunConfig, args), args.epochs)
-
-
-def _report(args: argparse.Namespace) -> None:
-    from cenfusion.reporting.html import write_report
-
-    print(f"wrote {write_report(args.run_dir)}")
-
-
-def _info(args: argparse.Namespace) -> None:
-    from cenfusion.info import format_model_info, info_for_encoder, info_from_checkpoint
-
-    size = tuple(args.size) if args.size else None
-    if (args.checkpoint is None) == (args.enc is None):
-        raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
-    if args.checkpoint is not None:
-        info = info_from_checkpoint(args.checkpoint, size)
-    else:
-        info = info_for_encoder(args.enc, args.num_classes, args.num_modalities, size)
-    print("\n".join(format_model_info(info)))
-
-
-def _export_onnx(args: argparse.Namespace) -> None:
-    from cenfusion.export import export_checkpoint
-
-    height, width = args.size
-    out = export_checkpoint(
-        args.checkpoint,
-        args.out,
-        heads=args.heads,
-        height=height,
-        width=width,
-        dynamic=args.dynamic,
-        opset=args.opset,
-    )
-    print(f"wrote {out}")
-
-
-def _add_tools(sub: argparse._SubParsersAction) -> None:
-    rep = sub.add_parser("report", help="plots and a self-contained HTML page of a run")
-    rep.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder RUNS/EXP")
-    rep.set_defaults(run=_report)
-
-    info = sub.add_parser("info", help="parameters, FLOPs, exchange points of a model")
-    info.add_argument("checkpoint", type=Path, nargs="?", help="a cenfusion checkpoint")
-    info.add_argument("--enc", type=int, choices=(50, 101, 152), help="a fresh CEN RefineNet")
-    info.add_argument("--num-classes", type=int, default=40, help="with --enc (40)")
-    info.add_argument("--num-modalities", type=int, default=2, help="with --enc (2)")
-    info.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="FLOPs input size")
-    info.set_defaults(run=_info)
-
-    export = sub.add_parser("export", help="export a model for deployment")
-    formats = export.add_subparsers(dest="format", required=True)
-    onnx = formats.add_parser("onnx", help="CEN RefineNet checkpoint -> ONNX (onnxruntime)")
-    onnx.add_argument("checkpoint", type=Path, help="cenfusion checkpoint or released .pth.tar")
-    onnx.add_argument("out", type=Path, help="the .onnx file to write")
-    onnx.add_argument("--heads", choices=("all", "ensemble"), default="all", help="outputs (all)")
-    onnx.add_argument(
-        "--size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"), help="(480 640)"
-    )
-    onnx.add_argument("--dynamic", action="store_true", help="free height and width")
-    onnx.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
-    onnx.set_defaults(run=_export_onnx)
-
-
-def _convert_official(args: argparse.Namespace) -> None:
-    if args.checkpoint.suffix == ".pkl" or args.discriminator is not None:
-        from cenfusion.translation.modelio import convert_official as convert_translation
-
-        net = convert_translation(args.checkpoint, args.discriminator, args.out, args.threshold)
-        c = net.config
-        judged = " and its discriminator" if args.discriminator else ""
-        print(f"wrote {args.out}: U-Net{judged}, {c.num_downs} levels, {c.num_modalities} inputs")
-        return
-    from cenfusion.segmentation.modelio import convert_official
-
-    model = convert_official(args.checkpoint, args.out)
-    c = model.config
-    print(f"wrote {args.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
+    o = options_from_args(DemoOptions, args)
+    COMMANDS[o.task].demo(given_flags(RunConfig, args), o.epochs)
 
 
 def _version() -> str:
@@ -114,25 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train on the embedded data, to see the method work")
-    words = list(COMMANDS)
-    demo.add_argument(
-        "--task",
-        choices=words,
-        default=words[0],
-        help="; ".join(f"{word}: {c.DEMO_HELP}" for word, c in COMMANDS.items())
-        + f" (default {words[0]})",
-    )
+    add_config_flags(demo, DemoOptions)
     add_config_flags(demo, RunConfig, only=("runs", "device"))
-    demo.add_argument("--seed", type=int, help="random seed (default: the demo's own)")
-    schedules = ", ".join(f"{w} {' '.join(map(str, c.DEMO_SCHEDULE))}" for w, c in COMMANDS.items())
-    demo.add_argument(
-        "--epochs",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="N",
-        help=f"a longer or shorter schedule, per stage ({schedules})",
-    )
     demo.set_defaults(run=_demo)
 
     data = sub.add_parser("data", help="prepare data sets")
@@ -140,18 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     for commands in COMMANDS.values():
         commands.add_parsers(sub)
         commands.add_data_parsers(data_sub)
-    conv = sub.add_parser(
-        "convert-official",
-        help="released CEN checkpoint -> cenfusion checkpoint",
-        description="A released segmentation .pth.tar, or a released translation generator "
-        "checkpoint-gen-N.pkl (with --discriminator checkpoint-dis-N.pkl).",
-    )
-    conv.add_argument("checkpoint", type=Path)
-    conv.add_argument("out", type=Path)
-    conv.add_argument("--discriminator", type=Path, help="translation: the released D (.pkl)")
-    conv.add_argument("--threshold", type=float, default=1e-2, help="translation: theta (1e-2)")
-    conv.set_defaults(run=_convert_official)
-    _add_tools(sub)
+    add_tool_parsers(sub)
     return parser
 
 

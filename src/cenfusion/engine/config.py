@@ -21,6 +21,9 @@ from cenfusion.errors import CenError
 
 C = TypeVar("C")
 
+#: The default of a setting that must be given (a positional argument).
+REQUIRED: Any = dataclasses.MISSING
+
 
 def setting(
     default: Any,
@@ -28,14 +31,28 @@ def setting(
     *,
     aliases: tuple[str, ...] = (),
     choices: tuple[Any, ...] | None = None,
-    metavar: str | None = None,
+    metavar: str | tuple[str, ...] | None = None,
+    positional: bool = False,
+    repeatable: bool = False,
+    bare: Any = None,
 ) -> Any:
-    """A config field with its help text, its allowed values and its alias flags.
+    """A setting with its help text, its allowed values and its alias flags.
 
     ``aliases`` are extra option strings (the released code's spellings, e.g. ``-t``); the
-    field's own flag is ``--name-with-dashes``.
+    field's own flag is ``--name-with-dashes``, or the bare name with ``positional``; a
+    ``default`` of :data:`REQUIRED` makes the argument required.
+    ``repeatable``: the flag may be given again, adding values; ``bare``: the value of the
+    flag given without one.
     """
-    meta = {"help": help, "aliases": aliases, "choices": choices, "metavar": metavar}
+    meta = {
+        "help": help,
+        "aliases": aliases,
+        "choices": choices,
+        "metavar": metavar,
+        "positional": positional,
+        "repeatable": repeatable,
+        "bare": bare,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -43,15 +60,16 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _flag_type(annotation: Any) -> tuple[Any, bool]:
-    """(element type, is a list) of a field annotation; ``X | None`` reads as ``X``."""
+def _flag_type(annotation: Any) -> tuple[Any, int | str | None]:
+    """(element type, argparse ``nargs``) of a field annotation; ``X | None`` reads as ``X``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _flag_type(inner[0])
     if origin is tuple:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
+        items = typing.get_args(annotation)
+        return items[0], "+" if items[-1] is Ellipsis else len(items)
+    return annotation, None
 
 
 _EXPLICIT_NONE = "<none>"
@@ -65,35 +83,50 @@ def _none_or(kind: Any) -> Any:
     return parse
 
 
+#: The attribute of every argparse action made from a setting: ``(class, field name)``.
+SETTING_OF_ACTION = "cenfusion_setting"
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None
 ) -> None:
     """One flag per field of ``cls`` (or of ``only``), default ``None`` meaning "not given".
 
-    Booleans get ``--x/--no-x``; tuples take one or more values; optional fields accept
-    ``none``. The help text shows the dataclass default.
+    Booleans get ``--x/--no-x``; tuples take one or more values (or exactly as many as the
+    tuple type has); optional fields accept ``none``. The help text shows the default.
     """
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if only is not None and field.name not in only or "help" not in field.metadata:
             continue
         meta = field.metadata
-        kind, many = _flag_type(hints[field.name])
-        names = (flag_name(field.name), *meta["aliases"])
-        common = {"dest": field.name, "default": None, "help": _help(meta["help"], field.default)}
+        kind, nargs = _flag_type(hints[field.name])
+        options: dict[str, Any] = {"help": _help(meta["help"], field.default)}
+        if meta["positional"]:
+            names: tuple[str, ...] = (field.name,)
+            if field.default is not dataclasses.MISSING:
+                nargs = "*" if nargs == "+" else "?" if nargs is None else nargs
+        else:
+            names = (flag_name(field.name), *meta["aliases"])
+            options.update(dest=field.name, default=None, required=field.default is REQUIRED)
         if kind is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
-            continue
-        optional = type(None) in typing.get_args(hints[field.name])
-        parse = _none_or(kind) if optional else kind
-        parser.add_argument(
-            *names,
-            type=parse,
-            nargs="+" if many else None,
-            choices=meta["choices"],
-            metavar=meta["metavar"] or (None if meta["choices"] else _METAVARS.get(kind)),
-            **common,
-        )
+            action = parser.add_argument(*names, action=argparse.BooleanOptionalAction, **options)
+        else:
+            optional = type(None) in typing.get_args(hints[field.name])
+            if meta["repeatable"]:
+                options["action"] = "extend"
+            if meta["bare"] is not None:
+                nargs, options["const"] = "?", meta["bare"]
+            action = parser.add_argument(
+                *names,
+                type=_none_or(kind) if optional else kind,
+                nargs=nargs,
+                choices=meta["choices"],
+                metavar=meta["metavar"]
+                or (None if meta["choices"] or meta["positional"] else _METAVARS.get(kind)),
+                **options,
+            )
+        setattr(action, SETTING_OF_ACTION, (cls, field.name))
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -101,7 +134,7 @@ _METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
 
 def _help(text: str, default: Any) -> str:
     """The field's help with its default, as the flag's reader needs it."""
-    if default is None or default == ():
+    if default is None or default == () or default is REQUIRED:
         return text
     if isinstance(default, bool):
         return f"{text} (default: {'on' if default else 'off'})"
@@ -117,6 +150,12 @@ def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             out[field.name] = None if value == _EXPLICIT_NONE else value
     return out
+
+
+def options_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """``cls`` (a command's options) from its flags; a flag not given keeps its default."""
+    given = given_flags(cls, args)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

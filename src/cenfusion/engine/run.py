@@ -10,7 +10,6 @@ moves the old folder aside.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -90,22 +89,23 @@ class RunConfig:
             raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The run-mode flags both tasks share: resume, force."""
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=LAST,
-        type=Path,
+@dataclass(frozen=True)
+class RunModeOptions:
+    """How a training command treats its run folder: the flags every task's ``train`` has."""
+
+    resume: Path | None = setting(
+        None,
+        "continue a run: a checkpoint, or alone the run's own RUNS/EXP/last.pth",
+        bare=Path(LAST),
         metavar="PATH",
-        help="continue a run: a checkpoint, or alone the run's own RUNS/EXP/last.pth",
     )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="start afresh in a folder that holds a run (the old one is moved aside)",
+    force: bool = setting(
+        False, "start afresh in a folder that holds a run (the old one is moved aside)"
     )
-    parser.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
+    config: Path | None = setting(None, "YAML file of settings (flags win)")
+    evaluate: bool = setting(
+        False, "evaluate --resume PATH, else the run's best.pth, else last.pth"
+    )
 
 
 def resume_path(resume: Path | None, run_dir: Path) -> Path | None:

@@ -8,13 +8,20 @@ these functions takes typed arguments.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import RunConfig, add_run_flags
-from cenfusion.segmentation.config import NYUDV2, SYNTHETIC, SegmentationConfig
+from cenfusion.engine.config import (
+    REQUIRED,
+    add_config_flags,
+    given_flags,
+    options_from_args,
+    setting,
+)
+from cenfusion.engine.run import RunConfig, RunModeOptions
+from cenfusion.segmentation.config import NYUDV2, PRESETS, SYNTHETIC, SegmentationConfig
 
 __all__ = ["DEMO_HELP", "DEMO_SCHEDULE", "add_data_parsers", "add_parsers", "demo"]
 
@@ -23,7 +30,7 @@ DEMO_HELP = "the segmentation ablation: RGB, depth, CEN without and with exchang
 DEMO_SCHEDULE = SYNTHETIC.epochs
 
 
-def demo(flags: dict[str, Any], epochs: list[int] | None) -> None:
+def demo(flags: dict[str, Any], epochs: Sequence[int] | None) -> None:
     """``cen demo``: the ablation on the embedded data, ``epochs`` per stage if given."""
     from cenfusion.segmentation.demo import run_demo
 
@@ -40,53 +47,102 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_seg_eval(commands)
 
 
+@dataclass(frozen=True)
+class TrainOptions(RunModeOptions):
+    """``cen seg train``'s flags besides the run's settings."""
+
+    preset: str | None = setting(
+        None, "base settings (see the description)", choices=tuple(PRESETS)
+    )
+    save_img: bool = setting(False, "with --evaluate: write each image's panel")
+
+
 def _seg_train(args: argparse.Namespace) -> None:
     from cenfusion.engine.session import run_command
     from cenfusion.segmentation.task import SEGMENTATION
 
+    o = options_from_args(TrainOptions, args)
     run_command(
         SEGMENTATION,
         given_flags(SegmentationConfig, args),
-        preset=args.preset,
-        yaml_path=args.config,
-        resume=args.resume,
-        evaluate_only=args.evaluate,
-        force=args.force,
-        **({"save_img": True} if args.save_img else {}),
+        preset=o.preset,
+        yaml_path=o.config,
+        resume=o.resume,
+        evaluate_only=o.evaluate,
+        force=o.force,
+        **({"save_img": True} if o.save_img else {}),
     )
+
+
+@dataclass(frozen=True)
+class SyntheticOptions:
+    """``cen data synthetic``."""
+
+    out: Path = setting(REQUIRED, "folder to write", positional=True)
+    num_train: int | None = setting(None, "training images (default: the embedded set's)")
+    num_val: int | None = setting(None, "validation images (default: the embedded set's)")
+    size: tuple[int, int] | None = setting(
+        None, "image size (default: the embedded set's)", metavar=("H", "W")
+    )
+    seed: int = setting(0, "random seed")
 
 
 def _data_synthetic(args: argparse.Namespace) -> None:
     from cenfusion.data.synthetic import generate_segmentation_dataset
 
-    size = None if args.size is None else tuple(args.size)
-    given = {"num_train": args.num_train, "num_val": args.num_val, "size": size}
+    o = options_from_args(SyntheticOptions, args)
+    given = {"num_train": o.num_train, "num_val": o.num_val, "size": o.size}
     out = generate_segmentation_dataset(
-        args.out, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
+        o.out, seed=o.seed, **{k: v for k, v in given.items() if v is not None}
     )
     print(f"wrote {out}")
+
+
+@dataclass(frozen=True)
+class NyuOptions:
+    """``cen data nyudv2``."""
+
+    out: Path = setting(REQUIRED, "folder to write", positional=True)
+    from_dir: Path | None = setting(
+        None,
+        "folder with the downloaded files, or a released preprocessed set",
+        aliases=("--from",),
+    )
+    labeled_url: str | None = setting(None, "mirror of nyu_depth_v2_labeled.mat")
+    splits_url: str | None = setting(None, "mirror of splits.mat")
+    mapping_url: str | None = setting(None, "mirror of classMapping40.mat")
 
 
 def _data_nyudv2(args: argparse.Namespace) -> None:
     from cenfusion.data.nyudv2 import NyuUrls, prepare_nyudv2
 
-    defaults = NyuUrls()
+    o, defaults = options_from_args(NyuOptions, args), NyuUrls()
     urls = NyuUrls(
-        labeled=args.labeled_url or defaults.labeled,
-        splits=args.splits_url or defaults.splits,
-        class_mapping=args.mapping_url or defaults.class_mapping,
+        labeled=o.labeled_url or defaults.labeled,
+        splits=o.splits_url or defaults.splits,
+        class_mapping=o.mapping_url or defaults.class_mapping,
     )
-    print(f"wrote {prepare_nyudv2(args.out, from_dir=args.from_dir, urls=urls)}")
+    print(f"wrote {prepare_nyudv2(o.out, from_dir=o.from_dir, urls=urls)}")
+
+
+@dataclass(frozen=True)
+class SunOptions:
+    """``cen data sunrgbd``."""
+
+    out: Path = setting(REQUIRED, "folder to write", positional=True)
+    from_dir: Path | None = setting(
+        None, "folder with SUNRGBD(.zip) and SUNRGBDtoolbox(.zip)", aliases=("--from",)
+    )
+    base_url: str = setting("http://rgbd.cs.princeton.edu/data/", "where the files live")
+    raw_depth: bool = setting(False, "depth/ instead of depth_bfx/")
 
 
 def _data_sunrgbd(args: argparse.Namespace) -> None:
     from cenfusion.data.sunrgbd import prepare_sunrgbd
 
+    o = options_from_args(SunOptions, args)
     out = prepare_sunrgbd(
-        args.out,
-        from_dir=args.from_dir,
-        base_url=args.base_url,
-        use_refined_depth=not args.raw_depth,
+        o.out, from_dir=o.from_dir, base_url=o.base_url, use_refined_depth=not o.raw_depth
     )
     print(f"wrote {out}")
 
@@ -98,14 +154,7 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
         description="Train CEN RGB-D segmentation. Settings: the preset (synthetic without "
         "--data, nyudv2 with it; a resumed checkpoint's own), then --config, then flags.",
     )
-    p.add_argument(
-        "--preset", choices=("synthetic", "nyudv2"), help="base settings (see the description)"
-    )
-    add_run_flags(p)
-    p.add_argument(
-        "--evaluate", action="store_true", help="evaluate --resume PATH, else best.pth/last.pth"
-    )
-    p.add_argument("--save-img", action="store_true", help="with --evaluate: write panels")
+    add_config_flags(p, TrainOptions)
     add_config_flags(p, SegmentationConfig)
     p.set_defaults(run=_seg_train)
 
@@ -113,27 +162,70 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
 _PREDICT_SETTINGS = ("device", "amp", "channels_last", "compile", "keep_memory")
 
 
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    """``cen seg predict``'s flags besides the run-time settings."""
+
+    checkpoint: Path = setting(
+        REQUIRED, "cenfusion checkpoint or released .pth.tar", positional=True
+    )
+    folders: tuple[Path, ...] = setting(
+        (),
+        "folder with one subfolder per modality (rgb/, depth/)",
+        positional=True,
+        metavar="FOLDER",
+    )
+    rgb: tuple[Path, ...] = setting((), "RGB image(s) or folder(s)", repeatable=True)
+    depth: tuple[Path, ...] = setting(
+        (), "depth PNG(s) or folder(s), matching --rgb one to one", repeatable=True
+    )
+    input: tuple[str, ...] = setting(
+        (),
+        "another modality (KIND rgb, depth or gray; default NAME)",
+        repeatable=True,
+        metavar="NAME[:KIND]=PATH",
+    )
+    out: Path = setting(REQUIRED, "output folder", aliases=("-o",))
+    depth_scale: float = setting(1 / 5000, "multiplies raw depth PNG values (NYUDv2 mm)")
+    size: tuple[int, int] | None = setting(
+        None,
+        "size the network sees; outputs keep each image's own size",
+        metavar=("H", "W"),
+    )
+    heads: bool = setting(False, "also write each modality's head")
+    batch_size: int = setting(
+        1,
+        "images per forward pass; images share one where the network sees them at one size "
+        "(--size, or equal sizes)",
+    )
+    num_classes: int | None = setting(None, "refuse a checkpoint with another count")
+    official: bool | None = setting(
+        None, "force (or rule out) the released .pth.tar format (default: detect)"
+    )
+
+
 def _seg_predict(args: argparse.Namespace) -> None:
     from cenfusion.segmentation.predict import gather_cli_inputs, predict
 
-    inputs, modalities = gather_cli_inputs(args.folders, args.rgb, args.depth, args.input)
+    o = options_from_args(PredictOptions, args)
+    inputs, modalities = gather_cli_inputs(o.folders, o.rgb, o.depth, o.input)
     written = predict(
-        args.checkpoint,
+        o.checkpoint,
         inputs,
-        args.out,
-        depth_scale=args.depth_scale,
-        size=tuple(args.size) if args.size else None,
-        heads=args.heads,
-        official=args.official,
+        o.out,
+        depth_scale=o.depth_scale,
+        size=o.size,
+        heads=o.heads,
+        official=o.official,
         modalities=modalities,
-        num_classes=args.num_classes,
-        batch_size=args.batch_size,
+        num_classes=o.num_classes,
+        batch_size=o.batch_size,
         **{
             name: getattr(RunConfig, name) if getattr(args, name) is None else getattr(args, name)
             for name in _PREDICT_SETTINGS
         },
     )
-    print(f"wrote {len(written)} files to {args.out}")
+    print(f"wrote {len(written)} files to {o.out}")
 
 
 _EVAL_FIELDS = (
@@ -155,16 +247,35 @@ _EVAL_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """``cen seg eval``'s flags besides the run's settings."""
+
+    resume: Path = setting(REQUIRED, "checkpoint (ours or released)")
+    preset: str | None = setting(
+        None, "base settings when the checkpoint holds none", choices=tuple(PRESETS)
+    )
+    config: Path | None = setting(None, "YAML file of settings (flags win)")
+    ms: bool = setting(False, "also multi-scale 0.5-1.5 + flip")
+    eval_batch: int = setting(
+        1,
+        "images per forward pass where consecutive ones share a size; same scores",
+        aliases=("--batch-size",),
+    )
+    scales: tuple[float, ...] | None = setting(None, "scales of the extra protocol")
+    flip: bool | None = setting(None, "mirror inputs too (default: on with --ms)")
+
+
 def _seg_eval(args: argparse.Namespace) -> None:
     from cenfusion.engine.checkpoint import saved_config
     from cenfusion.segmentation.evaluate import protocols_for, run_evaluation
     from cenfusion.segmentation.task import SEGMENTATION
 
-    given = given_flags(SegmentationConfig, args)
-    saved = saved_config(args.resume, SEGMENTATION.name)
-    cfg = SEGMENTATION.resolve_config(args.preset, args.config, given, saved, str(args.resume))
-    protocols = protocols_for(args.ms, args.scales, args.flip)
-    run_evaluation(cfg, args.resume, protocols, save="exp" in given, batch_size=args.eval_batch)
+    o, given = options_from_args(EvalOptions, args), given_flags(SegmentationConfig, args)
+    saved = saved_config(o.resume, SEGMENTATION.name)
+    cfg = SEGMENTATION.resolve_config(o.preset, o.config, given, saved, str(o.resume))
+    protocols = protocols_for(o.ms, o.scales, o.flip)
+    run_evaluation(cfg, o.resume, protocols, save="exp" in given, batch_size=o.eval_batch)
 
 
 def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
@@ -175,61 +286,7 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         "per input. Depth PNG values are multiplied by --depth-scale; zeros (holes) stay "
         "zero, as in training. Folders are paired by file stem.",
     )
-    p.add_argument("checkpoint", type=Path, help="cenfusion checkpoint or released .pth.tar")
-    p.add_argument(
-        "folders",
-        type=Path,
-        nargs="*",
-        metavar="FOLDER",
-        help="folder with one subfolder per modality (rgb/, depth/)",
-    )
-    p.add_argument(
-        "--rgb", type=Path, nargs="+", action="extend", default=[], help="RGB image(s) or folder(s)"
-    )
-    p.add_argument(
-        "--depth",
-        type=Path,
-        nargs="+",
-        action="extend",
-        default=[],
-        help="depth PNG(s) or folder(s), matching --rgb one to one",
-    )
-    p.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME[:KIND]=PATH",
-        help="another modality (KIND rgb, depth or gray; default NAME)",
-    )
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--depth-scale",
-        type=float,
-        default=1 / 5000,
-        help="multiplies raw depth PNG values (default 1/5000, NYUDv2 mm)",
-    )
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="size the network sees; outputs keep each image's own size",
-    )
-    p.add_argument("--heads", action="store_true", help="also write each modality's head")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="images per forward pass (1); images share one where the network sees them at "
-        "one size (--size, or equal sizes)",
-    )
-    p.add_argument("--num-classes", type=int, help="refuse a checkpoint with another count")
-    p.add_argument(
-        "--official",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force (or rule out) the released .pth.tar format (default: detect)",
-    )
+    add_config_flags(p, PredictOptions)
     add_config_flags(p, RunConfig, only=_PREDICT_SETTINGS)
     p.set_defaults(run=_seg_predict)
 
@@ -241,30 +298,17 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         description="Always prints the released single-scale protocol; --ms adds scales "
         "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged).",
     )
-    p.add_argument("--resume", type=Path, required=True, help="checkpoint (ours or released)")
-    p.add_argument(
-        "--preset",
-        choices=("synthetic", "nyudv2"),
-        help="base settings when the checkpoint holds none",
-    )
-    p.add_argument("--config", type=Path, help="YAML file of settings (flags win)")
+    add_config_flags(p, EvalOptions)
     add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)
-    p.add_argument("--ms", action="store_true", help="also multi-scale 0.5-1.5 + flip")
-    p.add_argument(
-        "--batch-size",
-        dest="eval_batch",
-        type=int,
-        default=1,
-        help="images per forward pass where consecutive ones share a size (1); same scores",
-    )
-    p.add_argument("--scales", type=float, nargs="+", help="scales of the extra protocol")
-    p.add_argument(
-        "--flip",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="mirror inputs too (default: on with --ms)",
-    )
     p.set_defaults(run=_seg_eval)
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """``cen data check``'s flags besides the data settings."""
+
+    root: Path = setting(REQUIRED, "the data set's folder", positional=True)
+    lists: tuple[str, ...] = setting(("train.txt", "val.txt"), "list files to check")
 
 
 def _data_check(args: argparse.Namespace) -> None:
@@ -272,62 +316,34 @@ def _data_check(args: argparse.Namespace) -> None:
     from cenfusion.engine.config import replace_config
     from cenfusion.segmentation.build import modality_specs
 
+    o = options_from_args(CheckOptions, args)
     cfg = replace_config(NYUDV2, given_flags(SegmentationConfig, args))
     report = check_dataset(
-        args.root,
-        args.lists,
+        o.root,
+        o.lists,
         modality_specs(cfg),
         cfg.num_classes,
         mask_column=cfg.mask_column,
         allow_mixed_depth=cfg.allow_mixed_depth,
     )
-    print(f"{args.root}: {report.samples} samples, {report.files} files: OK")
+    print(f"{o.root}: {report.samples} samples, {report.files} files: OK")
 
 
 def add_data_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``check``, ``synthetic``, ``nyudv2`` and ``sunrgbd`` to ``cen data``."""
     check = sub.add_parser("check", help="check a list-file data set before training (cached)")
-    check.add_argument("root", type=Path)
-    check.add_argument(
-        "--lists", nargs="+", default=["train.txt", "val.txt"], help="(train.txt val.txt)"
-    )
+    add_config_flags(check, CheckOptions)
     add_config_flags(
         check,
         SegmentationConfig,
         only=("modalities", "mask_column", "depth_scale", "num_classes", "allow_mixed_depth"),
     )
     check.set_defaults(run=_data_check)
-
-    syn = sub.add_parser("synthetic", help="write the embedded RGB-D data set")
-    syn.add_argument("out", type=Path)
-    same = "(default: the embedded set's)"
-    syn.add_argument("--num-train", type=int, help=f"training images {same}")
-    syn.add_argument("--num-val", type=int, help=f"validation images {same}")
-    syn.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help=f"image size {same}")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.set_defaults(run=_data_synthetic)
-
-    nyu = sub.add_parser("nyudv2", help="download and convert NYU Depth v2 (40 classes)")
-    nyu.add_argument("out", type=Path)
-    nyu.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        help="folder with the downloaded files, or a released preprocessed set",
-    )
-    nyu.add_argument("--labeled-url", help="mirror of nyu_depth_v2_labeled.mat")
-    nyu.add_argument("--splits-url", help="mirror of splits.mat")
-    nyu.add_argument("--mapping-url", help="mirror of classMapping40.mat")
-    nyu.set_defaults(run=_data_nyudv2)
-
-    sun = sub.add_parser("sunrgbd", help="download and convert SUN RGB-D (37 classes)")
-    sun.add_argument("out", type=Path)
-    sun.add_argument(
-        "--from",
-        dest="from_dir",
-        type=Path,
-        help="folder with SUNRGBD(.zip) and SUNRGBDtoolbox(.zip)",
-    )
-    sun.add_argument("--base-url", default="http://rgbd.cs.princeton.edu/data/")
-    sun.add_argument("--raw-depth", action="store_true", help="depth/ instead of depth_bfx/")
-    sun.set_defaults(run=_data_sunrgbd)
+    for name, options, run, help in (
+        ("synthetic", SyntheticOptions, _data_synthetic, "write the embedded RGB-D data set"),
+        ("nyudv2", NyuOptions, _data_nyudv2, "download and convert NYU Depth v2 (40 classes)"),
+        ("sunrgbd", SunOptions, _data_sunrgbd, "download and convert SUN RGB-D (37 classes)"),
+    ):
+        parser = sub.add_parser(name, help=help)
+        add_config_flags(parser, options)
+        parser.set_defaults(run=run)

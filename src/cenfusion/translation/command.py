@@ -7,13 +7,20 @@ and calls ``args.run(args)``; everything under these functions takes typed argum
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
-from cenfusion.engine.config import add_config_flags, given_flags
-from cenfusion.engine.run import add_run_flags, log
+from cenfusion.engine.config import (
+    REQUIRED,
+    add_config_flags,
+    given_flags,
+    options_from_args,
+    setting,
+)
+from cenfusion.engine.run import RunModeOptions, log
 from cenfusion.errors import CenError
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.demo import DEMO
@@ -27,7 +34,7 @@ DEMO_SCHEDULE = (DEMO.epochs,)
 _TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
 
 
-def demo(flags: dict[str, Any], epochs: list[int] | None) -> None:
+def demo(flags: dict[str, Any], epochs: Sequence[int] | None) -> None:
     """``cen demo --task i2i``, for ``epochs`` (one number) if given."""
     from cenfusion.translation.demo import run_translation_demo
 
@@ -51,10 +58,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "FID/KID and L1/MSE. Settings: the checkpoint's own (with --resume or --evaluate), "
         "else the released recipe; then --config, then flags.",
     )
-    add_run_flags(p)
-    p.add_argument(
-        "--evaluate", action="store_true", help="evaluate --resume PATH, else best.pth/last.pth"
-    )
+    add_config_flags(p, RunModeOptions)
     add_config_flags(p, TranslationConfig)
     p.set_defaults(run=_run_train)
 
@@ -63,14 +67,38 @@ def _run_train(args: argparse.Namespace) -> None:
     from cenfusion.engine.session import run_command
     from cenfusion.translation.task import TRANSLATION
 
+    o = options_from_args(RunModeOptions, args)
     run_command(
         TRANSLATION,
         given_flags(TranslationConfig, args),
-        yaml_path=args.config,
-        resume=args.resume,
-        evaluate_only=args.evaluate,
-        force=args.force,
+        yaml_path=o.config,
+        resume=o.resume,
+        evaluate_only=o.evaluate,
+        force=o.force,
     )
+
+
+@dataclass(frozen=True)
+class TaskonomyOptions:
+    """``cen data taskonomy``."""
+
+    out: Path = setting(REQUIRED, "folder to write", positional=True)
+    domains: tuple[str, ...] = setting(
+        ("reshading", "edge_texture", "rgb"), f"names or img-type indices; {_TABLE}"
+    )
+    base_url: str | None = setting(None, "where <domain>/<file> lives (the released host)")
+    workers: int = setting(4, "parallel downloads")
+
+
+@dataclass(frozen=True)
+class SyntheticTaskonomyOptions:
+    """``cen data synthetic-taskonomy``."""
+
+    out: Path = setting(REQUIRED, "folder to write", positional=True)
+    num_train: int = setting(200, "training views")
+    num_val: int = setting(50, "validation views")
+    size: int = setting(128, "image side")
+    seed: int = setting(0, "random seed")
 
 
 def add_data_parsers(data_subparsers: argparse._SubParsersAction) -> None:
@@ -81,39 +109,27 @@ def add_data_parsers(data_subparsers: argparse._SubParsersAction) -> None:
         description="Fetch the 1000 train / 500 val views of CEN's split for each domain, one "
         "file at a time (resumable, present files skipped), and write train.txt / val.txt.",
     )
-    p.add_argument("out", type=Path)
-    p.add_argument(
-        "--domains",
-        nargs="+",
-        default=["reshading", "edge_texture", "rgb"],
-        help=f"names or img-type indices (default: reshading edge_texture rgb); {_TABLE}",
-    )
-    p.add_argument("--base-url", help="where <domain>/<file> lives (the released host)")
-    p.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    add_config_flags(p, TaskonomyOptions)
     p.set_defaults(run=_run_taskonomy)
-
     s = data_subparsers.add_parser(
         "synthetic-taskonomy",
         help="write synthetic indoor scenes in the Taskonomy layout (the embedded default)",
     )
-    s.add_argument("out", type=Path)
-    s.add_argument("--num-train", type=int, default=200)
-    s.add_argument("--num-val", type=int, default=50)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    add_config_flags(s, SyntheticTaskonomyOptions)
     s.set_defaults(run=_run_synthetic)
 
 
 def _run_taskonomy(args: argparse.Namespace) -> None:
     from cenfusion.data.taskonomy import DEFAULT_BASE_URL, prepare_taskonomy
 
-    url = args.base_url or DEFAULT_BASE_URL
-    out = prepare_taskonomy(args.out, args.domains, url, args.workers)
-    log.info(f"wrote {out}: {', '.join(args.domains)}; train.txt, val.txt")
+    o = options_from_args(TaskonomyOptions, args)
+    out = prepare_taskonomy(o.out, o.domains, o.base_url or DEFAULT_BASE_URL, o.workers)
+    log.info(f"wrote {out}: {', '.join(o.domains)}; train.txt, val.txt")
 
 
 def _run_synthetic(args: argparse.Namespace) -> None:
     from cenfusion.data.synthetic_taskonomy import generate_taskonomy_dataset
 
-    out = generate_taskonomy_dataset(args.out, args.num_train, args.num_val, args.size, args.seed)
-    log.info(f"wrote {out}: {args.num_train} train / {args.num_val} val synthetic views")
+    o = options_from_args(SyntheticTaskonomyOptions, args)
+    out = generate_taskonomy_dataset(o.out, o.num_train, o.num_val, o.size, o.seed)
+    log.info(f"wrote {out}: {o.num_train} train / {o.num_val} val synthetic views")

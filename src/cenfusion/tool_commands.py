@@ -1,0 +1,125 @@
+"""The commands that work on a model or a run of any task: ``cen report``, ``cen info``,
+``cen export onnx`` and ``cen convert-official``; flags -> options dataclass -> a call."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from cenfusion.engine.config import REQUIRED, add_config_flags, options_from_args, setting
+from cenfusion.errors import CenError
+
+__all__ = ["add_tool_parsers"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    run_dir: Path = setting(REQUIRED, "the run folder RUNS/EXP", positional=True, metavar="RUN")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from cenfusion.reporting.html import write_report
+
+    print(f"wrote {write_report(options_from_args(ReportOptions, args).run_dir)}")
+
+
+@dataclass(frozen=True)
+class InfoOptions:
+    checkpoint: Path | None = setting(None, "a cenfusion checkpoint", positional=True)
+    enc: int | None = setting(None, "a fresh CEN RefineNet", choices=(50, 101, 152))
+    num_classes: int = setting(40, "with --enc")
+    num_modalities: int = setting(2, "with --enc")
+    size: tuple[int, int] | None = setting(None, "FLOPs input size", metavar=("H", "W"))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from cenfusion.info import format_model_info, info_for_encoder, info_from_checkpoint
+
+    o = options_from_args(InfoOptions, args)
+    if (o.checkpoint is None) == (o.enc is None):
+        raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
+    if o.checkpoint is not None:
+        info = info_from_checkpoint(o.checkpoint, o.size)
+    else:
+        info = info_for_encoder(o.enc, o.num_classes, o.num_modalities, o.size)
+    print("\n".join(format_model_info(info)))
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    checkpoint: Path = setting(
+        REQUIRED, "cenfusion checkpoint or released .pth.tar", positional=True
+    )
+    out: Path = setting(REQUIRED, "the .onnx file to write", positional=True)
+    heads: str = setting("all", "outputs", choices=("all", "ensemble"))
+    size: tuple[int, int] = setting((480, 640), "input size", metavar=("H", "W"))
+    dynamic: bool = setting(False, "free height and width")
+    opset: int = setting(17, "ONNX opset")
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from cenfusion.export import export_checkpoint
+
+    o = options_from_args(OnnxOptions, args)
+    height, width = o.size
+    out = export_checkpoint(
+        o.checkpoint,
+        o.out,
+        heads=o.heads,
+        height=height,
+        width=width,
+        dynamic=o.dynamic,
+        opset=o.opset,
+    )
+    print(f"wrote {out}")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    checkpoint: Path = setting(
+        REQUIRED, "released .pth.tar, or translation checkpoint-gen-N.pkl", positional=True
+    )
+    out: Path = setting(REQUIRED, "the cenfusion checkpoint to write", positional=True)
+    discriminator: Path | None = setting(None, "translation: the released D (.pkl)")
+    threshold: float = setting(1e-2, "translation: theta")
+
+
+def _convert_official(args: argparse.Namespace) -> None:
+    o = options_from_args(ConvertOptions, args)
+    if o.checkpoint.suffix == ".pkl" or o.discriminator is not None:
+        from cenfusion.translation.modelio import convert_official as convert_translation
+
+        net = convert_translation(o.checkpoint, o.discriminator, o.out, o.threshold)
+        c = net.config
+        judged = " and its discriminator" if o.discriminator else ""
+        print(f"wrote {o.out}: U-Net{judged}, {c.num_downs} levels, {c.num_modalities} inputs")
+        return
+    from cenfusion.segmentation.modelio import convert_official
+
+    model = convert_official(o.checkpoint, o.out)
+    c = model.config
+    print(f"wrote {o.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
+
+
+def add_tool_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``convert-official``, ``report``, ``info`` and ``export onnx`` to ``cen``."""
+    conv = sub.add_parser(
+        "convert-official",
+        help="released CEN checkpoint -> cenfusion checkpoint",
+        description="A released segmentation .pth.tar, or a released translation generator "
+        "checkpoint-gen-N.pkl (with --discriminator checkpoint-dis-N.pkl).",
+    )
+    add_config_flags(conv, ConvertOptions)
+    conv.set_defaults(run=_convert_official)
+    rep = sub.add_parser("report", help="plots and a self-contained HTML page of a run")
+    add_config_flags(rep, ReportOptions)
+    rep.set_defaults(run=_report)
+    info = sub.add_parser("info", help="parameters, FLOPs, exchange points of a model")
+    add_config_flags(info, InfoOptions)
+    info.set_defaults(run=_info)
+    export = sub.add_parser("export", help="export a model for deployment")
+    formats = export.add_subparsers(dest="format", required=True)
+    onnx = formats.add_parser("onnx", help="CEN RefineNet checkpoint -> ONNX (onnxruntime)")
+    add_config_flags(onnx, OnnxOptions)
+    onnx.set_defaults(run=_export_onnx)
