@@ -12,6 +12,7 @@ from PIL import Image
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
+from cenfusion.engine.run import RuntimeConfig
 from cenfusion.errors import CenError
 from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
@@ -22,6 +23,8 @@ from cenfusion.segmentation.visualize import palette
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+CPU = RuntimeConfig(device="cpu")
 
 
 def write_rgb(path: Path, height: int, width: int, seed: int = 0) -> Path:
@@ -103,7 +106,7 @@ def test_released_checkpoint_odd_size_with_holes(released, tmp_path) -> None:
     depth = write_depth(tmp_path / "in" / "kitchen_depth.png", 37, 53)
     assert (read(depth) == 0).mean() > 0.1  # a real share of holes
     out = tmp_path / "out"
-    written = predict(checkpoint, [(rgb, depth)], out, heads=True, device="cpu")
+    written = predict(checkpoint, [(rgb, depth)], out, heads=True, runtime=CPU)
 
     names = {p.name for p in written}
     expected = {
@@ -131,13 +134,13 @@ def test_released_checkpoint_refuses_class_and_modality_count(released, tmp_path
     rgb = write_rgb(tmp_path / "a.png", 20, 24)
     depth = write_depth(tmp_path / "a_d.png", 20, 24)
     with pytest.raises(CenError, match="predicts 5 classes, --num-classes says 40"):
-        predict(checkpoint, [(rgb, depth)], tmp_path / "out", num_classes=40, device="cpu")
+        predict(checkpoint, [(rgb, depth)], tmp_path / "out", num_classes=40, runtime=CPU)
     with pytest.raises(CenError, match="takes 2 modalities, 3 given"):
         predict(
             checkpoint,
             [(rgb, depth, rgb)],
             tmp_path / "out",
-            device="cpu",
+            runtime=CPU,
             modalities=["rgb", "depth", "hha:rgb"],
         )
     assert not (tmp_path / "out").exists()
@@ -172,14 +175,14 @@ def test_not_a_checkpoint(tmp_path) -> None:
     bogus.write_bytes(b"not a checkpoint at all")
     rgb = write_rgb(tmp_path / "a.png", 20, 24)
     with pytest.raises(CenError, match="neither a cenfusion checkpoint nor a released"):
-        predict(bogus, [(rgb, rgb)], tmp_path / "out", device="cpu")
+        predict(bogus, [(rgb, rgb)], tmp_path / "out", runtime=CPU)
 
 
 def test_depth_of_another_size_is_resized_with_a_warning(tiny, tmp_path, capsys) -> None:
     model, checkpoint = tiny
     rgb = write_rgb(tmp_path / "room.png", 37, 53)
     depth = write_depth(tmp_path / "room_depth.png", 40, 60)
-    predict(checkpoint, [(rgb, depth)], tmp_path / "out", device="cpu")
+    predict(checkpoint, [(rgb, depth)], tmp_path / "out", runtime=CPU)
     err = capsys.readouterr().err
     assert "warning" in err and "room_depth.png is 40x60" in err and "room.png is 37x53" in err
     assert read(tmp_path / "out" / "room_label.png").shape == (37, 53)
@@ -197,7 +200,7 @@ def test_folder_batch_and_cli(tiny, tmp_path, capsys) -> None:
         write_rgb(root / "rgb" / f"{i:03d}.png", h, w, seed=i)
         write_depth(root / "depth" / f"{i:03d}.png", h, w, seed=i)
     out = tmp_path / "out"
-    written = predict(checkpoint, [root], out, device="cpu")
+    written = predict(checkpoint, [root], out, runtime=CPU)
     assert len(written) == 9
     for i in range(3):
         rgb, depth = root / "rgb" / f"{i:03d}.png", root / "depth" / f"{i:03d}.png"
@@ -235,9 +238,7 @@ def test_mismatched_stems_name_the_missing_partner(tiny, tmp_path) -> None:
     for stem in ("a", "c"):
         write_depth(tmp_path / "depth" / f"{stem}.png", 16, 16)
     with pytest.raises(CenError, match=r"rgb/b\.png has no depth partner: expected .*depth/b\.\*"):
-        predict(
-            checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out", device="cpu"
-        )
+        predict(checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out", runtime=CPU)
 
 
 def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
@@ -249,7 +250,7 @@ def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
         checkpoint,
         [(rgb, depth)],
         tmp_path / "out",
-        device="cpu",
+        runtime=CPU,
         modalities=["rgb", "depth"],
         heads=True,
     )
@@ -367,7 +368,7 @@ def test_batched_prediction_equals_one_image_at_a_time(tmp_path) -> None:
         outs = []
         for batch in (1, 4):
             out = tmp_path / f"out-{batch}-{size}"
-            predict(checkpoint, pairs, out, heads=True, device="cpu", size=size, batch_size=batch)
+            predict(checkpoint, pairs, out, heads=True, size=size, batch_size=batch, runtime=CPU)
             outs.append(out)
         names = sorted(p.name for p in outs[0].iterdir())
         assert len(names) == 6 * 3 * 3 and names == sorted(p.name for p in outs[1].iterdir())
@@ -377,3 +378,24 @@ def test_batched_prediction_equals_one_image_at_a_time(tmp_path) -> None:
     assert labels.shape == (20, 28) and len(np.unique(labels)) >= 2
     expected = reference_labels(model, network_inputs(*pairs[2]))[-1]
     assert (labels == expected).mean() > 0.999
+
+
+def test_prediction_runs_with_the_threads_asked_for(tiny, tmp_path, monkeypatch) -> None:
+    """Prediction opens the same runtime settings as training: --threads too."""
+    import cenfusion.segmentation.predict as module
+
+    seen: list[int] = []
+    real = module.predict_batch
+
+    def recording(*args: object, **kwargs: object):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "predict_batch", recording)
+    _, checkpoint = tiny
+    rgb = write_rgb(tmp_path / "rgb.png", 8, 8)
+    depth = write_depth(tmp_path / "depth.png", 8, 8)
+    before = torch.get_num_threads()
+    argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before

@@ -34,16 +34,12 @@ EPOCH_RECORD = "epoch_record"
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Settings every task shares; a task's config extends it (and may change defaults)."""
+class RuntimeConfig:
+    """Where and how a command runs its model: device, GPUs, precision, memory layout,
+    compile, CPU threads and memory. Every command that runs a model takes these settings
+    (a run's config extends them) and opens them with
+    :func:`~cenfusion.engine.runtime.open_runtime`."""
 
-    exp: str = setting("cen", "experiment name: the run folder RUNS/EXP", aliases=("-c", "--ckpt"))
-    runs: Path = setting(Path("runs"), "folder of run folders")
-    data: Path | None = setting(None, "data root (none: the embedded synthetic set)")
-    batch_size: int = setting(1, "samples per step and process")
-    val_every: int = setting(5, "validate every N epochs", aliases=("--eval-every",))
-    workers: int = setting(4, "data-loading processes")
-    seed: int = setting(0, "random seed", aliases=("--random-seed",))
     device: str = setting("auto", "where to run", choices=("auto", "cpu", "cuda"))
     gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
     amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
@@ -55,15 +51,38 @@ class RunConfig:
         "memory stays at its peak)",
     )
     compile: bool = setting(False, "torch.compile the network (eager, with a warning, if it fails)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gpu", tuple(self.gpu))
+
+    def validate(self) -> None:
+        """Raise :class:`CenError` (one line) for settings that cannot run."""
+        if self.threads is not None and self.threads < 1:
+            raise CenError(f"--threads {self.threads}: expected >= 1")
+        if any(g < 0 for g in self.gpu):
+            raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig(RuntimeConfig):
+    """Settings every task shares; a task's config extends it (and may change defaults)."""
+
+    exp: str = setting("cen", "experiment name: the run folder RUNS/EXP", aliases=("-c", "--ckpt"))
+    runs: Path = setting(Path("runs"), "folder of run folders")
+    data: Path | None = setting(None, "data root (none: the embedded synthetic set)")
+    batch_size: int = setting(1, "samples per step and process")
+    val_every: int = setting(5, "validate every N epochs", aliases=("--eval-every",))
+    workers: int = setting(4, "data-loading processes")
+    seed: int = setting(0, "random seed", aliases=("--random-seed",))
     quiet: bool = setting(False, "no progress bar")
     plots: bool = setting(True, "write plots to RUNS/EXP/plots/ at every validation")
     tensorboard: bool = setting(False, "also write TensorBoard scalars to RUNS/EXP/tb/")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "runs", Path(self.runs))
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
-        object.__setattr__(self, "gpu", tuple(self.gpu))
 
     @property
     def run_dir(self) -> Path:
@@ -71,6 +90,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise :class:`CenError` (one line) for shared settings that cannot run."""
+        super().validate()
         if self.exp in ("", ".", "..") or any(sep in self.exp for sep in ("/", "\\")):
             raise CenError(
                 f"--exp {self.exp!r}: expected a run name, one folder name inside --runs "
@@ -83,10 +103,6 @@ class RunConfig:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
         if self.workers < 0:
             raise CenError(f"--workers {self.workers}: expected >= 0")
-        if self.threads is not None and self.threads < 1:
-            raise CenError(f"--threads {self.threads}: expected >= 1")
-        if any(g < 0 for g in self.gpu):
-            raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,29 @@
 """How a model runs: precision (autocast and gradient scaling), an optional compiled form,
-and the inference set-up every command outside training shares (:func:`inference_runtime`).
+and the one set-up of device, processes, threads and memory every command opens
+(:func:`open_runtime`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cenfusion.engine.distributed import resolve_device
+from cenfusion.engine.distributed import DistInfo, init_distributed, resolve_device
 from cenfusion.engine.heap import kept_cpu_memory
-from cenfusion.engine.run import log
+from cenfusion.engine.run import RuntimeConfig, log
+from cenfusion.engine.threads import use_threads
 
 __all__ = [
     "CompiledOrEager",
-    "InferenceRuntime",
     "Precision",
+    "Runtime",
     "cpu_has_bfloat16",
-    "inference_runtime",
+    "open_runtime",
 ]
 
 
@@ -86,36 +88,46 @@ class CompiledOrEager(nn.Module):
             return out
 
 
-@dataclass(frozen=True)
-class InferenceRuntime:
-    """Where and how a model runs for evaluation or prediction."""
+@dataclass
+class Runtime:
+    """Where and how a command runs its models (see :func:`open_runtime`)."""
 
     device: torch.device
+    dist: DistInfo
     precision: Precision
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool
+    compile: bool
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """``model`` on the device in eval mode (channels-last when asked; its weights stay
-        ``model``'s), and the module to call: compiled when asked, else ``model``."""
-        model.to(self.device).eval()
+    def prepare(self, model: nn.Module, training: bool = False) -> nn.Module:
+        """``model`` on the device (channels-last when asked; its weights stay ``model``'s),
+        and the module to call: compiled when asked. ``training``: the network of a run's
+        steps, whose fixed shapes let cuDNN choose its kernels once, wrapped for DDP in a
+        process group."""
+        model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        return CompiledOrEager(model) if self.compile else model
+        net = model
+        if training and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if training and self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return CompiledOrEager(net) if self.compile else net
 
 
 @contextlib.contextmanager
-def inference_runtime(
-    device: str = "auto",
-    gpu: Sequence[int] = (),
-    amp: bool = False,
-    channels_last: bool = False,
-    compile: bool = False,
-    keep_memory: bool = True,
-) -> Iterator[InferenceRuntime]:
-    """The device (``auto``, ``cpu``, ``cuda``; ``gpu`` the first index), the precision and
-    the layout a command runs its model with; on the CPU, freed memory stays in the process
-    while the context is open (:func:`~cenfusion.engine.heap.kept_cpu_memory`)."""
-    target = resolve_device(device, gpu)
-    with kept_cpu_memory(keep_memory, target.type):
-        yield InferenceRuntime(target, Precision(amp, target), channels_last, compile)
+def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator[Runtime]:
+    """Open ``settings`` for a command: with ``distributed``, join torchrun's process group
+    (when launched by it); choose the device (``auto``, ``cpu``, ``cuda``; the first of
+    ``gpu``, or the local rank's), the CPU threads (restored on exit), the precision; on the
+    CPU, freed memory stays in the process while it is open
+    (:func:`~cenfusion.engine.heap.kept_cpu_memory`)."""
+    dist = init_distributed(cuda=settings.device != "cpu") if distributed else DistInfo()
+    device = resolve_device(settings.device, settings.gpu, dist.local_rank)
+    threads_before = use_threads(settings.threads)
+    try:
+        with kept_cpu_memory(settings.keep_memory, device.type):
+            precision = Precision(settings.amp, device)
+            yield Runtime(device, dist, precision, settings.channels_last, settings.compile)
+    finally:
+        torch.set_num_threads(threads_before)

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
-from cenfusion.engine.distributed import DistInfo, init_distributed, on_main, resolve_device
-from cenfusion.engine.heap import kept_cpu_memory
+from cenfusion.engine.distributed import on_main
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
@@ -38,34 +37,16 @@ from cenfusion.engine.run import (
     RunFolder,
     log,
 )
-from cenfusion.engine.runtime import CompiledOrEager, Precision
-from cenfusion.engine.threads import use_threads, worker_init
+from cenfusion.engine.runtime import Runtime, open_runtime
+from cenfusion.engine.threads import worker_init
 from cenfusion.errors import CenError
 
 
 @dataclass
-class Context:
-    """Where a run executes: device, process group, precision, and its log."""
+class Context(Runtime):
+    """Where a run executes (its :class:`~cenfusion.engine.runtime.Runtime`), and its log."""
 
-    device: torch.device
-    dist: DistInfo
-    precision: Precision
     run_log: LogRouting
-    channels_last: bool = False
-    compile: bool = False
-
-    def parallel(self, model: nn.Module) -> nn.Module:
-        """The network the steps call: ``model`` (on its device) in channels-last layout,
-        compiled and wrapped for DDP, as the run asks. Its weights stay ``model``'s."""
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        net = model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return CompiledOrEager(net) if self.compile else net
 
     def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
         """A DataLoader with the run's workers (one thread each); pinned memory on CUDA.
@@ -110,23 +91,13 @@ class Context:
 
 @contextlib.contextmanager
 def prepare(cfg: Any) -> Iterator[Context]:
-    """Validate ``cfg``, join the process group, choose the device, the CPU threads
-    (``cfg.threads``, restored on exit) and the CPU heap (``cfg.keep_memory``), seed, start
-    logging."""
+    """Validate ``cfg``, open its runtime (joining the process group of a torchrun launch),
+    seed, start logging."""
     cfg.validate()
-    dist_info = init_distributed(cuda=cfg.device != "cpu")
-    device = resolve_device(cfg.device, cfg.gpu, dist_info.local_rank)
-    threads_before = use_threads(cfg.threads)
-    seed_everything(cfg.seed + dist_info.rank)
-    try:
-        with (
-            kept_cpu_memory(cfg.keep_memory, device.type),
-            LogRouting(dist_info.is_main) as run_log,
-        ):
-            precision = Precision(cfg.amp, device)
-            yield Context(device, dist_info, precision, run_log, cfg.channels_last, cfg.compile)
-    finally:
-        torch.set_num_threads(threads_before)
+    with open_runtime(cfg, distributed=True) as runtime:
+        seed_everything(cfg.seed + runtime.dist.rank)
+        with LogRouting(runtime.dist.is_main) as run_log:
+            yield Context(**vars(runtime), run_log=run_log)
 
 
 @dataclass

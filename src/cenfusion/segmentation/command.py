@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from cenfusion.engine.config import (
     options_from_args,
     setting,
 )
-from cenfusion.engine.run import RunConfig, RunModeOptions
+from cenfusion.engine.run import RunModeOptions, RuntimeConfig
 from cenfusion.segmentation.config import NYUDV2, PRESETS, SYNTHETIC, SegmentationConfig
 
 __all__ = ["DEMO_HELP", "DEMO_SCHEDULE", "add_data_parsers", "add_parsers", "demo"]
@@ -159,9 +159,6 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_seg_train)
 
 
-_PREDICT_SETTINGS = ("device", "amp", "channels_last", "compile", "keep_memory")
-
-
 @dataclass(frozen=True, kw_only=True)
 class PredictOptions:
     """``cen seg predict``'s flags besides the run-time settings."""
@@ -220,10 +217,7 @@ def _seg_predict(args: argparse.Namespace) -> None:
         modalities=modalities,
         num_classes=o.num_classes,
         batch_size=o.batch_size,
-        **{
-            name: getattr(RunConfig, name) if getattr(args, name) is None else getattr(args, name)
-            for name in _PREDICT_SETTINGS
-        },
+        runtime=options_from_args(RuntimeConfig, args),
     )
     print(f"wrote {len(written)} files to {o.out}")
 
@@ -238,12 +232,7 @@ _EVAL_FIELDS = (
     "depth_scale",
     "num_classes",
     "workers",
-    "device",
-    "gpu",
-    "amp",
-    "channels_last",
-    "compile",
-    "keep_memory",
+    *(field.name for field in fields(RuntimeConfig)),
 )
 
 
@@ -287,7 +276,7 @@ def _add_seg_predict(sub: argparse._SubParsersAction) -> None:
         "zero, as in training. Folders are paired by file stem.",
     )
     add_config_flags(p, PredictOptions)
-    add_config_flags(p, RunConfig, only=_PREDICT_SETTINGS)
+    add_config_flags(p, RuntimeConfig)
     p.set_defaults(run=_seg_predict)
 
 

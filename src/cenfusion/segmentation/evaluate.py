@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from cenfusion.engine.run import append_metrics, log
-from cenfusion.engine.runtime import Precision, inference_runtime
+from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
@@ -234,9 +234,8 @@ def evaluate_protocols(
     val_set = build_dataset(cfg, train=False)
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
-    settings = ("device", "gpu", "amp", "channels_last", "compile", "keep_memory")
-    with inference_runtime(**{name: getattr(cfg, name) for name in settings}) as runtime:
-        fast = runtime.prepare(model)
+    with open_runtime(cfg) as runtime:
+        fast = runtime.prepare(model.eval())
         loader = DataLoader(
             val_set,
             batch_size=batch_size,

@@ -38,7 +38,8 @@ from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.runtime import Precision, inference_runtime
+from cenfusion.engine.run import RuntimeConfig
+from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
@@ -326,6 +327,10 @@ def predict_batch(
     ]
 
 
+#: Settings of a prediction run that asks for none: the best device, float32, NCHW, eager.
+DEFAULT_RUNTIME = RuntimeConfig()
+
+
 def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path | Sequence[str | Path]],
@@ -333,16 +338,12 @@ def predict(
     depth_scale: float = NYUDV2_DEPTH_SCALE,
     size: tuple[int, int] | None = None,
     heads: bool = False,
-    device: str = "auto",
     official: bool | None = None,
     modalities: Sequence[str] | None = None,
     num_classes: int | None = None,
     progress: bool = True,
-    amp: bool = False,
-    channels_last: bool = False,
-    compile: bool = False,
-    keep_memory: bool = True,
     batch_size: int = 1,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> list[Path]:
     """Segment every sample of ``inputs`` with the model in ``checkpoint``; returns the
     files written under ``out`` (see the module docstring for their names).
@@ -360,21 +361,19 @@ def predict(
             checkpoint names the same modalities in another order, the inputs are reordered
             to the order the model was trained with.
         num_classes: if given, must equal the checkpoint's class count.
-        amp, channels_last, compile: the fast paths of training and evaluation (bfloat16
-            autocast on the CPU, float16 on CUDA; NHWC layout; ``torch.compile`` with an
-            eager fallback), for PyTorch checkpoints.
-        keep_memory: on the CPU, keep freed memory in the process for the next tensors
-            (:func:`cenfusion.engine.heap.kept_cpu_memory`).
         batch_size: images per forward pass; consecutive images share one only where the
             network sees them at one size (``size``, or images of equal size). The outputs
             are those of one image at a time.
+        runtime: device, precision, layout, compile, threads and memory; ``amp``,
+            ``channels_last`` and ``compile`` are for PyTorch checkpoints.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
-    flags = {"--amp": amp, "--channels-last": channels_last, "--compile": compile}
+    flags = {"--amp": runtime.amp, "--channels-last": runtime.channels_last}
+    flags["--compile"] = runtime.compile
     fast = [flag for flag, on in flags.items() if on]
     if fast and checkpoint.suffix == ".onnx":
         raise CenError(
@@ -412,7 +411,7 @@ def predict(
 
     def flush() -> None:
         stacked = [tensors for _, tensors, _ in pending]
-        labels = predict_batch(net, stacked, kinds, runtime.device, size, runtime.precision)
+        labels = predict_batch(net, stacked, kinds, opened.device, size, opened.precision)
         for (stem, tensors, ref), maps in zip(pending, labels):
             base = input_to_rgb(tensors[ref], parsed[ref].kind).astype(np.float32)
             written.extend(_write_prediction(out, stem, maps[-1], base, num))
@@ -421,8 +420,8 @@ def predict(
                     written.extend(_write_prediction(out, f"{stem}_{m.name}", head, base, num))
         pending.clear()
 
-    with inference_runtime(device, (), amp, channels_last, compile, keep_memory) as runtime:
-        net = runtime.prepare(loaded.model)
+    with open_runtime(runtime) as opened:
+        net = opened.prepare(loaded.model.eval())
         for sample in bar:
             sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
             tensors, ref = load_inputs(sample, parsed, depth_scale)

@@ -56,7 +56,7 @@ class SegmentationRecipe(Recipe):
         loaders: tuple[DataLoader | None, DataLoader],
     ) -> None:
         self.cfg, self.ctx, self.model = cfg, ctx, model
-        self.net = ctx.parallel(model)
+        self.net = ctx.prepare(model, training=True)
         self.train_loader, self.val_loader = loaders
         self.stage = 0
         self.optimizer = self._optimizer(0)

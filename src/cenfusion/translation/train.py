@@ -55,7 +55,7 @@ class TranslationRecipe(Recipe):
         torch.manual_seed(cfg.seed)
         generator, discriminator = build_models(cfg)
         self.generator = generator.to(ctx.device)
-        self.g_net = ctx.parallel(self.generator)
+        self.g_net = ctx.prepare(self.generator, training=True)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas)
         self._use_discriminator(discriminator)
@@ -65,7 +65,7 @@ class TranslationRecipe(Recipe):
     def _use_discriminator(self, discriminator: PatchDiscriminator) -> None:
         """Train ``discriminator`` (on the run's device, with its own optimiser)."""
         self.discriminator = discriminator.to(self.ctx.device)
-        self.d_net = self.ctx.parallel(self.discriminator)
+        self.d_net = self.ctx.prepare(self.discriminator, training=True)
         betas = (self.cfg.beta1, self.cfg.beta2)
         self.opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas
