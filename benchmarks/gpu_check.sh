@@ -6,10 +6,11 @@
 #       `i2i train` with AMP,
 #   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101 ($DEPTHS),
 #       with a per-case profile (busiest kernels, kernels per step) in profile.txt,
+#   (f) cen bench --compile: R101 bf16 channels-last compiled, inference and a training step,
 #   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark, also at a tiny size),
 #   (a) the test suite: the CUDA-parametrised fusion tests first, then the rest with the
 #       time left ($BUDGET seconds in all, default 470),
-# then prints the benchmark table last. Logs and JSON go to ${OUT:-/tmp} (seven files).
+# then prints the benchmark table last. Logs and JSON go to ${OUT:-/tmp} (nine files).
 #
 #   bash benchmarks/gpu_check.sh
 set -u
@@ -97,6 +98,12 @@ timeout 240 $PY benchmarks/seg_speed.py --device cuda --depths ${DEPTHS:-50 101}
 echo "benchmark exit: $?"
 tail -n 20 "$OUT/seg_speed.log"
 grep "^## " "$OUT/profile.txt"
+
+echo "== (f) cen bench --compile --device cuda: the first compiled rows on a GPU"
+timeout 200 $CEN bench --device cuda --enc 101 --precisions bf16 --channels-last --compile \
+    --no-reference --modes infer train --train-batch 4 --train-size 480 480 --warmup 5 \
+    --runs 10 --json "$OUT/cen_bench.json" 2>&1 | tee "$OUT/cen_bench.md"
+echo "cen bench --compile exit: ${PIPESTATUS[0]}"
 
 echo "== (d) bench_fusion.py --device cuda: stacked norm + exchange against the loop, M = 2, 3, 4"
 timeout 60 $PY benchmarks/bench_fusion.py --device cuda --skip-model 2>&1 | tee "$OUT/fusion.md"

@@ -4,7 +4,7 @@
         [--channels-last] [--compile] [--onnx [FILE]] [--json results.json]
 
 First checks, in this process, that cenfusion and the per-modality reference
-(``reference_cen.py``: the released way of computing) give the same outputs on the same
+(``cenfusion.bench.reference``: the released way of computing) give the same outputs on the same
 weights, in eval and in training mode. Then times each case in a fresh subprocess (same
 seed, same weights); the cases of one net and mode run side by side and take their timed
 steps in turn, so that a shared machine's drift hits them alike. Cases: inference (eval, no
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import itertools
 import json
 import operator
@@ -37,12 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reference_cen import ReferenceCEN
 from torch.utils.flop_counter import FlopCounterMode
 
 from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion.bench.cases import reference_difference, with_exchange
+from cenfusion.bench.reference import ReferenceCEN
 from cenfusion.engine.heap import kept_cpu_memory
-from cenfusion.fusion import exchanging_norms
 from cenfusion.models.refinenet import CENRefineNet
 
 DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,11 +122,7 @@ def build_model(depth: int, args: argparse.Namespace, device: torch.device) -> C
     model = create_cen_refinenet(
         depth=depth, num_classes=args.num_classes, num_modalities=args.modalities
     )
-    with torch.no_grad():
-        for _, norm in exchanging_norms(model):
-            every_other = torch.arange(norm.num_features, device=norm.weight.device) % 2 == 0
-            norm.weight[norm.penalty_mask & every_other] = 0.0
-    return model.to(device)
+    return with_exchange(model).to(device)
 
 
 def make_inputs(batch: int, size: list[int], args: argparse.Namespace, device: torch.device):
@@ -140,27 +135,11 @@ def make_inputs(batch: int, size: list[int], args: argparse.Namespace, device: t
 
 
 def check_same(depth: int, args: argparse.Namespace, device: torch.device) -> float:
-    """Largest difference between cenfusion and the reference, relative to the output scale.
-
-    Eval mode, then training mode with dropout off (its masks are random). TF32 is off for
-    the check so both sides compute in fp32. Raises ``SystemExit`` if they differ.
-    """
-    model = build_model(depth, args, device)
-    reference = ReferenceCEN(copy.deepcopy(model))
+    """Largest difference between cenfusion and the reference, relative to the output scale
+    (:func:`cenfusion.bench.cases.reference_difference`). Raises ``SystemExit`` if they
+    differ."""
     xs, _ = make_inputs(2, args.check_size, args, device)
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    worst = 0.0
-    try:
-        for training in (False, True):
-            model.train(training), reference.train(training)
-            model.decoder.dropout.p = reference.dropout.p = 0.0
-            with torch.no_grad():
-                for ours, theirs in zip(model(xs), reference(xs)):
-                    diff = float((ours - theirs).abs().max() / theirs.abs().max())
-                    worst = max(worst, diff)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    worst = reference_difference(build_model(depth, args, device), xs, training=True)
     if not worst < 1e-4:
         raise SystemExit(f"R{depth}: cenfusion and the reference differ ({worst:.2e} relative)")
     return worst

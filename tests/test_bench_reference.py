@@ -1,20 +1,14 @@
 """The benchmark's per-modality reference computes what cenfusion's CEN RefineNet computes."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cenfusion import create_cen_refinenet, sparsity_penalty
+from cenfusion.bench import reference as reference_cen
 from cenfusion.fusion import ModalityBatchNorm2d, fastpath
-
-PATH = Path(__file__).parents[1] / "benchmarks" / "reference_cen.py"
-spec = importlib.util.spec_from_file_location("reference_cen", PATH)
-reference_cen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference_cen)
 
 
 @pytest.fixture(scope="module", params=[2, 3])

@@ -24,6 +24,7 @@ LAYERS = {
     "info": 5,
     "tasks": 5,
     "tool_commands": 6,
+    "bench": 6,
     "cli": 6,
 }
 

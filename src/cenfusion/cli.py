@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
+from cenfusion.bench.command import add_bench_parser
 from cenfusion.engine.config import add_config_flags, given_flags, options_from_args, setting
 from cenfusion.engine.run import LogRouting, RunConfig
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parsers(sub)
         commands.add_data_parsers(data_sub)
     add_tool_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -34,20 +34,24 @@ def cpu_has_bfloat16() -> bool:
 
 
 class Precision:
-    """Autocast and gradient scaling: bfloat16 on the CPU, float16 with a GradScaler on CUDA.
+    """Autocast and gradient scaling: bfloat16 on the CPU, float16 with a GradScaler on CUDA
+    (or ``dtype``: float16 always with the scaler).
 
     One scaler serves every optimiser of a step (``step`` each, then one ``update``). On a
     CPU without bfloat16 support the run computes in float32, and says so.
     """
 
-    def __init__(self, enabled: bool, device: torch.device) -> None:
+    def __init__(
+        self, enabled: bool, device: torch.device, dtype: torch.dtype | None = None
+    ) -> None:
         self.device = device
         cuda = device.type == "cuda"
-        if enabled and not cuda and not cpu_has_bfloat16():
+        dtype = dtype or (torch.float16 if cuda else torch.bfloat16)
+        if enabled and dtype == torch.bfloat16 and not cuda and not cpu_has_bfloat16():
             log.info("warning: --amp: this CPU has no bfloat16 support; computing in float32")
             enabled = False
-        self.dtype = (torch.float16 if cuda else torch.bfloat16) if enabled else None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled and cuda)
+        self.dtype = dtype if enabled else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.engine.checkpoint import load_checkpoint, saved_config
-from cenfusion.engine.run import BEST, LAST, log, resume_path
+from cenfusion.engine.run import BEST, LAST, RunModeOptions, log, resume_path
 from cenfusion.engine.task import Task
 from cenfusion.engine.trainer import BestScore, fit, prepare
 from cenfusion.errors import CenError
@@ -68,28 +68,25 @@ def evaluate(task: Task, cfg: Any, checkpoint: Path | None = None, **options: An
 def run_command(
     task: Task,
     flags: Mapping[str, Any],
-    *,
+    mode: RunModeOptions,
     preset: str | None = None,
-    yaml_path: Path | None = None,
-    resume: Path | None = None,
-    evaluate_only: bool = False,
-    force: bool = False,
     **options: Any,
 ) -> BestScore | dict[str, Any]:
     """What ``cen TASK train`` does with its flags: find the checkpoint in play (``--resume``,
-    alone meaning the run's ``last.pth``; with ``evaluate_only``, else the run's best or last),
-    resolve the settings by :meth:`Task.resolve_config`, then train or evaluate."""
+    alone meaning the run's ``last.pth``; with ``--evaluate``, else the run's best or last),
+    resolve the settings by :meth:`Task.resolve_config`, then train or evaluate (with the
+    task's evaluation ``options``)."""
     defaults = task.config()
     run_dir = Path(flags.get("runs", defaults.runs)) / flags.get("exp", defaults.exp)
-    checkpoint = resume_path(resume, run_dir)
-    if evaluate_only:
-        if force:
+    checkpoint = resume_path(mode.resume, run_dir)
+    if mode.evaluate:
+        if mode.force:
             raise CenError("--force: not with --evaluate (it only adds to a run)")
         checkpoint = checkpoint_to_evaluate(run_dir, checkpoint)
     elif options:
         raise CenError(f"--{next(iter(options)).replace('_', '-')}: only with --evaluate")
     saved = saved_config(checkpoint, task.name)
-    cfg = task.resolve_config(preset, yaml_path, flags, saved, str(checkpoint))
-    if evaluate_only:
+    cfg = task.resolve_config(preset, mode.config, flags, saved, str(checkpoint))
+    if mode.evaluate:
         return evaluate(task, cfg, checkpoint, **options)
-    return train(task, cfg, checkpoint, force)
+    return train(task, cfg, checkpoint, mode.force)

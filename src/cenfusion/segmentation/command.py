@@ -62,16 +62,8 @@ def _seg_train(args: argparse.Namespace) -> None:
     from cenfusion.segmentation.task import SEGMENTATION
 
     o = options_from_args(TrainOptions, args)
-    run_command(
-        SEGMENTATION,
-        given_flags(SegmentationConfig, args),
-        preset=o.preset,
-        yaml_path=o.config,
-        resume=o.resume,
-        evaluate_only=o.evaluate,
-        force=o.force,
-        **({"save_img": True} if o.save_img else {}),
-    )
+    extra = {"save_img": True} if o.save_img else {}
+    run_command(SEGMENTATION, given_flags(SegmentationConfig, args), o, o.preset, **extra)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ validation every ``val_every`` epochs of a stage and at its end keeps the best e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.run import log
+from cenfusion.engine.runtime import Precision
 from cenfusion.engine.trainer import BestScore, Context, Recipe
 from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.metrics.segmentation import format_scores
@@ -43,6 +45,24 @@ def segmentation_loss(heads: Tensor, target: Tensor) -> Tensor:
     )
     targets = target.repeat(heads.shape[0], 1, 1)
     return heads.shape[0] * F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+
+def segmentation_step(
+    net: Callable[[Any], Tensor],
+    penalty: Callable[[], Tensor],
+    inputs: Any,
+    target: Tensor,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+) -> Tensor:
+    """One step of the released loss: the cross-entropy of every head of ``net(inputs)``
+    plus the sparsity term ``penalty()`` once per head; returns the detached loss."""
+    with precision.autocast():
+        heads = net(inputs)
+        loss = segmentation_loss(heads.float(), target) + heads.shape[0] * penalty()
+    precision.backward_step(loss, optimizer)
+    precision.update()
+    return loss.detach()
 
 
 class SegmentationRecipe(Recipe):
@@ -100,13 +120,11 @@ class SegmentationRecipe(Recipe):
     def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         inputs = stack_modalities(batch["inputs"].to(self.ctx.device, non_blocking=True))
         target = batch["mask"].to(self.ctx.device, non_blocking=True)
-        with self.ctx.precision.autocast():
-            heads = self.net(inputs)
-            loss = segmentation_loss(heads.float(), target)
-            loss = loss + heads.shape[0] * sparsity_penalty(self.model, self.cfg.lamda)
-        self.ctx.precision.backward_step(loss, self.optimizer)
-        self.ctx.precision.update()
-        return {"loss": loss.detach()}
+        penalty = partial(sparsity_penalty, self.model, self.cfg.lamda)
+        loss = segmentation_step(
+            self.net, penalty, inputs, target, self.optimizer, self.ctx.precision
+        )
+        return {"loss": loss}
 
     def epoch_record(self) -> dict[str, Any]:
         return {"stage": self.stage + 1, "exchange": exchange_record(self.model)}

@@ -67,15 +67,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from cenfusion.engine.session import run_command
     from cenfusion.translation.task import TRANSLATION
 
-    o = options_from_args(RunModeOptions, args)
-    run_command(
-        TRANSLATION,
-        given_flags(TranslationConfig, args),
-        yaml_path=o.config,
-        resume=o.resume,
-        evaluate_only=o.evaluate,
-        force=o.force,
-    )
+    mode = options_from_args(RunModeOptions, args)
+    run_command(TRANSLATION, given_flags(TranslationConfig, args), mode)
 
 
 @dataclass(frozen=True)

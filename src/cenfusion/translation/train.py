@@ -27,7 +27,7 @@ from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import BestScore, Context, Recipe
-from cenfusion.fusion import sparsity_penalty, stack_modalities
+from cenfusion.fusion import stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.translation.build import (
@@ -37,7 +37,7 @@ from cenfusion.translation.build import (
 )
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator, keep_best_views
-from cenfusion.translation.losses import branch_bce, discriminator_loss, heads_l1
+from cenfusion.translation.losses import pix2pix_step
 from cenfusion.translation.modelio import TASK
 
 __all__ = ["TranslationRecipe"]
@@ -111,31 +111,18 @@ class TranslationRecipe(Recipe):
         return self.train_loader
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        m, precision = self.generator.num_modalities, self.ctx.precision
         x = stack_modalities(batch["inputs"].to(self.ctx.device, non_blocking=True))
         y = batch["target"].to(self.ctx.device, non_blocking=True)
-        y_branches = y.repeat(m, 1, 1, 1)
-        with precision.autocast():
-            heads = self.g_net(x)
-            fakes = heads[:m].reshape(x.shape)
-            self.discriminator.requires_grad_(True)
-            real_logits = self.d_net(torch.cat([x, y_branches], 1))
-            fake_logits = self.d_net(torch.cat([x, fakes.detach()], 1))
-        loss_d = discriminator_loss(real_logits, fake_logits, m)
-        precision.backward_step(loss_d, self.opt_d)
-        self.discriminator.requires_grad_(False)
-        with precision.autocast():
-            # the bare module: D takes no gradient here, so DDP has nothing to synchronise
-            fooled = self.discriminator(torch.cat([x, fakes], 1))
-        loss_gan = branch_bce(fooled, True, m)
-        loss_l1 = heads_l1(heads, y)
-        penalty = sparsity_penalty(self.generator, self.cfg.lamda)
-        loss_g = loss_gan + self.cfg.l1_weight * loss_l1 + penalty
-        precision.backward_step(loss_g, self.opt_g)
-        precision.update()
-        self.discriminator.requires_grad_(True)
-        terms = {"loss": loss_g, "loss_d": loss_d, "loss_gan": loss_gan, "loss_l1": loss_l1}
-        return {k: v.detach() for k, v in {**terms, "penalty": penalty}.items()}
+        return pix2pix_step(
+            self.generator,
+            self.discriminator,
+            (self.g_net, self.d_net),
+            (self.opt_g, self.opt_d),
+            x,
+            y,
+            (self.cfg.l1_weight, self.cfg.lamda),
+            self.ctx.precision,
+        )
 
     def epoch_record(self) -> dict[str, Any]:
         return {"exchange": exchange_record(self.generator)}

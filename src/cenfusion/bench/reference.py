@@ -9,7 +9,8 @@ of the others for more than two). The RefineNet decoder runs once per modality a
 It is built from a cenfusion :class:`CENRefineNet` (torchvision-layout ResNet encoder): the
 convolutions are the model's own modules (shared, not copied) and each private BatchNorm is
 made from one row of the model's ``(M, C)`` norm parameters and buffers, so the same weights
-give the same outputs. Only the benchmark and its test use it.
+give the same outputs. ``cen bench`` times it beside cenfusion, after checking that both
+compute the same function.
 """
 
 from __future__ import annotations

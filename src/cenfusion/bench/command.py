@@ -1,0 +1,44 @@
+"""``cen bench``: latency and throughput of CEN networks in the protocol the RGB-D field
+reports: a named device and precision, batch 1 at 480x640 for segmentation, warm-up steps,
+then timed steps with their mean and spread. Rows: for segmentation the per-modality
+reference (the released way of computing, checked first to compute the same function), then
+cenfusion in each precision asked for, with the run-time settings (channels-last, compile),
+and optionally the exported model in ONNX Runtime; each for inference and, if asked, a
+training step at the training crop. Every row gives images per second, peak device memory
+(CUDA), FLOPs per image and the share of a matrix-product peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cenfusion.bench.options import BenchOptions
+from cenfusion.engine.config import add_config_flags, options_from_args
+from cenfusion.engine.run import RuntimeConfig
+
+__all__ = ["add_bench_parser"]
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from cenfusion.bench.runner import format_table, run_bench
+
+    options = options_from_args(BenchOptions, args)
+    result = run_bench(options, options_from_args(RuntimeConfig, args))
+    print(format_table(result))
+    if options.json is not None:
+        options.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {options.json}")
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``cen bench`` to ``cen``'s subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="latency and throughput: the reference and cenfusion side by side",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_flags(p, BenchOptions)
+    add_config_flags(p, RuntimeConfig)
+    p.set_defaults(run=_bench)

@@ -1,0 +1,64 @@
+"""What ``cen bench`` times (see :mod:`cenfusion.bench.command`), as settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cenfusion.engine.config import setting
+from cenfusion.errors import CenError
+
+__all__ = ["DEFAULTS", "BenchOptions"]
+
+#: Inference size, training crop and training batch of each task (the released recipes').
+DEFAULTS = {"seg": ((480, 640), (500, 500), 6), "i2i": ((256, 256), (256, 256), 1)}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``cen bench`` times."""
+
+    task: str = setting("seg", "seg: CEN RefineNet; i2i: the CEN U-Net", choices=("seg", "i2i"))
+    enc: int = setting(101, "seg: encoder depth", choices=(50, 101, 152))
+    ngf: int = setting(64, "i2i: generator (and discriminator) width")
+    num_downs: int = setting(8, "i2i: U-Net levels")
+    modes: tuple[str, ...] = setting(
+        ("infer",),
+        "inference at --size, batch --batch; a training step at --train-size, batch --train-batch",
+        choices=("infer", "train"),
+    )
+    size: tuple[int, int] | None = setting(
+        None, "inference input (default: seg 480 640, i2i 256 256)", metavar=("H", "W")
+    )
+    batch: int = setting(1, "inference batch per modality")
+    train_size: tuple[int, int] | None = setting(
+        None, "training crop (default: seg 500 500, i2i 256 256)", metavar=("H", "W")
+    )
+    train_batch: int | None = setting(None, "training batch (default: seg 6, i2i 1)")
+    precisions: tuple[str, ...] = setting(
+        ("fp32",), "one cenfusion row each (fp16: CUDA only)", choices=("fp32", "bf16", "fp16")
+    )
+    reference: bool = setting(True, "seg: also the per-modality reference, in fp32")
+    onnx: bool = setting(False, "seg inference: also the exported model in ONNX Runtime")
+    warmup: int = setting(5, "untimed steps first (compile and cuDNN settle)")
+    runs: int = setting(20, "timed steps")
+    json: Path | None = setting(None, "also write every number to this JSON file")
+
+    def validate(self, device: str) -> None:
+        if self.runs < 1 or self.warmup < 0 or self.batch < 1 or (self.train_batch or 1) < 1:
+            raise CenError("--runs, --batch, --train-batch: expected >= 1; --warmup >= 0")
+        if "fp16" in self.precisions and device != "cuda":
+            raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")
+        small = self.train_size is not None and min(self.train_size) < 64
+        if self.task == "seg" and "train" in self.modes and small:
+            raise CenError(
+                "--train-size: at least 64 64 (batch statistics need more than one value "
+                "per channel at the encoder's stride 32)"
+            )
+        if self.onnx and self.task != "seg":
+            raise CenError("--onnx: segmentation only")
+        if self.task == "i2i":
+            step = 2**self.num_downs
+            for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
+                if size is not None and (size[0] % step or size[1] % step):
+                    raise CenError(f"{flag} {size[0]} {size[1]}: multiples of 2**num_downs")

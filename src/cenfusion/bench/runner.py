@@ -1,0 +1,198 @@
+"""How ``cen bench`` runs its rows (:mod:`cenfusion.bench.command` says what they are)."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cenfusion.bench import cases
+from cenfusion.bench.options import DEFAULTS, BenchOptions
+from cenfusion.bench.reference import ReferenceCEN
+from cenfusion.bench.timing import matmul_peak, peak_memory_mib, reset_peak_memory, time_steps
+from cenfusion.engine.run import RuntimeConfig
+from cenfusion.engine.runtime import Precision, Runtime, open_runtime
+from cenfusion.errors import CenError
+from cenfusion.export import export_onnx
+from cenfusion.info import count_flops
+from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
+
+__all__ = ["format_table", "run_bench"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
+    """Time every row of ``options`` on ``runtime``; returns the run's description (device,
+    versions, matrix peaks) and its rows."""
+    options.validate(runtime.device)
+    with open_runtime(runtime) as opened:
+        device = opened.device
+        rows = [row for mode in options.modes for row in _rows(options, mode, opened)]
+        used = sorted({row["precision"] for row in rows})
+        peaks = {p: matmul_peak(device, DTYPES[p]) for p in used}
+        for row in rows:
+            peak = peaks.get(row["precision"])
+            rate = row["gflop_per_image"] * 1e9 * row["images_per_s"]
+            row["peak_share"] = rate / peak if peak else None
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        return {
+            "device": f"{device.type}: {name}",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "matmul_peak_tflops": {p: peaks[p] / 1e12 for p in peaks},
+            "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rows": rows,
+        }
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, Any]]:
+    """Every row of one mode, each with its networks built afresh."""
+    training = mode == "train"
+    size, train_size, train_batch = DEFAULTS[options.task]
+    size = (options.train_size or train_size) if training else (options.size or size)
+    batch = (options.train_batch or train_batch) if training else options.batch
+    xs = [x.to(opened.device) for x in cases.images(batch, size, 2)]
+    flops = _forward_flops(options, size) * (3 if training else 1)
+    variants = [("cenfusion", p) for p in options.precisions]
+    if options.task == "seg" and options.reference:
+        variants.insert(0, ("reference", "fp32"))
+    if options.onnx and not training:
+        variants.append(("onnxruntime", "fp32"))
+    rows = []
+    for impl, precision in variants:
+        dtype = DTYPES[precision]
+        amp = Precision(dtype != torch.float32, opened.device, dtype)
+        step, note = _step(options, impl, training, xs, amp, opened)
+        reset_peak_memory(opened.device)
+        timing = time_steps(step, opened.device, options.warmup, options.runs)
+        fast = impl == "cenfusion"
+        rows.append(
+            {
+                "impl": impl,
+                "mode": mode,
+                "input": f"{batch}x2x3x{size[0]}x{size[1]}",
+                "precision": precision,
+                "channels_last": fast and opened.channels_last,
+                "compile": fast and opened.compile,
+                **asdict(timing),
+                "images_per_s": batch / (timing.mean_ms / 1e3),
+                "peak_mib": peak_memory_mib(opened.device),
+                "gflop_per_image": flops / 1e9,
+                "note": note,
+            }
+        )
+    return rows
+
+
+def _forward_flops(options: BenchOptions, size: tuple[int, int]) -> int:
+    """FLOPs of one forward pass of the task's network, one image per modality; a training
+    step counts three (forward, and backward to inputs and to weights)."""
+    if options.task == "seg":
+        return count_flops(cases.refinenet(options.enc), 2, size)
+    generator, _ = cases.translation_networks(options.ngf, options.num_downs)
+    return count_flops(generator, 2, size)
+
+
+def _step(
+    options: BenchOptions,
+    impl: str,
+    training: bool,
+    xs: list[torch.Tensor],
+    precision: Precision,
+    opened: Runtime,
+) -> tuple[cases.Step, str | None]:
+    """The step of one row, and a note for the table."""
+    if options.task == "i2i":
+        generator, discriminator = cases.translation_networks(options.ngf, options.num_downs)
+        g_net = opened.prepare(generator.train(training), training=training)
+        if not training:
+            return cases.inference(g_net, xs, precision), None
+        nets = (g_net, opened.prepare(discriminator, training=True))
+        return cases.translation_training(generator, discriminator, nets, xs, precision), None
+    model = cases.refinenet(options.enc).to(opened.device).train(training)
+    if impl == "onnxruntime":
+        return _onnx_step(model, xs, opened), None
+    if impl == "cenfusion":
+        net = opened.prepare(model, training=training)
+        if not training:
+            return cases.inference(net, xs, precision), None
+        return cases.segmentation_training(net, model, xs, precision), None
+    difference = cases.reference_difference(model, xs, training)
+    if not difference < 1e-4:
+        raise CenError(f"cenfusion and the reference differ ({difference:.1e} relative)")
+    reference = ReferenceCEN(model).train(training)
+
+    def stacked(inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(reference(inputs))
+
+    note = f"same outputs as cenfusion (max rel. diff. {difference:.0e})"
+    if not training:
+        return cases.inference(stacked, xs, precision), note
+    return cases.segmentation_training(stacked, reference, xs, precision), note
+
+
+def _onnx_step(model: torch.nn.Module, xs: list[torch.Tensor], opened: Runtime) -> cases.Step:
+    providers = ("CUDAExecutionProvider",) * (opened.device.type == "cuda")
+    height, width = xs[0].shape[-2:]
+    folder = Path(tempfile.mkdtemp(prefix="cen-bench-"))
+    path = export_onnx(model.cpu().eval(), folder / "model.onnx", height=height, width=width)
+    session = OnnxSegmenter(path, (*providers, "CPUExecutionProvider"))
+    arrays = [x.cpu().numpy() for x in xs]
+    return lambda: session(arrays)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The markdown table of a run, under a line naming the device and the matrix peaks."""
+    peaks = ", ".join(f"{p} {v:.2f}" for p, v in result["matmul_peak_tflops"].items())
+    title = (
+        f"{result['device']}, {result['threads']} threads, torch {result['torch']}, "
+        f"process peak RSS {result['process_peak_rss_mib']:.0f} MiB"
+    )
+    columns = [
+        "impl",
+        "mode",
+        "input",
+        "precision",
+        "layout",
+        "ms",
+        "img/s",
+        "MiB",
+        "GFLOP/img",
+        "%peak",
+        "note",
+    ]
+    lines = [
+        f"{title}; matrix-product peak (TFLOP/s): {peaks}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in result["rows"]:
+        layout = (
+            "+".join(["channels-last"] * row["channels_last"] + ["compile"] * row["compile"])
+            or "NCHW"
+        )
+        share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
+        memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+        lines.append(
+            f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
+            f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
+            f"| {memory} | {row['gflop_per_image']:.1f} | {share} | {row['note'] or ''} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""``cen bench``: its rows, its timing protocol and its refusals."""
+
+import json
+
+import pytest
+import torch
+
+from cenfusion.bench import timing
+from cenfusion.cli import main
+
+
+def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--modes", "infer", "train"]
+    argv += ["--train-size", "64", "64", "--train-batch", "2", "--precisions", "fp32", "bf16"]
+    argv += ["--runs", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["impl"], r["mode"], r["precision"]) for r in rows] == [
+        ("reference", "infer", "fp32"),
+        ("cenfusion", "infer", "fp32"),
+        ("cenfusion", "infer", "bf16"),
+        ("reference", "train", "fp32"),
+        ("cenfusion", "train", "fp32"),
+        ("cenfusion", "train", "bf16"),
+    ]
+    assert rows[0]["input"] == "1x2x3x32x32" and rows[3]["input"] == "2x2x3x64x64"
+    assert rows[0]["note"].startswith("same outputs as cenfusion")
+    for row in rows:
+        assert row["runs"] == 2 and row["mean_ms"] > 0 and row["std_ms"] >= 0
+        assert row["images_per_s"] == pytest.approx(int(row["input"][0]) / row["mean_ms"] * 1e3)
+        assert row["peak_share"] > 0 and row["peak_mib"] is None
+    assert rows[3]["gflop_per_image"] == pytest.approx(12 * rows[0]["gflop_per_image"], rel=0.05)
+    assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    assert result["device"].startswith("cpu: ") and "| reference | infer |" in table
+
+
+def test_translation_rows(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--task", "i2i", "--size", "32", "32", "--num-downs", "5", "--ngf", "4"]
+    argv += ["--modes", "infer", "train", "--train-size", "32", "32", "--runs", "1"]
+    argv += ["--warmup", "0", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["mode"]) for r in rows] == [
+        ("cenfusion", "infer"),
+        ("cenfusion", "train"),
+    ]
+
+
+def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--no-reference", "--onnx"]
+    argv += ["--runs", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["cenfusion", "onnxruntime"]
+
+
+def test_timing_is_warm_up_then_each_run_timed(monkeypatch) -> None:
+    calls: list[str] = []
+    clock = iter([0.0, 0.010, 1.0, 1.030])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    result = timing.time_steps(lambda: calls.append("step"), torch.device("cpu"), 3, 2)
+    assert calls == ["step"] * 5
+    assert result == timing.Timing(
+        mean_ms=pytest.approx(20.0), std_ms=pytest.approx(14.142, abs=1e-3), runs=2
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--precisions", "fp16"], "--precisions fp16: CUDA only"),
+        (["--task", "i2i", "--onnx"], "--onnx: segmentation only"),
+        (["--task", "i2i", "--size", "100", "100"], "--size 100 100: multiples of 2**num_downs"),
+        (["--runs", "0"], "expected >= 1"),
+        (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
+    ],
+)
+def test_bad_settings_are_one_line(flags, message, capsys) -> None:
+    assert main(["bench", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
