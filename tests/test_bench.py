@@ -85,3 +85,18 @@ def test_bad_settings_are_one_line(flags, message, capsys) -> None:
     assert main(["bench", "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_reference_check_sees_another_function(monkeypatch) -> None:
+    from cenfusion.bench import cases
+
+    model = cases.refinenet(50)
+    xs = cases.images(2, (64, 64), 2)
+    assert cases.reference_difference(model, xs, training=True) < 1e-4
+
+    class Shifted(cases.ReferenceCEN):
+        def forward(self, inputs):
+            return [out + 1e-2 * out.abs().max() for out in super().forward(inputs)]
+
+    monkeypatch.setattr(cases, "ReferenceCEN", Shifted)
+    assert cases.reference_difference(model, xs, training=False) > 5e-3
