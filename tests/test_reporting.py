@@ -215,8 +215,10 @@ def test_read_run_translation_lists_are_named_from_the_config(tmp_path) -> None:
         {"epoch": 2, "loss_d": 0.9, "exchange": 0.1, "l1": [0.6, 0.5, 0.45]},
     ]
     write_lines(tmp_path / "metrics.jsonl", lines)
-    run = read_run(tmp_path)
-    assert run.is_translation
+    from cenfusion.translation.task import RUN_KIND
+
+    assert read_run(tmp_path).score_series()["l1"]["branch 0"] == ([1, 2], [0.5, 0.6])
+    run = read_run(tmp_path, RUN_KIND)
     assert run.score_series()["l1"] == {
         "reshading": ([1, 2], [0.5, 0.6]),
         "edge_texture": ([1, 2], [0.4, 0.5]),
@@ -315,6 +317,24 @@ def test_report_of_a_real_translation_run(i2i_run) -> None:
         "gamma_hist.png": (1000, 400),
         "samples.png": (160 * 6, 40 + 160 * views),  # 2 inputs, 2 branches, ensemble, target
     }
+
+
+def test_cen_report_finds_the_task_of_a_run_folder(i2i_run, tmp_path) -> None:
+    from cenfusion.cli import main
+    from cenfusion.tasks import task_of_run
+    from cenfusion.translation.task import TRANSLATION
+
+    assert task_of_run(i2i_run) is TRANSLATION
+    assert main(["report", str(i2i_run)]) == 0
+    page = (i2i_run / "report.html").read_text()
+    assert "<p>image-to-image translation, folder" in page
+    assert "<td>reshading</td>" in page and "<td>edge_texture</td>" in page
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    for config in ("exp: x\n", "colour: red\n", ""):
+        (tmp_path / "config.yaml").write_text(config)
+        assert task_of_run(tmp_path) is None  # shared keys only, unknown keys, nothing
+    assert main(["report", str(tmp_path)]) == 0
+    assert "<p>cenfusion run, folder" in (tmp_path / "report.html").read_text()
 
 
 def test_report_images_load_in_headless_chromium(seg_run, seg_report, tmp_path) -> None:

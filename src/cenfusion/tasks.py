@@ -1,5 +1,6 @@
 """The registry of tasks: the ``cen`` command adds each task's commands from here, and
-``cen info`` finds the task of a checkpoint here, so neither names a task in its code.
+``cen info`` and ``cen report`` find the task of a checkpoint or of a run folder here, so none
+of them names a task in its code.
 
 A task package holds a ``command`` module (:class:`TaskCommands`: light, no torch) and a
 ``task`` module with its :class:`~cenfusion.engine.task.Task` (imported when first needed).
@@ -8,8 +9,13 @@ A task package holds a ``command`` module (:class:`TaskCommands`: light, no torc
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
+
+from cenfusion.engine.run import CONFIG
 from cenfusion.engine.task import Task
 from cenfusion.errors import CenError
 from cenfusion.segmentation import command as segmentation_command
@@ -49,3 +55,17 @@ def task_named(name: Any, where: str) -> Task:
     if name not in tasks:
         raise CenError(f"{where}: a {name} checkpoint; expected {' or '.join(tasks)}")
     return tasks[name]
+
+
+def task_of_run(run_dir: Path) -> Task | None:
+    """The task whose settings a run folder's ``config.yaml`` holds (every key one of its
+    config's fields, and no other task's the same); None when it cannot tell."""
+    path = run_dir / CONFIG
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
+    if not isinstance(config, dict) or not config:
+        return None
+    fits = [t for t in all_tasks() if set(config) <= {f.name for f in fields(t.config)}]
+    return fits[0] if len(fits) == 1 else None

@@ -20,8 +20,11 @@ class ReportOptions:
 
 def _report(args: argparse.Namespace) -> None:
     from cenfusion.reporting.html import write_report
+    from cenfusion.tasks import task_of_run
 
-    print(f"wrote {write_report(options_from_args(ReportOptions, args).run_dir)}")
+    run_dir = options_from_args(ReportOptions, args).run_dir
+    task = task_of_run(run_dir)
+    print(f"wrote {(task.write_report if task else write_report)(run_dir)}")
 
 
 @dataclass(frozen=True)

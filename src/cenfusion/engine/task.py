@@ -43,11 +43,12 @@ class Task:
     """One task.
 
     ``presets`` are named starting settings; ``default_preset(flags)`` names the one a
-    command starts from when none is asked for. ``build_recipe(cfg, ctx, state, where, training)`` returns the recipe of ``cfg`` on
-    ``ctx`` with every setting, the data and (when ``state`` is a checkpoint's, read from
-    ``where``) the checkpoint checked against each other; ``training=False`` builds what an
-    evaluation needs (no training data). ``summarize(state, where)`` rebuilds a checkpoint's
-    model for ``cen info``. ``after_validation(run_folder)`` redraws the run's reports.
+    command starts from when none is asked for. ``build_recipe(cfg, ctx, state, where,
+    training)`` returns the recipe of ``cfg`` on ``ctx`` with every setting, the data and
+    (when ``state`` is a checkpoint's, read from ``where``) the checkpoint checked against
+    each other; ``training=False`` builds what an evaluation needs (no training data). ``summarize(state, where)`` rebuilds a checkpoint's
+    model for ``cen info``. ``after_validation(run_folder)`` redraws the run's plots;
+    ``write_report(run_folder)`` writes its page (``cen report``) and returns its path.
     """
 
     name: str
@@ -56,7 +57,8 @@ class Task:
     default_preset: Callable[[Mapping[str, Any]], str]
     build_recipe: Callable[[Any, Context, dict[str, Any] | None, str, bool], Recipe]
     summarize: Callable[[dict[str, Any], str], ModelSummary]
-    after_validation: Callable[[Path], Any] | None = None
+    after_validation: Callable[[Path], Any]
+    write_report: Callable[[Path], Path]
 
     def resolve_config(
         self,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.reporting.plots import SAMPLES_PLOT, write_plots
-from cenfusion.reporting.runlog import RunLog, line_scores, read_run
+from cenfusion.reporting.runlog import RunKind, RunLog, line_scores, read_run
 
 __all__ = ["REPORT_FILE", "write_report"]
 
@@ -129,9 +129,13 @@ def _sample_images(run: RunLog, plots: Sequence[Path], max_samples: int) -> list
 
 
 def write_report(
-    run_dir: Path, class_names: Sequence[str] | None = None, max_samples: int = MAX_SAMPLES
+    run_dir: Path,
+    class_names: Sequence[str] | None = None,
+    max_samples: int = MAX_SAMPLES,
+    kind: RunKind | None = None,
 ) -> Path:
     """Regenerate the run's plots and write ``run_dir/report.html``; return its path.
+    ``kind``: the task that made the run (its title, the names of its heads).
 
     Sample predictions are the translation grid (``plots/samples.png``) and up to
     ``max_samples`` segmentation panels from ``run_dir/images`` (``--save-img``).
@@ -140,10 +144,10 @@ def write_report(
         CenError: ``run_dir`` holds no readable ``metrics.jsonl``.
     """
     run_dir = Path(run_dir)
-    plots = write_plots(run_dir, class_names)
-    run = read_run(run_dir)
+    plots = write_plots(run_dir, class_names, kind)
+    run = read_run(run_dir, kind)
     samples = _sample_images(run, plots, max_samples)
-    task = "image-to-image translation" if run.is_translation else "segmentation"
+    task = run.kind.title
     title = f"cenfusion run {run_dir.name}"
     sections = [
         f"<h1>{html.escape(title)}</h1>",

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from cenfusion.data.class_names import resolve_class_names
-from cenfusion.reporting.runlog import RunLog, line_scores, load_confusion, read_run
+from cenfusion.reporting.runlog import RunKind, RunLog, line_scores, load_confusion, read_run
 
 __all__ = ["PLOTS_DIR", "SAMPLES_PLOT", "write_plots"]
 
@@ -249,14 +249,8 @@ def plot_gamma_histogram(run: RunLog, path: Path) -> Path | None:
 
 
 def _modality_names(run: RunLog, count: int) -> list[str]:
-    """Modality names from the config (segmentation ``modalities``, translation inputs)."""
-    modalities = run.config.get("modalities")
-    if isinstance(modalities, list) and len(modalities) == count:
-        return [str(m).split(":")[0] for m in modalities]
-    types = run.config.get("img_types")
-    if isinstance(types, list) and len(types) == count + 1:
-        return run.head_names({}, count + 1)[:-1]
-    return [f"modality {m}" for m in range(count)]
+    """The names of ``count`` modalities: the run's heads but the ensemble."""
+    return run.head_names({}, count + 1)[:-1]
 
 
 def _translation_views(run: RunLog) -> tuple[list[str], list[Path]]:
@@ -304,14 +298,17 @@ def plot_translation_samples(run: RunLog, path: Path, max_views: int = MAX_VIEWS
 
 def _class_names_for(run: RunLog, count: int, given: Sequence[str] | None) -> tuple[str, ...]:
     data = run.config.get("data")
-    synthetic = "data" in run.config and data is None and not run.is_translation
+    synthetic = "data" in run.config and data is None
     if given is not None and len(given) != count:
         given = None
     return resolve_class_names(count, data, given, synthetic=synthetic)
 
 
-def write_plots(run_dir: Path, class_names: Sequence[str] | None = None) -> list[Path]:
+def write_plots(
+    run_dir: Path, class_names: Sequence[str] | None = None, kind: RunKind | None = None
+) -> list[Path]:
     """Draw every picture the run's logs allow into ``run_dir/plots/``; return their paths.
+    ``kind``: the task that made the run (it names the heads).
 
     ``class_names`` label the per-class pictures; without them (or when their count does not
     fit the run's classes) names come from the run's data root, the built-in NYUDv2-40 /
@@ -322,7 +319,7 @@ def write_plots(run_dir: Path, class_names: Sequence[str] | None = None) -> list
             :func:`~cenfusion.reporting.runlog.read_run`).
     """
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    run = read_run(run_dir, kind)
     out = run_dir / PLOTS_DIR
     written = [
         plot_losses(run, out / "losses.png"),

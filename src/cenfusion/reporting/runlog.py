@@ -2,8 +2,8 @@
 
 What is read, every part optional unless said:
 
-- ``config.yaml``: the resolved config (a mapping), shown as is; ``data``, ``img_types`` and
-  ``modalities`` name classes and heads.
+- ``config.yaml``: the resolved config (a mapping), shown as is; ``data`` names classes, and
+  the task's :class:`RunKind` names heads from it.
 - ``metrics.jsonl`` (required): one JSON object a line. A line with an ``evaluate`` key is a
   stand-alone evaluation; every other line is a training epoch. Keys of a line:
 
@@ -17,8 +17,8 @@ What is read, every part optional unless said:
   ``val``                     ``{head: {metric: number, "iou": [one per class]}}``:
                               score curves per head, per-class IoU bars
   ``fid``, ``kid_x100``,      ``[branch 0, ..., ensemble]``: score curves per head
-  ``l1``, ``mse``             (translation, under ``val`` or at the top level); named by ``heads`` when the line has it, else
-                              by ``img_types`` in the config, else ``branch k``
+  ``l1``, ``mse``             (translation, under ``val`` or at the top level); named by
+                              ``heads`` when the line has it, else by the run's kind
   ``exchange``                a number (overall fraction of penalised gammas under
                               threshold) or the record of :mod:`cenfusion.reporting.exchange`
   ``exchange_fraction``       the overall fraction (older segmentation lines)
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ __all__ = [
     "CONFUSION_FILE",
     "METRICS_FILE",
     "TRANSLATION_METRICS",
+    "RunKind",
     "RunLog",
     "line_scores",
     "load_confusion",
@@ -67,6 +68,20 @@ SEGMENTATION_METRICS = ("pixel_acc", "mean_acc", "miou")
 Series = tuple[list[float], list[float]]
 
 
+def _no_names(config: Mapping[str, Any], count: int) -> list[str] | None:
+    return None
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """What a report needs to know of the task that made a run: its title, and the names of
+    the ``count`` heads (branches, then the ensemble) of a run with ``config``, or None when
+    the config does not say. Each task gives its own; the registry of tasks finds it."""
+
+    title: str = "cenfusion run"
+    names: Callable[[Mapping[str, Any], int], list[str] | None] = _no_names
+
+
 @dataclass
 class RunLog:
     """A run's config and metric lines. ``epochs``: training lines in order, each with its x
@@ -78,25 +93,17 @@ class RunLog:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     xs: list[float] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def is_translation(self) -> bool:
-        if "img_types" in self.config:
-            return True
-        return any(k in line for line in self.epochs for k in ("loss_gan", *TRANSLATION_METRICS))
+    kind: RunKind = field(default_factory=RunKind)
 
     def head_names(self, line: Mapping[str, Any], count: int) -> list[str]:
-        """Names of ``count`` heads of a translation metric list in ``line``."""
+        """Names of ``count`` heads (branches, then the ensemble): the line's ``heads``, else
+        the run kind's names from the config, else ``branch k``."""
         heads = line.get("heads")
         if isinstance(heads, list) and len(heads) == count:
             return [str(h) for h in heads]
-        types = self.config.get("img_types")
-        if isinstance(types, list) and len(types) == count:
-            from cenfusion.data.taskonomy import DOMAINS
-
-            inputs = types[:-1]
-            if all(isinstance(t, int) and 0 <= t < len(DOMAINS) for t in inputs):
-                return [DOMAINS[t] for t in inputs] + ["ensemble"]
+        names = self.kind.names(self.config, count)
+        if names is not None and len(names) == count:
+            return names
         return [f"branch {k}" for k in range(count - 1)] + ["ensemble"]
 
     def loss_series(self) -> dict[str, Series]:
@@ -230,8 +237,8 @@ def _epoch_key(line: Mapping[str, Any], index: int) -> tuple[float, float]:
     )
 
 
-def read_run(run_dir: str | Path) -> RunLog:
-    """Read ``run_dir``'s config and metric lines.
+def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
+    """Read ``run_dir``'s config and metric lines, a run of ``kind`` (default: unknown).
 
     Raises:
         CenError: no ``metrics.jsonl``, a line that is not a JSON object, or a config that
@@ -276,7 +283,7 @@ def read_run(run_dir: str | Path) -> RunLog:
         float(line["global_epoch"]) if _is_number(line.get("global_epoch")) else float(rank + 1)
         for rank, line in enumerate(epochs)
     ]
-    return RunLog(run_dir, config, config_text, epochs, xs, evaluations)
+    return RunLog(run_dir, config, config_text, epochs, xs, evaluations, kind or RunKind())
 
 
 def save_confusion(run_dir: str | Path, matrices: Mapping[str, Any]) -> Path:

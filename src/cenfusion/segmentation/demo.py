@@ -109,9 +109,7 @@ def _train_row(run: DemoRun, cfg: SegmentationConfig, report: bool) -> DemoRow:
     assert best.metrics is not None  # every stage ends with a validation
     path = None
     if report:
-        from cenfusion.reporting.html import write_report
-
-        path = write_report(cfg.run_dir)
+        path = SEGMENTATION.write_report(cfg.run_dir)
     scores = best.metrics["ensemble"]
     exchange = _exchange_at(cfg.run_dir, best.epoch)
     by_layer = {}

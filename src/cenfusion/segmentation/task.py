@@ -4,12 +4,15 @@ checked, and what ``cen info`` reads from its checkpoints."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from cenfusion.data.class_names import resolve_class_names
 from cenfusion.engine.task import ModelSummary, Task
 from cenfusion.engine.trainer import Context
+from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import write_plots
+from cenfusion.reporting.runlog import RunKind
 from cenfusion.segmentation.build import (
     build_loaders,
     build_model,
@@ -64,6 +67,18 @@ def summarize(state: dict[str, Any], where: str) -> ModelSummary:
     return ModelSummary(model, modalities, classes, INFO_SIZE, progress)
 
 
+def head_names(config: Mapping[str, Any], count: int) -> list[str] | None:
+    """The run's modalities (``NAME`` of each ``NAME:COLUMN:KIND``), then the ensemble."""
+    modalities = config.get("modalities")
+    if not isinstance(modalities, list) or len(modalities) != count - 1:
+        return None
+    return [str(m).split(":")[0] for m in modalities] + ["ensemble"]
+
+
+#: What a report says of a segmentation run.
+RUN_KIND = RunKind("segmentation", head_names)
+
+
 def default_preset(flags: Mapping[str, Any]) -> str:
     """NYUDv2's recipe for one's own data (``--data``), else the embedded synthetic set's."""
     return "nyudv2" if flags.get("data") is not None else "synthetic"
@@ -76,5 +91,6 @@ SEGMENTATION = Task(
     default_preset=default_preset,
     build_recipe=build_recipe,
     summarize=summarize,
-    after_validation=write_plots,
+    after_validation=partial(write_plots, kind=RUN_KIND),
+    write_report=partial(write_report, kind=RUN_KIND),
 )

@@ -45,7 +45,5 @@ def run_translation_demo(base: TranslationConfig = DEMO, report: bool = True) ->
                 values = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, metrics[key]))
                 log.info(f"best epoch {best.epoch}, {key}: {values}")
         if report:
-            from cenfusion.reporting.html import write_report
-
-            log.info(f"report: {write_report(base.run_dir)}")
+            log.info(f"report: {TRANSLATION.write_report(base.run_dir)}")
     return metrics

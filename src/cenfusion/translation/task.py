@@ -4,6 +4,7 @@ checked, and what ``cen info`` reads from its checkpoints."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from cenfusion.data.taskonomy import DOMAINS
@@ -12,7 +13,9 @@ from cenfusion.engine.task import ModelSummary, Task
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.models.unet import CENUNet, CENUNetConfig
+from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import write_plots
+from cenfusion.reporting.runlog import RunKind
 from cenfusion.translation.build import datasets
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.modelio import TASK
@@ -66,6 +69,20 @@ def summarize(state: dict[str, Any], where: str) -> ModelSummary:
     return ModelSummary(model, modalities, (), (side, side), progress)
 
 
+def head_names(config: Mapping[str, Any], count: int) -> list[str] | None:
+    """The input domains of ``img_types`` (all but the last), then the ensemble."""
+    types = config.get("img_types")
+    if not isinstance(types, list) or len(types) != count:
+        return None
+    if not all(isinstance(t, int) and 0 <= t < len(DOMAINS) for t in types[:-1]):
+        return None
+    return [DOMAINS[t] for t in types[:-1]] + ["ensemble"]
+
+
+#: What a report says of a translation run.
+RUN_KIND = RunKind("image-to-image translation", head_names)
+
+
 def default_preset(flags: Mapping[str, Any]) -> str:
     return "released"
 
@@ -77,5 +94,6 @@ TRANSLATION = Task(
     default_preset=default_preset,
     build_recipe=build_recipe,
     summarize=summarize,
-    after_validation=write_plots,
+    after_validation=partial(write_plots, kind=RUN_KIND),
+    write_report=partial(write_report, kind=RUN_KIND),
 )
