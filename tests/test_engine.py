@@ -16,10 +16,24 @@ import torch
 from cenfusion.cli import build_parser
 from cenfusion.engine import runtime
 from cenfusion.engine.checkpoint import load_checkpoint
-from cenfusion.engine.config import SETTING_OF_ACTION, config_to_dict, flag_name, given_flags
+from cenfusion.engine.config import (
+    SETTING_OF_ACTION,
+    config_to_dict,
+    flag_name,
+    given_flags,
+    options_from_args,
+)
 from cenfusion.engine.rng import seed_everything
-from cenfusion.engine.run import CONFIG, LAST, METRICS, LogRouting, RunFolder, resume_path
-from cenfusion.engine.runtime import CompiledOrEager, Precision
+from cenfusion.engine.run import (
+    CONFIG,
+    LAST,
+    METRICS,
+    LogRouting,
+    RunFolder,
+    RuntimeConfig,
+    resume_path,
+)
+from cenfusion.engine.runtime import CompiledOrEager, Precision, open_runtime
 from cenfusion.engine.session import train
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
@@ -236,7 +250,7 @@ def test_confusion_matrices_follow_the_umask_and_their_temporaries_are_cleaned(
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
-    def broken(net):
+    def broken(net, mode=None):
         def run(*args):
             raise RuntimeError("no compiler here")
 
@@ -253,8 +267,27 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
     assert out.count("--compile failed (RuntimeError: no compiler here); running eager") == 1
 
 
+@pytest.mark.parametrize(
+    ("flag", "mode"), [([], None), (["--compile-mode", "reduce-overhead"], "reduce-overhead")]
+)
+def test_the_compile_mode_reaches_torch_compile(monkeypatch, flag, mode) -> None:
+    """--compile-mode picks torch.compile's mode (reduce-overhead: CUDA graphs)."""
+    asked: list[str | None] = []
+
+    def recording(net, mode=None):
+        asked.append(mode)
+        return net
+
+    monkeypatch.setattr(torch, "compile", recording)
+    args = build_parser().parse_args(["seg", "train", "--compile", *flag])
+    settings = options_from_args(RuntimeConfig, args)
+    with open_runtime(replace(settings, device="cpu")) as opened:
+        opened.prepare(torch.nn.Linear(2, 2))
+    assert asked == [mode]
+
+
 def test_a_network_that_fails_eagerly_too_raises_its_own_error(monkeypatch, capsys) -> None:
-    def compiled(net):
+    def compiled(net, mode=None):
         return net
 
     monkeypatch.setattr(torch, "compile", compiled)

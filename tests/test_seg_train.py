@@ -96,6 +96,8 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     assert "val" in log[2] and "val" not in log[1]
     assert set(log[2]["val"]) == {"rgb", "depth", "ensemble"}
     assert 0.0 <= log[-1]["exchange"]["overall"] <= 1.0
+    assert all(0 < r["first_step_seconds"] <= r["seconds"] for r in log)
+    assert "first step " in (run_dir / "log.txt").read_text()
     assert {p.name for p in (run_dir / "plots").iterdir()} >= {"losses.png", "scores.png"}
     best = load_checkpoint(run_dir / "best.pth", task="segmentation")
     assert best["best"]["score"] == progress.score

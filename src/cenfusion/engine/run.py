@@ -51,6 +51,12 @@ class RuntimeConfig:
         "memory stays at its peak)",
     )
     compile: bool = setting(False, "torch.compile the network (eager, with a warning, if it fails)")
+    compile_mode: str = setting(
+        "default",
+        "with --compile: reduce-overhead also captures CUDA graphs of fixed shapes; "
+        "max-autotune also searches kernels",
+        choices=("default", "reduce-overhead", "max-autotune"),
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gpu", tuple(self.gpu))

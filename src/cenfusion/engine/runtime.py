@@ -70,14 +70,14 @@ class Precision:
 
 
 class CompiledOrEager(nn.Module):
-    """``torch.compile(net)``, falling back to ``net`` itself (with one warning) when
-    compilation fails, which shows only at a call. When ``net`` fails eagerly too, the fault
-    is the network's or its input's: that error is raised, as without ``--compile``."""
+    """``torch.compile(net, mode=mode)``, falling back to ``net`` itself (with one warning)
+    when compilation fails, which shows only at a call. When ``net`` fails eagerly too, the
+    fault is the network's or its input's: that error is raised, as without ``--compile``."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, mode: str = "default") -> None:
         super().__init__()
         self.net = net
-        self.compiled: Any = torch.compile(net)
+        self.compiled: Any = torch.compile(net, mode=None if mode == "default" else mode)
 
     def forward(self, *args: Any) -> Any:
         if self.compiled is None:
@@ -101,6 +101,7 @@ class Runtime:
     precision: Precision
     channels_last: bool
     compile: bool
+    compile_mode: str
 
     def prepare(self, model: nn.Module, training: bool = False) -> nn.Module:
         """``model`` on the device (channels-last when asked; its weights stay ``model``'s),
@@ -116,7 +117,7 @@ class Runtime:
         if training and self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return CompiledOrEager(net) if self.compile else net
+        return CompiledOrEager(net, self.compile_mode) if self.compile else net
 
 
 @contextlib.contextmanager
@@ -132,6 +133,13 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     try:
         with kept_cpu_memory(settings.keep_memory, device.type):
             precision = Precision(settings.amp, device)
-            yield Runtime(device, dist, precision, settings.channels_last, settings.compile)
+            yield Runtime(
+                device,
+                dist,
+                precision,
+                settings.channels_last,
+                settings.compile,
+                settings.compile_mode,
+            )
     finally:
         torch.set_num_threads(threads_before)

@@ -199,14 +199,15 @@ class Recipe(ABC):
 
 
 def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
-    """Train one epoch with a progress bar; returns mean losses, seconds and data seconds."""
+    """Train one epoch with a progress bar; returns mean losses, seconds, data seconds and
+    the seconds of its first step (compilation, cuDNN's choices and warm-up show there)."""
     from tqdm import tqdm
 
     seed_epoch(recipe.train_loader, config.seed, epoch)
     batches = recipe.begin_epoch(epoch)
     total = recipe.num_epochs()
     sums: dict[str, float] = {}
-    steps, samples, data_time = 0, 0, 0.0
+    steps, samples, data_time, first_step = 0, 0, 0.0, 0.0
     began = time.perf_counter()
     bar = tqdm(
         batches,
@@ -218,8 +219,11 @@ def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
     waited = time.perf_counter()
     for batch in bar:
         data_time += time.perf_counter() - waited
+        stepped = time.perf_counter()
         losses = recipe.train_step(batch)
         values = {k: float(v) for k, v in losses.items()}
+        if steps == 0:
+            first_step = time.perf_counter() - stepped
         if not all(math.isfinite(v) for v in values.values()):
             bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
             raise CenError(f"epoch {epoch}, iteration {steps + 1}: {bad}; stopping")
@@ -232,7 +236,8 @@ def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
         waited = time.perf_counter()
     seconds = time.perf_counter() - began
     means = {key: value / max(steps, 1) for key, value in sums.items()}
-    return {**means, "seconds": round(seconds, 3), "data_seconds": round(data_time, 3)}
+    times = {"seconds": seconds, "data_seconds": data_time, "first_step_seconds": first_step}
+    return {**means, **{key: round(value, 3) for key, value in times.items()}}
 
 
 class Scalars:
@@ -319,6 +324,8 @@ def fit(
         for epoch in range(start + 1, total + 1):
             record: dict[str, Any] = {"epoch": epoch}
             record.update(_run_epoch(recipe, epoch, config))
+            if epoch == start + 1:
+                log.info(f"first step {record['first_step_seconds']:.2f} s (warm-up included)")
             record.update(recipe.epoch_record())
             improved = False
             if recipe.wants_validation(epoch):
