@@ -56,7 +56,6 @@ def evaluate(task: Task, cfg: Any, checkpoint: Path | None = None, **options: An
     with prepare(cfg) as ctx:
         state = load_checkpoint(path, task=task.name)
         recipe = task.build_recipe(cfg, ctx, state, str(path), False)
-        recipe.load_state_dict(state, str(path))
         folder = ctx.open_folder(cfg, resuming=True, force=False)
         log.info(recipe.start_line())
         metrics = recipe.evaluate(folder.path, **options)

@@ -46,7 +46,8 @@ class Task:
     command starts from when none is asked for. ``build_recipe(cfg, ctx, state, where,
     training)`` returns the recipe of ``cfg`` on ``ctx`` with every setting, the data and
     (when ``state`` is a checkpoint's, read from ``where``) the checkpoint checked against
-    each other; ``training=False`` builds what an evaluation needs (no training data). ``summarize(state, where)`` rebuilds a checkpoint's
+    each other, the model holding the checkpoint's weights; ``training=False`` builds what an
+    evaluation needs (no training data). ``summarize(state, where)`` rebuilds a checkpoint's
     model for ``cen info``. ``after_validation(run_folder)`` redraws the run's plots;
     ``write_report(run_folder)`` writes its page (``cen report``) and returns its path.
     """

@@ -32,12 +32,16 @@ def build_recipe(
     where: str,
     training: bool,
 ) -> TranslationRecipe:
-    """The checkpoint's generator checked against the settings, then data and networks."""
+    """The checkpoint's generator checked against the settings, then data and networks,
+    the generator with the checkpoint's weights."""
     if state is not None:
         _check_generator(cfg, state, where)
     train_set, val_set = datasets(cfg)
     train = ctx.train_loader(train_set, cfg, drop_last=False) if training else None
-    return TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
+    recipe = TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
+    if state is not None:
+        load_weights(recipe.generator, state["model"], where)
+    return recipe
 
 
 def _check_generator(cfg: TranslationConfig, state: dict[str, Any], where: str) -> None:
