@@ -150,9 +150,10 @@ def _step(
 def _onnx_step(model: torch.nn.Module, xs: list[torch.Tensor], opened: Runtime) -> cases.Step:
     providers = ("CUDAExecutionProvider",) * (opened.device.type == "cuda")
     height, width = xs[0].shape[-2:]
-    folder = Path(tempfile.mkdtemp(prefix="cen-bench-"))
-    path = export_onnx(model.cpu().eval(), folder / "model.onnx", height=height, width=width)
-    session = OnnxSegmenter(path, (*providers, "CPUExecutionProvider"))
+    with tempfile.TemporaryDirectory(prefix="cen-bench-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(model.cpu().eval(), path, height=height, width=width)
+        session = OnnxSegmenter(path, (*providers, "CPUExecutionProvider"))
     arrays = [x.cpu().numpy() for x in xs]
     return lambda: session(arrays)
 
