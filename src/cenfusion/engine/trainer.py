@@ -3,9 +3,10 @@
 A task (:class:`~cenfusion.engine.task.Task`) supplies a function that builds its recipe (data,
 models, optimisers, checks), one training step, one validation, its checkpoint state and its
 log lines. The engine owns the rest: the run sequences (:mod:`cenfusion.engine.session`:
-settings, process set-up, checkpoint, run folder), the epoch loop with its progress bar, mixed precision, the non-finite-loss stop,
-the best-score tracker, the one checkpoint schema, resume, the metrics log and TensorBoard;
-reports hang on a hook it calls after each validation.
+settings, process set-up, checkpoint, run folder), the epoch loop with its progress bar,
+epoch seeding, mixed precision and its scaler, the non-finite-loss stop, the best-score
+tracker, the one checkpoint schema, resume, the metrics log and TensorBoard; reports hang
+on a hook it calls after each validation.
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ class Recipe(ABC):
 
     @abstractmethod
     def evaluate(self, run_dir: Path, **options: Any) -> dict[str, Any]:
-        """A checkpoint's evaluation (:func:`~cenfusion.engine.session.evaluate`): its validation metrics, logged;
-        what the task writes of it (``options``) goes under ``run_dir``."""
+        """A checkpoint's evaluation (:func:`~cenfusion.engine.session.evaluate`): its
+        validation metrics, logged; what the task writes of it (``options``) goes under
+        ``run_dir``."""
 
     @abstractmethod
     def describe(self, record: dict[str, Any]) -> str:

@@ -145,8 +145,8 @@ class SegmentationRecipe(Recipe):
     def describe(self, record: dict[str, Any]) -> str:
         line = (
             f"epoch {record['epoch']}/{self.num_epochs()} (stage {record['stage']}): loss "
-            f"{record['loss']:.4f}  exchange {record['exchange']['overall']:.3f}  {record['seconds']:.1f}s "
-            f"(data {record['data_seconds']:.1f}s)"
+            f"{record['loss']:.4f}  exchange {record['exchange']['overall']:.3f}  "
+            f"{record['seconds']:.1f}s (data {record['data_seconds']:.1f}s)"
         )
         if "val" in record:
             line += "  val " + "  ".join(
