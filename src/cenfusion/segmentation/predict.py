@@ -38,6 +38,7 @@ from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
+from cenfusion.engine.config import flag_name
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError, ForeignCheckpointError
@@ -372,9 +373,9 @@ def predict(
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
-    flags = {"--amp": runtime.amp, "--channels-last": runtime.channels_last}
-    flags["--compile"] = runtime.compile
-    fast = [flag for flag, on in flags.items() if on]
+    fast = [
+        flag_name(name) for name in ("amp", "channels_last", "compile") if getattr(runtime, name)
+    ]
     if fast and checkpoint.suffix == ".onnx":
         raise CenError(
             f"{' '.join(fast)}: for PyTorch checkpoints; {checkpoint} runs in onnxruntime"
