@@ -101,12 +101,15 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
 
 
 def _forward_flops(options: BenchOptions, size: tuple[int, int]) -> int:
-    """FLOPs of one forward pass of the task's network, one image per modality; a training
-    step counts three (forward, and backward to inputs and to weights)."""
-    if options.task == "seg":
-        return count_flops(cases.refinenet(options.enc), 2, size)
-    generator, _ = cases.translation_networks(options.ngf, options.num_downs)
-    return count_flops(generator, 2, size)
+    """FLOPs of one forward pass of the task's network, one image per modality (a training
+    step counts three: forward, and backward to inputs and to weights). The network is built
+    on the meta device: counting needs its shapes, not its weights."""
+    with torch.device("meta"):
+        if options.task == "seg":
+            network: torch.nn.Module = cases.refinenet(options.enc)
+        else:
+            network, _ = cases.translation_networks(options.ngf, options.num_downs)
+    return count_flops(network, 2, size)
 
 
 def _step(
