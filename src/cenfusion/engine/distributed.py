@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from cenfusion.errors import CenError
 
@@ -81,18 +80,6 @@ def init_distributed(cuda: bool = True) -> DistInfo:
         backend = "nccl" if cuda and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return info
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over every process, in place; identity outside distributed runs."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def on_main(action: Callable[[], T]) -> T:

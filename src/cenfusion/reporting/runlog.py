@@ -63,7 +63,6 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 CONFUSION_FILE = CONFUSION
 TRANSLATION_METRICS = ("fid", "kid_x100", "l1", "mse")
-SEGMENTATION_METRICS = ("pixel_acc", "mean_acc", "miou")
 
 Series = tuple[list[float], list[float]]
 
