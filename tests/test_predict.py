@@ -396,6 +396,10 @@ def test_prediction_runs_with_the_threads_asked_for(tiny, tmp_path, monkeypatch)
     rgb = write_rgb(tmp_path / "rgb.png", 8, 8)
     depth = write_depth(tmp_path / "depth.png", 8, 8)
     before = torch.get_num_threads()
-    argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
-    assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]) == 0
-    assert seen == [1] and torch.get_num_threads() == before
+    torch.set_num_threads(2)  # so that a prediction on 1 thread differs from the default
+    try:
+        argv = ["seg", "predict", str(checkpoint), "--rgb", str(rgb), "--depth", str(depth)]
+        assert main([*argv, "-o", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]) == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
