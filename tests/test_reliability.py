@@ -155,6 +155,12 @@ TABLE: list[tuple[str, Row]] = [
         [*seg_args(s, r), "--seed", "9" * 20], f"--seed {'9' * 20}: expected 0 to")),
     ("i2i negative seed", lambda f, s, i, r: (
         [*i2i_args(i, r), "--seed", "-1"], "--seed -1: expected 0 to")),
+    ("panels without evaluate", lambda f, s, i, r: (
+        [*seg_args(s, r), "--save-img"], "--save-img: only with --evaluate")),
+    ("evaluate with force", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--evaluate", "--force"], "--force: not with --evaluate")),
+    ("evaluate, no checkpoint", lambda f, s, i, r: (
+        [*seg_args(s, r, "none"), "--evaluate"], "--evaluate: no checkpoint (best.pth or last.pth)")),
     ("resume alone, no run", lambda f, s, i, r: (
         [*seg_args(s, r, "fresh"), "--resume"], "nothing to resume")),
     ("i2i resume alone, no run", lambda f, s, i, r: (
