@@ -164,6 +164,19 @@ def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:
         torch.testing.assert_close(q.grad, p.grad)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_cen_refinenet_compiles_as_one_graph(training: bool) -> None:
+    """A graph break splits what inductor can fuse and puts a Python round trip between the
+    pieces: the whole network, inference and training alike, is one graph."""
+    torch.manual_seed(0)
+    model = create_cen_refinenet(backbone="resnet26", num_classes=6).train(training)
+    inputs = [torch.randn(1, 3, 40, 40) for _ in range(2)]
+    with torch.set_grad_enabled(training):
+        explained = torch._dynamo.explain(model)(inputs)
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, reasons
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_crp_pool_without_autograd_equals_torch_max_pool(channels_last, dtype) -> None:

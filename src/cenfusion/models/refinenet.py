@@ -105,16 +105,17 @@ def _onednn_pool(x: Tensor) -> bool:
     """Whether to pool an NCHW CPU tensor without autograd in oneDNN's own layout: the
     conversions and the pool take half the time of the channels-last path, and no int64
     indices are written (PyTorch's CPU pool writes them even without autograd). Not while
-    tracing (an exported graph needs standard operators). oneDNN passes over NaNs where
+    tracing (an exported graph needs standard operators), checked first: torch.compile stops
+    its graph at the backend checks after it. oneDNN passes over NaNs where
     PyTorch's pool propagates them; finite inputs give the same values."""
     return (
-        x.device.type == "cpu"
+        not tracing()
+        and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.dim() == 4
         and x.is_contiguous()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and not tracing()
     )
 
 
