@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import stat
 import typing
@@ -33,7 +34,7 @@ from cenfusion.engine.run import (
     RuntimeConfig,
     resume_path,
 )
-from cenfusion.engine.runtime import CompiledOrEager, Precision, open_runtime
+from cenfusion.engine.runtime import CompiledOrEager, GraphSkips, Precision, open_runtime
 from cenfusion.engine.session import train
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
@@ -268,10 +269,16 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "mode"), [([], None), (["--compile-mode", "reduce-overhead"], "reduce-overhead")]
+    ("flag", "mode", "warning"),
+    [
+        ([], None, False),
+        (["--compile-mode", "max-autotune"], "max-autotune", False),
+        (["--compile-mode", "reduce-overhead"], None, True),
+    ],
 )
-def test_the_compile_mode_reaches_torch_compile(monkeypatch, flag, mode) -> None:
-    """--compile-mode picks torch.compile's mode (reduce-overhead: CUDA graphs)."""
+def test_the_compile_mode_reaches_torch_compile(monkeypatch, capsys, flag, mode, warning) -> None:
+    """--compile-mode picks torch.compile's mode; reduce-overhead (CUDA graphs) on the CPU
+    compiles in the default mode and says so once."""
     asked: list[str | None] = []
 
     def recording(net, mode=None):
@@ -281,9 +288,45 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch, flag, mode) -> None
     monkeypatch.setattr(torch, "compile", recording)
     args = build_parser().parse_args(["seg", "train", "--compile", *flag])
     settings = options_from_args(RuntimeConfig, args)
-    with open_runtime(replace(settings, device="cpu")) as opened:
+    with LogRouting(), open_runtime(replace(settings, device="cpu")) as opened:
         opened.prepare(torch.nn.Linear(2, 2))
-    assert asked == [mode]
+        opened.prepare(torch.nn.Linear(2, 2))
+    assert asked == [mode, mode]
+    said = "CUDA graphs need a CUDA device, not cpu; compiling in the default mode"
+    assert capsys.readouterr().out.count(said) == int(warning)
+
+
+def test_a_graph_that_skips_cuda_graph_capture_gives_one_warning(monkeypatch, capsys) -> None:
+    """Inductor reports a skipped capture through its counter and a log artifact that is off
+    by default; the runtime turns the first into one warning with its reason."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    def skipping(net, mode=None):
+        def run(*args):
+            if not calls:
+                log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs")
+            calls.append(mode)
+            return net(*args)
+
+        return run
+
+    calls: list[str | None] = []
+    monkeypatch.setattr(torch, "compile", skipping)
+    net, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    with LogRouting():
+        skips = GraphSkips()
+        first = CompiledOrEager(net, "reduce-overhead", skips)
+        skips.check()
+        assert "warning" not in capsys.readouterr().out
+        for _ in range(3):
+            assert torch.equal(first(x), net(x))
+            assert torch.equal(CompiledOrEager(net, "reduce-overhead", skips)(x), net(x))
+        skips.close()
+    assert calls == ["reduce-overhead"] * 6
+    out = capsys.readouterr().out
+    said = "reduce-overhead: a compiled graph runs without CUDA graphs (skipping cudagraphs due to"
+    assert out.count(said) == 1 and "mutated inputs)" in out, out
+    assert not logging.getLogger(GraphSkips.LOGGER).handlers
 
 
 def test_a_network_that_fails_eagerly_too_raises_its_own_error(monkeypatch, capsys) -> None:

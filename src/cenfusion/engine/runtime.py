@@ -6,6 +6,7 @@ and the one set-up of device, processes, threads and memory every command opens
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from cenfusion.engine.threads import use_threads
 
 __all__ = [
     "CompiledOrEager",
+    "GraphSkips",
     "Precision",
     "Runtime",
     "cpu_has_bfloat16",
@@ -69,27 +71,81 @@ class Precision:
         self.scaler.update()
 
 
+class GraphSkips:
+    """Says once when inductor runs a compiled graph without the CUDA graphs that
+    ``--compile-mode reduce-overhead`` asks for (a mutated input, a CPU tensor, a dynamic
+    shape...). The graph still runs, compiled; inductor counts the skip but names its reason
+    only in a log artifact that is off by default, so without this the loss is silent."""
+
+    LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.seen = self._count()
+        self.done = False
+        self._handler = _Collect(self.reasons)
+        logging.getLogger(self.LOGGER).addHandler(self._handler)
+
+    @staticmethod
+    def _count() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
+
+    def check(self) -> None:
+        """After a compiled call: warn if any graph compiled so far skipped capture."""
+        if self.done or self._count() == self.seen:
+            return
+        reason = self.reasons[0] if self.reasons else "inductor gave no reason"
+        log.info(
+            f"warning: --compile-mode reduce-overhead: a compiled graph runs without CUDA "
+            f"graphs ({reason}); it runs compiled, launching its kernels one by one"
+        )
+        self.close()
+
+    def close(self) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self._handler)
+        self.done = True
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage().strip().splitlines()[0][:160])
+
+
 class CompiledOrEager(nn.Module):
     """``torch.compile(net, mode=mode)``, falling back to ``net`` itself (with one warning)
     when compilation fails, which shows only at a call. When ``net`` fails eagerly too, the
-    fault is the network's or its input's: that error is raised, as without ``--compile``."""
+    fault is the network's or its input's: that error is raised, as without ``--compile``.
+    ``skips``: checked after each call, where CUDA graphs were asked for (a graph of a
+    backward pass is compiled at its first backward, and shows at the next call)."""
 
-    def __init__(self, net: nn.Module, mode: str = "default") -> None:
+    def __init__(
+        self, net: nn.Module, mode: str = "default", skips: GraphSkips | None = None
+    ) -> None:
         super().__init__()
         self.net = net
         self.compiled: Any = torch.compile(net, mode=None if mode == "default" else mode)
+        self.skips = skips
 
     def forward(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.net(*args)
         try:
-            return self.compiled(*args)
+            out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure means eager
             out = self.net(*args)
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
             log.info(f"warning: --compile failed ({type(err).__name__}: {first}); running eager")
             self.compiled = None
             return out
+        if self.skips is not None:
+            self.skips.check()
+        return out
 
 
 @dataclass
@@ -102,6 +158,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     compile_mode: str
+    graph_skips: GraphSkips | None
 
     def prepare(self, model: nn.Module, training: bool = False) -> nn.Module:
         """``model`` on the device (channels-last when asked; its weights stay ``model``'s),
@@ -117,7 +174,9 @@ class Runtime:
         if training and self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return CompiledOrEager(net, self.compile_mode) if self.compile else net
+        if not self.compile:
+            return net
+        return CompiledOrEager(net, self.compile_mode, self.graph_skips)
 
 
 @contextlib.contextmanager
@@ -126,20 +185,26 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     (when launched by it); choose the device (``auto``, ``cpu``, ``cuda``; the first of
     ``gpu``, or the local rank's), the CPU threads (restored on exit), the precision; on the
     CPU, freed memory stays in the process while it is open
-    (:func:`~cenfusion.engine.heap.kept_cpu_memory`)."""
+    (:func:`~cenfusion.engine.heap.kept_cpu_memory`). CUDA graphs (``reduce-overhead``) are
+    watched for skipped captures (:class:`GraphSkips`); off CUDA the mode is the default."""
     dist = init_distributed(cuda=settings.device != "cpu") if distributed else DistInfo()
     device = resolve_device(settings.device, settings.gpu, dist.local_rank)
     threads_before = use_threads(settings.threads)
+    mode = settings.compile_mode
+    if settings.compile and mode == "reduce-overhead" and device.type != "cuda":
+        log.info(
+            f"warning: --compile-mode reduce-overhead: CUDA graphs need a CUDA device, "
+            f"not {device.type}; compiling in the default mode"
+        )
+        mode = "default"
+    skips = GraphSkips() if settings.compile and mode == "reduce-overhead" else None
     try:
         with kept_cpu_memory(settings.keep_memory, device.type):
             precision = Precision(settings.amp, device)
             yield Runtime(
-                device,
-                dist,
-                precision,
-                settings.channels_last,
-                settings.compile,
-                settings.compile_mode,
+                device, dist, precision, settings.channels_last, settings.compile, mode, skips
             )
     finally:
         torch.set_num_threads(threads_before)
+        if skips is not None:
+            skips.close()
