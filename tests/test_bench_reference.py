@@ -76,7 +76,7 @@ def test_training_step_matches(model, norm_path: str) -> None:
     outs, ref_outs = ours(xs), theirs(xs)
     assert_same(outs, ref_outs)
     loss(outs, sparsity_penalty(ours, 1e-2)).backward()
-    loss(ref_outs, theirs.sparsity_penalty(1e-2)).backward()
+    loss(ref_outs, reference_cen.reference_penalty(theirs, 1e-2)).backward()
 
     conv = "encoder.layer3.0.conv2.weight"
     torch.testing.assert_close(ours.get_parameter(conv).grad, theirs_model.get_parameter(conv).grad)
@@ -84,6 +84,6 @@ def test_training_step_matches(model, norm_path: str) -> None:
     our_norms = [n for n in ours.modules() if isinstance(n, ModalityBatchNorm2d)]
     assert len(ref_norms) == len(our_norms) == 53
     for norm, ref in zip(our_norms, ref_norms):
-        for m, bn in enumerate(ref.bns):
+        for m, bn in enumerate(ref.norms):
             torch.testing.assert_close(norm.running_var[m], bn.running_var)
             torch.testing.assert_close(norm.weight.grad[m], bn.weight.grad)

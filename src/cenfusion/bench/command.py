@@ -1,11 +1,12 @@
 """``cen bench``: latency and throughput of CEN networks in the protocol the RGB-D field
 reports: a named device and precision, batch 1 at 480x640 for segmentation, warm-up steps,
-then timed steps with their mean and spread. Rows: for segmentation the per-modality
-reference (the released way of computing, checked first to compute the same function), then
-cenfusion in each precision asked for, with the run-time settings (channels-last, compile),
-and optionally the exported model in ONNX Runtime; each for inference and, if asked, a
-training step at the training crop. Every row gives images per second, peak device memory
-(CUDA), FLOPs per image and the share of a matrix-product peak measured in the same run.
+then timed steps with their mean and spread. Rows: the per-modality reference (the released
+way of computing, checked first to compute the same function), then cenfusion in each
+precision asked for, with the run-time settings (channels-last, compile), and optionally the
+exported segmentation model in ONNX Runtime; each for inference and, if asked, a training
+step at the training crop and (translation) the FID scoring of validation views. Every row
+gives images per second, peak device memory (CUDA), FLOPs per image and the share of a
+matrix-product peak measured in the same run.
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ class BenchOptions:
     num_downs: int = setting(8, "i2i: U-Net levels")
     modes: tuple[str, ...] = setting(
         ("infer",),
-        "inference at --size, batch --batch; a training step at --train-size, batch --train-batch",
-        choices=("infer", "train"),
+        "inference at --size, batch --batch; a training step at --train-size, batch "
+        "--train-batch; fid (i2i): validation views at --size, the generator then the FID "
+        "Inception's features of every head",
+        choices=("infer", "train", "fid"),
     )
     size: tuple[int, int] | None = setting(
         None, "inference input (default: seg 480 640, i2i 256 256)", metavar=("H", "W")
@@ -38,7 +40,7 @@ class BenchOptions:
     precisions: tuple[str, ...] = setting(
         ("fp32",), "one cenfusion row each (fp16: CUDA only)", choices=("fp32", "bf16", "fp16")
     )
-    reference: bool = setting(True, "seg: also the per-modality reference, in fp32")
+    reference: bool = setting(True, "also the per-modality reference, in fp32")
     onnx: bool = setting(False, "seg inference: also the exported model in ONNX Runtime")
     warmup: int = setting(5, "untimed steps first (compile and cuDNN settle)")
     runs: int = setting(20, "timed steps")
@@ -57,6 +59,8 @@ class BenchOptions:
             )
         if self.onnx and self.task != "seg":
             raise CenError("--onnx: segmentation only")
+        if "fid" in self.modes and self.task != "i2i":
+            raise CenError("--modes fid: translation only (--task i2i)")
         if self.task == "i2i":
             step = 2**self.num_downs
             for flag, size in (("--size", self.size), ("--train-size", self.train_size)):

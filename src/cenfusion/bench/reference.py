@@ -15,63 +15,96 @@ compute the same function.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cenfusion.fusion import ModalityBatchNorm2d
+from cenfusion.fusion import ModalityBatchNorm2d, ModalityInstanceNorm2d, ModalityNorm
 from cenfusion.models.refinenet import CENRefineNet, RefineStage, ResidualConvUnit
 
 Tensors = list[Tensor]
 
 
-class PrivateBatchNorm(nn.Module):
-    """One ``nn.BatchNorm2d`` per modality, then the masked-copy exchange if it exchanges."""
+class PrivateNorms(nn.Module):
+    """One norm per modality (``norms``), then the masked-copy exchange if it exchanges: a
+    channel whose ``|gamma_m| < threshold`` takes the other modality's value (the mean of
+    the others for more than two)."""
 
-    def __init__(self, source: ModalityBatchNorm2d) -> None:
+    def __init__(self, norms: list[nn.Module], source: ModalityNorm) -> None:
         super().__init__()
-        self.bns = nn.ModuleList()
-        for m in range(source.num_modalities):
-            bn = nn.BatchNorm2d(source.num_features, source.eps, source.momentum)
-            with torch.no_grad():
-                bn.weight.copy_(source.weight[m])
-                bn.bias.copy_(source.bias[m])
-                bn.running_mean.copy_(source.running_mean[m])
-                bn.running_var.copy_(source.running_var[m])
-                bn.num_batches_tracked.copy_(source.num_batches_tracked)
-            self.bns.append(bn.to(source.weight.device, source.weight.dtype))
+        self.norms = nn.ModuleList(n.to(source.weight.device, source.weight.dtype) for n in norms)
         self.exchange = source.exchange
         self.threshold = source.threshold
-        self.frozen = source.frozen_stats
-
-    def train(self, mode: bool = True) -> PrivateBatchNorm:
-        super().train(mode)
-        for bn in self.bns:
-            bn.train(mode and not self.frozen)
-        return self
 
     def forward(self, xs: Tensors) -> Tensors:
-        ys = [bn(x) for bn, x in zip(self.bns, xs)]
+        ys = [norm(x) for norm, x in zip(self.norms, xs)]
         if not self.exchange:
             return ys
         outs = []
-        for m, (bn, y) in enumerate(zip(self.bns, ys)):
+        for m, (norm, y) in enumerate(zip(self.norms, ys)):
             others = [ys[n] for n in range(len(ys)) if n != m]
             source = others[0] if len(others) == 1 else sum(others) / len(others)
-            mask = (bn.weight.detach().abs() < self.threshold)[None, :, None, None]
+            mask = (norm.weight.detach().abs() < self.threshold)[None, :, None, None]
             outs.append(torch.where(mask, source, y))
         return outs
 
     def sparsity(self) -> Tensor:
         """L1 of modality ``m``'s gammas on its own contiguous part ``m`` of the channels."""
-        m, c = len(self.bns), self.bns[0].num_features
+        m, c = len(self.norms), self.norms[0].num_features
         bounds = [i * c // m for i in range(m + 1)]
         return sum(
-            bn.weight[bounds[i] : bounds[i + 1]].abs().sum() for i, bn in enumerate(self.bns)
+            norm.weight[bounds[i] : bounds[i + 1]].abs().sum() for i, norm in enumerate(self.norms)
         )
 
 
-def each(module: nn.Module, xs: Tensors) -> Tensors:
+def _copy_rows(norm: nn.Module, source: ModalityNorm, m: int, names: tuple[str, ...]) -> None:
+    with torch.no_grad():
+        for name in names:
+            getattr(norm, name).copy_(getattr(source, name)[m])
+
+
+class PrivateBatchNorm(PrivateNorms):
+    """One ``nn.BatchNorm2d`` per modality, made from one row each of ``source``."""
+
+    def __init__(self, source: ModalityBatchNorm2d) -> None:
+        bns = []
+        for m in range(source.num_modalities):
+            bn = nn.BatchNorm2d(source.num_features, source.eps, source.momentum)
+            _copy_rows(bn, source, m, ("weight", "bias", "running_mean", "running_var"))
+            with torch.no_grad():
+                bn.num_batches_tracked.copy_(source.num_batches_tracked)
+            bns.append(bn)
+        super().__init__(bns, source)
+        self.frozen = source.frozen_stats
+
+    def train(self, mode: bool = True) -> PrivateBatchNorm:
+        super().train(mode)
+        for bn in self.norms:
+            bn.train(mode and not self.frozen)
+        return self
+
+
+class PrivateInstanceNorm(PrivateNorms):
+    """One affine ``nn.InstanceNorm2d`` per modality, made from one row each of ``source``."""
+
+    def __init__(self, source: ModalityInstanceNorm2d) -> None:
+        norms = []
+        for m in range(source.num_modalities):
+            norm = nn.InstanceNorm2d(source.num_features, source.eps, affine=True)
+            _copy_rows(norm, source, m, ("weight", "bias"))
+            norms.append(norm)
+        super().__init__(norms, source)
+
+
+def reference_penalty(model: nn.Module, lamda: float) -> Tensor:
+    """``lamda`` times the L1 of every exchanging norm's penalised gammas."""
+    norms = [n for n in model.modules() if isinstance(n, PrivateNorms) and n.exchange]
+    return lamda * sum(n.sparsity() for n in norms)
+
+
+def each(module: Callable[[Tensor], Tensor], xs: Tensors) -> Tensors:
     """Call a shared module once per modality."""
     return [module(x) for x in xs]
 
@@ -180,8 +213,3 @@ class ReferenceCEN(nn.Module):
         weights = torch.softmax(self.alpha, dim=0)
         ensemble = sum(w * (o.detach() if self.detach else o) for w, o in zip(weights, outs))
         return [*outs, ensemble]
-
-    def sparsity_penalty(self, lamda: float) -> Tensor:
-        """``lamda`` times the L1 of every exchanging norm's penalised gammas."""
-        norms = [n for n in self.modules() if isinstance(n, PrivateBatchNorm) and n.exchange]
-        return lamda * sum(n.sparsity() for n in norms)

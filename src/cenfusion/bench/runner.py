@@ -5,21 +5,25 @@ from __future__ import annotations
 import platform
 import resource
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cenfusion.bench import cases
 from cenfusion.bench.options import DEFAULTS, BenchOptions
 from cenfusion.bench.reference import ReferenceCEN
+from cenfusion.bench.reference_unet import PerBranchDiscriminator, ReferenceUNet
 from cenfusion.bench.timing import matmul_peak, peak_memory_mib, reset_peak_memory, time_steps
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, Runtime, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.export import export_onnx
 from cenfusion.info import count_flops
+from cenfusion.metrics.generative import InceptionFeatures
 from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 __all__ = ["format_table", "run_bench"]
@@ -69,8 +73,11 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
     batch = (options.train_batch or train_batch) if training else options.batch
     xs = [x.to(opened.device) for x in cases.images(batch, size, 2)]
     flops = _forward_flops(options, size) * (3 if training else 1)
+    extractor = InceptionFeatures(device=opened.device) if mode == "fid" else None
+    if extractor is not None:
+        flops += _extractor_flops(extractor, size) * (len(xs) + 1)
     variants = [("cenfusion", p) for p in options.precisions]
-    if options.task == "seg" and options.reference:
+    if options.reference:
         variants.insert(0, ("reference", "fp32"))
     if options.onnx and not training:
         variants.append(("onnxruntime", "fp32"))
@@ -78,7 +85,7 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
     for impl, precision in variants:
         dtype = DTYPES[precision]
         amp = Precision(dtype != torch.float32, opened.device, dtype)
-        step, note = _step(options, impl, training, xs, amp, opened)
+        step, note = _step(options, impl, mode, xs, amp, opened, extractor)
         reset_peak_memory(opened.device)
         timing = time_steps(step, opened.device, options.warmup, options.runs)
         fast = impl == "cenfusion"
@@ -112,22 +119,27 @@ def _forward_flops(options: BenchOptions, size: tuple[int, int]) -> int:
     return count_flops(network, 2, size)
 
 
+def _extractor_flops(extractor: InceptionFeatures, size: tuple[int, int]) -> int:
+    """FLOPs of the FID features of one image of ``size`` (its resize to 299 included)."""
+    image = torch.zeros(1, 3, *size, device=next(extractor.net.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        extractor(image)
+    return int(counter.get_total_flops())
+
+
 def _step(
     options: BenchOptions,
     impl: str,
-    training: bool,
+    mode: str,
     xs: list[torch.Tensor],
     precision: Precision,
     opened: Runtime,
+    extractor: InceptionFeatures | None,
 ) -> tuple[cases.Step, str | None]:
     """The step of one row, and a note for the table."""
+    training = mode == "train"
     if options.task == "i2i":
-        generator, discriminator = cases.translation_networks(options.ngf, options.num_downs)
-        g_net = opened.prepare(generator.train(training), training=training)
-        if not training:
-            return cases.inference(g_net, xs, precision), None
-        nets = (g_net, opened.prepare(discriminator, training=True))
-        return cases.translation_training(generator, discriminator, nets, xs, precision), None
+        return _translation_step(options, impl, training, xs, precision, opened, extractor)
     model = cases.refinenet(options.enc).to(opened.device).train(training)
     if impl == "onnxruntime":
         return _onnx_step(model, xs, opened), None
@@ -136,18 +148,59 @@ def _step(
         if not training:
             return cases.inference(net, xs, precision), None
         return cases.segmentation_training(net, model, xs, precision), None
-    difference = cases.reference_difference(model, xs, training)
-    if not difference < 1e-4:
-        raise CenError(f"cenfusion and the reference differ ({difference:.1e} relative)")
+    note = _checked(model, ReferenceCEN, xs, training)
     reference = ReferenceCEN(model).train(training)
 
     def stacked(inputs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(reference(inputs))
 
-    note = f"same outputs as cenfusion (max rel. diff. {difference:.0e})"
     if not training:
         return cases.inference(stacked, xs, precision), note
     return cases.segmentation_training(stacked, reference, xs, precision), note
+
+
+def _translation_step(
+    options: BenchOptions,
+    impl: str,
+    training: bool,
+    xs: list[torch.Tensor],
+    precision: Precision,
+    opened: Runtime,
+    extractor: InceptionFeatures | None,
+) -> tuple[cases.Step, str | None]:
+    """A translation row: the generator's inference (scored by ``extractor`` when given), or
+    a pix2pix step."""
+    generator, discriminator = cases.translation_networks(options.ngf, options.num_downs)
+    generator.to(opened.device).train(training)
+    discriminator.to(opened.device)
+    if impl == "reference":
+        note = _checked(generator, ReferenceUNet, xs, training)
+        bare = (ReferenceUNet(generator).train(training), PerBranchDiscriminator(discriminator, 2))
+        nets = bare
+    else:
+        note, bare = None, (generator, discriminator)
+        nets = (
+            opened.prepare(generator, training=training),
+            opened.prepare(discriminator, training=True) if training else discriminator,
+        )
+    if extractor is not None:
+        return cases.fid_views(nets[0], extractor, xs, precision), note
+    if not training:
+        return cases.inference(nets[0], xs, precision), note
+    return cases.translation_training(*bare, nets, xs, precision), note
+
+
+def _checked(
+    model: torch.nn.Module,
+    make_reference: Callable[[Any], torch.nn.Module],
+    xs: list[torch.Tensor],
+    training: bool,
+) -> str:
+    """The table's note for a reference row, once it is shown to compute ``model``'s function."""
+    difference = cases.reference_difference(model, make_reference, xs, training)
+    if not difference < 1e-4:
+        raise CenError(f"cenfusion and the reference differ ({difference:.1e} relative)")
+    return f"same outputs as cenfusion (max rel. diff. {difference:.0e})"
 
 
 def _onnx_step(model: torch.nn.Module, xs: list[torch.Tensor], opened: Runtime) -> cases.Step:

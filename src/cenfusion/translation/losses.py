@@ -13,13 +13,13 @@ The ensemble head gets the L1 term too; its inputs are detached, so it trains on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cenfusion.engine.runtime import Precision
-from cenfusion.fusion import sparsity_penalty
-from cenfusion.models.unet import CENUNet
 
 
 def branch_bce(logits: Tensor, real: bool, num_branches: int) -> Tensor:
@@ -43,26 +43,27 @@ def heads_l1(heads: Tensor, target: Tensor) -> Tensor:
 
 
 def pix2pix_step(
-    generator: CENUNet,
+    nets: tuple[Callable[[Tensor], Tensor], nn.Module],
     discriminator: nn.Module,
-    nets: tuple[nn.Module, nn.Module],
     optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
     x: Tensor,
     y: Tensor,
-    weights: tuple[float, float],
+    l1_weight: float,
+    penalty: Callable[[], Tensor],
     precision: Precision,
 ) -> dict[str, Tensor]:
     """One training step on stacked inputs ``x`` ``(M*B, C, H, W)`` and target ``y``.
 
-    ``nets``: the generator and the discriminator as called (compiled, DDP-wrapped);
-    ``optimizers``: theirs, in that order; ``weights``: ``(l1_weight, lamda)``. Returns the
-    detached losses, the generator's total under ``loss``.
+    ``nets``: the generator and the discriminator as called (compiled, DDP-wrapped), the
+    generator giving ``(M + 1, B, C, H, W)`` heads; ``discriminator``: the bare module;
+    ``optimizers``: the generator's and the discriminator's; ``penalty()``: the sparsity term.
+    Returns the detached losses, the generator's total under ``loss``.
     """
     g_net, d_net = nets
     opt_g, opt_d = optimizers
-    m = generator.num_modalities
     with precision.autocast():
         heads = g_net(x)
+        m = heads.shape[0] - 1
         fakes = heads[:m].reshape(x.shape[0], *heads.shape[2:])
         discriminator.requires_grad_(True)
         real_logits = d_net(torch.cat([x, y.repeat(m, 1, 1, 1)], 1))
@@ -75,10 +76,10 @@ def pix2pix_step(
         fooled = discriminator(torch.cat([x, fakes], 1))
     loss_gan = branch_bce(fooled, True, m)
     loss_l1 = heads_l1(heads, y)
-    penalty = sparsity_penalty(generator, weights[1])
-    loss_g = loss_gan + weights[0] * loss_l1 + penalty
+    sparsity = penalty()
+    loss_g = loss_gan + l1_weight * loss_l1 + sparsity
     precision.backward_step(loss_g, opt_g)
     precision.update()
     discriminator.requires_grad_(True)
     terms = {"loss": loss_g, "loss_d": loss_d, "loss_gan": loss_gan, "loss_l1": loss_l1}
-    return {k: v.detach() for k, v in {**terms, "penalty": penalty}.items()}
+    return {k: v.detach() for k, v in {**terms, "penalty": sparsity}.items()}

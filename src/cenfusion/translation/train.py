@@ -15,6 +15,7 @@ evaluation of the same weights.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import BestScore, Context, Recipe
-from cenfusion.fusion import stack_modalities
+from cenfusion.fusion import sparsity_penalty, stack_modalities
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.translation.build import (
@@ -114,13 +115,13 @@ class TranslationRecipe(Recipe):
         x = stack_modalities(batch["inputs"].to(self.ctx.device, non_blocking=True))
         y = batch["target"].to(self.ctx.device, non_blocking=True)
         return pix2pix_step(
-            self.generator,
-            self.discriminator,
             (self.g_net, self.d_net),
+            self.discriminator,
             (self.opt_g, self.opt_d),
             x,
             y,
-            (self.cfg.l1_weight, self.cfg.lamda),
+            self.cfg.l1_weight,
+            partial(sparsity_penalty, self.generator, self.cfg.lamda),
             self.ctx.precision,
         )
 
