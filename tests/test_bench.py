@@ -60,6 +60,27 @@ def test_translation_rows(tmp_path) -> None:
     assert scored == pytest.approx(3 * 11.4, rel=0.02)
 
 
+def test_a_compiled_row_names_its_mode(tmp_path, monkeypatch, capsys) -> None:
+    asked: list[str | None] = []
+
+    def recording(net, mode=None):
+        asked.append(mode)
+        return net
+
+    monkeypatch.setattr(torch, "compile", recording)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--compile", "--compile-mode"]
+    argv += ["max-autotune", "--runs", "1", "--warmup", "0", "--device", "cpu"]
+    assert main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["compile"], r["compile_mode"]) for r in rows] == [
+        ("reference", False, None),
+        ("cenfusion", True, "max-autotune"),
+    ]
+    assert asked == ["max-autotune"]
+    assert "| fp32 | compile (max-autotune) |" in capsys.readouterr().out
+
+
 def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     out = tmp_path / "bench.json"

@@ -97,6 +97,7 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
                 "precision": precision,
                 "channels_last": fast and opened.channels_last,
                 "compile": fast and opened.compile,
+                "compile_mode": opened.compile_mode if fast and opened.compile else None,
                 **asdict(timing),
                 "images_per_s": batch / (timing.mean_ms / 1e3),
                 "peak_mib": peak_memory_mib(opened.device),
@@ -241,8 +242,10 @@ def format_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
+        compiled = row["compile_mode"] or "default"
+        compiled = "compile" + (f" ({compiled})" if compiled != "default" else "")
         layout = (
-            "+".join(["channels-last"] * row["channels_last"] + ["compile"] * row["compile"])
+            "+".join(["channels-last"] * row["channels_last"] + [compiled] * row["compile"])
             or "NCHW"
         )
         share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
