@@ -17,7 +17,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from cenfusion.errors import CenError
 from cenfusion.fusion import (
@@ -28,7 +27,7 @@ from cenfusion.fusion import (
     split_modalities,
     stack_modalities,
 )
-from cenfusion.fusion.fastpath import tracing
+from cenfusion.models.crp_pool import max_pool_5x5
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
 LOCAL_WEIGHT_SUFFIXES = {".pth", ".pt", ".tar", ".safetensors", ".bin"}
@@ -79,51 +78,6 @@ class ChainedResidualPool(nn.Module):
             top = conv(max_pool_5x5(top))
             x = x + top
         return x
-
-
-def max_pool_5x5(x: Tensor) -> Tensor:
-    """``max_pool2d(x, 5, stride=1, padding=2)``, the same values in ``x``'s memory format.
-
-    PyTorch's CPU kernel for this pool is 3-5x slower on an NCHW tensor than on a channels-last
-    one (the 5x5 window then runs over contiguous channels), so on the CPU the pool runs in
-    channels-last: the conversion costs less than it saves. Without autograd an NCHW tensor
-    goes through oneDNN's pool instead (:func:`_onednn_pool`).
-
-    Under autograd the pool is recomputed in the backward pass instead of keeping an int64
-    index per output value: those indices are twice the activation's own size and were the
-    largest of the decoder's saved tensors; finding the maxima again costs little next to
-    the convolutions around it.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return checkpoint(_pool_5x5, x, use_reentrant=False, preserve_rng_state=False)
-    if _onednn_pool(x):
-        return torch.mkldnn_max_pool2d(x.to_mkldnn(), [5, 5], [1, 1], [2, 2]).to_dense()
-    return _pool_5x5(x)
-
-
-def _onednn_pool(x: Tensor) -> bool:
-    """Whether to pool an NCHW CPU tensor without autograd in oneDNN's own layout: the
-    conversions and the pool take half the time of the channels-last path, and no int64
-    indices are written (PyTorch's CPU pool writes them even without autograd). Not while
-    tracing (an exported graph needs standard operators), checked first: torch.compile stops
-    its graph at the backend checks after it. oneDNN passes over NaNs where
-    PyTorch's pool propagates them; finite inputs give the same values."""
-    return (
-        not tracing()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.dim() == 4
-        and x.is_contiguous()
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
-
-
-def _pool_5x5(x: Tensor) -> Tensor:
-    if x.device.type != "cpu" or x.is_contiguous(memory_format=torch.channels_last):
-        return F.max_pool2d(x, 5, stride=1, padding=2)
-    pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 5, 1, 2)
-    return pooled.contiguous()
 
 
 class RefineStage(nn.Module):
