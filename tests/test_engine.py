@@ -329,6 +329,24 @@ def test_a_graph_that_skips_cuda_graph_capture_gives_one_warning(monkeypatch, ca
     assert not logging.getLogger(GraphSkips.LOGGER).handlers
 
 
+def test_each_compilation_is_said_with_its_time_and_shapes(monkeypatch, capsys) -> None:
+    """The warm-up, then each recompilation for new input shapes, and nothing between."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: real(net, backend="eager"))
+    torch._dynamo.reset()
+    net = torch.nn.Linear(3, 2)
+    with LogRouting():
+        wrapped = CompiledOrEager(net)
+        for rows in (4, 4, 5, 5):
+            x = torch.randn(rows, 3)
+            assert torch.equal(wrapped(x), net(x))
+    lines = capsys.readouterr().out.splitlines()
+    said = [line.split("--compile: ", 1)[1] for line in lines if "--compile: " in line]
+    assert len(said) == 2, lines
+    assert said[0].startswith("compiled in ") and said[0].endswith(" s for inputs 4x3")
+    assert said[1].startswith("compiled again in ") and "for new inputs 5x3 (version 2" in said[1]
+
+
 def test_a_network_that_fails_eagerly_too_raises_its_own_error(monkeypatch, capsys) -> None:
     def compiled(net, mode=None):
         return net

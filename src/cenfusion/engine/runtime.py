@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -117,12 +118,28 @@ class _Collect(logging.Handler):
         self.into.append(record.getMessage().strip().splitlines()[0][:160])
 
 
+def _graphs_compiled() -> int:
+    """Graphs that dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _shapes(args: tuple) -> str:
+    leaves = torch.utils._pytree.tree_leaves(args)
+    return ", ".join("x".join(map(str, t.shape)) for t in leaves if isinstance(t, Tensor))
+
+
 class CompiledOrEager(nn.Module):
     """``torch.compile(net, mode=mode)``, falling back to ``net`` itself (with one warning)
     when compilation fails, which shows only at a call. When ``net`` fails eagerly too, the
     fault is the network's or its input's: that error is raised, as without ``--compile``.
-    ``skips``: checked after each call, where CUDA graphs were asked for (a graph of a
-    backward pass is compiled at its first backward, and shows at the next call)."""
+
+    Each call that compiles says so, with its seconds and input shapes: the warm-up, then
+    each recompilation for new shapes, which dynamo bounds (``recompile_limit`` versions of a
+    graph; inputs beyond them run eager). ``skips``: checked after each call, where CUDA
+    graphs were asked for (a graph of a backward pass is compiled at its first backward, and
+    shows at the next call)."""
 
     def __init__(
         self, net: nn.Module, mode: str = "default", skips: GraphSkips | None = None
@@ -131,10 +148,12 @@ class CompiledOrEager(nn.Module):
         self.net = net
         self.compiled: Any = torch.compile(net, mode=None if mode == "default" else mode)
         self.skips = skips
+        self.compilations = 0
 
     def forward(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.net(*args)
+        graphs, start = _graphs_compiled(), time.perf_counter()
         try:
             out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure means eager
@@ -143,9 +162,22 @@ class CompiledOrEager(nn.Module):
             log.info(f"warning: --compile failed ({type(err).__name__}: {first}); running eager")
             self.compiled = None
             return out
+        if _graphs_compiled() > graphs:
+            self._compiled_for(args, time.perf_counter() - start)
         if self.skips is not None:
             self.skips.check()
         return out
+
+    def _compiled_for(self, args: tuple, seconds: float) -> None:
+        self.compilations += 1
+        if self.compilations == 1:
+            log.info(f"--compile: compiled in {seconds:.1f} s for inputs {_shapes(args)}")
+            return
+        limit = torch._dynamo.config.recompile_limit
+        log.info(
+            f"--compile: compiled again in {seconds:.1f} s for new inputs {_shapes(args)} "
+            f"(version {self.compilations}; after {limit}, new inputs run eager)"
+        )
 
 
 @dataclass
