@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
+from cenfusion.data.read_ahead import read_ahead
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name
@@ -407,8 +408,13 @@ def predict(
     num = loaded.model.config.num_classes
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    bar = tqdm(samples, desc="predict", unit="image", disable=not progress or len(samples) < 2)
     pending: list[tuple[str, list[Tensor], int]] = []
+
+    def load(sample: Sample) -> tuple[str, list[Tensor], int]:
+        tensors, ref = load_inputs(
+            Sample(sample.stem, tuple(sample.paths[i] for i in order)), parsed, depth_scale
+        )
+        return sample.stem, tensors, ref
 
     def flush() -> None:
         stacked = [tensors for _, tensors, _ in pending]
@@ -423,13 +429,14 @@ def predict(
 
     with open_runtime(runtime) as opened:
         net = opened.prepare(loaded.model.eval())
-        for sample in bar:
-            sample = Sample(sample.stem, tuple(sample.paths[i] for i in order))
-            tensors, ref = load_inputs(sample, parsed, depth_scale)
+        loads = read_ahead(samples, load, ahead=2 * batch_size)
+        quiet = not progress or len(samples) < 2
+        bar = tqdm(loads, desc="predict", total=len(samples), unit="image", disable=quiet)
+        for stem, tensors, ref in bar:
             seen = tuple(size or tensors[0].shape[-2:])
             if pending and tuple(size or pending[0][1][0].shape[-2:]) != seen:
                 flush()
-            pending.append((sample.stem, tensors, ref))
+            pending.append((stem, tensors, ref))
             if len(pending) == batch_size:
                 flush()
         if pending:
