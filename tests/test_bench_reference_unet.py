@@ -68,6 +68,8 @@ def test_the_discriminator_per_branch_equals_the_stacked_call() -> None:
     torch.manual_seed(0)
     discriminator = create_patchgan(ndf=8)
     pairs = torch.randn(3 * 2, 6, 64, 64)
-    torch.testing.assert_close(
-        PerBranchDiscriminator(discriminator, 3)(pairs), discriminator(pairs)
-    )
+    expected = discriminator(pairs)
+    batches: list[int] = []
+    discriminator.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    torch.testing.assert_close(PerBranchDiscriminator(discriminator, 3)(pairs), expected)
+    assert batches == [2, 2, 2]
