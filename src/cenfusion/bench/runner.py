@@ -176,8 +176,8 @@ def _translation_step(
     discriminator.to(opened.device)
     if impl == "reference":
         note = _checked(generator, ReferenceUNet, xs, training)
-        bare = (ReferenceUNet(generator).train(training), PerBranchDiscriminator(discriminator, 2))
-        nets = bare
+        judge = PerBranchDiscriminator(discriminator, generator.num_modalities)
+        nets = bare = (ReferenceUNet(generator).train(training), judge)
     else:
         note, bare = None, (generator, discriminator)
         nets = (

@@ -72,6 +72,14 @@ class Precision:
         self.scaler.update()
 
 
+def _dynamo_count(group: str, name: str) -> int:
+    """One of the process's compile counters: ``stats/unique_graphs`` (graphs compiled),
+    ``inductor/cudagraph_skips``. Imported when asked: importing dynamo costs start-up time."""
+    from torch._dynamo.utils import counters
+
+    return int(counters[group][name])
+
+
 class GraphSkips:
     """Says once when inductor runs a compiled graph without the CUDA graphs that
     ``--compile-mode reduce-overhead`` asks for (a mutated input, a CPU tensor, a dynamic
@@ -82,20 +90,14 @@ class GraphSkips:
 
     def __init__(self) -> None:
         self.reasons: list[str] = []
-        self.seen = self._count()
+        self.seen = _dynamo_count("inductor", "cudagraph_skips")
         self.done = False
         self._handler = _Collect(self.reasons)
         logging.getLogger(self.LOGGER).addHandler(self._handler)
 
-    @staticmethod
-    def _count() -> int:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"]["cudagraph_skips"])
-
     def check(self) -> None:
         """After a compiled call: warn if any graph compiled so far skipped capture."""
-        if self.done or self._count() == self.seen:
+        if self.done or _dynamo_count("inductor", "cudagraph_skips") == self.seen:
             return
         reason = self.reasons[0] if self.reasons else "inductor gave no reason"
         log.info(
@@ -116,13 +118,6 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.into.append(record.getMessage().strip().splitlines()[0][:160])
-
-
-def _graphs_compiled() -> int:
-    """Graphs that dynamo has compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def _shapes(args: tuple) -> str:
@@ -153,7 +148,7 @@ class CompiledOrEager(nn.Module):
     def forward(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.net(*args)
-        graphs, start = _graphs_compiled(), time.perf_counter()
+        graphs, start = _dynamo_count("stats", "unique_graphs"), time.perf_counter()
         try:
             out = self.compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure means eager
@@ -162,7 +157,7 @@ class CompiledOrEager(nn.Module):
             log.info(f"warning: --compile failed ({type(err).__name__}: {first}); running eager")
             self.compiled = None
             return out
-        if _graphs_compiled() > graphs:
+        if _dynamo_count("stats", "unique_graphs") > graphs:
             self._compiled_for(args, time.perf_counter() - start)
         if self.skips is not None:
             self.skips.check()
