@@ -2,8 +2,9 @@
 # GPU check, from the repository root on a CUDA machine, in under 8 minutes:
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
 #   (e) the CLI end to end on CUDA, embedded data: `seg train` (fp16 + GradScaler,
-#       channels-last), `seg eval`, `seg train` under torchrun (NCCL, one process),
-#       `i2i train` with AMP,
+#       channels-last), `seg eval` of that model in fp32, fp16, bf16 and compiled bf16
+#       (the ensemble mIoU of each precision), `seg train` under torchrun (NCCL, one
+#       process), `i2i train` with AMP,
 #   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101 ($DEPTHS),
 #       with a per-case profile (busiest kernels, kernels per step) in profile.txt,
 #   (f) cen bench --compile: R101 bf16 channels-last compiled, inference and a training step,
@@ -81,11 +82,17 @@ echo "training exit: ${PIPESTATUS[0]}"
 echo "== (e) the CLI on CUDA, embedded data"
 SEG=(--epochs 2 --lr-enc 5e-4 --lr-dec 3e-3 --val-every 1 --quiet --no-plots --runs "$RUNS")
 {
-    timeout 60 $CEN seg train --device cuda --amp --channels-last "${SEG[@]}" --exp amp |
-        tail -n 6
+    # The synthetic preset's whole schedule (the demo's CEN, 1000 steps): a trained model
+    # whose ensemble mIoU shows what each precision costs.
+    timeout 120 $CEN seg train --device cuda --amp --channels-last --val-every 20 --quiet \
+        --no-plots --runs "$RUNS" --exp amp | tail -n 6
     echo "seg train --amp --channels-last exit: ${PIPESTATUS[0]}"
-    timeout 30 $CEN seg eval --device cuda --amp --resume "$RUNS/amp/best.pth" | tail -n 5
-    echo "seg eval exit: ${PIPESTATUS[0]}"
+    echo "-- ensemble mIoU of that model on the embedded validation set, by precision"
+    for flags in "--no-amp --no-channels-last" "--amp" "--amp --amp-dtype bfloat16" \
+        "--amp --amp-dtype bfloat16 --compile"; do
+        echo "seg eval $flags: $(timeout 90 $CEN seg eval --device cuda $flags \
+            --resume "$RUNS/amp/best.pth" 2>&1 | grep -E '^ensemble|rror' | head -n 2)"
+    done
     timeout 60 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m cenfusion.cli \
         seg train --device cuda "${SEG[@]}" --epochs 1 --exp ddp | tail -n 4
     echo "torchrun seg train exit: ${PIPESTATUS[0]}"

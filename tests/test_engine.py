@@ -399,6 +399,48 @@ def test_fast_paths_compute_the_same_training(seg_data, tmp_path, changes) -> No
     assert (fast - plain).norm() < 0.15 * moved
 
 
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available")
+@pytest.mark.parametrize(
+    ("flags", "dtype"),
+    [
+        ([], None),
+        (["--amp-dtype", "bfloat16"], None),
+        (["--amp"], torch.float16),
+        (["--amp", "--amp-dtype", "bfloat16"], torch.bfloat16),
+    ],
+)
+def test_amp_dtype_chooses_the_autocast_dtype(monkeypatch, flags, dtype) -> None:
+    """On a (stand-in) GPU --amp is float16 and --amp-dtype bfloat16 picks bfloat16, only
+    with --amp."""
+    monkeypatch.setattr(runtime, "resolve_device", lambda *args: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    args = build_parser().parse_args(["seg", "eval", "--resume", "x.pth", *flags])
+    with open_runtime(options_from_args(RuntimeConfig, args)) as opened:
+        assert opened.device.type == "cuda" and opened.precision.dtype == dtype
+
+
+def test_amp_dtype_a_device_cannot_compute_in_is_one_line(monkeypatch) -> None:
+    settings = RuntimeConfig(device="cpu", amp=True, amp_dtype="float16")
+    with pytest.raises(CenError, match="^--amp-dtype float16: CUDA only; on cpu the half"):
+        open_runtime(settings).__enter__()
+    with open_runtime(replace(settings, amp=False)) as opened:
+        assert opened.precision.dtype is None
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    with pytest.raises(CenError, match="^--amp-dtype bfloat16: Tesla V100 has no bfloat16"):
+        runtime._amp_dtype("bfloat16", cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: True)
+    assert runtime._amp_dtype("bfloat16", cuda) == torch.bfloat16
+    assert runtime._amp_dtype("float16", cuda) == torch.float16
+    assert runtime._amp_dtype("auto", cuda) is None
+
+
+def test_bfloat16_autocast_on_cuda_needs_no_loss_scaling() -> None:
+    precision = Precision(True, torch.device("cuda"), torch.bfloat16)
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
+
+
 def test_amp_on_a_cpu_without_bfloat16_computes_in_float32(monkeypatch, capsys) -> None:
     cpu = torch.device("cpu")
     assert Precision(True, cpu).dtype == (torch.bfloat16 if runtime.cpu_has_bfloat16() else None)

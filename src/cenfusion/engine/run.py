@@ -43,6 +43,12 @@ class RuntimeConfig:
     device: str = setting("auto", "where to run", choices=("auto", "cpu", "cuda"))
     gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
     amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
+    amp_dtype: str = setting(
+        "auto",
+        "with --amp: bfloat16 (no loss scaling), float16 (with a GradScaler; CUDA only), or "
+        "auto: bfloat16 on the CPU, float16 on CUDA",
+        choices=("auto", "bfloat16", "float16"),
+    )
     threads: int | None = setting(None, "CPU threads of this process (none: the CPUs it may use)")
     channels_last: bool = setting(False, "channels-last memory format for the convolutions")
     keep_memory: bool = setting(

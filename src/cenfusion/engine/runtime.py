@@ -19,6 +19,7 @@ from cenfusion.engine.distributed import DistInfo, init_distributed, resolve_dev
 from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.engine.run import RuntimeConfig, log
 from cenfusion.engine.threads import use_threads
+from cenfusion.errors import CenError
 
 __all__ = [
     "CompiledOrEager",
@@ -70,6 +71,22 @@ class Precision:
     def update(self) -> None:
         """End of a training step: adapt the loss scale."""
         self.scaler.update()
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``--amp-dtype NAME`` asks for on ``device`` (None: ``auto``, the
+    device's default), or :class:`CenError` where the device cannot compute in it."""
+    if name == "auto":
+        return None
+    cuda = device.type == "cuda"
+    if name == "float16" and not cuda:
+        raise CenError(
+            f"--amp-dtype float16: CUDA only; on {device.type} the half precision is bfloat16"
+        )
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        gpu = torch.cuda.get_device_name(device)
+        raise CenError(f"--amp-dtype bfloat16: {gpu} has no bfloat16 units; use float16")
+    return getattr(torch, name)
 
 
 def _dynamo_count(group: str, name: str) -> int:
@@ -216,6 +233,7 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     watched for skipped captures (:class:`GraphSkips`); off CUDA the mode is the default."""
     dist = init_distributed(cuda=settings.device != "cpu") if distributed else DistInfo()
     device = resolve_device(settings.device, settings.gpu, dist.local_rank)
+    dtype = _amp_dtype(settings.amp_dtype, device) if settings.amp else None
     threads_before = use_threads(settings.threads)
     mode = settings.compile_mode
     if settings.compile and mode == "reduce-overhead" and device.type != "cuda":
@@ -227,7 +245,7 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     skips = GraphSkips() if settings.compile and mode == "reduce-overhead" else None
     try:
         with kept_cpu_memory(settings.keep_memory, device.type):
-            precision = Precision(settings.amp, device)
+            precision = Precision(settings.amp, device, dtype)
             yield Runtime(
                 device, dist, precision, settings.channels_last, settings.compile, mode, skips
             )
