@@ -11,7 +11,8 @@ from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
 from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
-from cenfusion.models.crp_pool import max_pool_5x5
+from cenfusion.models import refinenet
+from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
 from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
 
 
@@ -100,8 +101,6 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
 
 
 def test_unreachable_pretrained_weights_name_the_cache(monkeypatch) -> None:
-    from cenfusion.models import refinenet
-
     real = refinenet.timm.create_model
 
     def offline(name, pretrained=False, **kwargs):
@@ -191,10 +190,34 @@ def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> N
     assert theirs.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
+def test_the_pool_off_the_cpu_compiled_by_inductor_computes_the_same_function(
+    monkeypatch,
+) -> None:
+    """The GPU's pool (PyTorch's, recomputed by activation checkpointing), here on the CPU:
+    inductor's graph gives eager's values and gradients."""
+    monkeypatch.setattr(refinenet, "max_pool_5x5", recomputed_max_pool_5x5)
+    torch.manual_seed(0)
+    eager = ChainedResidualPool(8, stages=2)
+    compiled = torch.compile(copy.deepcopy(eager))
+    x = torch.randn(2, 8, 9, 11)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = eager(ours)
+    out.sum().backward()
+    compiled_out = compiled(theirs)
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, out)
+    torch.testing.assert_close(theirs.grad, ours.grad)
+
+
+@pytest.mark.parametrize("pool", ["cpu", "off the cpu"])
 @pytest.mark.parametrize("training", [False, True])
-def test_cen_refinenet_compiles_as_one_graph(training: bool) -> None:
+def test_cen_refinenet_compiles_as_one_graph(monkeypatch, training: bool, pool: str) -> None:
     """A graph break splits what inductor can fuse and puts a Python round trip between the
-    pieces: the whole network, inference and training alike, is one graph."""
+    pieces: the whole network, inference and training alike, is one graph, with the CPU's
+    pool and with the GPU's."""
+    if pool == "off the cpu":
+        monkeypatch.setattr(refinenet, "max_pool_5x5", recomputed_max_pool_5x5)
     torch.manual_seed(0)
     model = create_cen_refinenet(backbone="resnet26", num_classes=6).train(training)
     inputs = [torch.randn(1, 3, 40, 40) for _ in range(2)]

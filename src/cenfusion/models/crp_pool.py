@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["max_pool_5x5"]
+__all__ = ["max_pool_5x5", "recomputed_max_pool_5x5"]
 
 WINDOW, STRIDE, PADDING = [5, 5], [1, 1], [2, 2]
 
@@ -30,6 +30,12 @@ def max_pool_5x5(x: Tensor) -> Tensor:
         return F.max_pool2d(x, 5, stride=1, padding=2)
     if x.device.type == "cpu":
         return torch.ops.cenfusion.max_pool_5x5(x)
+    return recomputed_max_pool_5x5(x)
+
+
+def recomputed_max_pool_5x5(x: Tensor) -> Tensor:
+    """The pool off the CPU: PyTorch's operator, recomputed in the backward pass by
+    activation checkpointing (which ``torch.compile`` traces into the same graph)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return checkpoint(F.max_pool2d, x, 5, 1, 2, use_reentrant=False, preserve_rng_state=False)
     return F.max_pool2d(x, 5, stride=1, padding=2)
