@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# GPU check, from the repository root on a CUDA machine, in under 8 minutes:
+# GPU check, from the repository root on a CUDA machine, in under 8 minutes; the most
+# telling parts first:
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
+#   (c) cen bench, R101, eager: the per-modality reference (fp32) beside cenfusion in fp32
+#       and bf16 + channels-last, inference at 1x480x640 and a training step at 4x480x480,
+#       each step profiled (device kernels, device busy time, busiest operators),
+#   (f) the same cenfusion bf16 rows compiled, then (time allowing) in CUDA graphs
+#       (--compile-mode reduce-overhead), profiled too,
 #   (e) the CLI end to end on CUDA, embedded data: `seg train` (fp16 + GradScaler,
 #       channels-last), `seg eval` of that model in fp32, fp16, bf16 and compiled bf16
 #       (the ensemble mIoU of each precision), `seg train` under torchrun (NCCL, one
 #       process), `i2i train` with AMP,
-#   (c) benchmarks/seg_speed.py --device cuda, fp32 and AMP rows for R50 and R101 ($DEPTHS),
-#       with a per-case profile (busiest kernels, kernels per step) in profile.txt,
-#   (f) cen bench --compile: R101 bf16 channels-last compiled, inference and a training step,
-#       then (time allowing) inference in CUDA graphs (--compile-mode reduce-overhead),
 #   (g) (time allowing) cen bench --task i2i: the U-Net and PatchGAN beside their
 #       per-modality reference, inference, a pix2pix step and FID scoring, fp32 and bf16,
 #   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark, also at a tiny size),
 #   (a) the test suite: the CUDA-parametrised fusion tests first, then the rest with the
 #       time left ($BUDGET seconds in all, default 470),
-# then prints the benchmark table last. Logs and JSON go to ${OUT:-/tmp}.
+# then prints the bench tables last. Logs, profiles and JSON go to ${OUT:-/tmp}.
 #
 #   bash benchmarks/gpu_check.sh
 set -u
@@ -79,6 +81,30 @@ assert all(map(math.isfinite, losses)), "non-finite loss"
 EOF
 echo "training exit: ${PIPESTATUS[0]}"
 
+echo "== (c) cen bench --device cuda, eager: reference and cenfusion, profiled"
+R101=(--device cuda --enc 101 --modes infer train --train-batch 4 --train-size 480 480)
+timeout 150 $CEN bench "${R101[@]}" --precisions fp32 bf16 --channels-last --warmup 5 \
+    --runs 10 --json "$OUT/bench_eager.json" --profile "$OUT/profile_eager.md" 2>&1 |
+    tee "$OUT/cen_bench.md"
+echo "cen bench exit: ${PIPESTATUS[0]}"
+
+echo "== (f) cen bench --compile --device cuda: the first compiled rows on a GPU"
+timeout 200 $CEN bench "${R101[@]}" --precisions bf16 --channels-last --compile \
+    --no-reference --warmup 5 --runs 10 --json "$OUT/bench_compiled.json" \
+    --profile "$OUT/profile_compiled.md" 2>&1 | tee -a "$OUT/cen_bench.md"
+echo "cen bench --compile exit: ${PIPESTATUS[0]}"
+# The CUDA graphs run only with time left in $BUDGET for them (the suite gets the rest).
+if [ $((BUDGET - SECONDS)) -gt 250 ]; then
+    echo "-- the same in CUDA graphs (reduce-overhead); a skipped capture warns"
+    timeout 200 $CEN bench "${R101[@]}" --precisions bf16 --channels-last --compile \
+        --compile-mode reduce-overhead --no-reference --warmup 5 --runs 20 \
+        --json "$OUT/bench_graphs.json" --profile "$OUT/profile_graphs.md" 2>&1 |
+        tee -a "$OUT/cen_bench.md"
+    echo "cen bench --compile-mode reduce-overhead exit: ${PIPESTATUS[0]}"
+else
+    echo "-- reduce-overhead rows skipped: $((BUDGET - SECONDS)) s left"
+fi
+
 echo "== (e) the CLI on CUDA, embedded data"
 SEG=(--epochs 2 --lr-enc 5e-4 --lr-dec 3e-3 --val-every 1 --quiet --no-plots --runs "$RUNS")
 {
@@ -100,30 +126,6 @@ SEG=(--epochs 2 --lr-enc 5e-4 --lr-dec 3e-3 --val-every 1 --quiet --no-plots --r
         --no-plots --runs "$RUNS" --exp i2i | tail -n 4
     echo "i2i train --amp exit: ${PIPESTATUS[0]}"
 } 2>&1 | tee -a "$OUT/train.log"
-
-echo "== (c) seg_speed.py --device cuda (table printed at the end)"
-timeout 240 $PY benchmarks/seg_speed.py --device cuda --depths ${DEPTHS:-50 101} \
-    --amp bf16 fp16 --channels-last --warmup 3 --repeats 10 --json "$OUT/seg_speed.json" \
-    --profile "$OUT/profile.txt" >"$OUT/seg_speed.md" 2>"$OUT/seg_speed.log"
-echo "benchmark exit: $?"
-tail -n 20 "$OUT/seg_speed.log"
-grep "^## " "$OUT/profile.txt"
-
-echo "== (f) cen bench --compile --device cuda: the first compiled rows on a GPU"
-timeout 200 $CEN bench --device cuda --enc 101 --precisions bf16 --channels-last --compile \
-    --no-reference --modes infer train --train-batch 4 --train-size 480 480 --warmup 5 \
-    --runs 10 --json "$OUT/cen_bench.json" 2>&1 | tee "$OUT/cen_bench.md"
-echo "cen bench --compile exit: ${PIPESTATUS[0]}"
-# The next two run only with time left in $BUDGET for them (the suite gets the rest).
-if [ $((BUDGET - SECONDS)) -gt 200 ]; then
-    echo "-- the same inference in CUDA graphs (reduce-overhead); a skipped capture warns"
-    timeout 150 $CEN bench --device cuda --enc 101 --precisions bf16 --channels-last \
-        --compile --compile-mode reduce-overhead --no-reference --warmup 5 --runs 20 \
-        --json "$OUT/cen_bench_graphs.json" 2>&1 | tee -a "$OUT/cen_bench.md"
-    echo "cen bench --compile-mode reduce-overhead exit: ${PIPESTATUS[0]}"
-else
-    echo "-- reduce-overhead row skipped: $((BUDGET - SECONDS)) s left"
-fi
 
 echo "== (g) cen bench --task i2i: U-Net inference, pix2pix step, FID scoring; reference first"
 if [ $((BUDGET - SECONDS)) -gt 150 ]; then
@@ -156,5 +158,5 @@ else
     echo "no time left for the test suite"
 fi
 
-echo "== benchmark table (${SECONDS} s in all)"
-cat "$OUT/seg_speed.md"
+echo "== cen bench tables (${SECONDS} s in all)"
+cat "$OUT/cen_bench.md"

@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cenfusion import create_cen_refinenet
 from cenfusion.bench.cases import penalty_of, reference_difference, with_exchange
 from cenfusion.bench.reference import ReferenceCEN
+from cenfusion.bench.timing import profile_step
 from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.models.refinenet import CENRefineNet
 
@@ -223,28 +224,13 @@ def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
         return make(module), note
 
 
-def profile_step(step: Callable, device: torch.device) -> dict:
-    """One step under ``torch.profiler``: its busiest operators by self time on the CPU and,
-    on CUDA, also on the GPU, with how many kernels it launched (at batch 1-2 on a GPU the
-    host's work per launch, not the arithmetic, bounds a step)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    events = prof.key_averages()
-    sorts = ["self_cpu_time_total"]
-    if device.type == "cuda":
-        sorts.insert(0, "self_cuda_time_total")
-    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+def profiled(step: Callable, device: torch.device) -> dict:
+    """A row's profile fields: kernels and busy time of the device (CUDA), operator tables."""
+    profile = profile_step(step, device)
     return {
-        "kernels": kernels if device.type == "cuda" else None,
-        "profile": "\n".join(
-            events.table(sort_by=sort, row_limit=15, max_name_column_width=60) for sort in sorts
-        ),
+        "kernels": profile.kernels,
+        "device_busy_ms": profile.device_busy_ms,
+        "profile": profile.table,
     }
 
 
@@ -283,7 +269,7 @@ def prepare_case(case: dict, args: argparse.Namespace) -> Prepared:
         median = statistics.median(times)
         return {
             **case,
-            **(profile_step(step, device) if args.profile else {}),
+            **(profiled(step, device) if args.profile else {}),
             "variant": variant(case),
             "times_s": times,
             "median_s": median,
@@ -652,7 +638,10 @@ def write_profiles(rows: list[dict], path: str) -> None:
         for r in rows:
             if "profile" not in r:
                 continue
-            kernels = "" if r["kernels"] is None else f", {r['kernels']} device kernels"
+            kernels = ""
+            if r["kernels"] is not None:
+                busy = r["device_busy_ms"]
+                kernels = f", {r['kernels']} device kernels, device busy {busy:.1f} ms"
             out.write(f"## R{r['depth']} {r['mode']} {r['impl']} {r['variant']}{kernels}\n\n")
             out.write(r["profile"] + "\n\n")
 

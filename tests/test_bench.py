@@ -1,12 +1,15 @@
 """``cen bench``: its rows, its timing protocol and its refusals."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from dependencies import installed, needs
+from torch.autograd import DeviceType
 
 from cenfusion.bench import timing
+from cenfusion.bench.runner import format_profiles, format_table
 from cenfusion.cli import main
 
 
@@ -89,6 +92,48 @@ def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["cenfusion", "onnxruntime"]
+
+
+def test_profile_writes_each_rows_operators(tmp_path, capsys) -> None:
+    out, profile = tmp_path / "bench.json", tmp_path / "profile.md"
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--runs", "1", "--warmup", "0"]
+    argv += ["--device", "cpu", "--json", str(out), "--profile", str(profile)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    sections = profile.read_text().split("## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "reference infer 1x2x3x32x32 fp32 NCHW",
+        "cenfusion infer 1x2x3x32x32 fp32 NCHW",
+    ]
+    for row, section in zip(rows, sections):
+        assert row["kernels_per_step"] is None and row["device_busy_ms"] is None
+        assert "Self CPU" in section and "aten::convolution" in section
+    assert f"wrote {profile}" in capsys.readouterr().out
+
+
+def test_device_work_counts_the_device_events_and_their_time() -> None:
+    def event(device: DeviceType, start: int, end: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            device_type=device, time_range=SimpleNamespace(elapsed_us=lambda: end - start)
+        )
+
+    events = [event(DeviceType.CPU, 0, 500), event(DeviceType.CUDA, 10, 40)]
+    events += [event(DeviceType.CUDA, 50, 60), event(DeviceType.CPU, 5, 9)]
+    assert timing.device_work(events) == (2, 40.0)
+
+
+def test_the_table_says_how_busy_a_profiled_device_was() -> None:
+    row = {"impl": "cenfusion", "mode": "infer", "input": "1x2x3x480x640", "precision": "bf16"}
+    row |= {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead"}
+    row |= {"mean_ms": 20.0, "std_ms": 1.0, "images_per_s": 50.0, "peak_mib": 900.0}
+    row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None}
+    row |= {"kernels_per_step": 300, "device_busy_ms": 15.0, "profile": "table"}
+    result = {"device": "cuda: H200", "threads": 16, "torch": "2.14.1", "rows": [row]}
+    result |= {"matmul_peak_tflops": {"bf16": 785.0}, "process_peak_rss_mib": 2000.0}
+    name = "cenfusion infer 1x2x3x480x640 bf16 channels-last+compile (reduce-overhead)"
+    busy = "300 kernels, device busy 15.0 of 20.0 ms (75%)"
+    assert format_table(result).endswith(f"\n- {name}: {busy}")
+    assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
 
 
 def test_timing_is_warm_up_then_each_run_timed(monkeypatch) -> None:

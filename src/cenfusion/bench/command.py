@@ -6,7 +6,7 @@ precision asked for, with the run-time settings (channels-last, compile), and op
 exported segmentation model in ONNX Runtime; each for inference and, if asked, a training
 step at the training crop and (translation) the FID scoring of validation views. Every row
 gives images per second, peak device memory (CUDA), FLOPs per image and the share of a
-matrix-product peak measured in the same run.
+matrix-product peak measured in the same run; with --profile, what bounds its step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["add_bench_parser"]
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from cenfusion.bench.runner import format_table, run_bench
+    from cenfusion.bench.runner import format_profiles, format_table, run_bench
 
     options = options_from_args(BenchOptions, args)
     result = run_bench(options, options_from_args(RuntimeConfig, args))
@@ -30,6 +30,9 @@ def _bench(args: argparse.Namespace) -> None:
     if options.json is not None:
         options.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {options.json}")
+    if options.profile is not None:
+        options.profile.write_text(format_profiles(result))
+        print(f"wrote {options.profile}")
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:

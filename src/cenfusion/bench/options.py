@@ -45,6 +45,12 @@ class BenchOptions:
     warmup: int = setting(5, "untimed steps first (compile and cuDNN settle)")
     runs: int = setting(20, "timed steps")
     json: Path | None = setting(None, "also write every number to this JSON file")
+    profile: Path | None = setting(
+        None,
+        "profile one more step of each row (torch.profiler) and write its busiest operators "
+        "to this markdown file; on CUDA the table also gives each step's device kernels and "
+        "the share of its time the device was busy (the rest: waiting for the host)",
+    )
 
     def validate(self, device: str) -> None:
         if self.runs < 1 or self.warmup < 0 or self.batch < 1 or (self.train_batch or 1) < 1:

@@ -17,7 +17,13 @@ from cenfusion.bench import cases
 from cenfusion.bench.options import DEFAULTS, BenchOptions
 from cenfusion.bench.reference import ReferenceCEN
 from cenfusion.bench.reference_unet import PerBranchDiscriminator, ReferenceUNet
-from cenfusion.bench.timing import matmul_peak, peak_memory_mib, reset_peak_memory, time_steps
+from cenfusion.bench.timing import (
+    matmul_peak,
+    peak_memory_mib,
+    profile_step,
+    reset_peak_memory,
+    time_steps,
+)
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, Runtime, open_runtime
 from cenfusion.errors import CenError
@@ -26,7 +32,7 @@ from cenfusion.info import count_flops
 from cenfusion.metrics.generative import InceptionFeatures
 from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
-__all__ = ["format_table", "run_bench"]
+__all__ = ["format_profiles", "format_table", "run_bench"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,22 +95,26 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
         reset_peak_memory(opened.device)
         timing = time_steps(step, opened.device, options.warmup, options.runs)
         fast = impl == "cenfusion"
-        rows.append(
-            {
-                "impl": impl,
-                "mode": mode,
-                "input": f"{batch}x2x3x{size[0]}x{size[1]}",
-                "precision": precision,
-                "channels_last": fast and opened.channels_last,
-                "compile": fast and opened.compile,
-                "compile_mode": opened.compile_mode if fast and opened.compile else None,
-                **asdict(timing),
-                "images_per_s": batch / (timing.mean_ms / 1e3),
-                "peak_mib": peak_memory_mib(opened.device),
-                "gflop_per_image": flops / 1e9,
-                "note": note,
-            }
-        )
+        row = {
+            "impl": impl,
+            "mode": mode,
+            "input": f"{batch}x2x3x{size[0]}x{size[1]}",
+            "precision": precision,
+            "channels_last": fast and opened.channels_last,
+            "compile": fast and opened.compile,
+            "compile_mode": opened.compile_mode if fast and opened.compile else None,
+            **asdict(timing),
+            "images_per_s": batch / (timing.mean_ms / 1e3),
+            "peak_mib": peak_memory_mib(opened.device),
+            "gflop_per_image": flops / 1e9,
+            "note": note,
+        }
+        if options.profile is not None:
+            profiled = profile_step(step, opened.device)
+            row["kernels_per_step"] = profiled.kernels
+            row["device_busy_ms"] = profiled.device_busy_ms
+            row["profile"] = profiled.table
+        rows.append(row)
     return rows
 
 
@@ -242,12 +252,7 @@ def format_table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
-        compiled = row["compile_mode"] or "default"
-        compiled = "compile" + (f" ({compiled})" if compiled != "default" else "")
-        layout = (
-            "+".join(["channels-last"] * row["channels_last"] + [compiled] * row["compile"])
-            or "NCHW"
-        )
+        layout = _layout(row)
         share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
         memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         lines.append(
@@ -255,4 +260,42 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
             f"| {memory} | {row['gflop_per_image']:.1f} | {share} | {row['note'] or ''} |"
         )
+    busy = [row for row in result["rows"] if row.get("device_busy_ms") is not None]
+    if busy:
+        lines += [
+            "",
+            "Profiled steps: device kernels, and how much of the step the device computed",
+        ]
+        lines += [f"- {_name(row)}: {_busy(row)}" for row in busy]
     return "\n".join(lines)
+
+
+def format_profiles(result: dict[str, Any]) -> str:
+    """A markdown section per profiled row: its device work (CUDA) and operator tables."""
+    sections = []
+    for row in result["rows"]:
+        if "profile" in row:
+            work = f": {_busy(row)}" if row["device_busy_ms"] is not None else ""
+            sections.append(f"## {_name(row)}{work}\n\n{row['profile']}\n")
+    return "\n".join(sections)
+
+
+def _layout(row: dict[str, Any]) -> str:
+    compiled = row["compile_mode"] or "default"
+    compiled = "compile" + (f" ({compiled})" if compiled != "default" else "")
+    return (
+        "+".join(["channels-last"] * row["channels_last"] + [compiled] * row["compile"]) or "NCHW"
+    )
+
+
+def _name(row: dict[str, Any]) -> str:
+    return f"{row['impl']} {row['mode']} {row['input']} {row['precision']} {_layout(row)}"
+
+
+def _busy(row: dict[str, Any]) -> str:
+    """Device work of a profiled step against the step's timed mean."""
+    busy, step = row["device_busy_ms"], row["mean_ms"]
+    return (
+        f"{row['kernels_per_step']} kernels, device busy {busy:.1f} of {step:.1f} ms "
+        f"({100 * busy / step:.0f}%)"
+    )

@@ -1,15 +1,16 @@
 """How ``cen bench`` times a step: warm-up, then timed runs (CUDA events on a GPU, the wall
-clock on the CPU), their mean and spread; and the matrix-product peak its rates are set
-against, measured in the same process."""
+clock on the CPU), their mean and spread; the matrix-product peak its rates are set
+against, measured in the same process; and a step's profile, which says what bounds it."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd import DeviceType
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,46 @@ def peak_memory_mib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """One step under ``torch.profiler``."""
+
+    kernels: int | None
+    """Device kernels and copies the step ran (CUDA; None on the CPU). At small batches a
+    GPU step is bound by the host's work per launch, so fewer launches is the lever."""
+    device_busy_ms: float | None
+    """Their summed duration: set against the step's time, the share of it the device
+    computed rather than waited for the host."""
+    table: str
+    """The busiest operators by self time, on the device (CUDA) and on the host."""
+
+
+def profile_step(step: Callable[[], object], device: torch.device) -> StepProfile:
+    """Run ``step`` once more under ``torch.profiler`` (after its timed runs: warm)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = device.type == "cuda"
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = profiler.key_averages()
+    sorts = ["self_device_time_total", "self_cpu_time_total"][not cuda :]
+    table = "\n".join(
+        averages.table(sort_by=key, row_limit=15, max_name_column_width=60) for key in sorts
+    )
+    if not cuda:
+        return StepProfile(None, None, table)
+    kernels, busy_us = device_work(profiler.events())
+    return StepProfile(kernels, busy_us / 1e3, table)
+
+
+def device_work(events: Iterable) -> tuple[int, float]:
+    """How many of the profiler's ``events`` ran on a CUDA device, and their summed
+    microseconds (one stream: they do not overlap)."""
+    work = [e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA]
+    return len(work), float(sum(work))
