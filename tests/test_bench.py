@@ -8,7 +8,7 @@ import torch
 from dependencies import installed, needs
 from torch.autograd import DeviceType
 
-from cenfusion.bench import timing
+from cenfusion.bench import runner, timing
 from cenfusion.bench.runner import format_profiles, format_table
 from cenfusion.cli import main
 
@@ -134,6 +134,24 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     busy = "300 kernels, device busy 15.0 of 20.0 ms (75%)"
     assert format_table(result).endswith(f"\n- {name}: {busy}")
     assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
+
+
+def test_every_row_lets_cudnn_choose_its_kernels(monkeypatch) -> None:
+    """A fair comparison: the reference's rows search cuDNN's kernels as cenfusion's
+    training rows do (the flag only matters on a GPU; here its value is what is checked)."""
+    searched: list[bool] = []
+    real = timing.time_steps
+
+    def recording(*args, **kwargs):
+        searched.append(torch.backends.cudnn.benchmark)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "time_steps", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--modes", "infer", "train"]
+    argv += ["--train-size", "64", "64", "--train-batch", "2", "--runs", "1", "--warmup", "0"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert searched == [True] * 4 and torch.backends.cudnn.benchmark is False
 
 
 def test_timing_is_warm_up_then_each_run_timed(monkeypatch) -> None:

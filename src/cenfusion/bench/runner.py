@@ -39,11 +39,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
     """Time every row of ``options`` on ``runtime``; returns the run's description (device,
-    versions, matrix peaks) and its rows."""
+    versions, matrix peaks) and its rows. On a GPU cuDNN chooses its fastest kernels for
+    every row alike, the reference's included (its search happens in the warm-up)."""
     options.validate(runtime.device)
+    searched = torch.backends.cudnn.benchmark
     with open_runtime(runtime) as opened:
         device = opened.device
-        rows = [row for mode in options.modes for row in _rows(options, mode, opened)]
+        torch.backends.cudnn.benchmark = True
+        try:
+            rows = [row for mode in options.modes for row in _rows(options, mode, opened)]
+        finally:
+            torch.backends.cudnn.benchmark = searched
         used = sorted({row["precision"] for row in rows})
         peaks = {p: matmul_peak(device, DTYPES[p]) for p in used}
         for row in rows:
