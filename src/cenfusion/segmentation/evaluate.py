@@ -176,7 +176,7 @@ def _score_batch(
     """Add one batch (samples of one size) to ``metric``; with ``image_dir``, its panels."""
     target = batch["mask"].to(device, non_blocking=True)
     with precision.autocast():
-        heads = model(stack_modalities(batch["inputs"].to(device))).float()
+        heads = model(stack_modalities(batch["inputs"].to(device, non_blocking=True))).float()
     metric.update(list(heads), target)
     for b, name in enumerate(batch["name"] if image_dir is not None else ()):
         save_prediction_panel(
