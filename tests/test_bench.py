@@ -64,13 +64,11 @@ def test_translation_rows(tmp_path) -> None:
 
 
 def test_a_compiled_row_names_its_mode(tmp_path, monkeypatch, capsys) -> None:
-    asked: list[str | None] = []
+    """An inference row compiles as seg eval and seg predict do: the weights frozen."""
+    from torch._inductor import list_mode_options
 
-    def recording(net, mode=None):
-        asked.append(mode)
-        return net
-
-    monkeypatch.setattr(torch, "compile", recording)
+    asked: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: asked.append(kwargs) or net)
     out = tmp_path / "bench.json"
     argv = ["bench", "--enc", "50", "--size", "32", "32", "--compile", "--compile-mode"]
     argv += ["max-autotune", "--runs", "1", "--warmup", "0", "--device", "cpu"]
@@ -80,7 +78,7 @@ def test_a_compiled_row_names_its_mode(tmp_path, monkeypatch, capsys) -> None:
         ("reference", False, None),
         ("cenfusion", True, "max-autotune"),
     ]
-    assert asked == ["max-autotune"]
+    assert asked == [{"options": {**list_mode_options("max-autotune"), "freezing": True}}]
     assert "| fp32 | compile (max-autotune) |" in capsys.readouterr().out
 
 

@@ -296,6 +296,22 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch, capsys, flag, mode,
     assert capsys.readouterr().out.count(said) == int(warning)
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune"])
+def test_a_frozen_network_compiles_with_inductors_freezing(monkeypatch, mode) -> None:
+    """Weights that do not change (evaluation, prediction) are folded into the compiled
+    code, in any --compile-mode; a run's network is compiled as it is."""
+    from torch._inductor import list_mode_options
+
+    asked: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: asked.append(kwargs) or net)
+    settings = RuntimeConfig(device="cpu", compile=True, compile_mode=mode)
+    with open_runtime(settings) as opened:
+        opened.prepare(torch.nn.Linear(2, 2), frozen=True)
+        opened.prepare(torch.nn.Linear(2, 2), training=True)
+    frozen = {"options": {**list_mode_options(mode), "freezing": True}}
+    assert asked == [frozen, {"mode": None if mode == "default" else mode}]
+
+
 def test_a_graph_that_skips_cuda_graph_capture_gives_one_warning(monkeypatch, capsys) -> None:
     """Inductor reports a skipped capture through its counter and a log artifact that is off
     by default; the runtime turns the first into one warning with its reason."""

@@ -318,6 +318,16 @@ def test_fast_path_flags_compute_the_same_labels(tiny, tmp_path, capsys) -> None
     np.testing.assert_array_equal(read(tmp_path / "amp" / "a_label.png"), expected[0].argmax(0))
 
 
+def test_compiled_prediction_freezes_the_weights(tiny, tmp_path, monkeypatch) -> None:
+    asked: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: asked.append(kwargs) or net)
+    rgb = write_rgb(tmp_path / "in" / "rgb" / "a.png", 37, 53)
+    depth = write_depth(tmp_path / "in" / "depth" / "a.png", 37, 53)
+    argv = ["seg", "predict", str(tiny[1]), "--rgb", str(rgb), "--depth", str(depth)]
+    assert main([*argv, "-o", str(tmp_path / "out"), "--compile", "--device", "cpu"]) == 0
+    assert asked == [{"options": {"freezing": True}}]
+
+
 def test_fast_path_flags_are_refused_for_an_onnx_file(tiny, tmp_path, capsys) -> None:
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"")

@@ -10,6 +10,7 @@ from dependencies import needs
 from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
+from cenfusion.engine.runtime import CompiledOrEager
 from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
@@ -208,6 +209,26 @@ def test_the_pool_off_the_cpu_compiled_by_inductor_computes_the_same_function(
     compiled_out.sum().backward()
     torch.testing.assert_close(compiled_out, out)
     torch.testing.assert_close(theirs.grad, ours.grad)
+
+
+@needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
+def test_a_frozen_compiled_cen_block_computes_the_same_function() -> None:
+    """Evaluation and prediction compile with the weights folded in (inductor's freezing):
+    shared convolution, private norms with exchange, ReLU and the CRP pools give eager's
+    values."""
+    torch.manual_seed(0)
+    norm = ModalityBatchNorm2d(8, num_modalities=2, exchange=True)
+    with torch.no_grad():
+        norm.weight[norm.penalty_mask & (torch.arange(8) % 2 == 0)] = 0.0
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), ChainedResidualPool(8))
+    block.eval()
+    x = torch.randn(4, 3, 10, 12)
+    compiled = CompiledOrEager(copy.deepcopy(block), frozen=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x))
+    assert compiled.compilations == 1
 
 
 @pytest.mark.parametrize("pool", ["cpu", "off the cpu"])

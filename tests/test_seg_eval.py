@@ -265,3 +265,13 @@ def test_cpu_evaluation_keeps_freed_memory_unless_told_not_to(
     argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", *flags]
     assert main([*argv, "--runs", str(tmp_path)]) == 0
     assert asked == [(kept, "cpu")]
+
+
+def test_compiled_evaluation_freezes_the_weights(setup, tmp_path, monkeypatch) -> None:
+    """The checkpoint's weights do not change during evaluation: inductor may fold them."""
+    asked: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kwargs: asked.append(kwargs) or net)
+    _, _, checkpoint = setup
+    argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", "--compile"]
+    assert main([*argv, "--runs", str(tmp_path)]) == 0
+    assert asked == [{"options": {"freezing": True}}]

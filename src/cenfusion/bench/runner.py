@@ -161,7 +161,7 @@ def _step(
     if impl == "onnxruntime":
         return _onnx_step(model, xs, opened), None
     if impl == "cenfusion":
-        net = opened.prepare(model, training=training)
+        net = opened.prepare(model, training=training, frozen=not training)
         if not training:
             return cases.inference(net, xs, precision), None
         return cases.segmentation_training(net, model, xs, precision), None

@@ -151,14 +151,25 @@ class CompiledOrEager(nn.Module):
     each recompilation for new shapes, which dynamo bounds (``recompile_limit`` versions of a
     graph; inputs beyond them run eager). ``skips``: checked after each call, where CUDA
     graphs were asked for (a graph of a backward pass is compiled at its first backward, and
-    shows at the next call)."""
+    shows at the next call). ``frozen``: inductor treats ``net``'s weights as constants
+    (:meth:`Runtime.prepare`)."""
 
     def __init__(
-        self, net: nn.Module, mode: str = "default", skips: GraphSkips | None = None
+        self,
+        net: nn.Module,
+        mode: str = "default",
+        skips: GraphSkips | None = None,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
-        self.compiled: Any = torch.compile(net, mode=None if mode == "default" else mode)
+        if frozen:
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options(mode), "freezing": True}
+            self.compiled: Any = torch.compile(net, options=options)
+        else:
+            self.compiled = torch.compile(net, mode=None if mode == "default" else mode)
         self.skips = skips
         self.compilations = 0
 
@@ -204,11 +215,13 @@ class Runtime:
     compile_mode: str
     graph_skips: GraphSkips | None
 
-    def prepare(self, model: nn.Module, training: bool = False) -> nn.Module:
+    def prepare(self, model: nn.Module, training: bool = False, frozen: bool = False) -> nn.Module:
         """``model`` on the device (channels-last when asked; its weights stay ``model``'s),
         and the module to call: compiled when asked. ``training``: the network of a run's
         steps, whose fixed shapes let cuDNN choose its kernels once, wrapped for DDP in a
-        process group."""
+        process group. ``frozen``: its weights do not change while it is called (a loaded
+        checkpoint's evaluation or prediction), so that the compiler may fold them into its
+        code (inductor's freezing; autocast's casts of the weights then happen once)."""
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -220,7 +233,7 @@ class Runtime:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if not self.compile:
             return net
-        return CompiledOrEager(net, self.compile_mode, self.graph_skips)
+        return CompiledOrEager(net, self.compile_mode, self.graph_skips, frozen)
 
 
 @contextlib.contextmanager

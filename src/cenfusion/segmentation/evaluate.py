@@ -235,7 +235,7 @@ def evaluate_protocols(
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
     with open_runtime(cfg) as runtime:
-        fast = runtime.prepare(model.eval())
+        fast = runtime.prepare(model.eval(), frozen=True)
         loader = DataLoader(
             val_set,
             batch_size=batch_size,

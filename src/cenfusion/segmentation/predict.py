@@ -428,7 +428,7 @@ def predict(
         pending.clear()
 
     with open_runtime(runtime) as opened:
-        net = opened.prepare(loaded.model.eval())
+        net = opened.prepare(loaded.model.eval(), frozen=True)
         loads = read_ahead(samples, load, ahead=2 * batch_size)
         quiet = not progress or len(samples) < 2
         bar = tqdm(loads, desc="predict", total=len(samples), unit="image", disable=quiet)
