@@ -4,7 +4,8 @@
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
 #   (c) cen bench, R101, eager: the per-modality reference (fp32) beside cenfusion in fp32
 #       and bf16 + channels-last, inference at 1x480x640 and a training step at 4x480x480,
-#       each step profiled (device kernels, device busy time, busiest operators),
+#       each step profiled (device kernels, device busy time, busiest operators); one call
+#       per mode, so that one that runs out of time leaves the other's table,
 #   (f) the same cenfusion bf16 rows compiled, then (time allowing) in CUDA graphs
 #       (--compile-mode reduce-overhead), profiled too,
 #   (e) the CLI end to end on CUDA, embedded data: `seg train` (fp16 + GradScaler,
@@ -81,26 +82,31 @@ assert all(map(math.isfinite, losses)), "non-finite loss"
 EOF
 echo "training exit: ${PIPESTATUS[0]}"
 
+# One cen bench call per mode, so that a call that runs out of time leaves the other's table.
+R101=(--device cuda --enc 101 --train-batch 4 --train-size 480 480 --channels-last)
+bench() { # NAME SECONDS MODE FLAGS...
+    local name=$1 limit=$2 mode=$3
+    shift 3
+    timeout "$limit" $CEN bench "${R101[@]}" --modes "$mode" "$@" \
+        --json "$OUT/bench_${name}_$mode.json" --profile "$OUT/profile_${name}_$mode.md" 2>&1 |
+        tee -a "$OUT/cen_bench.md"
+    echo "cen bench ($name, $mode) exit: ${PIPESTATUS[0]}"
+}
+: >"$OUT/cen_bench.md"
+
 echo "== (c) cen bench --device cuda, eager: reference and cenfusion, profiled"
-R101=(--device cuda --enc 101 --modes infer train --train-batch 4 --train-size 480 480)
-timeout 150 $CEN bench "${R101[@]}" --precisions fp32 bf16 --channels-last --warmup 5 \
-    --runs 10 --json "$OUT/bench_eager.json" --profile "$OUT/profile_eager.md" 2>&1 |
-    tee "$OUT/cen_bench.md"
-echo "cen bench exit: ${PIPESTATUS[0]}"
+bench eager 90 infer --precisions fp32 bf16 --warmup 5 --runs 10
+bench eager 120 train --precisions fp32 bf16 --warmup 5 --runs 10
 
 echo "== (f) cen bench --compile --device cuda: the first compiled rows on a GPU"
-timeout 200 $CEN bench "${R101[@]}" --precisions bf16 --channels-last --compile \
-    --no-reference --warmup 5 --runs 10 --json "$OUT/bench_compiled.json" \
-    --profile "$OUT/profile_compiled.md" 2>&1 | tee -a "$OUT/cen_bench.md"
-echo "cen bench --compile exit: ${PIPESTATUS[0]}"
+bench compiled 120 infer --precisions bf16 --compile --no-reference --warmup 5 --runs 10
+bench compiled 180 train --precisions bf16 --compile --no-reference --warmup 5 --runs 10
 # The CUDA graphs run only with time left in $BUDGET for them (the suite gets the rest).
 if [ $((BUDGET - SECONDS)) -gt 250 ]; then
     echo "-- the same in CUDA graphs (reduce-overhead); a skipped capture warns"
-    timeout 200 $CEN bench "${R101[@]}" --precisions bf16 --channels-last --compile \
-        --compile-mode reduce-overhead --no-reference --warmup 5 --runs 20 \
-        --json "$OUT/bench_graphs.json" --profile "$OUT/profile_graphs.md" 2>&1 |
-        tee -a "$OUT/cen_bench.md"
-    echo "cen bench --compile-mode reduce-overhead exit: ${PIPESTATUS[0]}"
+    GRAPHS=(--precisions bf16 --compile --compile-mode reduce-overhead --no-reference)
+    bench graphs 100 infer "${GRAPHS[@]}" --warmup 5 --runs 20
+    bench graphs 150 train "${GRAPHS[@]}" --warmup 5 --runs 20
 else
     echo "-- reduce-overhead rows skipped: $((BUDGET - SECONDS)) s left"
 fi
