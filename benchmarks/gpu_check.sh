@@ -15,8 +15,9 @@
 #   (g) (time allowing) cen bench --task i2i: the U-Net and PatchGAN beside their
 #       per-modality reference, inference, a pix2pix step and FID scoring, fp32 and bf16,
 #   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark, also at a tiny size),
-#   (a) the test suite: the CUDA-parametrised fusion tests first, then the rest with the
-#       time left ($BUDGET seconds in all, default 470),
+#   (a) the test suite: the CUDA-parametrised tests first (fusion, fast paths, compiled and
+#       frozen networks, CUDA graphs), then the rest with the time left ($BUDGET seconds in
+#       all, default 470),
 # then prints the bench tables last. Logs, profiles and JSON go to ${OUT:-/tmp}.
 #
 #   bash benchmarks/gpu_check.sh
@@ -149,14 +150,17 @@ echo "-- the same at a tiny size, where only host time counts"
 timeout 40 $PY benchmarks/bench_fusion.py --device cuda --skip-model --batch 1 --channels 64 \
     --hw 2 --repeats 300 2>&1 | tee -a "$OUT/fusion.md"
 
-echo "== (a) test suite: the fusion tests, CUDA included"
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_fusion.py 2>&1 | tail -n 8
+echo "== (a) test suite: the CUDA-parametrised tests"
+FIRST=(tests/test_fusion.py tests/test_fusion_fastpath.py)
+timeout 150 $PY -m pytest -q -p no:cacheprovider "${FIRST[@]}" \
+    tests/test_refinenet.py::test_a_frozen_compiled_cen_block_computes_the_same_function 2>&1 |
+    tail -n 8
 LEFT=$((BUDGET - SECONDS))
 echo "== (a) the rest of the test suite (${LEFT} s left)"
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
 if [ "$LEFT" -gt 30 ]; then
-    timeout "$LEFT" $PY -m pytest -q $XDIST -p no:cacheprovider --ignore=tests/test_fusion.py \
+    timeout "$LEFT" $PY -m pytest -q $XDIST -p no:cacheprovider ${FIRST[@]/#/--ignore=} \
         >"$OUT/pytest.log" 2>&1
     echo "pytest exit: $? (124: stopped at the time limit)"
     tail -n 15 "$OUT/pytest.log"

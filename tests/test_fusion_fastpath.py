@@ -244,29 +244,42 @@ def test_traceable_path_matches_per_modality_reference(
     assert_close(grad, ref_grad)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "aot_eager",
-        pytest.param(
-            "inductor", marks=needs(shutil.which("g++") is not None, "a C++ compiler (inductor)")
-        ),
-    ],
-)
-def test_compiles_to_the_same_function(backend: str) -> None:
+GXX = needs(shutil.which("g++") is not None, "a C++ compiler (inductor)")
+COMPILERS = [
+    pytest.param("cpu", "aot_eager", None, id="cpu-aot_eager"),
+    pytest.param("cpu", "inductor", None, marks=GXX, id="cpu-inductor"),
+    *(
+        [
+            pytest.param("cuda", "inductor", None, id="cuda-inductor"),
+            pytest.param("cuda", "inductor", "reduce-overhead", id="cuda-graphs"),
+        ]
+        if torch.cuda.is_available()
+        else []
+    ),
+]
+
+
+@pytest.mark.parametrize(("device", "backend", "mode"), COMPILERS)
+def test_compiles_to_the_same_function(monkeypatch, device, backend, mode) -> None:
     """The private norms, their exchange and running statistics, traced (``aot_eager``) and
-    compiled into fused kernels (``inductor``, what ``--compile`` uses)."""
+    compiled into fused kernels (``inductor``, what ``--compile`` uses; on a GPU also in CUDA
+    graphs), over three training steps: graphs are recorded at the second and replayed from
+    the third."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(7)
     # no convolution bias: before batch statistics its gradient is zero up to rounding
     conv = nn.Conv2d(3, 7, 3, padding=1, bias=False)
-    eager = nn.Sequential(conv, random_norm(2), nn.ReLU()).train()
+    eager = nn.Sequential(conv, random_norm(2), nn.ReLU()).train().to(device)
     compiled_copy = copy.deepcopy(eager)
-    x = torch.randn(4, 3, 6, 6)
-    out = eager(x)
-    out.sum().backward()
-    compiled_out = torch.compile(compiled_copy, backend=backend)(x)
-    compiled_out.sum().backward()
-    assert_close(compiled_out, out)
+    compiled = torch.compile(compiled_copy, backend=backend, mode=mode)
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        x = torch.randn(4, 3, 6, 6, generator=generator).to(device)
+        out = eager(x)
+        out.sum().backward()
+        compiled_out = compiled(x)
+        compiled_out.sum().backward()
+        assert_close(compiled_out, out)
     for p, q in zip(eager.parameters(), compiled_copy.parameters()):
         assert_close(q.grad, p.grad)
     assert_close(compiled_copy[1].running_mean, eager[1].running_mean)

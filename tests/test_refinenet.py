@@ -16,6 +16,8 @@ from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
 from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
 
+GXX = needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
+
 
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -166,7 +168,7 @@ def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:
         torch.testing.assert_close(q.grad, p.grad)
 
 
-@needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
+@GXX
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> None:
     """Inductor calls the CPU pool and its backward as the native kernels they are (its own
@@ -191,7 +193,7 @@ def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> N
     assert theirs.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
+@GXX
 def test_the_pool_off_the_cpu_compiled_by_inductor_computes_the_same_function(
     monkeypatch,
 ) -> None:
@@ -211,11 +213,22 @@ def test_the_pool_off_the_cpu_compiled_by_inductor_computes_the_same_function(
     torch.testing.assert_close(theirs.grad, ours.grad)
 
 
-@needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
-def test_a_frozen_compiled_cen_block_computes_the_same_function() -> None:
+FROZEN = [
+    pytest.param("cpu", "default", marks=GXX, id="cpu"),
+    *(
+        [pytest.param("cuda", "default", id="cuda"), pytest.param("cuda", "reduce-overhead")]
+        if torch.cuda.is_available()
+        else []
+    ),
+]
+
+
+@pytest.mark.parametrize(("device", "mode"), FROZEN)
+def test_a_frozen_compiled_cen_block_computes_the_same_function(monkeypatch, device, mode):
     """Evaluation and prediction compile with the weights folded in (inductor's freezing):
     shared convolution, private norms with exchange, ReLU and the CRP pools give eager's
-    values."""
+    values (on a GPU also in CUDA graphs, recorded at the second call, replayed after)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     norm = ModalityBatchNorm2d(8, num_modalities=2, exchange=True)
     with torch.no_grad():
@@ -223,11 +236,13 @@ def test_a_frozen_compiled_cen_block_computes_the_same_function() -> None:
         norm.running_mean.uniform_(-0.5, 0.5)
         norm.running_var.uniform_(0.5, 2.0)
     block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(), ChainedResidualPool(8))
-    block.eval()
-    x = torch.randn(4, 3, 10, 12)
-    compiled = CompiledOrEager(copy.deepcopy(block), frozen=True)
+    block.eval().to(device)
+    compiled = CompiledOrEager(copy.deepcopy(block), mode, frozen=True)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), block(x))
+        for _ in range(3):
+            x = torch.randn(4, 3, 10, 12, generator=generator).to(device)
+            torch.testing.assert_close(compiled(x), block(x))
     assert compiled.compilations == 1
 
 
