@@ -31,6 +31,10 @@ def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
         ("cenfusion", "train", "bf16"),
     ]
     assert rows[0]["input"] == "1x2x3x32x32" and rows[3]["input"] == "2x2x3x64x64"
+    for row in rows:
+        reference = rows[0 if row["mode"] == "infer" else 3]
+        assert row["vs_reference"] == pytest.approx(reference["mean_ms"] / row["mean_ms"])
+        assert f"| {row['vs_reference']:.2f} |" in table
     assert rows[0]["note"].startswith("same outputs as cenfusion")
     for row in rows:
         assert row["runs"] == 2 and row["mean_ms"] > 0 and row["std_ms"] >= 0
@@ -90,6 +94,7 @@ def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["cenfusion", "onnxruntime"]
+    assert [r["vs_reference"] for r in rows] == [None, None]  # --no-reference
 
 
 def test_profile_writes_each_rows_operators(tmp_path, capsys) -> None:

@@ -121,6 +121,9 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
             row["device_busy_ms"] = profiled.device_busy_ms
             row["profile"] = profiled.table
         rows.append(row)
+    reference = rows[0] if rows[0]["impl"] == "reference" else None
+    for row in rows:
+        row["vs_reference"] = reference["mean_ms"] / row["mean_ms"] if reference else None
     return rows
 
 
@@ -246,6 +249,7 @@ def format_table(result: dict[str, Any]) -> str:
         "layout",
         "ms",
         "img/s",
+        "x ref",
         "MiB",
         "GFLOP/img",
         "%peak",
@@ -255,16 +259,17 @@ def format_table(result: dict[str, Any]) -> str:
         f"{title}; matrix-product peak (TFLOP/s): {peaks}",
         "",
         "| " + " | ".join(columns) + " |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         layout = _layout(row)
         share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
         memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
+        speedup = "-" if row.get("vs_reference") is None else f"{row['vs_reference']:.2f}"
         lines.append(
             f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
             f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
-            f"| {memory} | {row['gflop_per_image']:.1f} | {share} | {row['note'] or ''} |"
+            f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} | {share} | {row['note'] or ''} |"
         )
     busy = [row for row in result["rows"] if row.get("device_busy_ms") is not None]
     if busy:
