@@ -6,6 +6,7 @@ A test that needs an optional package skips on a developer's machine that lacks 
 
 import importlib.util
 import os
+import shutil
 
 import pytest
 
@@ -22,3 +23,7 @@ def needs(present: bool, what: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         not present and not IN_CI, reason=f"{what} missing: pip install -e '.[test]'"
     )
+
+
+#: For tests that compile with inductor on the CPU, which builds C++.
+needs_cxx = needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")

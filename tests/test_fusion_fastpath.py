@@ -3,11 +3,10 @@
 traced or compiled) against plain per-modality norms."""
 
 import copy
-import shutil
 
 import pytest
 import torch
-from dependencies import needs
+from dependencies import needs_cxx
 from fusion_reference import LoopNorm, assert_close, random_norm
 from torch import nn
 
@@ -244,10 +243,9 @@ def test_traceable_path_matches_per_modality_reference(
     assert_close(grad, ref_grad)
 
 
-GXX = needs(shutil.which("g++") is not None, "a C++ compiler (inductor)")
 COMPILERS = [
     pytest.param("cpu", "aot_eager", None, id="cpu-aot_eager"),
-    pytest.param("cpu", "inductor", None, marks=GXX, id="cpu-inductor"),
+    pytest.param("cpu", "inductor", None, marks=needs_cxx, id="cpu-inductor"),
     *(
         [
             pytest.param("cuda", "inductor", None, id="cuda-inductor"),

@@ -1,12 +1,11 @@
 import copy
 import math
-import shutil
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from dependencies import needs
+from dependencies import needs_cxx
 from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
@@ -15,8 +14,6 @@ from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
 from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
-
-GXX = needs(shutil.which("g++") is not None, "a C++ compiler (inductor's CPU code)")
 
 
 def count(model: nn.Module) -> int:
@@ -168,12 +165,19 @@ def test_crp_with_recomputed_pools_compiles_to_the_same_function() -> None:
         torch.testing.assert_close(q.grad, p.grad)
 
 
-@GXX
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> None:
+@needs_cxx
+@pytest.mark.parametrize(
+    ("pool", "channels_last"), [("cpu", False), ("cpu", True), ("off the cpu", False)]
+)
+def test_crp_compiled_by_inductor_computes_the_same_function(
+    monkeypatch, pool, channels_last
+) -> None:
     """Inductor calls the CPU pool and its backward as the native kernels they are (its own
-    loops for the window were slower); the compiled chain gives eager's values and gradients
-    in either layout."""
+    loops for the window were slower); the GPU's pool (PyTorch's, recomputed by activation
+    checkpointing) runs here on the CPU too. The compiled chain gives eager's values and
+    gradients, in the input's layout."""
+    if pool == "off the cpu":
+        monkeypatch.setattr(refinenet, "max_pool_5x5", recomputed_max_pool_5x5)
     torch.manual_seed(0)
     eager = ChainedResidualPool(8, stages=2)
     compiled_copy = copy.deepcopy(eager)
@@ -184,8 +188,9 @@ def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> N
     out = eager(ours)
     out.sum().backward()
     compiled = torch.compile(compiled_copy)
-    graph = torch._dynamo.explain(compiled_copy)(x).graphs[0].code
-    assert "cenfusion.max_pool_5x5" in graph and "max_pool2d" not in graph
+    if pool == "cpu":
+        graph = torch._dynamo.explain(compiled_copy)(x).graphs[0].code
+        assert "cenfusion.max_pool_5x5" in graph and "max_pool2d" not in graph
     compiled_out = compiled(theirs)
     compiled_out.sum().backward()
     torch.testing.assert_close(compiled_out, out)
@@ -193,28 +198,8 @@ def test_crp_compiled_by_inductor_computes_the_same_function(channels_last) -> N
     assert theirs.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@GXX
-def test_the_pool_off_the_cpu_compiled_by_inductor_computes_the_same_function(
-    monkeypatch,
-) -> None:
-    """The GPU's pool (PyTorch's, recomputed by activation checkpointing), here on the CPU:
-    inductor's graph gives eager's values and gradients."""
-    monkeypatch.setattr(refinenet, "max_pool_5x5", recomputed_max_pool_5x5)
-    torch.manual_seed(0)
-    eager = ChainedResidualPool(8, stages=2)
-    compiled = torch.compile(copy.deepcopy(eager))
-    x = torch.randn(2, 8, 9, 11)
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = eager(ours)
-    out.sum().backward()
-    compiled_out = compiled(theirs)
-    compiled_out.sum().backward()
-    torch.testing.assert_close(compiled_out, out)
-    torch.testing.assert_close(theirs.grad, ours.grad)
-
-
 FROZEN = [
-    pytest.param("cpu", "default", marks=GXX, id="cpu"),
+    pytest.param("cpu", "default", marks=needs_cxx, id="cpu"),
     *(
         [pytest.param("cuda", "default", id="cuda"), pytest.param("cuda", "reduce-overhead")]
         if torch.cuda.is_available()
