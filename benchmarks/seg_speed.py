@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -224,16 +225,6 @@ def compiled_or_eager(module, make: Callable) -> tuple[Callable, str | None]:
         return make(module), note
 
 
-def profiled(step: Callable, device: torch.device) -> dict:
-    """A row's profile fields: kernels and busy time of the device (CUDA), operator tables."""
-    profile = profile_step(step, device)
-    return {
-        "kernels": profile.kernels,
-        "device_busy_ms": profile.device_busy_ms,
-        "profile": profile.table,
-    }
-
-
 Prepared = tuple[Callable[[], None], Callable[[list[float]], dict]]
 
 
@@ -269,7 +260,7 @@ def prepare_case(case: dict, args: argparse.Namespace) -> Prepared:
         median = statistics.median(times)
         return {
             **case,
-            **(profiled(step, device) if args.profile else {}),
+            **(asdict(profile_step(step, device)) if args.profile else {}),
             "variant": variant(case),
             "times_s": times,
             "median_s": median,
@@ -636,14 +627,14 @@ def main() -> None:
 def write_profiles(rows: list[dict], path: str) -> None:
     with open(path, "w") as out:
         for r in rows:
-            if "profile" not in r:
+            if "table" not in r:
                 continue
             kernels = ""
             if r["kernels"] is not None:
                 busy = r["device_busy_ms"]
                 kernels = f", {r['kernels']} device kernels, device busy {busy:.1f} ms"
             out.write(f"## R{r['depth']} {r['mode']} {r['impl']} {r['variant']}{kernels}\n\n")
-            out.write(r["profile"] + "\n\n")
+            out.write(r["table"] + "\n\n")
 
 
 if __name__ == "__main__":

@@ -129,13 +129,14 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     row = {"impl": "cenfusion", "mode": "infer", "input": "1x2x3x480x640", "precision": "bf16"}
     row |= {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead"}
     row |= {"mean_ms": 20.0, "std_ms": 1.0, "images_per_s": 50.0, "peak_mib": 900.0}
-    row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None}
+    row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None, "vs_reference": 3.1}
     row |= {"kernels_per_step": 300, "device_busy_ms": 15.0, "profile": "table"}
     result = {"device": "cuda: H200", "threads": 16, "torch": "2.14.1", "rows": [row]}
     result |= {"matmul_peak_tflops": {"bf16": 785.0}, "process_peak_rss_mib": 2000.0}
     name = "cenfusion infer 1x2x3x480x640 bf16 channels-last+compile (reduce-overhead)"
     busy = "300 kernels, device busy 15.0 of 20.0 ms (75%)"
-    assert format_table(result).endswith(f"\n- {name}: {busy}")
+    table = format_table(result)
+    assert "| 50.00 | 3.10 | 900 |" in table and table.endswith(f"\n- {name}: {busy}")
     assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
 
 

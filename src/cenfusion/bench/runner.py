@@ -265,11 +265,12 @@ def format_table(result: dict[str, Any]) -> str:
         layout = _layout(row)
         share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
         memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-        speedup = "-" if row.get("vs_reference") is None else f"{row['vs_reference']:.2f}"
+        speedup = "-" if row["vs_reference"] is None else f"{row['vs_reference']:.2f}"
         lines.append(
             f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
             f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
-            f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} | {share} | {row['note'] or ''} |"
+            f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} | {share} "
+            f"| {row['note'] or ''} |"
         )
     busy = [row for row in result["rows"] if row.get("device_busy_ms") is not None]
     if busy:
