@@ -36,6 +36,7 @@ from cenfusion.engine.run import (
 )
 from cenfusion.engine.runtime import CompiledOrEager, GraphSkips, Precision, open_runtime
 from cenfusion.engine.session import train
+from cenfusion.engine.trainer import _run_epoch
 from cenfusion.errors import CenError
 from cenfusion.reporting.runlog import save_confusion
 from cenfusion.segmentation.build import build_model
@@ -467,3 +468,63 @@ def test_amp_on_a_cpu_without_bfloat16_computes_in_float32(monkeypatch, capsys) 
     assert precision.dtype is None and not precision.scaler.is_enabled()
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "no bfloat16 support; computing in float32" in out
+
+
+class _Probe:
+    """A step's loss that notes when the engine reads it (the wait for the device)."""
+
+    def __init__(self, events: list[str], step: int, value: float) -> None:
+        self.events, self.step, self.value = events, step, value
+
+    def __float__(self) -> float:
+        self.events.append(f"read {self.step}")
+        return self.value
+
+
+class _CountingRecipe:
+    """The part of a recipe the epoch loop calls: steps that note when they are queued."""
+
+    def __init__(self, losses: list[float]) -> None:
+        self.losses, self.events = losses, []
+        self.train_loader = torch.utils.data.DataLoader(list(range(len(losses))))
+
+    def begin_epoch(self, epoch: int) -> torch.utils.data.DataLoader:
+        return self.train_loader
+
+    def num_epochs(self) -> int:
+        return 1
+
+    def batch_size(self, batch: torch.Tensor) -> int:
+        return len(batch)
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, _Probe]:
+        step = int(batch) + 1
+        self.events.append(f"step {step}")
+        return {"loss": _Probe(self.events, step, self.losses[step - 1])}
+
+
+def test_a_steps_loss_is_read_once_the_next_step_is_queued() -> None:
+    recipe = _CountingRecipe([4.0, 3.0, 2.0, 1.0])
+    means = _run_epoch(recipe, 1, argparse.Namespace(seed=0, quiet=True))
+    assert recipe.events == [
+        "step 1",
+        "read 1",
+        "step 2",
+        "step 3",
+        "read 2",
+        "step 4",
+        "read 3",
+        "read 4",
+    ]
+    assert means["loss"] == 2.5
+
+
+@pytest.mark.parametrize("bad", [1, 3, 4])
+def test_a_non_finite_loss_read_late_still_names_its_iteration(bad: int) -> None:
+    losses = [1.0] * 5
+    losses[bad - 1] = float("nan")
+    recipe = _CountingRecipe(losses)
+    with pytest.raises(CenError, match=rf"^epoch 1, iteration {bad}: loss nan; stopping$"):
+        _run_epoch(recipe, 1, argparse.Namespace(seed=0, quiet=True))
+    assert recipe.events[-1] == f"read {bad}"
+    assert f"step {bad + 2}" not in recipe.events

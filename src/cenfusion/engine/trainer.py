@@ -202,7 +202,11 @@ class Recipe(ABC):
 
 def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
     """Train one epoch with a progress bar; returns mean losses, seconds, data seconds and
-    the seconds of its first step (compilation, cuDNN's choices and warm-up show there)."""
+    the seconds of its first step (compilation, cuDNN's choices and warm-up show there).
+
+    A step's losses are read (a wait for the device) once the next step is queued, so that
+    the device never idles while the host fetches and queues a batch; the first step is read
+    at once, to time it. A non-finite loss still stops the run naming its iteration."""
     from tqdm import tqdm
 
     seed_epoch(recipe.train_loader, config.seed, epoch)
@@ -218,24 +222,35 @@ def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
         disable=getattr(config, "quiet", False) or not sys.stderr.isatty(),
         dynamic_ncols=True,
     )
+
+    def read(losses: dict[str, Tensor], iteration: int) -> None:
+        values = {k: float(v) for k, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+            raise CenError(f"epoch {epoch}, iteration {iteration}: {bad}; stopping")
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+        elapsed = time.perf_counter() - began
+        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{samples / elapsed:.1f}")
+
+    unread: tuple[dict[str, Tensor], int] | None = None
     waited = time.perf_counter()
     for batch in bar:
         data_time += time.perf_counter() - waited
         stepped = time.perf_counter()
         losses = recipe.train_step(batch)
-        values = {k: float(v) for k, v in losses.items()}
-        if steps == 0:
-            first_step = time.perf_counter() - stepped
-        if not all(math.isfinite(v) for v in values.values()):
-            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
-            raise CenError(f"epoch {epoch}, iteration {steps + 1}: {bad}; stopping")
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value
         steps += 1
         samples += recipe.batch_size(batch)
-        elapsed = time.perf_counter() - began
-        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{samples / elapsed:.1f}")
+        if steps == 1:
+            read(losses, steps)
+            first_step = time.perf_counter() - stepped
+        else:
+            if unread is not None:
+                read(*unread)
+            unread = (losses, steps)
         waited = time.perf_counter()
+    if unread is not None:
+        read(*unread)
     seconds = time.perf_counter() - began
     means = {key: value / max(steps, 1) for key, value in sums.items()}
     times = {"seconds": seconds, "data_seconds": data_time, "first_step_seconds": first_step}
