@@ -102,6 +102,37 @@ def test_empty_matrix_is_nan():
 def test_out_of_range_prediction_raises():
     with pytest.raises(ValueError, match="predicted class"):
         confusion_matrix(torch.tensor([3]), torch.tensor([0]), 3)
+    with pytest.raises(ValueError, match="predicted class"):
+        confusion_matrix(torch.tensor([-1]), torch.tensor([2]), 3)
+
+
+def test_ignored_pixels_may_hold_any_prediction_and_any_label():
+    target = torch.tensor([[0, IGNORE, -1, 3, 2]])
+    pred = torch.tensor([[0, 7, -5, 1, 2]])
+    cm = confusion_matrix(pred, target, 3)
+    np.testing.assert_array_equal(cm.numpy(), reference_confusion(pred.numpy(), target.numpy(), 3))
+    assert cm.sum() == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scoring_a_batch_of_logits_never_waits_for_the_device():
+    metric = SegmentationMetric(NUM_CLASSES, "cuda")
+    _, target = make_data(seed=3)
+    logits = torch.randn(target.shape[0], NUM_CLASSES, 8, 8, device="cuda")
+    target = target.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metric.update(logits, target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = confusion_matrix(
+        F.interpolate(logits, size=target.shape[1:], mode="bilinear", align_corners=False).argmax(
+            1
+        ),
+        target,
+        NUM_CLASSES,
+    )
+    assert torch.equal(metric.confmat, want)
 
 
 def test_logits_path_equals_argmax_path():

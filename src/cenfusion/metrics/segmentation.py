@@ -57,14 +57,25 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     if pred.is_floating_point() or target.is_floating_point():
         raise ValueError("pred and target must hold integer class indices")
-    target = target.reshape(-1).long()
-    pred = pred.reshape(-1).long().to(target.device)
-    keep = (target >= 0) & (target < num_classes)
-    target, pred = target[keep], pred[keep]
-    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+    pred = pred.to(target.device)
+    kept = (target >= 0) & (target < num_classes)
+    if bool((kept & ((pred < 0) | (pred >= num_classes))).any()):
         raise ValueError(f"predicted class indices must lie in [0, {num_classes})")
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    return _counts(pred, target, num_classes)
+
+
+def _counts(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """:func:`confusion_matrix` of predictions known to lie in ``[0, C)``, without waiting
+    for the device: ignored pixels are counted in one extra bin, dropped at the end, rather
+    than removed (which must learn how many are left), and the bins are a scatter-add, as
+    CUDA's ``bincount`` first reads the largest value to size its output."""
+    target = target.reshape(-1).long()
+    pixel = target * num_classes + pred.reshape(-1).long()
+    unused = num_classes * num_classes
+    bins = torch.where((target >= 0) & (target < num_classes), pixel, unused)
+    counts = torch.zeros(unused + 1, dtype=torch.int64, device=target.device)
+    counts.scatter_add_(0, bins, torch.ones_like(bins))
+    return counts[:unused].view(num_classes, num_classes)
 
 
 def scores_from_confusion(confmat: Tensor) -> dict[str, float | list[float]]:
@@ -139,13 +150,14 @@ class SegmentationMetric:
                 preds = F.interpolate(
                     preds.float(), size=target.shape[1:], mode="bilinear", align_corners=False
                 )
-            preds = preds.argmax(dim=1)
-        elif preds.dim() != target.dim():
+            counts = _counts(preds.argmax(dim=1).to(target.device), target, self.num_classes)
+        elif preds.dim() == target.dim():
+            counts = confusion_matrix(preds, target, self.num_classes)
+        else:
             raise ValueError(
                 f"preds {tuple(preds.shape)} must be logits (B, C, H, W) or labels shaped like "
                 f"target {tuple(target.shape)}"
             )
-        counts = confusion_matrix(preds, target, self.num_classes)
         self.confmat += counts.to(self.confmat.device)
 
     def compute(self) -> dict[str, float | list[float]]:
