@@ -16,8 +16,8 @@
 #       per-modality reference, inference, a pix2pix step and FID scoring, fp32 and bf16,
 #   (d) benchmarks/bench_fusion.py --device cuda (the fusion microbenchmark, also at a tiny size),
 #   (a) the test suite: the CUDA-parametrised tests first (fusion, fast paths, compiled and
-#       frozen networks, CUDA graphs), then the rest with the time left ($BUDGET seconds in
-#       all, default 470),
+#       frozen networks, CUDA graphs, no waits for the device in a step or a score), then
+#       the rest with the time left ($BUDGET seconds in all, default 470),
 # then prints the bench tables last. Logs, profiles and JSON go to ${OUT:-/tmp}.
 #
 #   bash benchmarks/gpu_check.sh
@@ -153,8 +153,10 @@ timeout 40 $PY benchmarks/bench_fusion.py --device cuda --skip-model --batch 1 -
 echo "== (a) test suite: the CUDA-parametrised tests"
 FIRST=(tests/test_fusion.py tests/test_fusion_fastpath.py)
 timeout 150 $PY -m pytest -q -p no:cacheprovider "${FIRST[@]}" \
-    tests/test_refinenet.py::test_a_frozen_compiled_cen_block_computes_the_same_function 2>&1 |
-    tail -n 8
+    tests/test_refinenet.py::test_a_frozen_compiled_cen_block_computes_the_same_function \
+    tests/test_refinenet.py::test_a_training_step_and_inference_never_wait_for_the_device \
+    tests/test_metrics_segmentation.py::test_scoring_a_batch_of_logits_never_waits_for_the_device \
+    2>&1 | tail -n 8
 LEFT=$((BUDGET - SECONDS))
 echo "== (a) the rest of the test suite (${LEFT} s left)"
 XDIST=""

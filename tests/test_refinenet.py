@@ -1,5 +1,6 @@
 import copy
 import math
+from functools import partial
 
 import pytest
 import timm
@@ -9,11 +10,13 @@ from dependencies import needs_cxx
 from torch import nn
 
 from cenfusion import CenError, create_cen_refinenet, create_model
-from cenfusion.engine.runtime import CompiledOrEager
-from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms
+from cenfusion.bench.cases import with_exchange
+from cenfusion.engine.runtime import CompiledOrEager, Precision
+from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms, sparsity_penalty
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
 from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
+from cenfusion.segmentation.train import segmentation_step
 
 
 def count(model: nn.Module) -> int:
@@ -269,3 +272,33 @@ def test_crp_pool_traces_to_the_standard_operator() -> None:
         graph = torch.jit.trace(max_pool_5x5, torch.randn(1, 2, 6, 7)).graph
     kinds = {node.kind() for node in graph.nodes()}
     assert "aten::max_pool2d" in kinds and not any("mkldnn" in kind for kind in kinds)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_step_and_inference_never_wait_for_the_device(dtype) -> None:
+    """A wait for the GPU stops the host from queueing the next kernels: a training step
+    (exchange active, the sparsity term, SGD) and an inference pass of eager CEN RefineNet
+    make none once warm (loss scaling, float16's own wait, is not used in either dtype)."""
+    torch.manual_seed(0)
+    model = with_exchange(create_cen_refinenet(backbone="resnet26", num_classes=6)).cuda()
+    device = torch.device("cuda")
+    precision = Precision(dtype != torch.float32, device, dtype)
+    xs = torch.randn(4, 3, 64, 64, device=device)
+    target = torch.randint(0, 6, (2, 64, 64), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    penalty = partial(sparsity_penalty, model, 2e-4)
+    step = partial(segmentation_step, model, penalty, xs, target, optimizer, precision)
+    step()
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        model(xs)
+    model.train()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        model.eval()
+        with torch.no_grad(), precision.autocast():
+            model(xs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
