@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cenfusion import create_cen_refinenet
 from cenfusion.bench.cases import penalty_of, reference_difference, with_exchange
 from cenfusion.bench.reference import ReferenceCEN
-from cenfusion.bench.timing import profile_step
+from cenfusion.bench.timing import matmul_peak, profile_step
 from cenfusion.engine.heap import kept_cpu_memory
 from cenfusion.models.refinenet import CENRefineNet
 
@@ -437,23 +437,6 @@ class Worker:
         self.proc.wait()
         self.log.close()
         return self.row
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matrix product, its best of ten timings: the machine's
-    practical peak (on a shared 2-core machine the median of five once gave 246 bf16
-    GFLOP/s against 379-418 in other runs).
-
-    On CUDA the fp32 product uses TF32 exactly when cuDNN's convolutions do (torch's default).
-    """
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-    try:
-        return 2 * n**3 / min(time_steps(lambda: a @ b, device, 2, 10))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:

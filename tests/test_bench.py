@@ -165,8 +165,30 @@ def test_timing_is_warm_up_then_each_run_timed(monkeypatch) -> None:
     result = timing.time_steps(lambda: calls.append("step"), torch.device("cpu"), 3, 2)
     assert calls == ["step"] * 5
     assert result == timing.Timing(
-        mean_ms=pytest.approx(20.0), std_ms=pytest.approx(14.142, abs=1e-3), runs=2
+        mean_ms=pytest.approx(20.0),
+        std_ms=pytest.approx(14.142, abs=1e-3),
+        best_ms=pytest.approx(10.0),
+        runs=2,
     )
+
+
+@pytest.mark.parametrize("convolutions_tf32", [True, False])
+def test_the_float32_peak_computes_as_the_convolutions_do(monkeypatch, convolutions_tf32) -> None:
+    """cuDNN's float32 convolutions use TF32 by default and torch's matrix products do not:
+    the peak a float32 row is set against must be the product in the convolutions' mode."""
+    seen: list[bool] = []
+    real_mm = torch.mm
+
+    def mm(a, b):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", convolutions_tf32)
+    products = torch.backends.cuda.matmul.allow_tf32
+    assert timing.matmul_peak(torch.device("cpu"), torch.float32) > 0
+    assert seen == [convolutions_tf32] * 12
+    assert torch.backends.cuda.matmul.allow_tf32 == products
 
 
 @pytest.mark.parametrize(
