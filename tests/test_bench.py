@@ -40,8 +40,14 @@ def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
         assert row["runs"] == 2 and row["mean_ms"] > 0 and row["std_ms"] >= 0
         assert row["images_per_s"] == pytest.approx(int(row["input"][0]) / row["mean_ms"] * 1e3)
         assert row["peak_share"] > 0 and row["peak_mib"] is None
+        # a floor below what the step took, from operators bound by memory and by the peak
+        assert 0 < row["floor_ms"] < row["mean_ms"] and 0 < row["floor_memory_share"] < 1
+        assert f"| {row['floor_ms']:.1f} ({100 * row['floor_memory_share']:.0f}% mem) |" in table
+    # half precision moves about half the bytes
+    assert rows[2]["gbytes_per_step"] == pytest.approx(rows[1]["gbytes_per_step"] / 2, rel=0.1)
     assert rows[3]["gflop_per_image"] == pytest.approx(12 * rows[0]["gflop_per_image"], rel=0.05)
     assert set(result["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    assert f"memory bandwidth {result['memory_bandwidth_gbps']:.0f} GB/s" in table
     assert result["device"].startswith("cpu: ") and "| reference | infer |" in table
 
 
@@ -62,6 +68,7 @@ def test_translation_rows(tmp_path) -> None:
         ("cenfusion", "fid"),
     ]
     assert all(r["note"].startswith("same outputs as cenfusion") for r in rows[::2])
+    assert all(r["floor_ms"] > 0 for r in rows[:4]) and rows[4]["floor_ms"] is None
     # a view: the generator, then the FID Inception (about 11.4 GFLOP at 299x299) on 3 heads
     scored = rows[4]["gflop_per_image"] - rows[0]["gflop_per_image"]
     assert scored == pytest.approx(3 * 11.4, rel=0.02)
@@ -95,6 +102,7 @@ def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["cenfusion", "onnxruntime"]
     assert [r["vs_reference"] for r in rows] == [None, None]  # --no-reference
+    assert rows[0]["floor_ms"] > 0 and rows[1]["floor_ms"] is None  # not torch's operators
 
 
 def test_profile_writes_each_rows_operators(tmp_path, capsys) -> None:
@@ -131,12 +139,15 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     row |= {"mean_ms": 20.0, "std_ms": 1.0, "images_per_s": 50.0, "peak_mib": 900.0}
     row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None, "vs_reference": 3.1}
     row |= {"kernels_per_step": 300, "device_busy_ms": 15.0, "profile": "table"}
+    row |= {"floor_ms": 7.25, "floor_memory_share": 0.6, "gbytes_per_step": 12.0}
     result = {"device": "cuda: H200", "threads": 16, "torch": "2.14.1", "rows": [row]}
     result |= {"matmul_peak_tflops": {"bf16": 785.0}, "process_peak_rss_mib": 2000.0}
+    result |= {"memory_bandwidth_gbps": 4200.0}
     name = "cenfusion infer 1x2x3x480x640 bf16 channels-last+compile (reduce-overhead)"
     busy = "300 kernels, device busy 15.0 of 20.0 ms (75%)"
     table = format_table(result)
     assert "| 50.00 | 3.10 | 900 |" in table and table.endswith(f"\n- {name}: {busy}")
+    assert "| 10.0 | 7.2 (60% mem) |" in table and "memory bandwidth 4200 GB/s" in table
     assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
 
 

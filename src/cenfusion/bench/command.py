@@ -5,8 +5,10 @@ way of computing, checked first to compute the same function), then cenfusion in
 precision asked for, with the run-time settings (channels-last, compile), and optionally the
 exported segmentation model in ONNX Runtime; each for inference and, if asked, a training
 step at the training crop and (translation) the FID scoring of validation views. Every row
-gives images per second, peak device memory (CUDA), FLOPs per image and the share of a
-matrix-product peak measured in the same run; with --profile, what bounds its step.
+gives images per second, peak device memory (CUDA), FLOPs per image, the share of a
+matrix-product peak measured in the same run and its floor: the time its operators would take
+at that peak or at the memory bandwidth measured too, whichever bounds each; with --profile,
+where its time goes.
 """
 
 from __future__ import annotations

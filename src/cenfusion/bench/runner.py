@@ -17,6 +17,7 @@ from cenfusion.bench import cases
 from cenfusion.bench.options import DEFAULTS, BenchOptions
 from cenfusion.bench.reference import ReferenceCEN
 from cenfusion.bench.reference_unet import PerBranchDiscriminator, ReferenceUNet
+from cenfusion.bench.roofline import OperatorCost, floor, memory_bandwidth, operator_costs
 from cenfusion.bench.timing import (
     matmul_peak,
     peak_memory_mib,
@@ -47,21 +48,25 @@ def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
         device = opened.device
         torch.backends.cudnn.benchmark = True
         try:
-            rows = [row for mode in options.modes for row in _rows(options, mode, opened)]
+            measured = [pair for mode in options.modes for pair in _rows(options, mode, opened)]
         finally:
             torch.backends.cudnn.benchmark = searched
+        rows = [row for row, _ in measured]
         used = sorted({row["precision"] for row in rows})
         peaks = {p: matmul_peak(device, DTYPES[p]) for p in used}
-        for row in rows:
-            peak = peaks.get(row["precision"])
+        bandwidth = memory_bandwidth(device)
+        for row, costs in measured:
+            peak = peaks[row["precision"]]
             rate = row["gflop_per_image"] * 1e9 * row["images_per_s"]
-            row["peak_share"] = rate / peak if peak else None
+            row["peak_share"] = rate / peak
+            row.update(_floor_fields(costs, peak, bandwidth))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
         return {
             "device": f"{device.type}: {name}",
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "matmul_peak_tflops": {p: peaks[p] / 1e12 for p in peaks},
+            "memory_bandwidth_gbps": bandwidth / 1e9,
             "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rows": rows,
         }
@@ -77,8 +82,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, Any]]:
-    """Every row of one mode, each with its networks built afresh."""
+def _floor_fields(
+    costs: list[OperatorCost] | None, peak: float, bandwidth: float
+) -> dict[str, float | None]:
+    """A row's roofline floor (:mod:`cenfusion.bench.roofline`): its milliseconds, the share
+    of them in memory-bound operators, and the gigabytes its operators move."""
+    if costs is None:
+        return {"floor_ms": None, "floor_memory_share": None, "gbytes_per_step": None}
+    bound = floor(costs, peak, bandwidth)
+    return {
+        "floor_ms": bound.ms,
+        "floor_memory_share": bound.memory_ms / bound.ms,
+        "gbytes_per_step": bound.gigabytes,
+    }
+
+
+def _rows(
+    options: BenchOptions, mode: str, opened: Runtime
+) -> list[tuple[dict[str, Any], list[OperatorCost] | None]]:
+    """Every row of one mode, each with its networks built afresh, and its step's operators
+    as eager runs them (:func:`_eager_operators`)."""
     training = mode == "train"
     size, train_size, train_batch = DEFAULTS[options.task]
     size = (options.train_size or train_size) if training else (options.size or size)
@@ -120,11 +143,60 @@ def _rows(options: BenchOptions, mode: str, opened: Runtime) -> list[dict[str, A
             row["kernels_per_step"] = profiled.kernels
             row["device_busy_ms"] = profiled.device_busy_ms
             row["profile"] = profiled.table
-        rows.append(row)
-    reference = rows[0] if rows[0]["impl"] == "reference" else None
-    for row in rows:
+        rows.append((row, _eager_operators(options, impl, mode, batch, size, dtype)))
+    reference = rows[0][0] if rows[0][0]["impl"] == "reference" else None
+    for row, _ in rows:
         row["vs_reference"] = reference["mean_ms"] / row["mean_ms"] if reference else None
     return rows
+
+
+def _eager_operators(
+    options: BenchOptions, impl: str, mode: str, batch: int, size: tuple[int, int], dtype: Any
+) -> list[OperatorCost] | None:
+    """The operators of a row's step as eager runs them on a GPU, counted on the meta device
+    with the networks and inputs in the row's dtype (autocast's casts of the weights, small
+    beside the activations, are left out). None for ONNX Runtime, whose operators are not
+    PyTorch's, and for FID scoring, whose Inception loads its weights from a file."""
+    if impl == "onnxruntime" or mode == "fid":
+        return None
+    training = mode == "train"
+    plain = Precision(False, torch.device("cpu"))
+    with torch.device("meta"):
+        xs = [torch.empty(batch, 3, *size, dtype=dtype) for _ in range(2)]
+        if options.task == "seg":
+            model = cases.refinenet(options.enc).to(dtype).train(training)
+            net, module = model, model
+            if impl == "reference":
+                module = ReferenceCEN(model).train(training)
+                net = _stacked(module)
+            if training:
+                step = cases.segmentation_training(net, module, xs, plain)
+            else:
+                step = cases.inference(net, xs, plain)
+        else:
+            generator, discriminator = cases.translation_networks(options.ngf, options.num_downs)
+            nets = (generator.to(dtype).train(training), discriminator.to(dtype))
+            if impl == "reference":
+                nets = _reference_translation(*nets, training)
+            if training:
+                step = cases.translation_training(*nets, nets, xs, plain)
+            else:
+                step = cases.inference(nets[0], xs, plain)
+    return operator_costs(step)
+
+
+def _stacked(reference: ReferenceCEN) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The reference's heads stacked, as cenfusion gives them."""
+    return lambda inputs: torch.stack(reference(inputs))
+
+
+def _reference_translation(
+    generator: torch.nn.Module, discriminator: torch.nn.Module, training: bool
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The translation networks as the released code runs them: a list of modalities through
+    the U-Net, the PatchGAN once per branch."""
+    judge = PerBranchDiscriminator(discriminator, generator.num_modalities)
+    return ReferenceUNet(generator).train(training), judge
 
 
 def _forward_flops(options: BenchOptions, size: tuple[int, int]) -> int:
@@ -170,13 +242,9 @@ def _step(
         return cases.segmentation_training(net, model, xs, precision), None
     note = _checked(model, ReferenceCEN, xs, training)
     reference = ReferenceCEN(model).train(training)
-
-    def stacked(inputs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(reference(inputs))
-
     if not training:
-        return cases.inference(stacked, xs, precision), note
-    return cases.segmentation_training(stacked, reference, xs, precision), note
+        return cases.inference(_stacked(reference), xs, precision), note
+    return cases.segmentation_training(_stacked(reference), reference, xs, precision), note
 
 
 def _translation_step(
@@ -195,8 +263,7 @@ def _translation_step(
     discriminator.to(opened.device)
     if impl == "reference":
         note = _checked(generator, ReferenceUNet, xs, training)
-        judge = PerBranchDiscriminator(discriminator, generator.num_modalities)
-        nets = bare = (ReferenceUNet(generator).train(training), judge)
+        nets = bare = _reference_translation(generator, discriminator, training)
     else:
         note, bare = None, (generator, discriminator)
         nets = (
@@ -239,7 +306,8 @@ def format_table(result: dict[str, Any]) -> str:
     peaks = ", ".join(f"{p} {v:.2f}" for p, v in result["matmul_peak_tflops"].items())
     title = (
         f"{result['device']}, {result['threads']} threads, torch {result['torch']}, "
-        f"process peak RSS {result['process_peak_rss_mib']:.0f} MiB"
+        f"process peak RSS {result['process_peak_rss_mib']:.0f} MiB; "
+        f"memory bandwidth {result['memory_bandwidth_gbps']:.0f} GB/s"
     )
     columns = [
         "impl",
@@ -253,13 +321,14 @@ def format_table(result: dict[str, Any]) -> str:
         "MiB",
         "GFLOP/img",
         "%peak",
+        "floor ms",
         "note",
     ]
     lines = [
         f"{title}; matrix-product peak (TFLOP/s): {peaks}",
         "",
         "| " + " | ".join(columns) + " |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in result["rows"]:
         layout = _layout(row)
@@ -270,7 +339,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
             f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
             f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} | {share} "
-            f"| {row['note'] or ''} |"
+            f"| {_floor(row)} | {row['note'] or ''} |"
         )
     busy = [row for row in result["rows"] if row.get("device_busy_ms") is not None]
     if busy:
@@ -290,6 +359,13 @@ def format_profiles(result: dict[str, Any]) -> str:
             work = f": {_busy(row)}" if row["device_busy_ms"] is not None else ""
             sections.append(f"## {_name(row)}{work}\n\n{row['profile']}\n")
     return "\n".join(sections)
+
+
+def _floor(row: dict[str, Any]) -> str:
+    """The row's roofline floor, and the share of it bound by memory rather than by the peak."""
+    if row["floor_ms"] is None:
+        return "-"
+    return f"{row['floor_ms']:.1f} ({100 * row['floor_memory_share']:.0f}% mem)"
 
 
 def _layout(row: dict[str, Any]) -> str:
