@@ -151,7 +151,12 @@ def _rows(
 
 
 def _eager_operators(
-    options: BenchOptions, impl: str, mode: str, batch: int, size: tuple[int, int], dtype: Any
+    options: BenchOptions,
+    impl: str,
+    mode: str,
+    batch: int,
+    size: tuple[int, int],
+    dtype: torch.dtype,
 ) -> list[OperatorCost] | None:
     """The operators of a row's step as eager runs them on a GPU, counted on the meta device
     with the networks and inputs in the row's dtype (autocast's casts of the weights, small
