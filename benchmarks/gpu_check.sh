@@ -4,8 +4,9 @@
 #   (b) a short CEN R101 training at 480x480 with AMP (random data, 20 steps),
 #   (c) cen bench, R101, eager: the per-modality reference (fp32) beside cenfusion in fp32
 #       and bf16 + channels-last, inference at 1x480x640 and a training step at 4x480x480,
-#       each step profiled (device kernels, device busy time, busiest operators); one call
-#       per mode, so that one that runs out of time leaves the other's table,
+#       each step profiled (device kernels, device busy time, busiest operators) and set
+#       against its roofline floor; one call per mode, so that one that runs out of time
+#       leaves the other's table,
 #   (f) the same cenfusion bf16 rows compiled, then (time allowing) in CUDA graphs
 #       (--compile-mode reduce-overhead), profiled too,
 #   (e) the CLI end to end on CUDA, embedded data: `seg train` (fp16 + GradScaler,
@@ -96,8 +97,8 @@ bench() { # NAME SECONDS MODE FLAGS...
 : >"$OUT/cen_bench.md"
 
 echo "== (c) cen bench --device cuda, eager: reference and cenfusion, profiled"
-bench eager 90 infer --precisions fp32 bf16 --warmup 5 --runs 10
-bench eager 120 train --precisions fp32 bf16 --warmup 5 --runs 10
+bench eager 100 infer --precisions fp32 bf16 --warmup 5 --runs 10
+bench eager 150 train --precisions fp32 bf16 --warmup 5 --runs 10
 
 echo "== (f) cen bench --compile --device cuda: the first compiled rows on a GPU"
 bench compiled 120 infer --precisions bf16 --compile --no-reference --warmup 5 --runs 10
