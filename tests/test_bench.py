@@ -13,6 +13,12 @@ from cenfusion.bench.runner import format_profiles, format_table
 from cenfusion.cli import main
 
 
+@pytest.fixture
+def no_floor(monkeypatch) -> None:
+    """For tests of other columns: rows without the roofline floor's count (seconds each)."""
+    monkeypatch.setattr(runner, "_eager_operators", lambda *args: None)
+
+
 def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "--enc", "50", "--size", "32", "32", "--modes", "infer", "train"]
@@ -74,7 +80,7 @@ def test_translation_rows(tmp_path) -> None:
     assert scored == pytest.approx(3 * 11.4, rel=0.02)
 
 
-def test_a_compiled_row_names_its_mode(tmp_path, monkeypatch, capsys) -> None:
+def test_a_compiled_row_names_its_mode(tmp_path, monkeypatch, capsys, no_floor) -> None:
     """An inference row compiles as seg eval and seg predict do: the weights frozen."""
     from torch._inductor import list_mode_options
 
@@ -105,7 +111,7 @@ def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     assert rows[0]["floor_ms"] > 0 and rows[1]["floor_ms"] is None  # not torch's operators
 
 
-def test_profile_writes_each_rows_operators(tmp_path, capsys) -> None:
+def test_profile_writes_each_rows_operators(tmp_path, capsys, no_floor) -> None:
     out, profile = tmp_path / "bench.json", tmp_path / "profile.md"
     argv = ["bench", "--enc", "50", "--size", "32", "32", "--runs", "1", "--warmup", "0"]
     argv += ["--device", "cpu", "--json", str(out), "--profile", str(profile)]
@@ -151,7 +157,7 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
 
 
-def test_every_row_lets_cudnn_choose_its_kernels(monkeypatch) -> None:
+def test_every_row_lets_cudnn_choose_its_kernels(monkeypatch, no_floor) -> None:
     """A fair comparison: the reference's rows search cuDNN's kernels as cenfusion's
     training rows do (the flag only matters on a GPU; here its value is what is checked)."""
     searched: list[bool] = []
