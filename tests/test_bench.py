@@ -111,7 +111,7 @@ def test_onnx_row_runs_the_exported_network(tmp_path) -> None:
     assert rows[0]["floor_ms"] > 0 and rows[1]["floor_ms"] is None  # not torch's operators
 
 
-def test_profile_writes_each_rows_operators(tmp_path, capsys, no_floor) -> None:
+def test_profile_writes_each_rows_operators(tmp_path, capsys) -> None:
     out, profile = tmp_path / "bench.json", tmp_path / "profile.md"
     argv = ["bench", "--enc", "50", "--size", "32", "32", "--runs", "1", "--warmup", "0"]
     argv += ["--device", "cpu", "--json", str(out), "--profile", str(profile)]
@@ -125,6 +125,10 @@ def test_profile_writes_each_rows_operators(tmp_path, capsys, no_floor) -> None:
     for row, section in zip(rows, sections):
         assert row["kernels_per_step"] is None and row["device_busy_ms"] is None
         assert "Self CPU" in section and "aten::convolution" in section
+        assert f"Floor {row['floor_ms']:.1f} ms, by operator" in section
+        parts = row["floor_by_operator"]
+        assert "| convolution |" in section and len(parts) == 12
+        assert sum(p["floor_ms"] for p in parts) <= row["floor_ms"] * (1 + 1e-9)
     assert f"wrote {profile}" in capsys.readouterr().out
 
 
@@ -146,6 +150,8 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None, "vs_reference": 3.1}
     row |= {"kernels_per_step": 300, "device_busy_ms": 15.0, "profile": "table"}
     row |= {"floor_ms": 7.25, "floor_memory_share": 0.6, "gbytes_per_step": 12.0}
+    part = {"operator": "convolution", "calls": 171, "gbytes": 10.5, "floor_ms": 5.0}
+    row["floor_by_operator"] = [part | {"memory_ms": 0.5}]
     result = {"device": "cuda: H200", "threads": 16, "torch": "2.14.1", "rows": [row]}
     result |= {"matmul_peak_tflops": {"bf16": 785.0}, "process_peak_rss_mib": 2000.0}
     result |= {"memory_bandwidth_gbps": 4200.0}
@@ -154,7 +160,13 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     table = format_table(result)
     assert "| 50.00 | 3.10 | 900 |" in table and table.endswith(f"\n- {name}: {busy}")
     assert "| 10.0 | 7.2 (60% mem) |" in table and "memory bandwidth 4200 GB/s" in table
-    assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n"
+    floor_table = (
+        "Floor 7.2 ms, by operator (largest parts):\n\n"
+        "| operator | calls | GB | floor ms | of it bound by memory |\n"
+        "|---|---:|---:|---:|---:|\n"
+        "| convolution | 171 | 10.50 | 5.00 | 0.50 |"
+    )
+    assert format_profiles(result) == f"## {name}: {busy}\n\ntable\n\n{floor_table}\n"
 
 
 def test_every_row_lets_cudnn_choose_its_kernels(monkeypatch, no_floor) -> None:

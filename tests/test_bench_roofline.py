@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from cenfusion.bench import cases, roofline
-from cenfusion.bench.roofline import OperatorCost, floor, memory_bandwidth, operator_costs
+from cenfusion.bench.roofline import (
+    OperatorCost,
+    floor,
+    floor_by_operator,
+    memory_bandwidth,
+    operator_costs,
+)
 from cenfusion.bench.timing import Timing
 from cenfusion.info import count_flops
 
@@ -73,3 +79,17 @@ def test_bandwidth_is_the_fastest_copy_of_a_large_tensor(monkeypatch) -> None:
     monkeypatch.setattr(roofline, "time_steps", timed)
     assert memory_bandwidth(torch.device("cpu")) == pytest.approx(2 * 64 * 2**20 / 2e-3)
     assert copies == [(2, 10)]
+
+
+def test_the_floor_by_operator_sums_each_operators_calls() -> None:
+    costs = [
+        OperatorCost("relu", flops=0, bytes=300),
+        OperatorCost("convolution", flops=4000, bytes=100),
+        OperatorCost("relu", flops=0, bytes=200),
+        OperatorCost("add", flops=0, bytes=100),
+    ]
+    parts = floor_by_operator(costs, peak_flops=1e6, bandwidth=1e5, top=2)
+    assert parts == [
+        {"operator": "relu", "calls": 2, "gbytes": 5e-7, "floor_ms": 5.0, "memory_ms": 5.0},
+        {"operator": "convolution", "calls": 1, "gbytes": 1e-7, "floor_ms": 4.0, "memory_ms": 0.0},
+    ]

@@ -26,7 +26,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cenfusion.bench.timing import time_steps
 
-__all__ = ["Floor", "OperatorCost", "floor", "memory_bandwidth", "operator_costs"]
+__all__ = [
+    "Floor",
+    "OperatorCost",
+    "floor",
+    "floor_by_operator",
+    "memory_bandwidth",
+    "operator_costs",
+]
 
 #: Operators that allocate without writing, or read no tensor data.
 _NO_TRAFFIC = {
@@ -136,6 +143,31 @@ def floor(costs: Sequence[OperatorCost], peak_flops: float, bandwidth: float) ->
         total += max(compute, move)
         memory += move if move > compute else 0.0
     return Floor(total * 1e3, memory * 1e3, sum(c.bytes for c in costs) / 1e9)
+
+
+def floor_by_operator(
+    costs: Sequence[OperatorCost], peak_flops: float, bandwidth: float, top: int = 12
+) -> list[dict[str, Any]]:
+    """The ``top`` operators by their part of the floor (:func:`floor` of each operator's
+    calls): calls, gigabytes moved, milliseconds at the floor and how many of them are bound
+    by memory. Set beside a profile's device time per operator, it says which kernels run
+    far from what the hardware allows."""
+    calls: dict[str, list[OperatorCost]] = {}
+    for cost in costs:
+        calls.setdefault(cost.name, []).append(cost)
+    parts = []
+    for name, group in calls.items():
+        bound = floor(group, peak_flops, bandwidth)
+        parts.append(
+            {
+                "operator": name,
+                "calls": len(group),
+                "gbytes": bound.gigabytes,
+                "floor_ms": bound.ms,
+                "memory_ms": bound.memory_ms,
+            }
+        )
+    return sorted(parts, key=lambda part: -part["floor_ms"])[:top]
 
 
 def memory_bandwidth(device: torch.device) -> float:

@@ -17,7 +17,13 @@ from cenfusion.bench import cases
 from cenfusion.bench.options import DEFAULTS, BenchOptions
 from cenfusion.bench.reference import ReferenceCEN
 from cenfusion.bench.reference_unet import PerBranchDiscriminator, ReferenceUNet
-from cenfusion.bench.roofline import OperatorCost, floor, memory_bandwidth, operator_costs
+from cenfusion.bench.roofline import (
+    OperatorCost,
+    floor,
+    floor_by_operator,
+    memory_bandwidth,
+    operator_costs,
+)
 from cenfusion.bench.timing import (
     matmul_peak,
     peak_memory_mib,
@@ -84,16 +90,20 @@ def _cpu_name() -> str:
 
 def _floor_fields(
     costs: list[OperatorCost] | None, peak: float, bandwidth: float
-) -> dict[str, float | None]:
+) -> dict[str, Any]:
     """A row's roofline floor (:mod:`cenfusion.bench.roofline`): its milliseconds, the share
-    of them in memory-bound operators, and the gigabytes its operators move."""
+    of them in memory-bound operators, the gigabytes its operators move, and the operators
+    with the largest parts of it."""
     if costs is None:
-        return {"floor_ms": None, "floor_memory_share": None, "gbytes_per_step": None}
+        return dict.fromkeys(
+            ("floor_ms", "floor_memory_share", "gbytes_per_step", "floor_by_operator")
+        )
     bound = floor(costs, peak, bandwidth)
     return {
         "floor_ms": bound.ms,
         "floor_memory_share": bound.memory_ms / bound.ms,
         "gbytes_per_step": bound.gigabytes,
+        "floor_by_operator": floor_by_operator(costs, peak, bandwidth),
     }
 
 
@@ -357,13 +367,33 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def format_profiles(result: dict[str, Any]) -> str:
-    """A markdown section per profiled row: its device work (CUDA) and operator tables."""
+    """A markdown section per profiled row: its device work (CUDA), operator tables and the
+    operators with the largest parts of its floor."""
     sections = []
     for row in result["rows"]:
         if "profile" in row:
             work = f": {_busy(row)}" if row["device_busy_ms"] is not None else ""
-            sections.append(f"## {_name(row)}{work}\n\n{row['profile']}\n")
+            section = f"## {_name(row)}{work}\n\n{row['profile']}\n"
+            if row["floor_by_operator"] is not None:
+                section += f"\n{_floor_table(row)}\n"
+            sections.append(section)
     return "\n".join(sections)
+
+
+def _floor_table(row: dict[str, Any]) -> str:
+    """The operators with the largest parts of a row's floor, as a markdown table."""
+    lines = [
+        f"Floor {row['floor_ms']:.1f} ms, by operator (largest parts):",
+        "",
+        "| operator | calls | GB | floor ms | of it bound by memory |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {part['operator']} | {part['calls']} | {part['gbytes']:.2f} "
+        f"| {part['floor_ms']:.2f} | {part['memory_ms']:.2f} |"
+        for part in row["floor_by_operator"]
+    ]
+    return "\n".join(lines)
 
 
 def _floor(row: dict[str, Any]) -> str:
