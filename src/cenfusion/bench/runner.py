@@ -180,24 +180,45 @@ def _eager_operators(
         xs = [torch.empty(batch, 3, *size, dtype=dtype) for _ in range(2)]
         if options.task == "seg":
             model = cases.refinenet(options.enc).to(dtype).train(training)
-            net, module = model, model
+            net: Callable[[list[torch.Tensor]], torch.Tensor] = model
             if impl == "reference":
-                module = ReferenceCEN(model).train(training)
-                net = _stacked(module)
-            if training:
-                step = cases.segmentation_training(net, module, xs, plain)
-            else:
-                step = cases.inference(net, xs, plain)
+                model = ReferenceCEN(model).train(training)
+                net = _stacked(model)
+            step = _segmentation_call(net, model, xs, plain, training)
         else:
             generator, discriminator = cases.translation_networks(options.ngf, options.num_downs)
             nets = (generator.to(dtype).train(training), discriminator.to(dtype))
             if impl == "reference":
                 nets = _reference_translation(*nets, training)
-            if training:
-                step = cases.translation_training(*nets, nets, xs, plain)
-            else:
-                step = cases.inference(nets[0], xs, plain)
+            step = _translation_call(nets, nets, xs, plain, training)
     return operator_costs(step)
+
+
+def _segmentation_call(
+    net: Callable[[list[torch.Tensor]], torch.Tensor],
+    model: torch.nn.Module,
+    xs: list[torch.Tensor],
+    precision: Precision,
+    training: bool,
+) -> cases.Step:
+    """An SGD step of ``net`` (``model``: its parameters and sparsity term), or inference."""
+    if training:
+        return cases.segmentation_training(net, model, xs, precision)
+    return cases.inference(net, xs, precision)
+
+
+def _translation_call(
+    nets: tuple[Callable, Callable],
+    bare: tuple[torch.nn.Module, torch.nn.Module],
+    xs: list[torch.Tensor],
+    precision: Precision,
+    training: bool,
+) -> cases.Step:
+    """A pix2pix step of ``nets`` (``bare``: the modules they call), or the generator's
+    inference."""
+    if training:
+        return cases.translation_training(*bare, nets, xs, precision)
+    return cases.inference(nets[0], xs, precision)
 
 
 def _stacked(reference: ReferenceCEN) -> Callable[[list[torch.Tensor]], torch.Tensor]:
@@ -252,14 +273,10 @@ def _step(
         return _onnx_step(model, xs, opened), None
     if impl == "cenfusion":
         net = opened.prepare(model, training=training, frozen=not training)
-        if not training:
-            return cases.inference(net, xs, precision), None
-        return cases.segmentation_training(net, model, xs, precision), None
+        return _segmentation_call(net, model, xs, precision, training), None
     note = _checked(model, ReferenceCEN, xs, training)
     reference = ReferenceCEN(model).train(training)
-    if not training:
-        return cases.inference(_stacked(reference), xs, precision), note
-    return cases.segmentation_training(_stacked(reference), reference, xs, precision), note
+    return _segmentation_call(_stacked(reference), reference, xs, precision, training), note
 
 
 def _translation_step(
@@ -287,9 +304,7 @@ def _translation_step(
         )
     if extractor is not None:
         return cases.fid_views(nets[0], extractor, xs, precision), note
-    if not training:
-        return cases.inference(nets[0], xs, precision), note
-    return cases.translation_training(*bare, nets, xs, precision), note
+    return _translation_call(nets, bare, xs, precision, training), note
 
 
 def _checked(
@@ -347,14 +362,13 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         layout = _layout(row)
-        share = "-" if row["peak_share"] is None else f"{100 * row['peak_share']:.1f}"
         memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         speedup = "-" if row["vs_reference"] is None else f"{row['vs_reference']:.2f}"
         lines.append(
             f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
             f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
-            f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} | {share} "
-            f"| {_floor(row)} | {row['note'] or ''} |"
+            f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} "
+            f"| {100 * row['peak_share']:.1f} | {_floor(row)} | {row['note'] or ''} |"
         )
     busy = [row for row in result["rows"] if row.get("device_busy_ms") is not None]
     if busy:
