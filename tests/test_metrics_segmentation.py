@@ -125,14 +125,8 @@ def test_scoring_a_batch_of_logits_never_waits_for_the_device():
         metric.update(logits, target)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = confusion_matrix(
-        F.interpolate(logits, size=target.shape[1:], mode="bilinear", align_corners=False).argmax(
-            1
-        ),
-        target,
-        NUM_CLASSES,
-    )
-    assert torch.equal(metric.confmat, want)
+    upsampled = F.interpolate(logits, size=target.shape[1:], mode="bilinear", align_corners=False)
+    assert torch.equal(metric.confmat, confusion_matrix(upsampled.argmax(1), target, NUM_CLASSES))
 
 
 def test_logits_path_equals_argmax_path():
