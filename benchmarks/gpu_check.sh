@@ -153,7 +153,9 @@ timeout 40 $PY benchmarks/bench_fusion.py --device cuda --skip-model --batch 1 -
 
 echo "== (a) test suite: the CUDA-parametrised tests"
 FIRST=(tests/test_fusion.py tests/test_fusion_fastpath.py)
-timeout 150 $PY -m pytest -q -p no:cacheprovider "${FIRST[@]}" \
+# The project's addopts spread tests over CPU workers (pytest-xdist), which the GPU image may
+# lack; here the CUDA tests run in one process, the rest on 8 workers where xdist is there.
+timeout 150 $PY -m pytest -q -o addopts= -p no:cacheprovider "${FIRST[@]}" \
     tests/test_refinenet.py::test_a_frozen_compiled_cen_block_computes_the_same_function \
     tests/test_refinenet.py::test_a_training_step_and_inference_never_wait_for_the_device \
     tests/test_metrics_segmentation.py::test_scoring_a_batch_of_logits_never_waits_for_the_device \
@@ -163,7 +165,8 @@ echo "== (a) the rest of the test suite (${LEFT} s left)"
 XDIST=""
 $PY -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
 if [ "$LEFT" -gt 30 ]; then
-    timeout "$LEFT" $PY -m pytest -q $XDIST -p no:cacheprovider ${FIRST[@]/#/--ignore=} \
+    timeout "$LEFT" $PY -m pytest -q -o addopts=--doctest-modules $XDIST -p no:cacheprovider \
+        ${FIRST[@]/#/--ignore=} \
         >"$OUT/pytest.log" 2>&1
     echo "pytest exit: $? (124: stopped at the time limit)"
     tail -n 15 "$OUT/pytest.log"

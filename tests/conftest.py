@@ -50,11 +50,12 @@ def i2i_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_i2i_argv(data: Path, runs: Path, exp: str, *extra: str) -> list[str]:
-    """``cen i2i train`` of a tiny U-Net on ``data`` into ``runs/exp`` (no FID, no workers),
-    followed by ``extra`` flags (a later flag wins)."""
+    """``cen i2i train`` of a tiny U-Net on ``data`` into ``runs/exp`` (no FID, no workers, no
+    plots), followed by ``extra`` flags (a later flag wins)."""
     return [
         "i2i", "train", "--data", str(data), "--runs", str(runs), "-c", exp, "--size", "32",
-        "--num-downs", "5", "--ngf", "4", "--ndf", "4", "--workers", "0", "--no-fid", *extra,
+        "--num-downs", "5", "--ngf", "4", "--ndf", "4", "--workers", "0", "--no-fid", "--no-plots",
+        *extra,
     ]  # fmt: skip
 
 

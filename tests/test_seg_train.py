@@ -52,6 +52,7 @@ def tiny(data_root: Path, runs: Path, **changes) -> SegmentationConfig:
         val_every=1,
         device="cpu",
         max_iters=2,
+        plots=False,
     )
     return replace(cfg, **changes)
 
@@ -71,6 +72,7 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
         scale_range=(1.0, 1.0),
         drop_rate=0.0,
         max_iters=3,
+        plots=True,
     )
     records: list[dict] = []
 

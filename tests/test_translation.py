@@ -56,6 +56,7 @@ def tiny(data_root: Path, runs: Path, exp: str, **changes: object) -> Translatio
         "device": "cpu",
         "workers": 0,
         "fid": False,
+        "plots": False,
     }
     return TranslationConfig(**{**settings, **changes})
 
