@@ -35,7 +35,6 @@ from cenfusion.data.scenes import (
     scale_about_camera,
 )
 from cenfusion.data.synthetic import (
-    PALETTE,
     default_data_root,
     ensure_synthetic,
     generate_segmentation_dataset,
@@ -101,8 +100,6 @@ def test_render_scene_arrays(renders: list) -> None:
         assert 0.005 < 1 - valid.mean() < 0.3  # holes exist but do not dominate
         z = arrays["depth"][valid]
         assert (np.abs(sensor[valid] - z) < 6 * _sigma(z) + 0.001).all()
-    assert PALETTE.shape == (len(CLASS_NAMES), 3) and PALETTE.dtype == np.uint8
-    assert len({tuple(c) for c in PALETTE.tolist()}) == len(CLASS_NAMES)
 
 
 def test_every_class_appears(renders: list) -> None:

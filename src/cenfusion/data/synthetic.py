@@ -92,22 +92,6 @@ from cenfusion.data.scenes import CLASS_NAMES
 from cenfusion.data.staging import ensure_generated, staging
 from cenfusion.errors import CenError
 
-#: Colours for drawing label maps, one row per class id (uint8 ``(K, 3)``).
-PALETTE = np.array(
-    [
-        [190, 190, 160],  # wall
-        [120, 80, 40],  # floor
-        [225, 225, 250],  # ceiling
-        [230, 25, 75],  # poster
-        [60, 180, 75],  # cabinet
-        [255, 225, 25],  # rug
-        [0, 130, 200],  # crate
-        [245, 130, 48],  # block
-        [145, 30, 180],  # sign-a
-        [70, 240, 240],  # sign-b
-    ],
-    dtype=np.uint8,
-)
 #: Version of the generator; bump it when the images change so caches are regenerated.
 GENERATOR_VERSION = 5
 #: The embedded set: training and validation images, and their size ``(H, W)``. Small images
