@@ -187,6 +187,21 @@ def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
         task.resolve_config(None, None, {}, {**saved, "colour": 1})
 
 
+@pytest.mark.parametrize("task", [SEGMENTATION, TRANSLATION])
+def test_a_tasks_settings_read_back_and_change_with_checks(task, tmp_path: Path) -> None:
+    preset = task.presets[task.default_preset({})]
+    (tmp_path / "c.yaml").write_text(preset.to_yaml())
+    assert type(preset).from_yaml(tmp_path / "c.yaml") == preset
+    changed = preset.replace(batch_size=7, gpu=[0, 1])
+    assert type(changed) is type(preset) and (changed.batch_size, changed.gpu) == (7, (0, 1))
+    assert changed.to_dict() == {**preset.to_dict(), "batch_size": 7, "gpu": [0, 1]}
+    with pytest.raises(CenError, match="flags: batch_size: expected int, got 'x'"):
+        preset.replace(batch_size="x")
+    (tmp_path / "c.yaml").write_text("colour: 1\n")
+    with pytest.raises(CenError, match=r"c\.yaml: unknown setting 'colour'"):
+        type(preset).from_yaml(tmp_path / "c.yaml")
+
+
 def test_segmentation_preset_follows_the_data_flag() -> None:
     assert SEGMENTATION.resolve_config(None, None, {}) == SYNTHETIC
     own = SEGMENTATION.resolve_config(None, None, {"data": Path("d")})

@@ -106,6 +106,7 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     assert best["best"]["score"] == max(r["val"]["ensemble"]["miou"] for r in log if "val" in r)
     saved = resolved(run_dir / "last.pth")
     assert saved == cfg
+    assert SegmentationConfig.from_yaml(run_dir / "config.yaml") == cfg
 
 
 class Interrupt(Exception):

@@ -25,7 +25,7 @@ from cenfusion.models.patchgan import create_patchgan
 from cenfusion.models.unet import create_cen_unet
 from cenfusion.translation import command as i2i_command
 from cenfusion.translation import train as train_module
-from cenfusion.translation.config import TranslationConfig, load_config
+from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.evaluate import Evaluator
 from cenfusion.translation.losses import branch_bce
 from cenfusion.translation.task import TRANSLATION
@@ -109,7 +109,7 @@ def test_tiny_run_layout_and_best_follows_the_score(
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert [line["best"] for line in lines] == [True, True, False]
     assert all(len(line["val"]["l1"]) == len(line["val"]["mse"]) == 3 for line in lines)
-    assert load_config(run / "config.yaml") == cfg
+    assert TranslationConfig.from_yaml(run / "config.yaml") == cfg
     log = (run / "log.txt").read_text()
     assert "img_types:" in log and "epoch 3 val:" in log
 
@@ -270,10 +270,10 @@ def test_cli_flags_override_saved_config_on_resume(
 ) -> None:
     flags = ["--epochs", "1", "--eval-every", "1", "--batch-size", "2", "--device", "cpu"]
     run_cli(*i2i_argv(data_root, tmp_path, "cli", *flags, "--img-types", "2", "6", "0"))
-    saved = load_config(tmp_path / "cli" / "config.yaml")
+    saved = TranslationConfig.from_yaml(tmp_path / "cli" / "config.yaml")
     assert saved.img_types == (2, 6, 0) and saved.resize_to == 36 and saved.fid is False
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")
-    resumed = load_config(tmp_path / "cli" / "config.yaml")
+    resumed = TranslationConfig.from_yaml(tmp_path / "cli" / "config.yaml")
     assert resumed == TranslationConfig(**{**saved.to_dict(), "epochs": 2})
     assert load_checkpoint(tmp_path / "cli" / "last.pth")["epoch"] == 2
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--evaluate")
@@ -326,10 +326,10 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
 def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
     cfg = TranslationConfig(img_types=(3, 1, 7, 0), gpu=(1,), data=Path("x"))
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
-    assert load_config(tmp_path / "c.yaml") == cfg
+    assert TranslationConfig.from_yaml(tmp_path / "c.yaml") == cfg
     (tmp_path / "c.yaml").write_text("epochs: 3\nlamba: 1\n")
     with pytest.raises(CenError, match="unknown setting 'lamba'"):
-        load_config(tmp_path / "c.yaml")
+        TranslationConfig.from_yaml(tmp_path / "c.yaml")
 
 
 def test_data_command_writes_synthetic_set(tmp_path: Path) -> None:

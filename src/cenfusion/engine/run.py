@@ -16,11 +16,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
-from cenfusion.engine.config import dump_yaml, setting
+from cenfusion.engine.config import (
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    load_yaml,
+    replace_config,
+    setting,
+)
 from cenfusion.engine.files import atomic_write
 from cenfusion.errors import CenError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 log = logging.getLogger("cenfusion")
 
@@ -99,6 +109,29 @@ class RunConfig(RuntimeConfig):
     @property
     def run_dir(self) -> Path:
         return Path(self.runs) / self.exp
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as a YAML value (paths as strings, tuples as lists)."""
+        return config_to_dict(self)
+
+    def to_yaml(self) -> str:
+        """The text of a run's ``config.yaml``."""
+        return dump_yaml(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> Self:
+        """Build from a mapping of settings (the rest keep the class's defaults); an unknown
+        key or a wrong type raises :class:`CenError` naming ``where`` and the key."""
+        return config_from_dict(cls, values, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Read a run's ``config.yaml``, or any YAML file of a subset of the settings."""
+        return cls.from_dict(load_yaml(path), str(path))
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied, checked like a YAML file."""
+        return replace_config(self, changes)
 
     def validate(self) -> None:
         """Raise :class:`CenError` (one line) for shared settings that cannot run."""

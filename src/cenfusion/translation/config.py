@@ -7,24 +7,15 @@ printed at the start of a run, saved as ``runs/EXP/config.yaml`` and inside ever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
-from cenfusion.engine.config import (
-    config_from_dict,
-    config_to_dict,
-    dump_yaml,
-    load_yaml,
-    replace_config,
-    setting,
-)
+from cenfusion.engine.config import setting
 from cenfusion.engine.run import RunConfig
 from cenfusion.errors import CenError
 
 _TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
 
-__all__ = ["TranslationConfig", "load_config"]
+__all__ = ["TranslationConfig"]
 
 
 @dataclass(frozen=True)
@@ -122,23 +113,3 @@ class TranslationConfig(RunConfig):
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: out of range")
         if not (self.beta1 < 1 and self.beta2 < 1):
             raise CenError(f"--beta1 {self.beta1} --beta2 {self.beta2}: expected below 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    def to_yaml(self) -> str:
-        return dump_yaml(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TranslationConfig:
-        """Build from a mapping; unknown keys and wrong types are one-line errors."""
-        return config_from_dict(cls, d, where)
-
-    def replace(self, **changes: Any) -> TranslationConfig:
-        """A copy with ``changes`` applied, checked like a YAML file."""
-        return replace_config(self, changes)
-
-
-def load_config(path: str | Path) -> TranslationConfig:
-    """Read a YAML file written by :meth:`TranslationConfig.to_yaml` (or a subset of it)."""
-    return TranslationConfig.from_dict(load_yaml(path), str(path))
