@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from dependencies import needs_cxx
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cenfusion import CenError, create_cen_refinenet, create_model
-from cenfusion.bench.cases import with_exchange
+from cenfusion.bench.cases import translation_networks, translation_training, with_exchange
 from cenfusion.engine.runtime import CompiledOrEager, Precision
 from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms, sparsity_penalty
+from cenfusion.metrics.segmentation import SegmentationMetric
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
 from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
@@ -302,3 +304,66 @@ def test_a_training_step_and_inference_never_wait_for_the_device(dtype) -> None:
             model(xs)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class RefuseDeviceWaits(TorchDispatchMode):
+    """Raises on every operator whose CUDA kernel makes the host wait for the device: reading
+    a value (``.item()``), an output whose size depends on values, a bool mask as an index,
+    a copy from the host."""
+
+    WAITING = frozenset({
+        "_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+        "unique_consecutive", "bincount", "repeat_interleave", "is_nonzero", "equal",
+    })  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        kwargs = kwargs or {}
+        if name in self.WAITING and not args[0].is_cpu:  # Adam's step count lives on the host
+            raise AssertionError(f"{func} waits for the device")
+        masks = name in ("index", "index_put_", "_index_put_impl_") and any(
+            t is not None and t.dtype == torch.bool for t in args[1]
+        )
+        if masks:
+            raise AssertionError(f"{func} with a bool mask waits for the device")
+        to_device = kwargs.get("device") not in (None, torch.device("cpu"))
+        if (name == "_to_copy" and args[0].is_cpu and to_device) or (
+            name == "copy_" and args[1].is_cpu and not args[0].is_cpu
+        ):
+            raise AssertionError(f"{func}: a copy from the host waits for the device")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_off_the_cpu_a_step_and_inference_use_no_operator_that_waits(dtype) -> None:
+    """The CUDA test above, on every machine: the same step and inference on the ``meta``
+    device, which takes the code paths of CUDA (norms and exchange as recorded operators, the
+    exchange over the whole stack, no listed channels), dispatch no operator that waits."""
+    device = torch.device("meta")
+    model = with_exchange(create_cen_refinenet(backbone="resnet26", num_classes=6))
+    model = model.to(device, dtype)
+    precision = Precision(False, device)
+    xs = torch.randn(4, 3, 64, 64, device=device, dtype=dtype)
+    target = torch.randint(0, 6, (2, 64, 64), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    penalty = partial(sparsity_penalty, model, 2e-4)
+    step = partial(segmentation_step, model, penalty, xs, target, optimizer, precision)
+    step()
+    metric = SegmentationMetric(6, device)
+    with RefuseDeviceWaits():
+        step()
+        model.eval()
+        with torch.no_grad():
+            metric.update(model(xs)[-1], target)
+
+
+def test_off_the_cpu_a_translation_step_uses_no_operator_that_waits() -> None:
+    """The same for a pix2pix step: the CEN U-Net (private InstanceNorms, exchange), the
+    PatchGAN and their Adam optimisers."""
+    generator, discriminator = translation_networks(ngf=8, num_downs=5)
+    nets = (generator.to("meta"), discriminator.to("meta"))
+    xs = [torch.randn(2, 3, 32, 32, device="meta") for _ in range(2)]
+    step = translation_training(*nets, nets, xs, Precision(False, torch.device("meta")))
+    step()
+    with RefuseDeviceWaits():
+        step()
