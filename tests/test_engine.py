@@ -38,6 +38,7 @@ from cenfusion.engine.runtime import CompiledOrEager, GraphSkips, Precision, ope
 from cenfusion.engine.session import train
 from cenfusion.engine.trainer import _run_epoch
 from cenfusion.errors import CenError
+from cenfusion.fusion import RESNET_EXCHANGE_POINTS
 from cenfusion.reporting.runlog import save_confusion
 from cenfusion.segmentation.build import build_model
 from cenfusion.segmentation.config import NYUDV2, SYNTHETIC, SegmentationConfig
@@ -200,6 +201,11 @@ def test_a_tasks_settings_read_back_and_change_with_checks(task, tmp_path: Path)
     (tmp_path / "c.yaml").write_text("colour: 1\n")
     with pytest.raises(CenError, match=r"c\.yaml: unknown setting 'colour'"):
         type(preset).from_yaml(tmp_path / "c.yaml")
+
+
+def test_the_default_exchange_points_are_the_models() -> None:
+    """The setting spells out the fusion module's constant (the CLI starts without torch)."""
+    assert SegmentationConfig().exchange_at == RESNET_EXCHANGE_POINTS
 
 
 def test_segmentation_preset_follows_the_data_flag() -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from cenfusion.fusion import (
     RESNET_EXCHANGE_POINTS,
     AlphaEnsemble,
+    ExchangePointsError,
     ModalityBatchNorm2d,
     ModalityInstanceNorm2d,
     ModalityNorm,
@@ -236,6 +237,7 @@ def test_ensemble_weights_and_detach() -> None:
         ("resnet26", RESNET_EXCHANGE_POINTS),
         ("resnext50_32x4d", RESNET_EXCHANGE_POINTS),
         ("resnext26ts", ("stages_*.*.conv2_kxk.bn",)),
+        ("efficientnet_b0", ("blocks.*.*.bn2",)),
     ],
 )
 def test_convert_keeps_function_for_identical_modalities(name: str, exchange_at) -> None:
@@ -293,3 +295,23 @@ def test_stack_not_a_multiple_of_the_modalities_is_refused(size: tuple[int, int]
     norm = random_norm(3)
     with pytest.raises(ValueError, match="not a multiple of 3 modalities"):
         norm(torch.randn(4, 7, *size))
+
+
+def test_exchange_points_that_select_nothing_are_refused() -> None:
+    """ResNet's points on another family, or a misspelt pattern, would train without any
+    exchange: each pattern must select a BatchNorm, and the error shows their names."""
+    net = timm.create_model("mobilenetv3_small_100", features_only=True)
+    with pytest.raises(ExchangePointsError) as excinfo:
+        convert(copy.deepcopy(net), 2)
+    assert str(excinfo.value) == (
+        "exchange point 'layer*.*.bn2' matches none of the model's 34 BatchNorms, named like "
+        "bn1, blocks.*.*.bn1, blocks.*.*.bn2, blocks.*.*.bn3"
+    )
+    with pytest.raises(ExchangePointsError, match="^exchange point 'blocks.*.bn9' matches"):
+        convert(copy.deepcopy(net), 2, ("blocks.*.*.bn2", "blocks.*.bn9"))
+    with pytest.raises(ExchangePointsError, match="^the selector matches none of the model's"):
+        convert(copy.deepcopy(net), 2, lambda name, module: False)
+    bn2 = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d) and n.endswith("bn2")]
+    converted = convert(copy.deepcopy(net), 2, "blocks.*.*.bn2")
+    assert [n.removesuffix(".0") for n, _ in exchanging_norms(converted)] == bn2
+    assert not exchanging_norms(convert(net, 2, ()))

@@ -151,6 +151,12 @@ TABLE: list[tuple[str, Row]] = [
     ("empty i2i schedule", lambda f, s, i, r: (
         [*i2i_args(i, r), "--epochs", "0"], "--epochs 0: expected >= 1")),
     ("lr-enc", lambda f, s, i, r: ([*seg_args(s, r), "--lr-enc", "-0.1"], "--lr-enc")),
+    ("ResNet's exchange points on EfficientNet", lambda f, s, i, r: (
+        [*seg_args(s, r), "--backbone", "efficientnet_b0", "--pretrained", "none"],
+        "--exchange-at layer*.*.bn2: efficientnet_b0: exchange point 'layer*.*.bn2' matches none")),
+    ("exchange point typo", lambda f, s, i, r: (
+        [*seg_args(s, r), "--exchange-at", "layer*.*.bn2", "layer*.*.bn_2"],
+        "exchange point 'layer*.*.bn_2' matches none")),
     ("huge seed", lambda f, s, i, r: (
         [*seg_args(s, r), "--seed", "9" * 20], f"--seed {'9' * 20}: expected 0 to")),
     ("i2i negative seed", lambda f, s, i, r: (

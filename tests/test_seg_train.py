@@ -14,9 +14,11 @@ from cenfusion.engine.run import log as run_log
 from cenfusion.engine.session import evaluate
 from cenfusion.engine.session import train as train_task
 from cenfusion.errors import CenError
+from cenfusion.fusion import exchanging_norms
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
+from cenfusion.segmentation.modelio import model_from_checkpoint
 from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.segmentation.train import SegmentationRecipe
 
@@ -191,10 +193,20 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
         ({"decoder_width": 8}, "--decoder-width 8: the model of .* has 16;"),
         ({"threshold": 0.1}, "--threshold 0.1: the model of .* has 0.02;"),
         ({"exchange": False}, "--exchange False: the model of .* has exchange points;"),
+        (
+            {"exchange_at": ("layer*.*.bn1",)},
+            r"--exchange-at layer\*\.\*\.bn1: the model of .* has exchange points layer\*",
+        ),
     ):
         with pytest.raises(CenError, match=message):
             train(replace(cfg, exp="more", epochs=(2,), **changes), resume=ckpt)
     assert not (tmp_path / "more").exists()
+    # saved before exchange points were checked: points its encoder lacks, which never exchanged
+    state = load_checkpoint(ckpt)
+    state["model_config"]["exchange_at"] = ["blocks.*.*.bn2"]
+    torch.save(state, tmp_path / "unchecked.pth")
+    rebuilt = model_from_checkpoint(tmp_path / "unchecked.pth")
+    assert rebuilt.config.exchange_at == () and not exchanging_norms(rebuilt)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

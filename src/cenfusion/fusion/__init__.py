@@ -15,7 +15,12 @@ The norms compute the same function faster where they can: :mod:`~cenfusion.fusi
 holds that machinery, apart from the method.
 """
 
-from cenfusion.fusion.conversion import RESNET_EXCHANGE_POINTS, ExchangeSelector, convert
+from cenfusion.fusion.conversion import (
+    RESNET_EXCHANGE_POINTS,
+    ExchangePointsError,
+    ExchangeSelector,
+    convert,
+)
 from cenfusion.fusion.ensemble import AlphaEnsemble
 from cenfusion.fusion.layout import split_modalities, stack_modalities
 from cenfusion.fusion.norms import (
@@ -34,6 +39,7 @@ from cenfusion.fusion.sparsity import (
 __all__ = [
     "RESNET_EXCHANGE_POINTS",
     "AlphaEnsemble",
+    "ExchangePointsError",
     "ExchangeSelector",
     "ExchangeStats",
     "ModalityBatchNorm2d",

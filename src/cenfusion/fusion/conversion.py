@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from cenfusion.errors import CenError
 from cenfusion.fusion.norms import ModalityBatchNorm2d
 
-__all__ = ["RESNET_EXCHANGE_POINTS", "ExchangeSelector", "convert"]
+__all__ = ["RESNET_EXCHANGE_POINTS", "ExchangePointsError", "ExchangeSelector", "convert"]
 
 
 ExchangeSelector = Sequence[str] | Callable[[str, nn.Module], bool]
@@ -17,11 +19,41 @@ ExchangeSelector = Sequence[str] | Callable[[str, nn.Module], bool]
 RESNET_EXCHANGE_POINTS: tuple[str, ...] = ("layer*.*.bn2",)
 
 
+class ExchangePointsError(CenError):
+    """Exchange points that select none of a model's BatchNorms."""
+
+
 def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
     if callable(exchange_at):
         return exchange_at
     patterns = [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
     return lambda name, _: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
+    """The distinct shapes of ``names``, their numeric parts (indices) as ``*``: the first
+    ``limit``, e.g. ``bn1, blocks.*.*.bn1, blocks.*.*.bn2``."""
+    shapes = list(dict.fromkeys(re.sub(r"(?<![^.])\d+(?![^.])", "*", n) for n in names))
+    return ", ".join(shapes[:limit]) + (", ..." if len(shapes) > limit else "")
+
+
+def _check_selection(
+    exchange_at: ExchangeSelector, names: Sequence[str], chosen: Sequence[str]
+) -> None:
+    """Refuse exchange points that select nothing: a pattern that matches none of the
+    BatchNorms (a typo, or ResNet's points on another family) would silently train without
+    exchange."""
+    if callable(exchange_at):
+        unmatched = None if chosen else "the selector"
+    else:
+        patterns = [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
+        missed = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        unmatched = f"exchange point {missed[0]!r}" if missed else None
+    if unmatched is not None:
+        raise ExchangePointsError(
+            f"{unmatched} matches none of the model's {len(names)} BatchNorms, named like "
+            f"{_name_shapes(names) or 'nothing'}"
+        )
 
 
 def _private_norm(
@@ -57,18 +89,27 @@ def convert(
     The default points are the ``bn2`` of every block in ``layer1..4``: in ResNet
     bottlenecks, the BN after the 3x3 convolution, as in the paper. Tested with timm
     ``resnet*`` (basic and bottleneck blocks, torchvision layout) and ``resnext*``;
-    other BatchNorm families convert but their exchange points must be given.
+    other BatchNorm families convert but their exchange points must be given (e.g.
+    ``("blocks.*.*.bn2",)`` for EfficientNet and MobileNet: the BN after the depthwise
+    convolution). Empty ``exchange_at`` exchanges nothing.
+
+    Raises:
+        ExchangePointsError: a pattern of ``exchange_at`` (or the predicate) selects none of the
+            model's BatchNorms; the message shows the shapes of their names.
     """
     match = _matcher(exchange_at)
     targets = [
-        (name, module)
+        (name, module, match(name, module))
         for name, module in model.named_modules()
         if isinstance(module, nn.BatchNorm2d) and name
     ]
-    for name, bn in targets:
+    if exchange_at:
+        names = [name for name, _, _ in targets]
+        _check_selection(exchange_at, names, [name for name, _, chosen in targets if chosen])
+    for name, bn, exchange in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        norm = _private_norm(bn, num_modalities, match(name, bn), threshold)
+        norm = _private_norm(bn, num_modalities, exchange, threshold)
         act = getattr(bn, "act", None)
         if isinstance(act, nn.Module):
             replacement: nn.Module = nn.Sequential(norm, getattr(bn, "drop", nn.Identity()), act)

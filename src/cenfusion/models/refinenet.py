@@ -283,6 +283,7 @@ def create_cen_refinenet(
     ensemble_detach: bool = True,
     decoder_width: int = 256,
     exchange: bool = True,
+    exchange_at: Sequence[str] = RESNET_EXCHANGE_POINTS,
 ) -> CENRefineNet:
     """Build a CEN RefineNet.
 
@@ -294,6 +295,9 @@ def create_cen_refinenet(
     baseline CEN is compared with. ``decoder_width`` (256 as released; the deepest RefineNet
     level uses twice that) can shrink the decoder for small CPU runs. ``exchange=False`` keeps
     shared convolutions, private BNs and the ensemble but exchanges nothing (the ablation).
+    ``exchange_at``: ``fnmatch`` patterns on the encoder's BatchNorm names (default: every
+    ResNet block's ``bn2``); other families need their own, e.g. ``("blocks.*.*.bn2",)``
+    for EfficientNet (:func:`~cenfusion.fusion.conversion.convert`).
     """
     if backbone is None:
         if depth not in RESNET_DEPTHS:
@@ -308,7 +312,7 @@ def create_cen_refinenet(
         bn_threshold=bn_threshold,
         drop_rate=drop_rate,
         ensemble_detach=ensemble_detach,
-        exchange_at=RESNET_EXCHANGE_POINTS if num_modalities > 1 and exchange else (),
+        exchange_at=tuple(exchange_at) if num_modalities > 1 and exchange else (),
         decoder_width=decoder_width,
         decoder_deep_width=2 * decoder_width,
     )

@@ -13,6 +13,7 @@ from cenfusion.data.transforms import train_transform, val_transform
 from cenfusion.engine.run import log
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
+from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
 from cenfusion.segmentation.config import SegmentationConfig
@@ -21,18 +22,23 @@ from cenfusion.segmentation.config import SegmentationConfig
 def build_model(cfg: SegmentationConfig) -> CENRefineNet:
     """The registered variant ``cfg.model_name`` with the run's settings."""
     extra = {} if cfg.backbone is None else {"backbone": cfg.backbone}
-    return create_model(
-        cfg.model_name,
-        **extra,
-        num_classes=cfg.num_classes,
-        num_modalities=cfg.num_modalities,
-        bn_threshold=cfg.threshold,
-        pretrained=cfg.pretrained_weights,
-        frozen_bn=cfg.uses_frozen_bn,
-        drop_rate=cfg.drop_rate,
-        decoder_width=cfg.decoder_width,
-        exchange=cfg.exchange,
-    )
+    try:
+        return create_model(
+            cfg.model_name,
+            **extra,
+            num_classes=cfg.num_classes,
+            num_modalities=cfg.num_modalities,
+            bn_threshold=cfg.threshold,
+            pretrained=cfg.pretrained_weights,
+            frozen_bn=cfg.uses_frozen_bn,
+            drop_rate=cfg.drop_rate,
+            decoder_width=cfg.decoder_width,
+            exchange=cfg.exchange,
+            exchange_at=cfg.exchange_at,
+        )
+    except ExchangePointsError as err:
+        encoder = cfg.backbone or f"resnet{cfg.enc}"
+        raise CenError(f"--exchange-at {' '.join(cfg.exchange_at)}: {encoder}: {err}") from None
 
 
 def data_root(cfg: SegmentationConfig) -> Path:
@@ -126,6 +132,12 @@ def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str
         ("--drop-rate", cfg.drop_rate, cfg.drop_rate == c.drop_rate, c.drop_rate),
         ("--threshold", cfg.threshold, cfg.threshold == c.bn_threshold, c.bn_threshold),
         ("--exchange", cfg.exchange, cfg.exchange == bool(c.exchange_at), exchange_points),
+        (
+            "--exchange-at",
+            " ".join(cfg.exchange_at),
+            not (cfg.exchange and c.exchange_at) or tuple(cfg.exchange_at) == c.exchange_at,
+            f"exchange points {' '.join(c.exchange_at)}",
+        ),
     ):
         if not same:
             raise CenError(

@@ -12,6 +12,8 @@ from cenfusion.errors import CenError
 
 #: The deepest encoder level has stride 32: smaller crops leave it without pixels.
 MIN_CROP = 32
+#: ``cenfusion.fusion.RESNET_EXCHANGE_POINTS``, spelt out: the command line starts without torch.
+RESNET_POINTS = ("layer*.*.bn2",)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,13 @@ class SegmentationConfig(RunConfig):
     scale_range: tuple[float, ...] = setting((0.5, 2.0), "random scale range LOW HIGH")
     max_iters: int | None = setting(None, "cap iterations per epoch (smoke runs)")
     exchange: bool = setting(
-        True, "channel exchange after every bottleneck's bn2 (off: shared convs and ensemble only)"
+        True, "channel exchange at --exchange-at (off: shared convs, private BNs, ensemble only)"
+    )
+    exchange_at: tuple[str, ...] = setting(
+        RESNET_POINTS,
+        "exchange points: patterns (fnmatch) on the encoder's BatchNorm names; ResNet: every "
+        "block's bn2; e.g. EfficientNet: 'blocks.*.*.bn2'",
+        metavar="PATTERN",
     )
     allow_mixed_depth: bool = setting(False, "accept 8-bit and 16-bit depth files in one data set")
 
@@ -110,6 +118,8 @@ class SegmentationConfig(RunConfig):
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
         if self.max_iters is not None and self.max_iters < 1:
             raise CenError(f"--max-iters {self.max_iters}: expected >= 1")
+        if self.exchange and not self.exchange_at:
+            raise CenError("--exchange-at: expected at least one pattern (--no-exchange: none)")
 
     @property
     def num_modalities(self) -> int:

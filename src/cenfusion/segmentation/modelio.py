@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
 
@@ -23,7 +25,13 @@ def model_from_checkpoint(path: str | Path) -> CENRefineNet:
 
 
 def model_from_record(state: dict, where: str) -> CENRefineNet:
-    model = CENRefineNet(CENRefineNetConfig.from_dict(state["model_config"]))
+    """The model of a checkpoint's record. One saved before exchange points were checked
+    may name points its encoder lacks: it never exchanged, and is rebuilt without them."""
+    config = CENRefineNetConfig.from_dict(state["model_config"])
+    try:
+        model = CENRefineNet(config)
+    except ExchangePointsError:
+        model = CENRefineNet(replace(config, exchange_at=()))
     load_weights(model, state["model"], where)
     return model
 
