@@ -1,9 +1,11 @@
+import fnmatch
 import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from cenfusion.cli import main
@@ -109,6 +111,19 @@ def test_tiny_run_lowers_loss_and_writes_run_folder(data_root, tmp_path) -> None
     saved = resolved(run_dir / "last.pth")
     assert saved == cfg
     assert SegmentationConfig.from_yaml(run_dir / "config.yaml") == cfg
+
+
+def test_another_family_trains_with_its_own_exchange_points(data_root, tmp_path) -> None:
+    pattern = "blocks.*.*.bn2"
+    cfg = tiny(data_root, tmp_path, backbone="mobilenetv3_small_100", pretrained=None,
+               exchange_at=(pattern,), epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))  # fmt: skip
+    train(cfg)
+    (record,) = read_log(tmp_path / cfg.exp)
+    encoder = timm.create_model(cfg.backbone, features_only=True)
+    names = [n for n, m in encoder.named_modules() if fnmatch.fnmatchcase(n, pattern)]
+    # timm's BatchNormAct2d becomes (private norm, drop, activation): the norm is its ".0"
+    assert list(record["exchange"]["points"]) == [f"encoder.{n}.0" for n in names]
+    assert len(names) >= 8
 
 
 class Interrupt(Exception):
