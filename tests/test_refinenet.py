@@ -105,6 +105,39 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_model("cen_refinenet_r7")
 
 
+@pytest.mark.parametrize(
+    ("backbone", "points"),
+    [("vgg11_bn", "features_*"), ("repvit_m1", "stages_*.blocks.*.token_mixer.*")],
+)
+def test_the_decoder_takes_the_levels_at_strides_4_to_32(backbone: str, points: str) -> None:
+    """timm gives a VGG a level at stride 1 first, and a RepViT only four levels: ResNet's
+    level indices would hand the decoder strides 2..16, or fail."""
+    levels = timm.create_model(backbone, features_only=True).feature_info
+    assert levels.reduction()[1:5] != [4, 8, 16, 32]
+    model = create_cen_refinenet(backbone=backbone, num_classes=3, exchange_at=(points,)).eval()
+    assert model.encoder.feature_info.reduction() == [4, 8, 16, 32]
+    assert exchanging_norms(model)
+    with torch.no_grad():
+        heads = model([torch.randn(1, 3, 64, 96)] * 2)
+    assert heads.shape == (3, 1, 3, 16, 24)
+
+
+def test_an_encoder_without_those_levels_is_refused() -> None:
+    with pytest.raises(CenError, match=r"^--backbone vit_tiny_patch16_224: its feature levels "):
+        create_cen_refinenet(backbone="vit_tiny_patch16_224")
+
+
+def test_a_pretrained_path_is_a_file_whatever_its_name(tmp_path, monkeypatch) -> None:
+    """A path is read as a file, not sent to timm as a weights tag, when it names a folder
+    or exists; an unreadable one is one line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CenError, match="^--pretrained weights: file not found"):
+        create_cen_refinenet(backbone="resnet26", pretrained="./weights")
+    (tmp_path / "weights").write_text("not weights")
+    with pytest.raises(CenError, match="^--pretrained weights: not a readable state dict"):
+        create_cen_refinenet(backbone="resnet26", pretrained="weights")
+
+
 def test_unreachable_pretrained_weights_name_the_cache(monkeypatch) -> None:
     real = refinenet.timm.create_model
 

@@ -43,6 +43,10 @@ def _check_selection(
     """Refuse exchange points that select nothing: a pattern that matches none of the
     BatchNorms (a typo, or ResNet's points on another family) would silently train without
     exchange."""
+    if not names:
+        raise ExchangePointsError(
+            "the model has no BatchNorm2d: channel exchange needs a BatchNorm CNN"
+        )
     if callable(exchange_at):
         unmatched = None if chosen else "the selector"
     else:
@@ -52,7 +56,7 @@ def _check_selection(
     if unmatched is not None:
         raise ExchangePointsError(
             f"{unmatched} matches none of the model's {len(names)} BatchNorms, named like "
-            f"{_name_shapes(names) or 'nothing'}"
+            f"{_name_shapes(names)}"
         )
 
 

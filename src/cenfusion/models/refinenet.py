@@ -9,6 +9,7 @@ follows the released system layer for layer
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cenfusion.errors import CenError
+from cenfusion.errors import CenError, shorten
 from cenfusion.fusion import (
     RESNET_EXCHANGE_POINTS,
     AlphaEnsemble,
@@ -31,6 +32,9 @@ from cenfusion.models.crp_pool import max_pool_5x5
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
 LOCAL_WEIGHT_SUFFIXES = {".pth", ".pt", ".tar", ".safetensors", ".bin"}
+#: The encoder's feature levels that the decoder takes, by stride; ResNet's are timm's 1..4.
+LEVEL_STRIDES = (4, 8, 16, 32)
+RESNET_LEVELS = (1, 2, 3, 4)
 
 
 def _hf_cache() -> str:
@@ -224,29 +228,60 @@ class CENRefineNet(nn.Module):
 
 
 def create_encoder(backbone: str, pretrained: str | Path | None = None) -> nn.Module:
-    """A timm feature backbone (4 levels, strides 4..32), optionally with ImageNet weights.
+    """A timm feature backbone: its levels at strides 4, 8, 16 and 32, optionally with
+    ImageNet weights.
 
     ``pretrained``: a timm pretrained tag (``"tv_in1k"``: torchvision's weights, as released)
-    or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored).
+    or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored; an
+    existing file, or a name with a folder, is a path).
     """
-    local = pretrained is not None and Path(pretrained).suffix in LOCAL_WEIGHT_SUFFIXES
+    local = pretrained is not None and (
+        Path(pretrained).suffix in LOCAL_WEIGHT_SUFFIXES
+        or any(sep in str(pretrained) for sep in ("/", os.sep))
+        or str(pretrained).startswith(".")
+        or Path(pretrained).is_file()
+    )
     remote = pretrained is not None and not local
     name = f"{backbone}.{pretrained}" if remote else backbone
     try:
-        encoder = timm.create_model(
-            name, features_only=True, out_indices=(1, 2, 3, 4), pretrained=remote
-        )
-    except RuntimeError as err:
-        raise CenError(f"backbone {name!r}: {err}") from err
+        encoder = _features(name, RESNET_LEVELS, remote)
+    except IndexError:  # fewer levels than ResNet's five
+        encoder = None
+    if encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES:
+        encoder = _features(name, _levels_at_strides(backbone), remote)
+    if local:
+        _load_local_weights(encoder, Path(pretrained))
+    return encoder
+
+
+def _features(name: str, levels: tuple[int, ...] | None, pretrained: bool) -> nn.Module:
+    """timm's ``features_only`` model ``name`` giving its feature levels ``levels`` (None:
+    timm's default, usually all)."""
+    chosen = {} if levels is None else {"out_indices": levels}
+    try:
+        return timm.create_model(name, features_only=True, pretrained=pretrained, **chosen)
+    except (RuntimeError, ValueError) as err:
+        raise CenError(f"backbone {name!r}: {shorten(str(err), 120)}") from err
     except OSError as err:
         raise CenError(
             f"could not fetch pretrained weights {name!r} ({type(err).__name__}); with no "
             f"network, put the file in the Hugging Face cache ({_hf_cache()}) or torch hub "
             f"cache ({torch.hub.get_dir()}), or pass --pretrained PATH"
         ) from err
-    if local:
-        _load_local_weights(encoder, Path(pretrained))
-    return encoder
+
+
+def _levels_at_strides(backbone: str) -> tuple[int, ...]:
+    """The indices of ``backbone``'s timm feature levels at :data:`LEVEL_STRIDES` (a VGG has a
+    level at stride 1 first, a ConvNeXt-style network starts at stride 4)."""
+    probe = _features(backbone, None, False)
+    strides = probe.feature_info.reduction()
+    if not set(LEVEL_STRIDES) <= set(strides):
+        raise CenError(
+            f"--backbone {backbone}: its feature levels have strides {strides}; CEN RefineNet "
+            f"needs levels at strides {', '.join(map(str, LEVEL_STRIDES))}"
+        )
+    indices = probe.feature_info.out_indices
+    return tuple(indices[strides.index(stride)] for stride in LEVEL_STRIDES)
 
 
 def _load_local_weights(encoder: nn.Module, path: Path) -> None:
