@@ -315,3 +315,12 @@ def test_exchange_points_that_select_nothing_are_refused() -> None:
     converted = convert(copy.deepcopy(net), 2, "blocks.*.*.bn2")
     assert [n.removesuffix(".0") for n, _ in exchanging_norms(converted)] == bn2
     assert not exchanging_norms(convert(net, 2, ()))
+
+
+def test_norms_that_stay_shared_are_warned_of(recwarn) -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"^convert: 1 GroupNorm, 1 LayerNorm stay shared"):
+        convert(net, 2, ())
+    assert isinstance(net[1], ModalityBatchNorm2d)
+    convert(timm.create_model("resnet18", features_only=True), 2)
+    assert not [w for w in recwarn if "stay shared" in str(w.message)]

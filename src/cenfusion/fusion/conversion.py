@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -95,7 +97,8 @@ def convert(
     ``resnet*`` (basic and bottleneck blocks, torchvision layout) and ``resnext*``;
     other BatchNorm families convert but their exchange points must be given (e.g.
     ``("blocks.*.*.bn2",)`` for EfficientNet and MobileNet: the BN after the depthwise
-    convolution). Empty ``exchange_at`` exchanges nothing.
+    convolution). Empty ``exchange_at`` exchanges nothing. Other normalisation layers
+    (``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, ...) stay shared, with a warning.
 
     Raises:
         ExchangePointsError: a pattern of ``exchange_at`` (or the predicate) selects none of the
@@ -120,4 +123,18 @@ def convert(
         else:
             replacement = norm
         setattr(parent, child, replacement)
+    _warn_of_shared_norms(model)
     return model
+
+
+def _warn_of_shared_norms(model: nn.Module) -> None:
+    """Warn of normalisation layers that stay shared by the modalities (CEN keeps every norm
+    private; only ``nn.BatchNorm2d`` is converted)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    kinds = Counter(type(m).__name__ for m in model.modules() if isinstance(m, norms))
+    if kinds:
+        listed = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
+        warnings.warn(
+            f"convert: {listed} stay shared by the modalities (only BatchNorm2d becomes private)",
+            stacklevel=3,
+        )
