@@ -17,7 +17,12 @@ from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms, sparsity_pen
 from cenfusion.metrics.segmentation import SegmentationMetric
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
-from cenfusion.models.refinenet import ChainedResidualPool, ResidualConvUnit
+from cenfusion.models.refinenet import (
+    CENRefineNet,
+    CENRefineNetConfig,
+    ChainedResidualPool,
+    ResidualConvUnit,
+)
 from cenfusion.segmentation.train import segmentation_step
 
 
@@ -120,6 +125,20 @@ def test_the_decoder_takes_the_levels_at_strides_4_to_32(backbone: str, points: 
     with torch.no_grad():
         heads = model([torch.randn(1, 3, 64, 96)] * 2)
     assert heads.shape == (3, 1, 3, 16, 24)
+
+
+def test_checkpoints_record_the_levels_and_older_ones_rebuild_on_levels_1_to_4() -> None:
+    """A record saved before the levels were chosen by stride was built on levels 1..4: it
+    rebuilds on them, so that its weights fit whatever strides they have."""
+    model = create_cen_refinenet(backbone="vgg11_bn", num_classes=3, exchange_at=("features_*",))
+    record = model.config.to_dict()
+    assert record["encoder_levels"] == (2, 3, 4, 5)
+    again = CENRefineNet(CENRefineNetConfig.from_dict(record))
+    assert again.encoder.feature_info.reduction() == [4, 8, 16, 32]
+    del record["encoder_levels"]
+    older = CENRefineNet(CENRefineNetConfig.from_dict(record))
+    assert older.config.encoder_levels == (1, 2, 3, 4)
+    assert older.encoder.feature_info.reduction() == [2, 4, 8, 16]
 
 
 def test_an_encoder_without_those_levels_is_refused() -> None:

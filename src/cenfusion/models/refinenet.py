@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import timm
@@ -167,14 +167,18 @@ class CENRefineNetConfig:
     ensemble_detach: bool = True
     decoder_width: int = 256
     decoder_deep_width: int = 512
+    encoder_levels: tuple[int, ...] | None = None
+    """The backbone's timm feature levels the decoder takes; None: those at strides 4..32."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> CENRefineNetConfig:
+        """From a checkpoint's record; one saved without its levels was built on 1..4."""
         d = dict(d)
         d["exchange_at"] = tuple(d.get("exchange_at", RESNET_EXCHANGE_POINTS))
+        d["encoder_levels"] = tuple(d.get("encoder_levels", RESNET_LEVELS))
         return cls(**d)
 
 
@@ -188,9 +192,9 @@ class CENRefineNet(nn.Module):
 
     def __init__(self, config: CENRefineNetConfig, encoder: nn.Module | None = None) -> None:
         super().__init__()
-        self.config = config
         if encoder is None:
-            encoder = create_encoder(config.backbone)
+            encoder = create_encoder(config.backbone, levels=config.encoder_levels)
+        self.config = replace(config, encoder_levels=tuple(encoder.feature_info.out_indices))
         self.encoder = convert(
             encoder, config.num_modalities, config.exchange_at, config.bn_threshold
         )
@@ -227,9 +231,11 @@ class CENRefineNet(nn.Module):
         return [p for p in self.parameters() if id(p) not in encoder_ids]
 
 
-def create_encoder(backbone: str, pretrained: str | Path | None = None) -> nn.Module:
-    """A timm feature backbone: its levels at strides 4, 8, 16 and 32, optionally with
-    ImageNet weights.
+def create_encoder(
+    backbone: str, pretrained: str | Path | None = None, levels: tuple[int, ...] | None = None
+) -> nn.Module:
+    """A timm feature backbone: its feature ``levels`` (default: those at strides 4, 8, 16
+    and 32), optionally with ImageNet weights.
 
     ``pretrained``: a timm pretrained tag (``"tv_in1k"``: torchvision's weights, as released)
     or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored; an
@@ -244,11 +250,14 @@ def create_encoder(backbone: str, pretrained: str | Path | None = None) -> nn.Mo
     remote = pretrained is not None and not local
     name = f"{backbone}.{pretrained}" if remote else backbone
     try:
-        encoder = _features(name, RESNET_LEVELS, remote)
+        encoder = _features(name, levels or RESNET_LEVELS, remote)
     except IndexError:  # fewer levels than ResNet's five
         encoder = None
-    if encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES:
+    by_stride = encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES
+    if levels is None and by_stride:
         encoder = _features(name, _levels_at_strides(backbone), remote)
+    elif encoder is None:
+        raise CenError(f"backbone {backbone}: has no feature levels {list(levels)}")
     if local:
         _load_local_weights(encoder, Path(pretrained))
     return encoder
