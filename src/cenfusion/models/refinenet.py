@@ -253,8 +253,8 @@ def create_encoder(
         encoder = _features(name, levels or RESNET_LEVELS, remote)
     except IndexError:  # fewer levels than ResNet's five
         encoder = None
-    by_stride = encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES
-    if levels is None and by_stride:
+    off_strides = encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES
+    if levels is None and off_strides:
         encoder = _features(name, _levels_at_strides(backbone), remote)
     elif encoder is None:
         raise CenError(f"backbone {backbone}: has no feature levels {list(levels)}")
