@@ -25,10 +25,15 @@ class ExchangePointsError(CenError):
     """Exchange points that select none of a model's BatchNorms."""
 
 
+def _patterns(exchange_at: Sequence[str]) -> list[str]:
+    """The ``fnmatch`` patterns of ``exchange_at`` (one pattern may come as a bare string)."""
+    return [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
+
+
 def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
     if callable(exchange_at):
         return exchange_at
-    patterns = [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
+    patterns = _patterns(exchange_at)
     return lambda name, _: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -52,8 +57,9 @@ def _check_selection(
     if callable(exchange_at):
         unmatched = None if chosen else "the selector"
     else:
-        patterns = [exchange_at] if isinstance(exchange_at, str) else list(exchange_at)
-        missed = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        missed = [
+            p for p in _patterns(exchange_at) if not any(fnmatch.fnmatchcase(n, p) for n in names)
+        ]
         unmatched = f"exchange point {missed[0]!r}" if missed else None
     if unmatched is not None:
         raise ExchangePointsError(

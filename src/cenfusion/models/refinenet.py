@@ -244,7 +244,6 @@ def create_encoder(
     local = pretrained is not None and (
         Path(pretrained).suffix in LOCAL_WEIGHT_SUFFIXES
         or any(sep in str(pretrained) for sep in ("/", os.sep))
-        or str(pretrained).startswith(".")
         or Path(pretrained).is_file()
     )
     remote = pretrained is not None and not local
