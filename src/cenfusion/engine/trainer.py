@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from cenfusion.engine.background import BackgroundCalls
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import on_main
@@ -317,8 +318,10 @@ def fit(
 
     Each epoch's metrics line is written before its checkpoint, so a kill at any moment loses
     nothing a checkpoint holds; on resume, lines after the checkpoint's epoch are dropped.
-    ``after_validation(run_folder)`` runs on the main process once a validation's line is
-    written: the task's reports (plots) hang there, so the engine knows nothing of them.
+    ``after_validation(run_folder)`` runs for the main process once a validation's line is
+    written, in a child interpreter beside training (:class:`BackgroundCalls`), and once more
+    at the end if validations came faster than it: the task's reports (plots) hang there, so
+    the engine knows nothing of them. The run ends when its last call has.
     """
     best = BestScore(recipe.higher_is_better)
     start = 0
@@ -336,6 +339,9 @@ def fit(
         folder.truncate_metrics(start)
         log.info(f"resumed {where} after epoch {start}")
     scalars = Scalars(folder, getattr(config, "tensorboard", False))
+    reports = None
+    if after_validation is not None and folder.is_main:
+        reports = BackgroundCalls(after_validation, "drawing the run's reports")
     total = recipe.num_epochs()
     try:
         for epoch in range(start + 1, total + 1):
@@ -351,8 +357,8 @@ def fit(
                 record.update(val=metrics, best=improved)
             folder.append_metrics(record)
             scalars.add(record, epoch)
-            if "val" in record and folder.is_main and after_validation is not None:
-                after_validation(folder.path)
+            if "val" in record and reports is not None:
+                reports.request(folder.path)
             state = _checkpoint(recipe, config, epoch, best)
             if improved:
                 recipe.on_best(epoch)
@@ -361,6 +367,8 @@ def fit(
             if folder.is_main:
                 save_checkpoint(folder.path / LAST, state)
             log.info(recipe.describe(record), extra={EPOCH_RECORD: record})
+        if reports is not None:
+            reports.finish()
     finally:
         scalars.close()
     return best

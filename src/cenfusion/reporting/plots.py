@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from cenfusion.data.class_names import resolve_class_names
+from cenfusion.engine.files import atomic_write
 from cenfusion.reporting.runlog import RunKind, RunLog, line_scores, load_confusion, read_run
 
 __all__ = ["PLOTS_DIR", "SAMPLES_PLOT", "write_plots"]
@@ -65,9 +66,9 @@ def _figure(width_px: int, height_px: int, **subplots: Any) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Save at the figure's exact pixel size (no tight bounding box)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    """Save at the figure's exact pixel size (no tight bounding box), whole or not at all:
+    plots are drawn beside a training that may be stopped at any moment."""
+    atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     return path
 
 
