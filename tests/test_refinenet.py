@@ -22,6 +22,7 @@ from cenfusion.models.refinenet import (
     CENRefineNetConfig,
     ChainedResidualPool,
     ResidualConvUnit,
+    create_encoder,
 )
 from cenfusion.segmentation.train import segmentation_step
 
@@ -144,6 +145,15 @@ def test_checkpoints_record_the_levels_and_older_ones_rebuild_on_levels_1_to_4()
 def test_an_encoder_without_those_levels_is_refused() -> None:
     with pytest.raises(CenError, match=r"^--backbone vit_tiny_patch16_224: its feature levels "):
         create_cen_refinenet(backbone="vit_tiny_patch16_224")
+
+
+def test_a_record_naming_levels_its_encoder_lacks_is_refused() -> None:
+    """RepViT has four feature levels (0..3): a record asking for ResNet's 1..4 names one
+    more than it has."""
+    with pytest.raises(
+        CenError, match=r"^backbone repvit_m1: has no feature levels \[1, 2, 3, 4\]"
+    ):
+        create_encoder("repvit_m1", levels=(1, 2, 3, 4))
 
 
 def test_a_pretrained_path_is_a_file_whatever_its_name(tmp_path, monkeypatch) -> None:
