@@ -4,9 +4,12 @@ import fnmatch
 import pytest
 import timm
 import torch
+import torchvision
 from fusion_reference import LoopNorm, assert_close, hand_built_norm, random_norm
+from timm.utils.model import freeze_batch_norm_2d
 from torch import nn
 
+from cenfusion.errors import CenError
 from cenfusion.fusion import (
     RESNET_EXCHANGE_POINTS,
     AlphaEnsemble,
@@ -255,7 +258,7 @@ def test_convert_keeps_function_for_identical_modalities(name: str, exchange_at)
     ]
     cen = convert(copy.deepcopy(plain), 3, exchange_at).eval()
     assert not any(type(m) is nn.BatchNorm2d for m in cen.modules())
-    points = [n.removesuffix(".0") for n, _ in exchanging_norms(cen)]
+    points = [n for n, _ in exchanging_norms(cen)]
     assert len(selected) >= 8 and points == selected
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -313,14 +316,118 @@ def test_exchange_points_that_select_nothing_are_refused() -> None:
         convert(copy.deepcopy(net), 2, lambda name, module: False)
     bn2 = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d) and n.endswith("bn2")]
     converted = convert(copy.deepcopy(net), 2, "blocks.*.*.bn2")
-    assert [n.removesuffix(".0") for n, _ in exchanging_norms(converted)] == bn2
+    assert [n for n, _ in exchanging_norms(converted)] == bn2
     assert not exchanging_norms(convert(net, 2, ()))
 
 
 def test_norms_that_stay_shared_are_warned_of(recwarn) -> None:
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4))
-    with pytest.warns(UserWarning, match=r"^convert: 1 GroupNorm, 1 LayerNorm stay shared"):
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.GroupNorm(2, 4),
+        nn.LayerNorm(4),
+        nn.BatchNorm2d(4, affine=False),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        torchvision.ops.FrozenBatchNorm2d(4),
+    )
+    with pytest.warns(UserWarning) as caught:
         convert(net, 2, ())
+    assert str(caught[0].message) == (
+        "convert: 1 GroupNorm, 1 LayerNorm, 1 BatchNorm2d without affine parameters, "
+        "1 BatchNorm2d without running statistics, 1 FrozenBatchNorm2d stay shared by the "
+        "modalities (private norms are made of BatchNorm2d with affine parameters and running "
+        "statistics)"
+    )
     assert isinstance(net[1], ModalityBatchNorm2d)
+    assert [type(m) for m in net[4:6]] == [nn.BatchNorm2d, nn.BatchNorm2d]
     convert(timm.create_model("resnet18", features_only=True), 2)
     assert not [w for w in recwarn if "stay shared" in str(w.message)]
+
+
+def test_a_network_of_frozen_batchnorms_is_refused_naming_them() -> None:
+    frozen = freeze_batch_norm_2d(timm.create_model("resnet18", features_only=True))
+    with pytest.raises(ExchangePointsError) as excinfo:
+        convert(frozen, 2)
+    assert str(excinfo.value) == (
+        "the model has no BatchNorm2d to make private (20 FrozenBatchNorm2d stay shared): "
+        "channel exchange needs a BatchNorm CNN"
+    )
+
+
+def test_converted_norms_keep_the_mode_dtype_and_device_of_the_batchnorms() -> None:
+    """A model converted in evaluation mode computes as before at once; a float64 model stays
+    float64; a model on the meta device (FLOP counting) converts without data."""
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet18", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain(x)
+        cen = convert(copy.deepcopy(plain), 2)
+        assert not any(m.training for m in cen.modules())
+        torch.testing.assert_close(cen(torch.cat([x, x]))[:2], expected)
+    double = convert(copy.deepcopy(plain).double(), 2)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+    assert double(torch.cat([x, x]).double()).dtype == torch.float64
+    with torch.device("meta"):
+        on_meta = timm.create_model("resnet18", num_classes=5)
+    convert(on_meta, 2)
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert on_meta(torch.empty(4, 3, 32, 32, device="meta")).shape == (4, 5)
+
+
+def test_timms_batchnorm_with_activation_keeps_its_names_and_reads_older_keys() -> None:
+    """``BatchNormAct2d`` becomes one private norm with its activation, under its own name;
+    a state dict saved when it was ``Sequential(norm, drop, act)`` still loads."""
+    plain = timm.create_model("efficientnet_b0", features_only=True)
+    cen = convert(copy.deepcopy(plain), 2, ("blocks.*.*.bn2",))
+    assert set(cen.state_dict()) == set(plain.state_dict())
+    assert [n for n, _ in exchanging_norms(cen)][:2] == ["blocks.0.0.bn2", "blocks.1.0.bn2"]
+    assert type(plain.get_submodule("bn1")).__name__ == "BatchNormAct2d"
+    assert isinstance(cen.get_submodule("bn1").act, nn.SiLU)
+    with torch.no_grad():
+        cen.get_submodule("bn1").weight.uniform_()
+    nested = {
+        (k.replace("bn1.", "bn1.0.", 1) if k.startswith("bn1.") else k): v
+        for k, v in cen.state_dict().items()
+    }
+    again = convert(copy.deepcopy(plain), 2, ("blocks.*.*.bn2",))
+    again.load_state_dict(nested)
+    assert torch.equal(again.get_submodule("bn1").weight, cen.get_submodule("bn1").weight)
+
+
+def test_a_batchnorm_under_two_names_becomes_one_private_norm() -> None:
+    bn = nn.BatchNorm2d(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.Conv2d(4, 4, 1), bn)
+    convert(net, 2, ())
+    assert isinstance(net[1], ModalityBatchNorm2d) and net[3] is net[1]
+
+
+def test_convert_refuses_what_it_cannot_use_in_one_line() -> None:
+    net = timm.create_model("resnet18", features_only=True)
+    for call, message in [
+        (lambda: convert(net, 2.0), r"^convert: num_modalities=2.0: expected an integer"),
+        (lambda: convert(net, 0), r"^convert: num_modalities=0: expected at least 1"),
+        (lambda: convert(net, 2, None), r"^convert: exchange_at=None: expected fnmatch"),
+        (lambda: convert(net, 2, threshold="x"), r"^convert: threshold='x': expected a number"),
+        (lambda: convert("resnet18", 2), r"^convert: expected a torch.nn.Module, got str"),
+    ]:
+        with pytest.raises(CenError, match=message):
+            call()
+    convert(net, 2)
+    with pytest.raises(CenError, match=r"^convert: the model already holds private norms"):
+        convert(net, 3, ())
+
+
+def test_evaluation_follows_running_statistics_updated_in_training_mode() -> None:
+    """Re-estimating the statistics (training-mode passes that leave gamma alone) must reach
+    the next evaluation: the norm kernels update them without a new tensor version."""
+    torch.manual_seed(0)
+    model = convert(timm.create_model("resnet18", num_classes=5), 2).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        model.train()
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32) * 2 + 1)
+        model.eval()
+        torch.testing.assert_close(model(x), copy.deepcopy(model)(x))

@@ -7,13 +7,20 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from cenfusion.errors import CenError
-from cenfusion.fusion.norms import ModalityBatchNorm2d
+from cenfusion.fusion.norms import ModalityBatchNorm2d, ModalityNorm
 
-__all__ = ["RESNET_EXCHANGE_POINTS", "ExchangePointsError", "ExchangeSelector", "convert"]
+__all__ = [
+    "RESNET_EXCHANGE_POINTS",
+    "ExchangePointsError",
+    "ExchangeSelector",
+    "ModalityBatchNormAct2d",
+    "convert",
+]
 
 
 ExchangeSelector = Sequence[str] | Callable[[str, nn.Module], bool]
@@ -45,14 +52,19 @@ def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
 
 
 def _check_selection(
-    exchange_at: ExchangeSelector, names: Sequence[str], chosen: Sequence[str]
+    exchange_at: ExchangeSelector,
+    names: Sequence[str],
+    chosen: Sequence[str],
+    shared: Counter[str],
 ) -> None:
     """Refuse exchange points that select nothing: a pattern that matches none of the
     BatchNorms (a typo, or ResNet's points on another family) would silently train without
     exchange."""
     if not names:
+        kept = f" ({_listed(shared)} stay shared)" if shared else ""
         raise ExchangePointsError(
-            "the model has no BatchNorm2d: channel exchange needs a BatchNorm CNN"
+            f"the model has no BatchNorm2d to make private{kept}: channel exchange needs a "
+            "BatchNorm CNN"
         )
     if callable(exchange_at):
         unmatched = None if chosen else "the selector"
@@ -68,19 +80,74 @@ def _check_selection(
         )
 
 
+class ModalityBatchNormAct2d(ModalityBatchNorm2d):
+    """The private form of timm's ``BatchNormAct2d``: the norm, then its dropout and
+    activation, under the norm's own name (so state-dict keys and exchange points keep the
+    names timm gives)."""
+
+    def __init__(self, *args: Any, drop: nn.Module, act: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop = drop
+        self.act = act
+        self.register_load_state_dict_pre_hook(_unnest_keys)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _unnest_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Read a checkpoint saved when the norm was the first module of a ``Sequential``."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}0.")]:
+        state_dict[prefix + key.removeprefix(f"{prefix}0.")] = state_dict.pop(key)
+
+
 def _private_norm(
     bn: nn.BatchNorm2d, num_modalities: int, exchange: bool, threshold: float
 ) -> ModalityBatchNorm2d:
-    norm = ModalityBatchNorm2d(
+    """``bn``'s private form on its device, in its dtype and mode, its values in every
+    modality."""
+    act = getattr(bn, "act", None)
+    extra = {}
+    if isinstance(act, nn.Module):
+        extra = {"drop": getattr(bn, "drop", nn.Identity()), "act": act}
+    kind = ModalityBatchNormAct2d if extra else ModalityBatchNorm2d
+    norm = kind(
         bn.num_features,
         num_modalities,
         eps=bn.eps,
         momentum=bn.momentum if bn.momentum is not None else 0.1,
         exchange=exchange,
         threshold=threshold,
+        **extra,
     )
+    norm.to(device=bn.weight.device, dtype=bn.weight.dtype).train(bn.training)
     norm.load_from_batchnorm(bn)
-    return norm.to(device=bn.weight.device if bn.affine else None)
+    return norm
+
+
+def _private_kind(module: nn.Module) -> bool:
+    """Whether ``module`` becomes a private norm: a BatchNorm2d with affine parameters (the
+    exchange is driven by gamma) and running statistics (used at inference)."""
+    return isinstance(module, nn.BatchNorm2d) and module.affine and module.track_running_stats
+
+
+def _shared_norms(model: nn.Module) -> Counter[str]:
+    """Normalisation layers of ``model`` that stay shared by the modalities, by kind."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    kinds: Counter[str] = Counter()
+    for module in model.modules():
+        kind = type(module).__name__
+        if isinstance(module, nn.BatchNorm2d) and not module.affine:
+            kinds[f"{kind} without affine parameters"] += 1
+        elif isinstance(module, nn.BatchNorm2d) and not module.track_running_stats:
+            kinds[f"{kind} without running statistics"] += 1
+        elif (isinstance(module, norms) and not _private_kind(module)) or "FrozenBatchNorm" in kind:
+            kinds[kind] += 1
+    return kinds
+
+
+def _listed(kinds: Counter[str]) -> str:
+    return ", ".join(f"{count} {kind}" for kind, count in kinds.items())
 
 
 def convert(
@@ -91,12 +158,14 @@ def convert(
 ) -> nn.Module:
     """Turn a BatchNorm CNN into its CEN form, in place, and return it.
 
-    Every ``nn.BatchNorm2d`` becomes a :class:`ModalityBatchNorm2d` holding its statistics
-    and affine parameters copied into each of ``num_modalities`` modalities; those selected by
-    ``exchange_at`` (``fnmatch`` patterns on qualified module names, or a predicate
-    ``(name, module) -> bool``) also exchange channels below ``threshold``. All other layers
-    stay shared. The converted model expects the modality-stacked batch ``(M*B, C, H, W)``.
-    timm's ``BatchNormAct2d`` keeps its activation (and drop) after the private norm.
+    Every ``nn.BatchNorm2d`` (with affine parameters and running statistics) becomes a
+    :class:`ModalityBatchNorm2d` holding its statistics and affine parameters copied into each
+    of ``num_modalities`` modalities, on its device, in its dtype and in its training or
+    evaluation mode; those selected by ``exchange_at`` (``fnmatch`` patterns on qualified
+    module names, or a predicate ``(name, module) -> bool``) also exchange channels below
+    ``threshold``. All other layers stay shared. The converted model expects the
+    modality-stacked batch ``(M*B, C, H, W)``. timm's ``BatchNormAct2d`` becomes a
+    :class:`ModalityBatchNormAct2d`, which keeps its activation (and drop) and its names.
 
     The default points are the ``bn2`` of every block in ``layer1..4``: in ResNet
     bottlenecks, the BN after the 3x3 convolution, as in the paper. Tested with timm
@@ -104,43 +173,62 @@ def convert(
     other BatchNorm families convert but their exchange points must be given (e.g.
     ``("blocks.*.*.bn2",)`` for EfficientNet and MobileNet: the BN after the depthwise
     convolution). Empty ``exchange_at`` exchanges nothing. Other normalisation layers
-    (``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, ...) stay shared, with a warning.
+    (``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, frozen BatchNorms, BatchNorms without
+    affine parameters or running statistics, ...) stay shared, with a warning.
 
     Raises:
         ExchangePointsError: a pattern of ``exchange_at`` (or the predicate) selects none of the
             model's BatchNorms; the message shows the shapes of their names.
+        CenError: an argument of the wrong kind, or a model that already holds private norms.
     """
+    _check_arguments(model, num_modalities, exchange_at, threshold)
     match = _matcher(exchange_at)
     targets = [
         (name, module, match(name, module))
         for name, module in model.named_modules()
-        if isinstance(module, nn.BatchNorm2d) and name
+        if _private_kind(module) and name
     ]
     if exchange_at:
         names = [name for name, _, _ in targets]
-        _check_selection(exchange_at, names, [name for name, _, chosen in targets if chosen])
-    for name, bn, exchange in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        norm = _private_norm(bn, num_modalities, exchange, threshold)
-        act = getattr(bn, "act", None)
-        if isinstance(act, nn.Module):
-            replacement: nn.Module = nn.Sequential(norm, getattr(bn, "drop", nn.Identity()), act)
-        else:
-            replacement = norm
-        setattr(parent, child, replacement)
-    _warn_of_shared_norms(model)
+        chosen = [name for name, _, exchange in targets if exchange]
+        _check_selection(exchange_at, names, chosen, _shared_norms(model))
+    private = {
+        id(bn): _private_norm(bn, num_modalities, exchange, threshold)
+        for _, bn, exchange in targets
+    }
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in private:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, private[id(module)])
+    if shared := _shared_norms(model):
+        warnings.warn(
+            f"convert: {_listed(shared)} stay shared by the modalities (private norms are "
+            "made of BatchNorm2d with affine parameters and running statistics)",
+            stacklevel=2,
+        )
     return model
 
 
-def _warn_of_shared_norms(model: nn.Module) -> None:
-    """Warn of normalisation layers that stay shared by the modalities (CEN keeps every norm
-    private; only ``nn.BatchNorm2d`` is converted)."""
-    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    kinds = Counter(type(m).__name__ for m in model.modules() if isinstance(m, norms))
-    if kinds:
-        listed = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
-        warnings.warn(
-            f"convert: {listed} stay shared by the modalities (only BatchNorm2d becomes private)",
-            stacklevel=3,
+def _check_arguments(
+    model: nn.Module, num_modalities: int, exchange_at: ExchangeSelector, threshold: float
+) -> None:
+    """One line for arguments ``convert`` cannot use, before anything is changed."""
+    if not isinstance(model, nn.Module):
+        raise CenError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
+        raise CenError(f"convert: num_modalities={num_modalities!r}: expected an integer")
+    if num_modalities < 1:
+        raise CenError(f"convert: num_modalities={num_modalities}: expected at least 1")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise CenError(f"convert: threshold={threshold!r}: expected a number")
+    if not callable(exchange_at) and not isinstance(exchange_at, (str, Sequence)):
+        raise CenError(
+            f"convert: exchange_at={exchange_at!r}: expected fnmatch patterns or a predicate"
+        )
+    done = {type(m).__name__ for m in model.modules() if isinstance(m, ModalityNorm)}
+    if done:
+        raise CenError(
+            f"convert: the model already holds private norms ({', '.join(sorted(done))}); "
+            "convert the original model once"
         )

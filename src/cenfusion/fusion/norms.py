@@ -47,7 +47,9 @@ class ModalityNorm(nn.Module):
 
     The exchange is applied to the channels where some modality's ``|gamma|`` is below the
     threshold, found once per value of ``gamma`` (cached until the parameter changes: an
-    optimizer step, ``load_state_dict``, ``.to()``), so inference pays for it once.
+    optimizer step, ``load_state_dict``, ``.to()``, an in-place change under
+    ``torch.no_grad()``), so inference pays for it once. A change through ``.data`` is not
+    seen: torch does not count it as a change of the parameter.
     """
 
     def __init__(
@@ -157,6 +159,8 @@ class ModalityBatchNorm2d(ModalityNorm):
         batch_stats = self.training and not self.frozen_stats
         if batch_stats:
             self.num_batches_tracked.add_(1)
+            # the norm kernels update the running statistics without a new version
+            self._fold_cache = None
         if recorded(x, self.num_modalities):
             if not (batch_stats or torch.is_grad_enabled() or tracing()):
                 return self._inference(x)
