@@ -54,8 +54,12 @@ def test_output_shapes_and_stacked_input(h: int, w: int) -> None:
 
 def test_wrong_modality_count_is_refused() -> None:
     model = create_cen_refinenet(backbone="resnet26", num_classes=3, num_modalities=2)
-    with pytest.raises(ValueError, match="expected 2 modalities"):
+    with pytest.raises(ValueError, match="^expected 2 modalities, got 3$"):
         model([torch.randn(1, 3, 32, 32)] * 3)
+    with pytest.raises(ValueError, match=r"^expected 2 modalities, got 3 along axis 1 of a \("):
+        model(torch.randn(2, 3, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"^the modalities' tensors must have one shape, got "):
+        model([torch.randn(1, 3, 32, 32), torch.randn(3, 3, 32, 32)])
 
 
 def test_decoder_bias_placement_and_dropout() -> None:

@@ -15,17 +15,33 @@ from torch import Tensor
 __all__ = ["per_channel", "split_modalities", "stack_modalities"]
 
 
-def stack_modalities(inputs: Sequence[Tensor] | Tensor) -> Tensor:
+def stack_modalities(
+    inputs: Sequence[Tensor] | Tensor, num_modalities: int | None = None
+) -> Tensor:
     """Return the modality-major stacked batch ``(M*B, C, H, W)``.
 
     Accepts ``M`` tensors ``(B, C, H, W)``, a data loader's batch ``(B, M, C, H, W)``, or an
-    already stacked ``(M*B, C, H, W)`` tensor (returned unchanged).
+    already stacked ``(M*B, C, H, W)`` tensor (returned unchanged). With ``num_modalities``
+    the number of modalities given is checked; the tensors of a list must have one shape
+    (a stack of unequal batches would mix the modalities' samples).
     """
     if isinstance(inputs, Tensor):
         if inputs.dim() == 5:
+            _check_count(
+                inputs.shape[1], num_modalities, " along axis 1 of a (B, M, C, H, W) batch"
+            )
             return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
         return inputs
+    _check_count(len(inputs), num_modalities, "")
+    if any(x.shape != inputs[0].shape for x in inputs[1:]):
+        listed = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ValueError(f"the modalities' tensors must have one shape, got {listed}")
     return torch.cat(list(inputs), dim=0)
+
+
+def _check_count(given: int, expected: int | None, where: str) -> None:
+    if expected is not None and given != expected:
+        raise ValueError(f"expected {expected} modalities, got {given}{where}")
 
 
 def split_modalities(x: Tensor, num_modalities: int) -> Tensor:

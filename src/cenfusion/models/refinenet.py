@@ -216,9 +216,7 @@ class CENRefineNet(nn.Module):
         return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
-        if not isinstance(inputs, Tensor) and len(inputs) != self.num_modalities:
-            raise ValueError(f"expected {self.num_modalities} modalities, got {len(inputs)}")
-        heads = self.forward_stacked(stack_modalities(inputs))
+        heads = self.forward_stacked(stack_modalities(inputs, self.num_modalities))
         return torch.cat([heads, self.ensemble(heads)[None]])
 
     def encoder_parameters(self) -> list[nn.Parameter]:

@@ -205,9 +205,7 @@ class CENUNet(nn.Module):
         return split_modalities(x, self.num_modalities)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
-        if not isinstance(inputs, Tensor) and len(inputs) != self.num_modalities:
-            raise ValueError(f"expected {self.num_modalities} modalities, got {len(inputs)}")
-        heads = self.forward_stacked(stack_modalities(inputs))
+        heads = self.forward_stacked(stack_modalities(inputs, self.num_modalities))
         return torch.cat([heads, self.ensemble(heads)[None]], dim=0)
 
 

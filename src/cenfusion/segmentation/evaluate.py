@@ -123,7 +123,8 @@ class TestTimeAugmentation(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
         if isinstance(inputs, Tensor):
-            inputs = list(split_modalities(stack_modalities(inputs), len(self.kinds)).unbind(0))
+            stacked = stack_modalities(inputs, len(self.kinds))
+            inputs = list(split_modalities(stacked, len(self.kinds)).unbind(0))
         if len(inputs) != len(self.kinds):
             raise ValueError(f"expected {len(self.kinds)} modalities, got {len(inputs)}")
         height, width = inputs[0].shape[-2:]
