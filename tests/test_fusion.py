@@ -220,6 +220,14 @@ def test_exchange_stats_per_point_and_overall() -> None:
     assert stats.overall == pytest.approx(2 / 8)
 
 
+def test_the_ensemble_refuses_other_counts_and_a_penalty_needs_no_parameters() -> None:
+    with pytest.raises(ValueError, match=r"^expected the 2 modalities' predictions stacked along"):
+        AlphaEnsemble(2)(torch.randn(3, 1, 3))
+    with pytest.raises(ValueError, match=r"stacked along axis 0, got list$"):
+        AlphaEnsemble(2)([torch.randn(1, 3)] * 2)
+    assert sparsity_penalty(nn.ReLU(), 0.0) == 0
+
+
 def test_ensemble_weights_and_detach() -> None:
     outs = torch.randn(3, 2, 4, 5, 5, requires_grad=True)
     ens = AlphaEnsemble(3)

@@ -113,6 +113,26 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_cen_refinenet(backbone="resnet26", pretrained=tmp_path / "none.pth")
     with pytest.raises(CenError, match="expected one of"):
         create_model("cen_refinenet_r7")
+    with pytest.raises(CenError, match=r"^--enc '50': expected one of \[50, 101, 152\]"):
+        create_cen_refinenet(depth="50")
+    for name, value in [("num_classes", 0), ("num_modalities", 2.5), ("decoder_width", True)]:
+        with pytest.raises(CenError, match=f"^{name}={value!r}: expected an integer of at least"):
+            create_cen_refinenet(backbone="resnet26", **{name: value})
+    with pytest.raises(CenError, match="^backbone=18: expected a timm model name"):
+        create_cen_refinenet(backbone=18)
+    with pytest.raises(CenError, match="^exchange_at: expected fnmatch patterns"):
+        create_cen_refinenet(backbone="resnet26", exchange_at=lambda name, module: True)
+    with pytest.raises(CenError, match="^model cen_refinenet_r50 fixes depth=50; use cen_refin"):
+        create_model("cen_refinenet_r50", depth=101)
+
+
+def test_one_exchange_pattern_may_be_a_bare_string_and_pretrained_false_means_none() -> None:
+    model = create_cen_refinenet(
+        backbone="efficientnet_b0", num_classes=3, exchange_at="blocks.*.*.bn2", pretrained=False
+    )
+    assert model.config.exchange_at == ("blocks.*.*.bn2",)
+    assert exchanging_norms(model)[0][0] == "encoder.blocks.0.0.bn2"
+    assert not model.encoder.bn1.frozen_stats
 
 
 @pytest.mark.parametrize(
@@ -433,3 +453,17 @@ def test_off_the_cpu_a_translation_step_uses_no_operator_that_waits() -> None:
     step()
     with RefuseDeviceWaits():
         step()
+
+
+def test_pretrained_true_asks_timm_for_the_backbones_default_weights(monkeypatch) -> None:
+    calls = []
+    real = timm.create_model
+
+    def spy(name: str, **kwargs):
+        calls.append((name, kwargs["pretrained"]))
+        return real(name, **{**kwargs, "pretrained": False})
+
+    monkeypatch.setattr(refinenet.timm, "create_model", spy)
+    model = create_cen_refinenet(backbone="resnet26", num_classes=3, pretrained=True)
+    assert calls == [("resnet26", True)]
+    assert model.encoder.bn1.frozen_stats

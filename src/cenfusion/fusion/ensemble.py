@@ -22,6 +22,12 @@ class AlphaEnsemble(nn.Module):
 
     def forward(self, outs: Tensor) -> Tensor:
         """``outs``: ``(M, B, ...)`` per-modality predictions -> ``(B, ...)``."""
+        if not isinstance(outs, Tensor) or outs.dim() < 1 or outs.shape[0] != len(self.alpha):
+            shape = tuple(outs.shape) if isinstance(outs, Tensor) else type(outs).__name__
+            raise ValueError(
+                f"expected the {len(self.alpha)} modalities' predictions stacked along axis 0, "
+                f"got {shape}"
+            )
         if self.detach:
             outs = outs.detach()
         weights = torch.softmax(self.alpha, dim=0).to(outs.dtype)

@@ -27,8 +27,8 @@ def sparsity_penalty(model: nn.Module, lamda: float) -> Tensor:
     """
     norms = [norm for _, norm in exchanging_norms(model)]
     if lamda == 0 or not norms:
-        device = next(iter(model.parameters())).device
-        return torch.zeros((), device=device)
+        anchor = next(iter(model.parameters()), None)
+        return torch.zeros((), device=None if anchor is None else anchor.device)
     gammas = torch.cat([norm.weight.flatten() for norm in norms])
     parts = torch.cat([norm.penalty_mask.flatten() for norm in norms])
     return lamda * (gammas.abs() * parts).sum()

@@ -239,6 +239,10 @@ def create_encoder(
     or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored; an
     existing file, or a name with a folder, is a path).
     """
+    if not isinstance(backbone, str):
+        raise CenError(f"backbone={backbone!r}: expected a timm model name")
+    if pretrained is True:
+        return _features_at_strides(backbone, levels, True)
     local = pretrained is not None and (
         Path(pretrained).suffix in LOCAL_WEIGHT_SUFFIXES
         or any(sep in str(pretrained) for sep in ("/", os.sep))
@@ -246,17 +250,25 @@ def create_encoder(
     )
     remote = pretrained is not None and not local
     name = f"{backbone}.{pretrained}" if remote else backbone
+    encoder = _features_at_strides(name, levels, remote)
+    if local:
+        _load_local_weights(encoder, Path(pretrained))
+    return encoder
+
+
+def _features_at_strides(name: str, levels: tuple[int, ...] | None, remote: bool) -> nn.Module:
+    """timm's ``features_only`` model ``name`` (``backbone.tag``) at ``levels``, default those
+    at strides 4..32: ResNet's indices first, then, for another family, those a probe finds."""
+    backbone = name.partition(".")[0]
     try:
         encoder = _features(name, levels or RESNET_LEVELS, remote)
     except IndexError:  # fewer levels than ResNet's five
         encoder = None
     off_strides = encoder is None or tuple(encoder.feature_info.reduction()) != LEVEL_STRIDES
     if levels is None and off_strides:
-        encoder = _features(name, _levels_at_strides(backbone), remote)
-    elif encoder is None:
+        return _features(name, _levels_at_strides(backbone), remote)
+    if encoder is None:
         raise CenError(f"backbone {backbone}: has no feature levels {list(levels)}")
-    if local:
-        _load_local_weights(encoder, Path(pretrained))
     return encoder
 
 
@@ -317,7 +329,7 @@ def create_cen_refinenet(
     num_classes: int = 40,
     num_modalities: int = 2,
     bn_threshold: float = 2e-2,
-    pretrained: str | Path | None = None,
+    pretrained: str | Path | bool | None = None,
     backbone: str | None = None,
     drop_rate: float = 0.5,
     frozen_bn: bool | None = None,
@@ -337,15 +349,29 @@ def create_cen_refinenet(
     level uses twice that) can shrink the decoder for small CPU runs. ``exchange=False`` keeps
     shared convolutions, private BNs and the ensemble but exchanges nothing (the ablation).
     ``exchange_at``: ``fnmatch`` patterns on the encoder's BatchNorm names (default: every
-    ResNet block's ``bn2``); other families need their own, e.g. ``("blocks.*.*.bn2",)``
-    for EfficientNet (:func:`~cenfusion.fusion.conversion.convert`).
+    ResNet block's ``bn2``; one pattern may be a bare string); other families need their own,
+    e.g. ``("blocks.*.*.bn2",)`` for EfficientNet (:func:`~cenfusion.fusion.conversion.convert`).
+    ``pretrained=True`` takes timm's default weights for the backbone, ``False`` none.
     """
+    pretrained = None if pretrained is False else pretrained
     if backbone is None:
         if depth not in RESNET_DEPTHS:
-            raise CenError(f"--enc {depth}: expected one of {sorted(RESNET_DEPTHS)}")
+            raise CenError(f"--enc {depth!r}: expected one of {sorted(RESNET_DEPTHS)}")
         backbone = RESNET_DEPTHS[depth]
-    if num_modalities < 1:
-        raise CenError(f"num_modalities={num_modalities}: expected at least 1")
+    for name, value in [
+        ("num_classes", num_classes),
+        ("num_modalities", num_modalities),
+        ("decoder_width", decoder_width),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CenError(f"{name}={value!r}: expected an integer of at least 1")
+    if isinstance(exchange_at, str):
+        exchange_at = (exchange_at,)
+    elif callable(exchange_at):
+        raise CenError(
+            "exchange_at: expected fnmatch patterns, which the model's config records (a "
+            "predicate works with cenfusion.convert)"
+        )
     config = CENRefineNetConfig(
         backbone=backbone,
         num_classes=num_classes,

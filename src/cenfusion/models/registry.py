@@ -30,6 +30,14 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
+def _fixed(name: str, family: str, kwargs: dict[str, object], **fixed: object) -> dict[str, object]:
+    """``kwargs`` with the variant ``name``'s ``fixed`` arguments, which they must not set."""
+    for key, value in fixed.items():
+        if key in kwargs:
+            raise CenError(f"model {name} fixes {key}={value}; use {family} for another {key}")
+    return {**kwargs, **fixed}
+
+
 @register_model
 def cen_refinenet(**kwargs: object) -> nn.Module:
     """CEN RefineNet on any timm BatchNorm backbone (``backbone=...``, else ResNet ``depth``)."""
@@ -38,17 +46,17 @@ def cen_refinenet(**kwargs: object) -> nn.Module:
 
 @register_model
 def cen_refinenet_r50(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(depth=50, **kwargs)
+    return create_cen_refinenet(**_fixed("cen_refinenet_r50", "cen_refinenet", kwargs, depth=50))
 
 
 @register_model
 def cen_refinenet_r101(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(depth=101, **kwargs)
+    return create_cen_refinenet(**_fixed("cen_refinenet_r101", "cen_refinenet", kwargs, depth=101))
 
 
 @register_model
 def cen_refinenet_r152(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(depth=152, **kwargs)
+    return create_cen_refinenet(**_fixed("cen_refinenet_r152", "cen_refinenet", kwargs, depth=152))
 
 
 @register_model
@@ -60,15 +68,15 @@ def cen_unet(**kwargs: object) -> nn.Module:
 @register_model
 def pix2pix_unet256(**kwargs: object) -> nn.Module:
     """The released translation generator: 8 levels, 256x256 inputs."""
-    return create_cen_unet(num_downs=8, **kwargs)
+    return create_cen_unet(**_fixed("pix2pix_unet256", "cen_unet", kwargs, num_downs=8))
 
 
 @register_model
 def pix2pix_unet128(**kwargs: object) -> nn.Module:
-    return create_cen_unet(num_downs=7, **kwargs)
+    return create_cen_unet(**_fixed("pix2pix_unet128", "cen_unet", kwargs, num_downs=7))
 
 
 @register_model
 def pix2pix_unet64(**kwargs: object) -> nn.Module:
     """A 6-level generator for 64x64 CPU runs."""
-    return create_cen_unet(num_downs=6, **kwargs)
+    return create_cen_unet(**_fixed("pix2pix_unet64", "cen_unet", kwargs, num_downs=6))
