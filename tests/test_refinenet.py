@@ -13,7 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cenfusion import CenError, create_cen_refinenet, create_model
 from cenfusion.bench.cases import translation_networks, translation_training, with_exchange
 from cenfusion.engine.runtime import CompiledOrEager, Precision
-from cenfusion.fusion import ModalityBatchNorm2d, exchanging_norms, sparsity_penalty
+from cenfusion.fusion import (
+    ModalityBatchNorm2d,
+    exchange_stats,
+    exchanging_norms,
+    sparsity_penalty,
+)
 from cenfusion.metrics.segmentation import SegmentationMetric
 from cenfusion.models import refinenet
 from cenfusion.models.crp_pool import max_pool_5x5, recomputed_max_pool_5x5
@@ -467,3 +472,12 @@ def test_pretrained_true_asks_timm_for_the_backbones_default_weights(monkeypatch
     model = create_cen_refinenet(backbone="resnet26", num_classes=3, pretrained=True)
     assert calls == [("resnet26", True)]
     assert model.encoder.bn1.frozen_stats
+
+
+def test_from_scratch_no_exchange_point_starts_with_every_channel_exchanged() -> None:
+    """timm starts the last BN of a basic block (ResNet-18's ``bn2``, an exchange point) at
+    zero scale, which would exchange every channel from the first step."""
+    model = create_cen_refinenet(backbone="resnet18", num_classes=3, decoder_width=8)
+    assert exchange_stats(model).overall == 0.0
+    bottleneck = create_cen_refinenet(backbone="resnet26", num_classes=3, decoder_width=8)
+    assert not bottleneck.encoder.layer1[0].bn3.weight.any()

@@ -24,6 +24,7 @@ from cenfusion.fusion import (
     RESNET_EXCHANGE_POINTS,
     AlphaEnsemble,
     convert,
+    exchanging_norms,
     set_frozen_stats,
     split_modalities,
     stack_modalities,
@@ -352,6 +353,9 @@ def create_cen_refinenet(
     ResNet block's ``bn2``; one pattern may be a bare string); other families need their own,
     e.g. ``("blocks.*.*.bn2",)`` for EfficientNet (:func:`~cenfusion.fusion.conversion.convert`).
     ``pretrained=True`` takes timm's default weights for the backbone, ``False`` none.
+    Without weights, an exchange point whose scales timm starts at zero (the last BN of a
+    basic block) starts them at one, as torchvision's ResNet does: at zero every channel
+    would be exchanged from the first step.
     """
     pretrained = None if pretrained is False else pretrained
     if backbone is None:
@@ -385,4 +389,9 @@ def create_cen_refinenet(
     )
     model = CENRefineNet(config, create_encoder(backbone, pretrained))
     set_frozen_stats(model, pretrained is not None if frozen_bn is None else frozen_bn)
+    if pretrained is None:
+        with torch.no_grad():
+            for _, norm in exchanging_norms(model):
+                if not norm.weight.any():
+                    norm.weight.fill_(1.0)
     return model
