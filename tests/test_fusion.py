@@ -439,3 +439,18 @@ def test_evaluation_follows_running_statistics_updated_in_training_mode() -> Non
             model(torch.randn(4, 3, 32, 32) * 2 + 1)
         model.eval()
         torch.testing.assert_close(model(x), copy.deepcopy(model)(x))
+
+
+@pytest.mark.parametrize("size", [4, 40])
+def test_a_cumulative_average_of_the_statistics_is_kept_as_batchnorm_keeps_it(size: int) -> None:
+    """``momentum=None``, on the recorded path (small planes) and the custom function."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3, momentum=None)
+    private = convert(nn.Sequential(copy.deepcopy(plain)), 2, ())[0]
+    for _ in range(3):
+        x = torch.randn(2, 3, size, size) * 3 + 1
+        plain(x)
+        private(torch.cat([x, x]))
+    for name in ("running_mean", "running_var"):
+        expected = getattr(plain, name).expand(2, 3)
+        torch.testing.assert_close(getattr(private, name), expected)

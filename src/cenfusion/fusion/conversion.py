@@ -115,7 +115,7 @@ def _private_norm(
         bn.num_features,
         num_modalities,
         eps=bn.eps,
-        momentum=bn.momentum if bn.momentum is not None else 0.1,
+        momentum=bn.momentum,
         exchange=exchange,
         threshold=threshold,
         **extra,

@@ -130,6 +130,7 @@ class ModalityBatchNorm2d(ModalityNorm):
     """``M`` private BatchNorms over a modality-stacked batch ``(M*B, C, H, W)``.
 
     Each modality has its own running statistics and affine parameters, ``(M, C)`` each.
+    ``momentum=None`` keeps a cumulative average, as in ``nn.BatchNorm2d``.
     With ``frozen_stats`` the running statistics are used and kept even in training mode,
     the setting of the paper for ImageNet-pretrained encoders (only gamma and beta learn).
     With batch statistics, each modality's statistics and running-statistics update are those
@@ -142,7 +143,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         num_features: int,
         num_modalities: int,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         exchange: bool = False,
         threshold: float = 2e-2,
         frozen_stats: bool = False,
@@ -157,10 +158,13 @@ class ModalityBatchNorm2d(ModalityNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         batch_stats = self.training and not self.frozen_stats
+        momentum = self.momentum
         if batch_stats:
             self.num_batches_tracked.add_(1)
             # the norm kernels update the running statistics without a new version
             self._fold_cache = None
+            if momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
         if recorded(x, self.num_modalities):
             if not (batch_stats or torch.is_grad_enabled() or tracing()):
                 return self._inference(x)
@@ -172,13 +176,13 @@ class ModalityBatchNorm2d(ModalityNorm):
                 ),
             )
             parts = [
-                F.batch_norm(*args, batch_stats, self.momentum, self.eps) for args in per_modality
+                F.batch_norm(*args, batch_stats, momentum or 0.0, self.eps) for args in per_modality
             ]
             return self._exchange(parts)
         call = NormCall(
             "batch" if batch_stats else "running",
             (self.running_mean, self.running_var),
-            self.momentum,
+            momentum or 0.0,
             self.eps,
             self.exchange_plan(),
         )

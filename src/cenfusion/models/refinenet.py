@@ -392,6 +392,6 @@ def create_cen_refinenet(
     if pretrained is None:
         with torch.no_grad():
             for _, norm in exchanging_norms(model):
-                if not norm.weight.any():
+                if not norm.weight.is_meta and not norm.weight.any():
                     norm.weight.fill_(1.0)
     return model
