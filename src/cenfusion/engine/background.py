@@ -6,7 +6,7 @@ waiting at the next collective). :class:`BackgroundCalls` runs ``fn(arg)`` in a 
 ``python`` instead, one call at a time. A request made while a call runs waits for it, and a
 newer request replaces a waiting one: the call reads the run's files when it starts, so the
 newest request covers the older ones. A failed call is one warning in the run's log; training
-goes on.
+goes on. The child is out of the terminal's reach, so a Ctrl-C of the run lets it finish.
 
 A fresh interpreter, not a ``multiprocessing`` child: the spawn and forkserver methods import
 the caller's main script again (a user's script without a ``__main__`` guard would train
@@ -85,6 +85,7 @@ class BackgroundCalls:
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=errors,
+            start_new_session=True,
             # the child imports what ``fn`` refers to from where this process found it
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))},
         )

@@ -30,6 +30,7 @@ from cenfusion.engine.background import BackgroundCalls
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import on_main
+from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
@@ -63,7 +64,7 @@ class Context(Runtime):
         options.update(pin_memory=self.device.type == "cuda", persistent_workers=False)
         if workers > 0:
             options["worker_init_fn"] = worker_init
-        return DataLoader(dataset, **{**options, **kwargs})
+        return DeferredForkLoader(dataset, **{**options, **kwargs})
 
     def train_loader(self, dataset: Dataset, cfg: Any, drop_last: bool) -> DataLoader:
         """The training loader: shuffled by its own generator, or split across the processes
@@ -94,9 +95,10 @@ class Context(Runtime):
 @contextlib.contextmanager
 def prepare(cfg: Any) -> Iterator[Context]:
     """Validate ``cfg``, open its runtime (joining the process group of a torchrun launch),
-    seed, start logging."""
+    seed, start logging; Ctrl-C stops the run even while loader workers start
+    (:mod:`~cenfusion.engine.interrupts`)."""
     cfg.validate()
-    with open_runtime(cfg, distributed=True) as runtime:
+    with catching_interrupts(), open_runtime(cfg, distributed=True) as runtime:
         seed_everything(cfg.seed + runtime.dist.rank)
         with LogRouting(runtime.dist.is_main) as run_log:
             yield Context(**vars(runtime), run_log=run_log)

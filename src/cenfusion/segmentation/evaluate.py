@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
+from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
 from cenfusion.engine.run import append_metrics, log
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
@@ -235,9 +236,9 @@ def evaluate_protocols(
     val_set = build_dataset(cfg, train=False)
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
-    with open_runtime(cfg) as runtime:
+    with catching_interrupts(), open_runtime(cfg) as runtime:
         fast = runtime.prepare(model.eval(), frozen=True)
-        loader = DataLoader(
+        loader = DeferredForkLoader(
             val_set,
             batch_size=batch_size,
             num_workers=cfg.workers,
