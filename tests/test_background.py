@@ -54,7 +54,7 @@ def test_a_failed_call_is_one_warning_with_its_error(tmp_path: Path, caplog) -> 
         calls.request(tmp_path)
         calls.finish()
     assert caplog.messages == [
-        f"drawing the run's reports failed: ValueError: no plots for {tmp_path}"
+        f"warning: drawing the run's reports failed: ValueError: no plots for {tmp_path}"
     ]
 
 

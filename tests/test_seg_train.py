@@ -20,6 +20,7 @@ from cenfusion.fusion import exchanging_norms
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
+from cenfusion.segmentation.evaluate import evaluate_protocols
 from cenfusion.segmentation.modelio import model_from_checkpoint
 from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.segmentation.train import SegmentationRecipe
@@ -194,7 +195,7 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     assert line["val"]["ensemble"]["miou"] == evaluated["ensemble"]["miou"]
 
 
-def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
+def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> None:
     cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)
     ckpt = tmp_path / "cen" / "last.pth"
@@ -216,6 +217,23 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path) -> None:
         with pytest.raises(CenError, match=message):
             train(replace(cfg, exp="more", epochs=(2,), **changes), resume=ckpt)
     assert not (tmp_path / "more").exists()
+    swapped = replace(cfg, exp="more", modalities=tuple(reversed(cfg.modalities)))
+    assert swapped.modalities == ("depth", "rgb")
+    refusal = r"^--modalities depth rgb: the model of .* was trained on rgb, depth, in this order"
+    for call in (
+        lambda: train(replace(swapped, epochs=(2,)), resume=ckpt),
+        lambda: evaluate(SEGMENTATION, swapped, ckpt),
+        lambda: evaluate_protocols(swapped, ckpt),
+    ):
+        with pytest.raises(CenError, match=refusal):
+            call()
+    renamed = replace(swapped, modalities=("rgb:0:rgb", "d:2:depth"))
+    with pytest.raises(CenError, match="^--modalities rgb:0:rgb d:2:depth: the model of .* rgb, d"):
+        train(replace(renamed, epochs=(2,)), resume=ckpt)
+    assert not (tmp_path / "more").exists()
+    capsys.readouterr()
+    evaluate(SEGMENTATION, renamed, ckpt)
+    assert "warning: --modalities rgb:0:rgb d:2:depth: the model of " in capsys.readouterr().out
     # saved before exchange points were checked: points its encoder lacks, which never exchanged
     state = load_checkpoint(ckpt)
     state["model_config"]["exchange_at"] = ["blocks.*.*.bn2"]

@@ -105,4 +105,4 @@ class BackgroundCalls:
             errors.seek(0)
             lines = errors.read().decode(errors="replace").strip().splitlines()
         why = lines[-1] if lines else f"exit status {child.returncode}"
-        log.warning(f"{self.what} failed: {why}")
+        log.warning(f"warning: {self.what} failed: {why}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
@@ -109,6 +110,32 @@ def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -
         raise CenError(
             f"{where}: model has {model.config.num_classes} classes, the data has {cfg.num_classes}"
         )
+
+
+def check_same_modalities(
+    trained: Sequence[str] | None, cfg: SegmentationConfig, where: str, training: bool
+) -> None:
+    """Refuse inputs in another order than the checkpoint's modalities: each modality has
+    its own norms and head, so a swap would feed one modality through the other's. A
+    resumed training also keeps their names; scoring with other names only warns (a name is
+    a label of the user's data). ``trained``: the checkpoint's ``--modalities`` (None: not
+    recorded)."""
+    if trained is None:
+        return
+    theirs = [str(m).split(":")[0] for m in trained]
+    ours = [m.split(":")[0] for m in cfg.modalities]
+    if theirs == ours:
+        return
+    said = (
+        f"--modalities {' '.join(cfg.modalities)}: the model of {where} was trained on "
+        f"{', '.join(theirs)}"
+    )
+    if sorted(theirs) == sorted(ours) or training:
+        raise CenError(
+            f"{said}, in this order; each modality has its own norms and head: give the "
+            "same modalities in the same order"
+        )
+    log.warning(f"warning: {said}; scoring {', '.join(ours)} in their place, in order")
 
 
 def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:

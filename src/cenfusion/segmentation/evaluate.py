@@ -33,7 +33,7 @@ from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
-from cenfusion.segmentation.build import build_dataset, check_model_fits
+from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.predict import load_segmenter, resize_input
 from cenfusion.segmentation.visualize import save_prediction_panel
@@ -231,8 +231,10 @@ def evaluate_protocols(
     """
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
-    model = load_segmenter(checkpoint, official).model
+    loaded = load_segmenter(checkpoint, official)
+    model = loaded.model
     check_model_fits(model, cfg, str(checkpoint))
+    check_same_modalities(loaded.modalities, cfg, str(checkpoint), training=False)
     val_set = build_dataset(cfg, train=False)
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}

@@ -19,6 +19,7 @@ from cenfusion.segmentation.build import (
     check_data,
     check_model_fits,
     check_resumed_model,
+    check_same_modalities,
 )
 from cenfusion.segmentation.config import PRESETS, SegmentationConfig
 from cenfusion.segmentation.modelio import TASK, model_from_record
@@ -42,6 +43,8 @@ def build_recipe(
     model = model_from_record(state, where) if state else build_model(cfg)
     if state is not None:
         check_model_fits(model, cfg, where)
+        saved = state.get("config") or {}
+        check_same_modalities(saved.get("modalities"), cfg, where, training)
         if training:
             check_resumed_model(model, cfg, where)
     return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
