@@ -2,13 +2,16 @@
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
+import shutil
 import stat
 import typing
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,8 +27,10 @@ from cenfusion.engine.config import (
     given_flags,
     options_from_args,
 )
+from cenfusion.engine.files import atomic_write
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import (
+    BEST,
     CONFIG,
     LAST,
     METRICS,
@@ -219,6 +224,31 @@ def test_resume_alone_means_the_runs_own_last_checkpoint(command) -> None:
     parser = build_parser()
     assert parser.parse_args([*command, "--resume"]).resume == Path(LAST)
     assert parser.parse_args([*command, "--resume", "x.pth"]).resume == Path("x.pth")
+
+
+def test_a_run_whose_last_checkpoint_failed_points_to_its_best(tmp_path: Path) -> None:
+    (tmp_path / BEST).write_bytes(b"")
+    with pytest.raises(CenError, match=r"holds no last.pth but a best.pth .*; --resume .*best"):
+        resume_path(Path(LAST), tmp_path)
+
+
+def test_a_disk_that_fills_up_during_a_write_is_said_to_be_full(tmp_path, monkeypatch) -> None:
+    """The disk is full while the temporary file holds the space; once it is removed the
+    space is back, and torch's zip writer only says 'unexpected pos'."""
+
+    def usage(folder: str | Path) -> SimpleNamespace:
+        writing = any(p.name.startswith(".") for p in Path(folder).iterdir())
+        return SimpleNamespace(total=10**9, used=10**9, free=0 if writing else 10**8)
+
+    def write(f: typing.IO[bytes]) -> None:
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    with pytest.raises(OSError) as excinfo:
+        atomic_write(tmp_path / LAST, write)
+    assert excinfo.value.errno == errno.ENOSPC and excinfo.value.filename == str(tmp_path / LAST)
+    assert not list(tmp_path.iterdir())
 
 
 def test_run_folder_is_continued_or_replaced_only_when_asked(tmp_path: Path) -> None:

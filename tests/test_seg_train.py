@@ -217,6 +217,8 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
         with pytest.raises(CenError, match=message):
             train(replace(cfg, exp="more", epochs=(2,), **changes), resume=ckpt)
     assert not (tmp_path / "more").exists()
+    with pytest.raises(CenError, match=r"^--force: not with --resume .*last.pth, which continues"):
+        train(replace(cfg, epochs=(2,)), resume=ckpt, force=True)
     swapped = replace(cfg, exp="more", modalities=tuple(reversed(cfg.modalities)))
     assert swapped.modalities == ("depth", "rgb")
     refusal = r"^--modalities depth rgb: the model of .* was trained on rgb, depth, in this order"

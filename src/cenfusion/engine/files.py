@@ -29,8 +29,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
         os.replace(tmp, path)
     except RuntimeError as err:
+        full = _disk_full(path.parent)  # before the temporary's space is given back
         Path(tmp).unlink(missing_ok=True)
-        if _disk_full(path.parent):
+        if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
         raise
     except BaseException:

@@ -27,6 +27,11 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
         where = str(resume)
         recipe = task.build_recipe(cfg, ctx, state, where, True)
         continuing = state is not None and "epoch" in state
+        if continuing and force:
+            raise CenError(
+                f"--force: not with --resume {where}, which continues its run; --force starts "
+                "afresh (alone, or with --resume of weights only)"
+            )
         folder = ctx.open_folder(cfg, resuming=continuing, force=force)
         log.info(recipe.start_line())
         report = task.after_validation if getattr(cfg, "plots", False) else None
