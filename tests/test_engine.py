@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cenfusion.cli import build_parser
+from cenfusion.cli import build_parser, main
 from cenfusion.engine import runtime
 from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import (
@@ -211,6 +212,19 @@ def test_a_tasks_settings_read_back_and_change_with_checks(task, tmp_path: Path)
 def test_the_default_exchange_points_are_the_models() -> None:
     """The setting spells out the fusion module's constant (the CLI starts without torch)."""
     assert SegmentationConfig().exchange_at == RESNET_EXCHANGE_POINTS
+
+
+def test_enc_given_takes_back_a_presets_backbone(tmp_path: Path) -> None:
+    """The synthetic preset names a backbone, which overrides --enc: an --enc given without
+    --backbone means that ResNet, not a silently ignored flag."""
+    assert SYNTHETIC.backbone is not None
+    resolved = SEGMENTATION.resolve_config(None, None, {"enc": 50})
+    assert (resolved.backbone, resolved.model_name) == (None, "cen_refinenet_r50")
+    both = SEGMENTATION.resolve_config(None, None, {"enc": 50, "backbone": "resnet18"})
+    assert both.backbone == "resnet18"
+    (tmp_path / "c.yaml").write_text("enc: 152\n")
+    assert SEGMENTATION.resolve_config(None, tmp_path / "c.yaml", {}).backbone is None
+    assert SEGMENTATION.resolve_config(None, None, {}).backbone == SYNTHETIC.backbone
 
 
 def test_segmentation_preset_follows_the_data_flag() -> None:
@@ -579,3 +593,16 @@ def test_a_non_finite_loss_read_late_still_names_its_iteration(bad: int) -> None
         _run_epoch(recipe, 1, argparse.Namespace(seed=0, quiet=True))
     assert recipe.events[-1] == f"read {bad}"
     assert f"step {bad + 2}" not in recipe.events
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_run_folder(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name)
+    )
+    argv = ["seg", "train", "--runs", str(tmp_path), "--tensorboard", "--workers", "0"]
+    assert main(argv) == 2
+    assert "--tensorboard: the tensorboard package is not installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

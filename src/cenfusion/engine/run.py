@@ -10,6 +10,7 @@ moves the old folder aside.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -148,6 +149,10 @@ class RunConfig(RuntimeConfig):
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
         if self.workers < 0:
             raise CenError(f"--workers {self.workers}: expected >= 0")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise CenError(
+                "--tensorboard: the tensorboard package is not installed (pip install tensorboard)"
+            )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ of tasks costs nothing to the ``cen`` command's start.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,9 @@ class Task:
     summarize: Callable[[dict[str, Any], str], ModelSummary]
     after_validation: Callable[[Path], Any]
     write_report: Callable[[Path], Path]
+    supersedes: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    """``{setting: others}``: a setting given (flag or YAML) without those others puts them
+    back to their defaults, e.g. ``--enc`` a preset's ``backbone``, which would override it."""
 
     def resolve_config(
         self,
@@ -84,6 +87,18 @@ class Task:
             if name not in self.presets:
                 raise CenError(f"--preset {name}: expected one of {', '.join(self.presets)}")
             base = self.presets[name]
+        from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
+        given = {**from_yaml, **flags}
+        defaults = {f.name: f.default for f in fields(self.config)}
+        superseded = {
+            other: defaults[other]
+            for name, others in self.supersedes.items()
+            if name in given
+            for other in others
+            if other not in given
+        }
+        if superseded:
+            base = replace_config(base, superseded)
         if yaml_path is not None:
-            base = replace_config(base, load_yaml(yaml_path), f"--config {yaml_path}")
+            base = replace_config(base, from_yaml, f"--config {yaml_path}")
         return replace_config(base, dict(flags))

@@ -267,12 +267,8 @@ class Scalars:
         self.writer = None
         if not enabled or not folder.is_main:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise CenError(
-                "--tensorboard: the tensorboard package is not installed (pip install tensorboard)"
-            ) from err
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(folder.path / "tb"))
 
     def add(self, record: dict[str, Any], epoch: int, prefix: str = "") -> None:

@@ -96,4 +96,5 @@ SEGMENTATION = Task(
     summarize=summarize,
     after_validation=partial(write_plots, kind=RUN_KIND),
     write_report=partial(write_report, kind=RUN_KIND),
+    supersedes={"enc": ("backbone",)},
 )
