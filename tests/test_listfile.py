@@ -224,6 +224,22 @@ def test_colour_mask_and_colour_depth_are_rejected(tmp_path: Path) -> None:
     _one_line_error(excinfo, "depth/a.png", "mode RGB")
 
 
+@pytest.mark.parametrize("kind", ["rgb", "gray"])
+def test_32_bit_photographs_are_refused_16_bit_ones_read(tmp_path: Path, kind: str) -> None:
+    """0..255 would clamp float or 32-bit integer values; PIL reads a 16-bit PGM as mode I."""
+    for name, array in (
+        ("float", np.full((H, W), 1.5, np.float32)),
+        ("int", np.full((H, W), 10**5, np.int32)),
+    ):
+        _save(tmp_path / f"{name}.tif", array)
+        with pytest.raises(CenError) as excinfo:
+            decode_image(tmp_path / f"{name}.tif", kind)
+        _one_line_error(excinfo, f"{name}.tif", "expected 8 or 16 bits")
+    _save(tmp_path / "deep.pgm", np.full((H, W), 65535, np.uint16))
+    assert Image.open(tmp_path / "deep.pgm").mode == "I"
+    assert decode_image(tmp_path / "deep.pgm", kind).max() == 255
+
+
 def test_bad_specs() -> None:
     with pytest.raises(CenError, match="kind 'hha'"):
         ModalitySpec("x", 0, "hha")

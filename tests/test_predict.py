@@ -241,9 +241,11 @@ def test_mismatched_stems_name_the_missing_partner(tiny, tmp_path) -> None:
         predict(checkpoint, [(tmp_path / "rgb", tmp_path / "depth")], tmp_path / "out", runtime=CPU)
 
 
-def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
+@pytest.mark.parametrize("trained", [("depth", "rgb"), ("depth:2:depth", "rgb:0:rgb")])
+def test_inputs_follow_the_checkpoint_modality_order(tmp_path, trained) -> None:
+    """Own data's runs record NAME:COLUMN:KIND; the inputs are matched by NAME."""
     checkpoint = tmp_path / "depth_first.pt"
-    model = save_tiny(checkpoint, modalities=("depth", "rgb"), seed=3)
+    model = save_tiny(checkpoint, modalities=trained, seed=3)
     rgb = write_rgb(tmp_path / "x.png", 29, 31)
     depth = write_depth(tmp_path / "x_d.png", 29, 31)
     predict(
@@ -262,14 +264,13 @@ def test_inputs_follow_the_checkpoint_modality_order(tmp_path) -> None:
 
 def test_gather_cli_inputs() -> None:
     items, names = gather_cli_inputs(
-        [Path("root")],
+        [],
         [Path("a.png"), Path("b.png")],
         [Path("a_d.png"), Path("b_d.png")],
         ["hha:gray=a_h.png", "hha:gray=b_h.png"],
     )
     assert names == ["rgb:rgb", "depth:depth", "hha:gray"]
     assert items == [
-        Path("root"),
         (Path("a.png"), Path("a_d.png"), Path("a_h.png")),
         (Path("b.png"), Path("b_d.png"), Path("b_h.png")),
     ]
@@ -281,6 +282,8 @@ def test_gather_cli_inputs() -> None:
         gather_cli_inputs([], [], [], ["hha=x.png"])
     with pytest.raises(CenError, match="nothing to predict"):
         gather_cli_inputs([], [], [], [])
+    with pytest.raises(CenError, match="^FOLDER root and --rgb/--input: give folders with"):
+        gather_cli_inputs([Path("root")], [Path("photos")], [], ["hha=h.png"])
 
 
 def test_every_unreadable_input_is_listed_before_anything_is_written(

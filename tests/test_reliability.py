@@ -33,9 +33,11 @@ from PIL import Image
 import cenfusion.engine.run as run_module
 from cenfusion.cli import main
 from cenfusion.data.synthetic import generate_segmentation_dataset
-from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.session import train
+from cenfusion.errors import MAX_LINE, CenError, shorten
+from cenfusion.models.official import read_official_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation import train as seg_train
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
@@ -94,6 +96,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["text"].write_text("not a checkpoint\n")
     paths["yaml"] = folder / "settings.yaml"
     paths["yaml"].write_text("lamda: 0.1\n")
+    paths["utf16"] = folder / "utf16.yaml"
+    paths["utf16"].write_bytes(b"\xff\xfe bad\n")
+    paths["nan"] = folder / "nan.yaml"
+    paths["nan"].write_text("threshold: .nan\n")
     return paths
 
 
@@ -218,6 +224,56 @@ TABLE: list[tuple[str, Row]] = [
     ("predict corrupt image", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "out"),
          "--device", "cpu"], "1.png")),
+    ("i2i crop below the discriminator's", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--crop-size", "16", "--num-downs", "4"],
+        "--crop-size 16: expected at least 24")),
+    ("i2i inception not TorchScript", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--fid", "--inception", str(f["text"])],
+        f"--inception {f['text']}: not loadable by torch.jit")),
+    ("config not UTF-8", lambda f, s, i, r: (
+        [*seg_args(s, r), "--config", str(f["utf16"])], "utf16.yaml: not UTF-8 text")),
+    ("config a folder", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--config", str(f["images"])], "images: a folder, expected a YAML")),
+    ("threshold nan", lambda f, s, i, r: (
+        [*seg_args(s, r), "--threshold", "nan"], "--threshold nan: expected a finite number")),
+    ("i2i threshold nan", lambda f, s, i, r: (
+        [*i2i_args(i, r), "-t", "nan"], "--threshold nan: expected a finite number")),
+    ("lamda inf", lambda f, s, i, r: (
+        [*seg_args(s, r), "--lamda", "inf"], "--lamda inf: expected a finite number")),
+    ("i2i lr-g -inf", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--lr-g=-inf"], "--lr-g -inf: expected a finite number")),
+    ("nan in YAML", lambda f, s, i, r: (
+        [*seg_args(s, r), "--config", str(f["nan"])], "--threshold nan: expected a finite")),
+    ("momentum 2", lambda f, s, i, r: (
+        [*seg_args(s, r), "--momentum-enc", "2"], "--momentum-enc 2.0: expected 0 <= m < 1")),
+    ("i2i img-types 11, every domain shown", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--img-types", "11", "0"],
+        ("11 is out of range (0=rgb 1=normal 2=reshading 3=depth_euclidean 4=depth_zbuffer "
+         "5=principal_curvature 6=edge_occlusion 7=edge_texture 8=segment_unsup2d "
+         "9=segment_unsup25d)"))),
+    ("predict a run folder", lambda f, s, i, r: (
+        ["seg", "predict", str(r / "old"), str(f["images"]), "-o", str(r / "out")],
+        "old: a folder, expected a checkpoint file (it holds last.pth)")),
+    ("info a run folder", lambda f, s, i, r: (
+        ["info", str(r / "old")], "old: a folder, expected a")),
+    ("eval a folder", lambda f, s, i, r: (
+        ["seg", "eval", "--resume", str(f["images"]), "--data", str(s)],
+        "images: a folder, expected a checkpoint file")),
+    ("predict depth-scale -1", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "out"),
+         "--depth-scale", "-1"], "--depth-scale -1.0: expected >= 0")),
+    ("predict depth-scale nan", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "out"),
+         "--depth-scale", "nan"], "--depth-scale nan: expected a finite number")),
+    ("predict into a file", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "old" / "last.pth")],
+        "last.pth: a file, expected a folder")),
+    ("predict into a file's subfolder", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(f["text"] / "out")],
+        "out: a file inside the file")),
+    ("predict FOLDER and --rgb", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "--rgb", str(f["images"] / "rgb"),
+         "-o", str(r / "out")], "and --rgb: give folders with one subfolder per modality")),
 ]  # fmt: skip
 
 
@@ -243,6 +299,33 @@ def test_bad_input_gives_one_line_and_writes_nothing(
     assert needle in lines[0], lines[0]
     assert "(0)" not in lines[0] and "Traceback" not in err
     assert snapshot(runs) == before
+
+
+def test_a_run_folder_for_a_checkpoint_names_the_file_to_give(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "t1").mkdir(parents=True)
+    (tmp_path / "runs" / "t1" / "best.pth").write_bytes(b"")
+    with pytest.raises(CenError) as info:
+        load_checkpoint("runs/t1")
+    assert str(info.value) == "runs/t1: a folder, expected a checkpoint file (it holds best.pth)"
+    with pytest.raises(CenError, match=r"^runs: a folder, expected a checkpoint file$"):
+        read_official_checkpoint(Path("runs"))
+
+
+def test_a_long_line_loses_whole_words_from_its_middle() -> None:
+    folder = "/data/" + "long-folder-name/" * 4
+    line = (
+        f"domain principal_curvature (img-type 5) missing on disk: no folder {folder}"
+        f"principal_curvature; fetch it with `cen data taskonomy {folder} --domains "
+        "principal_curvature`"
+    )
+    cut = shorten(line, MAX_LINE - len("cen: error: "))
+    assert len(cut) <= MAX_LINE - len("cen: error: ")
+    head, tail = cut.split(" ... ")
+    assert line.startswith(head + " ") and line.endswith(" " + tail)
+    assert head.startswith("domain principal_curvature (img-type 5) missing on disk")
+    assert tail.endswith("--domains principal_curvature`")
+    assert shorten("x" * 50, 20) == "x" * 8 + " ... " + "x" * 7
 
 
 def test_internal_error_shows_a_short_traceback_and_how_to_report(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import re
 
-#: The longest line an error may print (longer ones are cut, ending in "...").
+#: The longest line an error may print (longer ones lose words from the middle).
 MAX_LINE = 199
 
 
@@ -25,12 +25,21 @@ class ForeignCheckpointError(CenError):
 
 def shorten(text: str, limit: int = 80) -> str:
     """``text`` on one line (whitespace collapsed), at most ``limit`` characters: a longer
-    one loses its middle, since its start names the culprit and its end often a count."""
+    one loses whole words from its middle, since its start names the culprit and its end
+    often the file or command to use, kept whole up to half the room; a word longer than
+    its room is cut."""
     flat = " ".join(str(text).split())
     if len(flat) <= limit:
         return flat
-    tail = (limit - 3) // 3
-    return flat[: limit - 3 - tail] + "..." + flat[len(flat) - tail :]
+    mark = " ... "
+    room = limit - len(mark)
+    last_word = len(flat) - flat.rfind(" ") - 1
+    tail_room = max(room // 3, min(last_word, room // 2))
+    head = flat[: room - tail_room + 1]
+    head = head.rsplit(" ", 1)[0] if " " in head[1:] else head[:-1]
+    tail = flat[len(flat) - (room - len(head)) - 1 :]
+    tail = tail.split(" ", 1)[1] if " " in tail[:-1] else tail[1:]
+    return head + mark + tail
 
 
 def describe_load_error(err: BaseException) -> str:

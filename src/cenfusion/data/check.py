@@ -46,7 +46,8 @@ from cenfusion.errors import CenError
 
 #: Problems listed before the check gives up listing (it still counts them all).
 MAX_PROBLEMS = 50
-CACHE_VERSION = 1
+#: Raised whenever what a file must be changes, so that older verdicts are not reused.
+CACHE_VERSION = 2
 MASK = "mask"
 
 

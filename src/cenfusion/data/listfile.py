@@ -102,6 +102,12 @@ def _single_channel(image: Image.Image, path: Path, what: str) -> np.ndarray:
     raise CenError(f"{what} image {path} has mode {image.mode}, expected a single-channel PNG")
 
 
+def _is_32_bit(image: Image.Image) -> bool:
+    """Float or 32-bit integer values (e.g. a TIFF), which 0..255 would clamp; PIL reads 16-bit
+    PGM files (and, in older versions, PNG files) as mode ``I`` too, so those pass."""
+    return image.mode == "F" or image.mode == "I" and image.format not in ("PNG", "PPM")
+
+
 def decode_image(path: Path, kind: str, depth_scale: float = NYUDV2_DEPTH_SCALE) -> torch.Tensor:
     """Decode one input image to float32 ``(3, H, W)``.
 
@@ -111,8 +117,14 @@ def decode_image(path: Path, kind: str, depth_scale: float = NYUDV2_DEPTH_SCALE)
       (NYUDv2: 1/5000), tiled to 3 channels; 0 stays 0 (a hole).
     - ``gray``: 8-bit as is, 16-bit scaled by 255/65535 into 0..255, tiled to 3 channels
       (a colour image is converted to its luma first).
+
+    ``rgb`` and ``gray`` refuse 32-bit (float or integer) images: 0..255 cannot hold them.
     """
     image = _open_image(path)
+    if kind != "depth" and _is_32_bit(image):
+        raise CenError(
+            f"{kind} image {path} has 32-bit values (mode {image.mode}), expected 8 or 16 bits"
+        )
     if kind == "rgb" and image.mode not in HIGH_BIT_MODES:
         array = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
     else:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cenfusion.checkpoint_format import CHECKPOINT_FORMAT
+from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
 from cenfusion.engine.files import atomic_write
 from cenfusion.errors import CenError, ForeignCheckpointError, describe_load_error, shorten
 
@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     """
     path = Path(path)
     if not path.is_file():
-        raise CenError(f"{path}: checkpoint file not found")
+        raise missing_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -153,9 +154,26 @@ def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def options_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """``cls`` (a command's options) from its flags; a flag not given keeps its default."""
+    """``cls`` (a command's options) from its flags; a flag not given keeps its default.
+
+    Raises:
+        CenError: a non-finite number, which argparse's ``float`` accepts (``nan``, ``inf``).
+    """
     given = given_flags(cls, args)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    options = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    check_finite(options)
+    return options
+
+
+def check_finite(config: Any) -> None:
+    """Refuse ``nan`` and ``inf`` in every number of ``config`` (a dataclass of settings):
+    argparse and YAML read them as floats, no setting means them, and they pass every range
+    check (``nan < 0`` is false), to fail at the first step or silently change a run."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise CenError(f"{flag_name(field.name)} {item}: expected a finite number")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -224,10 +242,16 @@ def replace_config(config: C, updates: dict[str, Any], where: str = "flags") -> 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CenError(f"--config {path}: a folder, expected a YAML file of settings")
     if not path.is_file():
         raise CenError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise CenError(
+            f"--config {path}: not UTF-8 text (byte {err.start}), expected a YAML file"
+        ) from err
     except yaml.YAMLError as err:
         raise CenError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
 from cenfusion.engine.config import (
+    check_finite,
     config_from_dict,
     config_to_dict,
     dump_yaml,
@@ -135,8 +136,10 @@ class RunConfig(RuntimeConfig):
         return replace_config(self, changes)
 
     def validate(self) -> None:
-        """Raise :class:`CenError` (one line) for shared settings that cannot run."""
+        """Raise :class:`CenError` (one line) for shared settings that cannot run, and for a
+        number that is not finite in any setting of the task's config."""
         super().validate()
+        check_finite(self)
         if self.exp in ("", ".", "..") or any(sep in self.exp for sep in ("/", "\\")):
             raise CenError(
                 f"--exp {self.exp!r}: expected a run name, one folder name inside --runs "

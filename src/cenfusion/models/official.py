@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cenfusion.checkpoint_format import CHECKPOINT_FORMAT
+from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
 from cenfusion.errors import CenError, describe_load_error, shorten
 from cenfusion.fusion import ModalityBatchNorm2d
 from cenfusion.models.refinenet import (
@@ -186,7 +186,7 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The ``segmenter`` state dict of a released ``.pth.tar`` (read with weights_only)."""
     path = Path(path)
     if not path.is_file():
-        raise CenError(f"{path}: checkpoint file not found")
+        raise missing_checkpoint(path)
     numpy_core = getattr(np, "_core", None) or np.core
     safe = [np.dtype, numpy_core.multiarray.scalar, type(np.dtype(np.float64))]
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cenfusion.checkpoint_format import missing_checkpoint
 from cenfusion.errors import CenError, describe_load_error
 from cenfusion.models.official import check_state_dict, load_mapped
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
@@ -47,7 +48,7 @@ def read_released_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A released ``.pkl`` state dict (read with weights_only), ``module.`` prefixes removed."""
     path = Path(path)
     if not path.is_file():
-        raise CenError(f"{path}: checkpoint file not found")
+        raise missing_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -95,14 +95,17 @@ class SegmentationConfig(RunConfig):
         for name in (
             "lamda",
             "threshold",
-            "momentum_enc",
-            "momentum_dec",
             "weight_decay_enc",
             "weight_decay_dec",
             "depth_scale",
         ):
             if getattr(self, name) < 0:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 0")
+        for name in ("momentum_enc", "momentum_dec"):
+            if not 0 <= getattr(self, name) < 1:
+                raise CenError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 <= m < 1"
+                )
         if not 0 <= self.drop_rate < 1:
             raise CenError(f"--drop-rate {self.drop_rate}: expected 0 <= p < 1")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):

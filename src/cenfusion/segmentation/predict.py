@@ -125,7 +125,8 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
                 f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
             ) from theirs
     saved = state.get("config") or {}
-    names = tuple(saved["modalities"]) if "modalities" in saved else None
+    trained = saved.get("modalities")
+    names = None if trained is None else tuple(str(m).split(":")[0] for m in trained)
     return LoadedModel(model_from_record(state, str(path)), names, False)
 
 
@@ -140,8 +141,7 @@ def check_fits(
         trained = f" ({', '.join(loaded.modalities)})" if loaded.modalities else ""
         raise CenError(
             f"{where}: the model takes {config.num_modalities} modalities{trained}, "
-            f"{len(modalities)} given ({given}); CEN shares one network across exactly the "
-            f"modalities it was trained with, give one input for each"
+            f"{len(modalities)} given ({given}); give one input per modality it was trained on"
         )
     if num_classes is not None and num_classes != config.num_classes:
         raise CenError(
@@ -374,6 +374,12 @@ def predict(
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
+    if not depth_scale >= 0:
+        raise CenError(f"--depth-scale {depth_scale}: expected >= 0")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        inside = "" if existing == out else f" inside the file {existing}"
+        raise CenError(f"--out {out}: a file{inside}, expected a folder (made if missing)")
     fast = [
         flag_name(name) for name in ("amp", "channels_last", "compile") if getattr(runtime, name)
     ]
@@ -454,9 +460,16 @@ def gather_cli_inputs(
 
     ``--rgb`` and ``--depth`` paths and ``--input NAME[:KIND]=PATH`` pairs, repeated flags
     adding samples: the i-th path of every modality forms item i. ``roots`` are folders with
-    one subfolder per modality. Without any flag the modality names stay ``None`` (the
-    checkpoint's own).
+    one subfolder per modality, refused beside paths: those would name the modalities, and
+    a root's other subfolders would go unread. Without any flag the modality names stay
+    ``None`` (the checkpoint's own).
     """
+    flags = [f for f, paths in (("--rgb", rgb), ("--depth", depth), ("--input", extra)) if paths]
+    if roots and flags:
+        raise CenError(
+            f"FOLDER {roots[0]} and {'/'.join(flags)}: give folders with one subfolder per "
+            "modality or each modality's paths, not both"
+        )
     columns: dict[str, list[Path]] = {}
     kinds: dict[str, str] = {}
     given = [("rgb", p) for p in rgb] + [("depth", p) for p in depth]

@@ -13,7 +13,12 @@ from cenfusion.engine.config import setting
 from cenfusion.engine.run import RunConfig
 from cenfusion.errors import CenError
 
-_TABLE = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
+#: The domains by index, short enough for an error line to show them all.
+_TABLE = " ".join(f"{i}={d}" for i, d in enumerate(DOMAINS))
+#: The smallest crop the PatchGAN discriminator takes: its three 4x4 stride-2 convolutions
+#: halve the side and its stride-1 one takes one off, and the InstanceNorm after that needs
+#: more than one pixel (24 -> 12 -> 6 -> 3 -> 2; 16 ends at 1x1).
+MIN_CROP = 24
 
 __all__ = ["TranslationConfig"]
 
@@ -82,8 +87,7 @@ class TranslationConfig(RunConfig):
         types = self.img_types
         for t in types:
             if not 0 <= t < len(DOMAINS):
-                table = ", ".join(f"{i} {d}" for i, d in enumerate(DOMAINS))
-                raise CenError(f"--img-types: {t} is out of range, expected 0..9 ({table})")
+                raise CenError(f"--img-types: {t} is out of range ({_TABLE})")
         if len(types) < 3:
             raise CenError(
                 f"--img-types {' '.join(map(str, types))}: expected at least two inputs and "
@@ -95,6 +99,11 @@ class TranslationConfig(RunConfig):
             )
         if len(set(self.inputs)) != len(self.inputs):
             raise CenError(f"--img-types: an input is repeated in {' '.join(map(str, types))}")
+        if self.crop_size < MIN_CROP:
+            raise CenError(
+                f"--crop-size {self.crop_size}: expected at least {MIN_CROP} (the discriminator's "
+                "last norm needs more than one pixel)"
+            )
         step = 2**self.num_downs
         if self.crop_size % step:
             raise CenError(
