@@ -597,3 +597,15 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> No
     folder.truncate_metrics(2)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_every_reader_says_the_same_of_a_file_that_is_no_checkpoint(tmp_path) -> None:
+    text, empty = tmp_path / "text.pth", tmp_path / "empty.pth"
+    text.write_text("not a checkpoint\n")
+    empty.write_bytes(b"")
+    for path, why in ((text, "not a PyTorch file"), (empty, "truncated or damaged")):
+        with pytest.raises(CenError) as ours:
+            load_checkpoint(path)
+        with pytest.raises(CenError) as released:
+            read_official_checkpoint(path)
+        assert why in str(ours.value) and why in str(released.value)

@@ -7,6 +7,7 @@ for training checkpoints, whatever resume needs (optimiser, stage, epoch, best s
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
     """Read a cenfusion checkpoint with ``weights_only=True`` on the CPU.
 
-    Memory-mapped, so reading one twice (its config, then its weights) costs little.
+    Memory-mapped, so reading one twice (its config, then its weights) costs little; a file
+    that is no zip archive (torch.save's format) is read plainly, so that its error says what
+    it is, as every other reader of checkpoints says it.
 
     ``task`` (e.g. ``"segmentation"``) is checked against the checkpoint's own.
     """
@@ -34,7 +37,8 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     if not path.is_file():
         raise missing_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        mmap = zipfile.is_zipfile(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise ForeignCheckpointError(
             f"{path}: not a readable checkpoint: {describe_load_error(err)}"
