@@ -242,8 +242,13 @@ def test_dataset_samples_and_shared_augmentation(tmp_path: Path) -> None:
 
 
 def test_dataset_errors_are_one_line(synthetic_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(CenError, match=r"principal_curvature \(img-type 5\) missing on disk"):
+    with pytest.raises(CenError) as missing:
         TaskonomyDataset(synthetic_root, "train", [5, 2], 0)
+    assert str(missing.value) == (
+        "domain principal_curvature (img-type 5) missing on disk: no folder principal_curvature/ "
+        f"in the data root; fetch it with `cen data taskonomy {synthetic_root} --domains "
+        "principal_curvature`"
+    )
     with pytest.raises(CenError, match="split file not found"):
         TaskonomyDataset(tmp_path, "train", [2, 7], 0)
     (tmp_path / "rgb").mkdir()

@@ -284,7 +284,10 @@ class TaskonomyDataset(Dataset):
         hint = f"fetch it with `cen data taskonomy {self.root} --domains {domain}`"
         index = f" (img-type {DOMAINS.index(domain)})" if domain in DOMAINS else ""
         if not folder.is_dir():
-            raise CenError(f"domain {domain}{index} missing on disk: no folder {folder}; {hint}")
+            raise CenError(
+                f"domain {domain}{index} missing on disk: no folder {domain}/ in the data "
+                f"root; {hint}"
+            )
         missing = [v for v in self.views if not (self.root / domain_file(domain, v)).is_file()]
         if missing:
             raise CenError(
