@@ -242,7 +242,9 @@ def test_resume_alone_means_the_runs_own_last_checkpoint(command) -> None:
 
 def test_a_run_whose_last_checkpoint_failed_points_to_its_best(tmp_path: Path) -> None:
     (tmp_path / BEST).write_bytes(b"")
-    with pytest.raises(CenError, match=r"holds no last.pth but a best.pth .*; --resume .*best"):
+    with pytest.raises(
+        CenError, match=r"holds no last.pth, only best.pth; --resume .*best.pth continues"
+    ):
         resume_path(Path(LAST), tmp_path)
 
 

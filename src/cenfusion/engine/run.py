@@ -190,8 +190,8 @@ def resume_path(resume: Path | None, run_dir: Path) -> Path | None:
     if not (run_dir / LAST).is_file():
         if (run_dir / BEST).is_file():
             raise CenError(
-                f"--resume: {run_dir} holds no {LAST} but a {BEST} (a write of {LAST} failed); "
-                f"--resume {run_dir / BEST} continues from it"
+                f"--resume: {run_dir} holds no {LAST}, only {BEST}; --resume {run_dir / BEST} "
+                "continues from it"
             )
         stopped = " (its run stopped before the first checkpoint)" if run_dir.is_dir() else ""
         raise CenError(
