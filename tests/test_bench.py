@@ -229,6 +229,12 @@ def test_the_float32_peak_computes_as_the_convolutions_do(monkeypatch, convoluti
         (["--task", "i2i", "--size", "100", "100"], "--size 100 100: multiples of 2**num_downs"),
         (["--runs", "0"], "expected >= 1"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
+        (["--modes", "train", "--train-batch", "0"], "--train-batch, --ngf, --num-downs: expected"),
+        (["--task", "i2i", "--ngf", "0"], "--train-batch, --ngf, --num-downs: expected >= 1"),
+        (["--size", "-32", "-32"], "--size -32 -32: expected two positive numbers H W"),
+        (["--threads", "-1"], "--threads -1: expected >= 1"),
+        (["--json", "/"], "--json /: a folder, expected a file to write"),
+        (["--profile", "/absent/p.md"], "--profile /absent/p.md: no folder /absent, expected a"),
     ],
 )
 def test_bad_settings_are_one_line(flags, message, capsys) -> None:
@@ -255,3 +261,17 @@ def test_the_reference_check_sees_another_function(task) -> None:
         return reference
 
     assert cases.reference_difference(model, shifted, xs, training=False) > 5e-3
+
+
+def test_sizes_that_do_not_fit_in_memory_are_one_line(monkeypatch, capsys) -> None:
+    def no_memory(*args: object) -> None:
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(runner, "_rows", no_memory)
+    assert main(["bench", "--device", "cpu", "--size", "64", "64"]) == 2
+    assert "cen: error: out of cpu memory: --size 64 64, --batch 1 do not fit" in (
+        capsys.readouterr().err
+    )

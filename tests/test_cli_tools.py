@@ -131,3 +131,20 @@ def test_version_is_the_packages(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"cenfusion {version}"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capfd) -> None:
+    """``cen info ... | head -2``: writing to the closed pipe is no error of the user's."""
+    from cenfusion.engine import launch
+
+    def gone(*args: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(launch, "run_per_gpu", gone)
+    assert main(["info", "--enc", "50"]) == 0
+    assert capfd.readouterr().err == ""
+
+
+def test_info_refuses_a_size_that_is_no_image(capsys) -> None:
+    assert main(["info", "--enc", "50", "--size", "-5", "10"]) == 2
+    assert "--size -5 10: expected two positive numbers H W" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -119,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CenError as err:
         print(f"cen: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of the output (``| head``) has gone: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:
         print(f"cen: error: {shorten(describe_os_error(err), MAX_LINE - 12)}", file=sys.stderr)
         return 2

@@ -146,9 +146,10 @@ def _architecture(config: Any) -> str:
 def _size(size: tuple[int, int] | int | None, default: tuple[int, int]) -> tuple[int, int]:
     if size is None:
         return default
-    if isinstance(size, int):
-        return (size, size)
-    return (int(size[0]), int(size[1]))
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(height, width) < 1:
+        raise CenError(f"--size {height} {width}: expected two positive numbers H W")
+    return height, width
 
 
 def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = None) -> ModelInfo:

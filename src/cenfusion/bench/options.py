@@ -53,8 +53,20 @@ class BenchOptions:
     )
 
     def validate(self, device: str) -> None:
-        if self.runs < 1 or self.warmup < 0 or self.batch < 1 or (self.train_batch or 1) < 1:
-            raise CenError("--runs, --batch, --train-batch: expected >= 1; --warmup >= 0")
+        """Raise :class:`CenError` (one line) for options that cannot run, before any row
+        does (a file for --json or --profile must be writable at the end)."""
+        train_batch = 1 if self.train_batch is None else self.train_batch
+        if min(self.runs, self.batch, train_batch, self.ngf, self.num_downs) < 1 or self.warmup < 0:
+            raise CenError(
+                "--runs, --batch, --train-batch, --ngf, --num-downs: expected >= 1; --warmup >= 0"
+            )
+        for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
+            if size is not None and min(size) < 1:
+                raise CenError(f"{flag} {size[0]} {size[1]}: expected two positive numbers H W")
+        for flag, path in (("--json", self.json), ("--profile", self.profile)):
+            if path is not None and (path.is_dir() or not path.parent.is_dir()):
+                where = "a folder" if path.is_dir() else f"no folder {path.parent}"
+                raise CenError(f"{flag} {path}: {where}, expected a file to write")
         if "fp16" in self.precisions and device != "cuda":
             raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")
         small = self.train_size is not None and min(self.train_size) < 64

@@ -49,12 +49,19 @@ def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
     versions, matrix peaks) and its rows. On a GPU cuDNN chooses its fastest kernels for
     every row alike, the reference's included (its search happens in the warm-up)."""
     options.validate(runtime.device)
+    runtime.validate()
     searched = torch.backends.cudnn.benchmark
     with open_runtime(runtime) as opened:
         device = opened.device
         torch.backends.cudnn.benchmark = True
         try:
             measured = [pair for mode in options.modes for pair in _rows(options, mode, opened)]
+        except torch.OutOfMemoryError as err:
+            raise CenError(f"out of {device.type} memory: {_sizes(options)}") from err
+        except RuntimeError as err:
+            if "allocate memory" not in str(err):
+                raise
+            raise CenError(f"out of {device.type} memory: {_sizes(options)}") from err
         finally:
             torch.backends.cudnn.benchmark = searched
         rows = [row for row, _ in measured]
@@ -115,7 +122,10 @@ def _rows(
     training = mode == "train"
     size, train_size, train_batch = DEFAULTS[options.task]
     size = (options.train_size or train_size) if training else (options.size or size)
-    batch = (options.train_batch or train_batch) if training else options.batch
+    if training:
+        batch = train_batch if options.train_batch is None else options.train_batch
+    else:
+        batch = options.batch
     xs = [x.to(opened.device) for x in cases.images(batch, size, 2)]
     flops = _forward_flops(options, size) * (3 if training else 1)
     extractor = InceptionFeatures(device=opened.device) if mode == "fid" else None
@@ -158,6 +168,21 @@ def _rows(
     for row, _ in rows:
         row["vs_reference"] = reference["mean_ms"] / row["mean_ms"] if reference else None
     return rows
+
+
+def _sizes(options: BenchOptions) -> str:
+    """The sizes a bench was asked for, as its flags say them (defaults unsaid)."""
+    given = [
+        f"{flag} {' '.join(map(str, value)) if isinstance(value, tuple) else value}"
+        for flag, value in (
+            ("--size", options.size),
+            ("--batch", options.batch),
+            ("--train-size", options.train_size),
+            ("--train-batch", options.train_batch),
+        )
+        if value is not None
+    ]
+    return f"{', '.join(given)} do not fit" if given else "the default sizes do not fit"
 
 
 def _eager_operators(
