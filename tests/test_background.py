@@ -64,3 +64,16 @@ def test_a_function_that_cannot_be_sent_is_called_here_at_once(tmp_path: Path) -
     assert calls.inline
     calls.request(tmp_path)
     assert seen == [tmp_path]
+
+
+def test_a_run_that_stops_early_stops_the_call(tmp_path: Path) -> None:
+    gate, notes = tmp_path / "gate", tmp_path / "notes"
+    calls = BackgroundCalls(partial(note_when_allowed, gate, notes), "noting")
+    calls.request(Path("a"))
+    calls.request(Path("b"))
+    child = calls._running[0]
+    calls.stop()
+    assert child.poll() is not None
+    gate.touch()
+    calls.finish()
+    assert not notes.exists()

@@ -6,7 +6,8 @@ waiting at the next collective). :class:`BackgroundCalls` runs ``fn(arg)`` in a 
 ``python`` instead, one call at a time. A request made while a call runs waits for it, and a
 newer request replaces a waiting one: the call reads the run's files when it starts, so the
 newest request covers the older ones. A failed call is one warning in the run's log; training
-goes on. The child is out of the terminal's reach, so a Ctrl-C of the run lets it finish.
+goes on. The child is out of the terminal's reach (its own session: a Ctrl-C would print
+its traceback); a run that stops early stops it (:meth:`BackgroundCalls.stop`).
 
 A fresh interpreter, not a ``multiprocessing`` child: the spawn and forkserver methods import
 the caller's main script again (a user's script without a ``__main__`` guard would train
@@ -77,6 +78,17 @@ class BackgroundCalls:
             self._start(arg)
             self._running[0].wait()  # type: ignore[index]
             self._reap()
+
+    def stop(self) -> None:
+        """End the running call and forget the waiting one (the run stopped early: its
+        folder may be moved or replaced next); nothing after :meth:`finish`."""
+        self._waiting = None
+        if self._running is not None:
+            child, errors = self._running
+            self._running = None
+            child.terminate()
+            child.wait()
+            errors.close()
 
     def _start(self, arg: Path) -> None:
         errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed once the call has ended)

@@ -319,7 +319,8 @@ def fit(
     ``after_validation(run_folder)`` runs for the main process once a validation's line is
     written, in a child interpreter beside training (:class:`BackgroundCalls`), and once more
     at the end if validations came faster than it: the task's reports (plots) hang there, so
-    the engine knows nothing of them. The run ends when its last call has.
+    the engine knows nothing of them. The run ends when its last call has; a run that stops
+    early (an error, Ctrl-C) stops the call.
     """
     best = BestScore(recipe.higher_is_better)
     start = 0
@@ -369,4 +370,6 @@ def fit(
             reports.finish()
     finally:
         scalars.close()
+        if reports is not None:
+            reports.stop()
     return best
