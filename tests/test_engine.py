@@ -40,6 +40,7 @@ from cenfusion.engine.run import (
     RuntimeConfig,
     resume_path,
 )
+from cenfusion.engine.run import log as run_log
 from cenfusion.engine.runtime import CompiledOrEager, GraphSkips, Precision, open_runtime
 from cenfusion.engine.session import train
 from cenfusion.engine.trainer import _run_epoch
@@ -608,3 +609,13 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_folder(
     assert main(argv) == 2
     assert "--tensorboard: the tensorboard package is not installed" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_only_the_main_process_speaks_on_the_console(capsys) -> None:
+    """Under torchrun the command's console handler exists in every process; the other
+    ranks' lines would appear once per process."""
+    with LogRouting():
+        with LogRouting(is_main=False):
+            run_log.info("from rank 1")
+        run_log.info("from rank 0")
+    assert capsys.readouterr().out == "from rank 0\n"

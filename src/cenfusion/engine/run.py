@@ -315,15 +315,22 @@ class _RunLogFile(logging.FileHandler):
         self.failed = True
 
 
+def _silent(record: logging.LogRecord) -> bool:
+    return False
+
+
 @final
 class LogRouting:
     """Route :data:`log` to the console (once, however deeply nested) and, from
-    :meth:`add_file` on, to a run's ``log.txt`` (appended); undone on exit."""
+    :meth:`add_file` on, to a run's ``log.txt`` (appended); undone on exit. Off the main
+    process (``is_main=False``, the other ranks of a DDP run) the console says nothing, so
+    that each line appears once."""
 
     def __init__(self, is_main: bool = True) -> None:
         self.handlers: list[logging.Handler] = []
-        console = any(getattr(h, "console", False) for h in log.handlers)
-        if is_main and not console:
+        consoles = [h for h in log.handlers if getattr(h, "console", False)]
+        self.muted = [] if is_main else consoles
+        if is_main and not consoles:
             handler = logging.StreamHandler(sys.stdout)
             handler.console = True  # type: ignore[attr-defined]
             self.handlers.append(handler)
@@ -332,6 +339,8 @@ class LogRouting:
         for handler in self.handlers:
             handler.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(handler)
+        for handler in self.muted:
+            handler.addFilter(_silent)
         log.setLevel(logging.INFO)
         log.propagate = False
         return self
@@ -343,6 +352,8 @@ class LogRouting:
         self.handlers.append(handler)
 
     def __exit__(self, *exc: object) -> None:
+        for handler in self.muted:
+            handler.removeFilter(_silent)
         for handler in self.handlers:
             log.removeHandler(handler)
             handler.close()
