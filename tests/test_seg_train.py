@@ -313,13 +313,17 @@ def test_demo_code_path_at_tiny_size(data_root, tmp_path, capsys) -> None:
     assert load_checkpoint(tmp_path / "demo-cen" / "best.pth")["config"]["threads"] == 1
 
 
-def test_demo_reports_a_failed_run_in_one_line(tmp_path) -> None:
+def test_demo_reports_a_failed_run_in_one_line(data_root, tmp_path) -> None:
     """A run's error in its process ends the demo with that error, naming the run."""
     cfg = tiny(tmp_path / "missing", tmp_path / "runs")
     with pytest.raises(CenError, match=r"^demo (cen|cen-no-exchange): .*missing") as excinfo:
         run_demo(cfg, report=False, processes=2)
     assert "\n" not in str(excinfo.value)
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "afile").write_text("")
+    unusable = tiny(data_root, tmp_path / "afile")
+    with pytest.raises(CenError, match=r"^demo (cen|cen-no-exchange): .*afile.*: Not a directory$"):
+        run_demo(unusable, report=False, processes=2)
 
 
 def test_demo_plan_balances_modalities_over_processes() -> None:

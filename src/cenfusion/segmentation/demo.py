@@ -45,7 +45,7 @@ from typing import Any
 from cenfusion.data.scenes import CLASS_NAMES, INTERACTION_CLASSES
 from cenfusion.engine.run import EPOCH_RECORD, METRICS, LogRouting, log
 from cenfusion.engine.threads import available_cpus
-from cenfusion.errors import CenError
+from cenfusion.errors import CenError, describe_os_error
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 
 
@@ -157,6 +157,9 @@ def _train_chain(chain: Chain, report: bool, queue: Any) -> None:
                 return  # the parent was interrupted too and says so
             except CenError as err:
                 queue.put((run.name, "error", str(err)))
+                return
+            except OSError as err:  # a full disk or an unusable folder: the user's to fix
+                queue.put((run.name, "error", describe_os_error(err)))
                 return
             except Exception as err:  # noqa: BLE001 - reported to the parent, traceback here
                 traceback.print_exc()
