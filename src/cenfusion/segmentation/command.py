@@ -144,7 +144,8 @@ def _add_seg_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train or evaluate CEN segmentation (runs/EXP/)",
         description="Train CEN RGB-D segmentation. Settings: the preset (synthetic without "
-        "--data, nyudv2 with it; a resumed checkpoint's own), then --config, then flags.",
+        "--data, nyudv2 with it; a resumed checkpoint's own), then --config, then flags. The "
+        "defaults below are nyudv2's; a run prints every value it uses at its start.",
     )
     add_config_flags(p, TrainOptions)
     add_config_flags(p, SegmentationConfig)
