@@ -148,3 +148,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capfd) ->
 def test_info_refuses_a_size_that_is_no_image(capsys) -> None:
     assert main(["info", "--enc", "50", "--size", "-5", "10"]) == 2
     assert "--size -5 10: expected two positive numbers H W" in capsys.readouterr().err
+
+
+def test_the_demos_epochs_are_one_per_stage(capsys) -> None:
+    assert main(["demo", "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 0: expected 2 numbers, one per stage of the demo (default 16 4)" in err

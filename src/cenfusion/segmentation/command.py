@@ -21,6 +21,7 @@ from cenfusion.engine.config import (
     setting,
 )
 from cenfusion.engine.run import RunModeOptions, RuntimeConfig
+from cenfusion.errors import CenError
 from cenfusion.segmentation.config import NYUDV2, PRESETS, SYNTHETIC, SegmentationConfig
 
 __all__ = ["DEMO_HELP", "DEMO_SCHEDULE", "add_data_parsers", "add_parsers", "demo"]
@@ -34,6 +35,12 @@ def demo(flags: dict[str, Any], epochs: Sequence[int] | None) -> None:
     """``cen demo``: the ablation on the embedded data, ``epochs`` per stage if given."""
     from cenfusion.segmentation.demo import run_demo
 
+    if epochs is not None and len(epochs) != len(DEMO_SCHEDULE):
+        stages = " ".join(map(str, DEMO_SCHEDULE))
+        raise CenError(
+            f"--epochs {' '.join(map(str, epochs))}: expected {len(DEMO_SCHEDULE)} numbers, one "
+            f"per stage of the demo (default {stages})"
+        )
     schedule = {} if epochs is None else {"epochs": tuple(epochs)}
     run_demo(replace(SYNTHETIC, **flags, **schedule))
 
