@@ -555,6 +555,7 @@ class _CountingRecipe:
     def __init__(self, losses: list[float]) -> None:
         self.losses, self.events = losses, []
         self.train_loader = torch.utils.data.DataLoader(list(range(len(losses))))
+        self.ctx = SimpleNamespace(dist=SimpleNamespace(enabled=False), device="cpu")
 
     def begin_epoch(self, epoch: int) -> torch.utils.data.DataLoader:
         return self.train_loader

@@ -378,7 +378,9 @@ def _ddp_rank(rank: int, port: int, cfg: SegmentationConfig, out: str) -> None:
 
     def recording_step(recipe: train_module.SegmentationRecipe, batch: dict) -> dict:
         masks.append(float(batch["mask"].double().sum()))
-        return step(recipe, batch)
+        losses = step(recipe, batch)
+        params.setdefault("losses", []).append(float(losses["loss"]))
+        return losses
 
     def named(recipe: train_module.SegmentationRecipe) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in recipe.net.named_parameters()}
@@ -419,4 +421,7 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     assert len(moved) > len(after[0]) // 2
     log = read_log(tmp_path / "cen")
     assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
+    every_step = ranks[0]["losses"] + ranks[1]["losses"]
+    assert log[0]["loss"] == pytest.approx(sum(every_step) / len(every_step))
+    assert ranks[0]["losses"] != ranks[1]["losses"]
     assert load_checkpoint(tmp_path / "cen" / "last.pth")["epoch"] == 1

@@ -209,7 +209,8 @@ def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
 
     A step's losses are read (a wait for the device) once the next step is queued, so that
     the device never idles while the host fetches and queues a batch; the first step is read
-    at once, to time it. A non-finite loss still stops the run naming its iteration."""
+    at once, to time it. A non-finite loss still stops the run naming its iteration. Under
+    DDP the mean losses are over every process's steps."""
     from tqdm import tqdm
 
     seed_epoch(recipe.train_loader, config.seed, epoch)
@@ -255,9 +256,26 @@ def _run_epoch(recipe: Recipe, epoch: int, config: Any) -> dict[str, float]:
     if unread is not None:
         read(*unread)
     seconds = time.perf_counter() - began
-    means = {key: value / max(steps, 1) for key, value in sums.items()}
+    counted = steps
+    if recipe.ctx.dist.enabled:
+        sums, counted = _summed_over_processes(sums, steps, recipe.ctx.device)
+    means = {key: value / max(counted, 1) for key, value in sums.items()}
     times = {"seconds": seconds, "data_seconds": data_time, "first_step_seconds": first_step}
     return {**means, **{key: round(value, 3) for key, value in times.items()}}
+
+
+def _summed_over_processes(
+    sums: dict[str, float], steps: int, device: torch.device
+) -> tuple[dict[str, float], int]:
+    """Every process's loss sums and step count added up (one collective an epoch), so that
+    an epoch's losses are those of the whole batch, as one process would log them."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [steps], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    *summed, counted = totals.tolist()
+    return dict(zip(keys, summed)), int(counted)
 
 
 class Scalars:
