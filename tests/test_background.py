@@ -77,3 +77,15 @@ def test_a_run_that_stops_early_stops_the_call(tmp_path: Path) -> None:
     gate.touch()
     calls.finish()
     assert not notes.exists()
+
+
+def test_a_kept_request_is_made_by_the_next_one_not_again_at_the_end(tmp_path: Path) -> None:
+    gate, notes = tmp_path / "gate", tmp_path / "notes"
+    calls = BackgroundCalls(partial(note_when_allowed, gate, notes), "noting")
+    calls.request(Path("a"))
+    calls.request(Path("b"))
+    gate.touch()
+    calls._running[0].wait()
+    calls.request(Path("c"))
+    calls.finish()
+    assert [arg for arg, _ in notes_of(notes)] == ["a", "c"]

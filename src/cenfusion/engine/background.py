@@ -58,7 +58,8 @@ class BackgroundCalls:
         self._waiting: Path | None = None
 
     def request(self, arg: Path) -> None:
-        """Call ``fn(arg)`` now if no call runs, else once the running one has ended."""
+        """Call ``fn(arg)`` now if no call runs; else keep it, in place of any kept before, to
+        make at the next request or at :meth:`finish`."""
         if self.inline:
             self.fn(arg)
             return
@@ -66,6 +67,7 @@ class BackgroundCalls:
             self._waiting = arg
             return
         self._reap()
+        self._waiting = None
         self._start(arg)
 
     def finish(self) -> None:
