@@ -17,7 +17,7 @@ from cenfusion.errors import CenError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
-from cenfusion.segmentation.config import SegmentationConfig
+from cenfusion.segmentation.config import SegmentationConfig, modality_names
 
 
 def build_model(cfg: SegmentationConfig) -> CENRefineNet:
@@ -122,8 +122,7 @@ def check_same_modalities(
     recorded)."""
     if trained is None:
         return
-    theirs = [str(m).split(":")[0] for m in trained]
-    ours = [m.split(":")[0] for m in cfg.modalities]
+    theirs, ours = modality_names(trained), modality_names(cfg.modalities)
     if theirs == ours:
         return
     said = (

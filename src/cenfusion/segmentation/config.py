@@ -3,6 +3,7 @@ small fast one for the embedded synthetic data set. Every field is a command-lin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from cenfusion.data.class_names import SYNTHETIC_CLASSES
@@ -14,6 +15,11 @@ from cenfusion.errors import CenError
 MIN_CROP = 32
 #: ``cenfusion.fusion.RESNET_EXCHANGE_POINTS``, spelt out: the command line starts without torch.
 RESNET_POINTS = ("layer*.*.bn2",)
+
+
+def modality_names(entries: Iterable[object]) -> list[str]:
+    """The ``NAME`` of each ``--modalities`` entry (``NAME`` or ``NAME:COLUMN:KIND``)."""
+    return [str(m).split(":")[0] for m in entries]
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class SegmentationConfig(RunConfig):
     @property
     def head_names(self) -> tuple[str, ...]:
         """Names of the model's outputs: one per modality, then the ensemble."""
-        return (*(m.split(":")[0] for m in self.modalities), "ensemble")
+        return (*modality_names(self.modalities), "ensemble")
 
     @property
     def pretrained_weights(self) -> str | None:

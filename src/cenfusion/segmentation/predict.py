@@ -45,6 +45,7 @@ from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet
+from cenfusion.segmentation.config import modality_names
 from cenfusion.segmentation.modelio import TASK, model_from_record
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
 
@@ -125,8 +126,7 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
                 f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
             ) from theirs
     saved = state.get("config") or {}
-    trained = saved.get("modalities")
-    names = None if trained is None else tuple(str(m).split(":")[0] for m in trained)
+    names = tuple(modality_names(saved["modalities"])) if "modalities" in saved else None
     return LoadedModel(model_from_record(state, str(path)), names, False)
 
 

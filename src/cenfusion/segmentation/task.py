@@ -21,7 +21,7 @@ from cenfusion.segmentation.build import (
     check_resumed_model,
     check_same_modalities,
 )
-from cenfusion.segmentation.config import PRESETS, SegmentationConfig
+from cenfusion.segmentation.config import PRESETS, SegmentationConfig, modality_names
 from cenfusion.segmentation.modelio import TASK, model_from_record
 from cenfusion.segmentation.train import SegmentationRecipe
 
@@ -66,7 +66,7 @@ def summarize(state: dict[str, Any], where: str) -> ModelSummary:
         best = state.get("best") or {}
         if isinstance(best.get("score"), float):
             progress += f"; best ensemble mIoU {best['score']:.2f}"
-    modalities = [str(m).split(":")[0] for m in config.get("modalities", [])]
+    modalities = modality_names(config.get("modalities", []))
     return ModelSummary(model, modalities, classes, INFO_SIZE, progress)
 
 
@@ -75,7 +75,7 @@ def head_names(config: Mapping[str, Any], count: int) -> list[str] | None:
     modalities = config.get("modalities")
     if not isinstance(modalities, list) or len(modalities) != count - 1:
         return None
-    return [str(m).split(":")[0] for m in modalities] + ["ensemble"]
+    return [*modality_names(modalities), "ensemble"]
 
 
 #: What a report says of a segmentation run.
