@@ -18,6 +18,7 @@ from cenfusion.engine.session import train as train_task
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchanging_norms
 from cenfusion.segmentation import train as train_module
+from cenfusion.segmentation.build import build_dataset
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import run_demo
 from cenfusion.segmentation.evaluate import evaluate_protocols
@@ -425,3 +426,6 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     assert log[0]["loss"] == pytest.approx(sum(every_step) / len(every_step))
     assert ranks[0]["losses"] != ranks[1]["losses"]
     assert load_checkpoint(tmp_path / "cen" / "last.pth")["epoch"] == 1
+    val_samples = len(build_dataset(cfg, train=False))
+    start = (tmp_path / "cen" / "log.txt").read_text()
+    assert f"/ {val_samples} val samples" in start and "2 processes" in start

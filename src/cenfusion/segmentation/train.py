@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from cenfusion.data.listfile import IGNORE_INDEX
 from cenfusion.engine.checkpoint import load_weights
@@ -157,10 +157,14 @@ class SegmentationRecipe(Recipe):
 
     def start_line(self) -> str:
         train = len(self.train_loader.dataset) if self.train_loader else 0
+        val_set = self.val_loader.dataset
+        val = len(val_set.dataset if isinstance(val_set, Subset) else val_set)
         millions = sum(p.numel() for p in self.model.parameters()) / 1e6
+        dist = self.ctx.dist
+        processes = f", {dist.world_size} processes" if dist.enabled else ""
         return (
             f"model {self.model.config.backbone}: {millions:.1f} M parameters, {train} train / "
-            f"{len(self.val_loader.dataset)} val samples, device {self.ctx.device}"
+            f"{val} val samples, device {self.ctx.device}{processes}"
         )
 
     def best_line(self, best: BestScore) -> str | None:
