@@ -1,12 +1,15 @@
 """Ctrl-C during a run is never dropped: held while loader workers start, raised after."""
 
+import logging
 import os
 import signal
+import warnings
 
 import pytest
 from torch.utils.data import Sampler
 
 from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts, deferred
+from cenfusion.engine.threads import available_cpus
 
 
 class InterruptingSampler(Sampler):
@@ -55,3 +58,22 @@ def test_a_callers_own_handler_is_left_alone() -> None:
         assert calls == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_more_workers_than_cpus_is_one_line_of_ours(caplog) -> None:
+    """torch's warning at every loader and epoch becomes one line of the run's log."""
+    cpus = available_cpus()
+    workers = cpus + 3  # a count no other test uses: the line is said once a process
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            loader = DeferredForkLoader(range(4), num_workers=workers)
+            assert sorted(x for batch in loader for x in batch.tolist()) == [0, 1, 2, 3]
+    assert not [w for w in caught if "worker" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "--workers" in r.getMessage()]
+    assert said == [
+        (
+            f"warning: --workers {workers} on {cpus} CPUs: loading takes CPU time from the "
+            f"model's threads; --workers {cpus} or fewer may be faster"
+        )
+    ]

@@ -161,6 +161,19 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
     assert len(read_log(tmp_path / "cut" / "cen")) == 3
 
 
+def test_a_taken_run_folder_is_refused_before_data_and_model_are_built(data_root, tmp_path) -> None:
+    cfg = tiny(data_root, tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "last.pth").write_bytes(b"a run's checkpoint")
+
+    def build_recipe(*args) -> None:
+        raise AssertionError("built before the run folder was checked")
+
+    task = replace(SEGMENTATION, build_recipe=build_recipe)
+    with pytest.raises(CenError, match="already holds a run"):
+        train_task(task, cfg)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch) -> None:
     real_loss = train_module.segmentation_loss
     calls = {"n": 0}

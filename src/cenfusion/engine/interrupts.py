@@ -10,14 +10,18 @@ the deferred section ends; elsewhere it raises at once, as Python's own handler 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from types import FrameType
 from typing import Any
 
 from torch.utils.data import DataLoader
+
+from cenfusion.engine.threads import available_cpus
 
 __all__ = ["DeferredForkLoader", "catching_interrupts", "deferred"]
 
@@ -67,8 +71,23 @@ def deferred() -> Iterator[None]:
 
 
 class DeferredForkLoader(DataLoader):
-    """A DataLoader that starts its workers (forks them) with Ctrl-C deferred."""
+    """A DataLoader that starts its workers (forks them) with Ctrl-C deferred.
+
+    More workers than CPUs is said once a process, in one line of the run's log, instead of
+    torch's five-line warning at every loader and epoch."""
 
     def __iter__(self) -> Iterator[Any]:
         with deferred():
             return super().__iter__()
+
+    def check_worker_number_rationality(self) -> None:
+        _say_too_many_workers(self.num_workers, available_cpus())
+
+
+@cache
+def _say_too_many_workers(workers: int, cpus: int) -> None:
+    if workers > cpus:
+        logging.getLogger("cenfusion").warning(
+            f"warning: --workers {workers} on {cpus} CPUs: loading takes CPU time from the "
+            f"model's threads; --workers {cpus} or fewer may be faster"
+        )

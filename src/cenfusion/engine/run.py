@@ -234,12 +234,7 @@ class RunFolder:
         (its config and empty metrics go; its log is appended to). Left-over temporaries of
         an interrupted write (``.last.pth.*``, ...) are removed.
         """
-        kept = holds_run(path)
-        if kept and not resuming and not force:
-            raise CenError(
-                f"{path} already holds a run; --resume continues it, --force moves it aside "
-                "and starts afresh, or choose another -c EXP"
-            )
+        kept = cls.check_claim(path, resuming, force)
         if is_main:
             if kept and force and not resuming:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -255,6 +250,18 @@ class RunFolder:
                 for tmp in path.glob(f".{name}.*"):
                     tmp.unlink(missing_ok=True)
         return cls(path, is_main)
+
+    @staticmethod
+    def check_claim(path: Path, resuming: bool, force: bool) -> bool:
+        """Whether ``path`` holds a run, after refusing one that neither ``resuming`` nor
+        ``force`` may take; writes nothing, so a run checks it before its slow set-up."""
+        kept = holds_run(path)
+        if kept and not resuming and not force:
+            raise CenError(
+                f"{path} already holds a run; --resume continues it, --force moves it aside "
+                "and starts afresh, or choose another -c EXP"
+            )
+        return kept
 
     def save_config(self, config: Any) -> None:
         """Log the full resolved config and write it as ``config.yaml``."""

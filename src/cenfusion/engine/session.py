@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.engine.checkpoint import load_checkpoint, saved_config
-from cenfusion.engine.run import BEST, LAST, RunModeOptions, log, resume_path
+from cenfusion.engine.run import BEST, LAST, RunFolder, RunModeOptions, log, resume_path
 from cenfusion.engine.task import Task
 from cenfusion.engine.trainer import BestScore, fit, prepare
 from cenfusion.errors import CenError
@@ -16,7 +16,8 @@ from cenfusion.errors import CenError
 
 def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False) -> BestScore:
     """Train ``cfg`` of ``task``: validate the settings, set up the process, read the checkpoint
-    ``resume``, let the task build its recipe (data, model, checks), claim the run folder,
+    ``resume``, refuse a run folder it may not take (before the slow set-up), let the task
+    build its recipe (data, model, checks), claim the run folder,
     train to the end of the schedule and log the best validation. A checkpoint that holds an
     epoch is continued (its run folder is this run's); one with weights only (a converted
     released model) starts a new run from those weights. The task's reports are redrawn after
@@ -25,13 +26,14 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
     with prepare(cfg) as ctx:
         state = load_checkpoint(resume, task=task.name) if resume is not None else None
         where = str(resume)
-        recipe = task.build_recipe(cfg, ctx, state, where, True)
         continuing = state is not None and "epoch" in state
         if continuing and force:
             raise CenError(
                 f"--force: not with --resume {where}, which continues its run; --force starts "
                 "afresh (alone, or with --resume of weights only)"
             )
+        RunFolder.check_claim(cfg.run_dir, continuing, force)
+        recipe = task.build_recipe(cfg, ctx, state, where, True)
         folder = ctx.open_folder(cfg, resuming=continuing, force=force)
         log.info(recipe.start_line())
         report = task.after_validation if getattr(cfg, "plots", False) else None
