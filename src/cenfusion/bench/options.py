@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cenfusion.engine.config import setting
@@ -75,6 +75,10 @@ class BenchOptions:
                 "--train-size: at least 64 64 (batch statistics need more than one value "
                 "per channel at the encoder's stride 32)"
             )
+        for name, task in (("enc", "seg"), ("ngf", "i2i"), ("num_downs", "i2i")):
+            value = getattr(self, name)
+            if self.task != task and value != _DEFAULTS[name]:
+                raise CenError(f"--{name.replace('_', '-')} {value}: only with --task {task}")
         if self.onnx and self.task != "seg":
             raise CenError("--onnx: segmentation only")
         if "fid" in self.modes and self.task != "i2i":
@@ -84,3 +88,6 @@ class BenchOptions:
             for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
                 if size is not None and (size[0] % step or size[1] % step):
                     raise CenError(f"{flag} {size[0]} {size[1]}: multiples of 2**num_downs")
+
+
+_DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
