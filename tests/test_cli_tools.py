@@ -13,8 +13,8 @@ from PIL import Image
 from cenfusion.cli import main
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
-from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.predict import Modality, Sample, load_inputs, load_segmenter
+from cenfusion.segmentation.modelio import load_segmenter, model_record
+from cenfusion.segmentation.predict import Modality, Sample, load_inputs
 
 
 @pytest.fixture(scope="module")

@@ -84,12 +84,18 @@ def released(tmp_path_factory):
     return model, path
 
 
-def save_tiny(path: Path, modalities=("rgb", "depth"), seed: int = 1):
+def save_tiny(path: Path, modalities=("rgb", "depth"), seed: int = 1, depth_scale=1 / 5000):
     torch.manual_seed(seed)
     model = create_cen_refinenet(
         backbone="resnet26", num_classes=5, decoder_width=32, num_modalities=len(modalities)
     ).eval()
-    cfg = replace(SYNTHETIC, num_classes=5, decoder_width=32, modalities=tuple(modalities))
+    cfg = replace(
+        SYNTHETIC,
+        num_classes=5,
+        decoder_width=32,
+        modalities=tuple(modalities),
+        depth_scale=depth_scale,
+    )
     save_checkpoint(path, {**model_record(model), "config": config_to_dict(cfg)})
     return model
 
@@ -260,6 +266,24 @@ def test_inputs_follow_the_checkpoint_modality_order(tmp_path, trained) -> None:
     refs = reference_labels(model, [dep, image])
     np.testing.assert_array_equal(read(tmp_path / "out" / "x_label.png"), refs[-1])
     np.testing.assert_array_equal(read(tmp_path / "out" / "x_depth_label.png"), refs[0])
+
+
+def test_depth_is_read_at_the_scale_the_checkpoint_was_trained_with(tmp_path, capsys) -> None:
+    checkpoint = tmp_path / "millimetres_1000.pt"
+    model = save_tiny(checkpoint, seed=4, depth_scale=1 / 1000)
+    rgb = write_rgb(tmp_path / "x.png", 29, 31)
+    depth = write_depth(tmp_path / "x_d.png", 29, 31)
+    own = reference_labels(model, network_inputs(rgb, depth, scale=1 / 1000))
+    nyu = reference_labels(model, network_inputs(rgb, depth))
+    assert (own[1] != nyu[1]).any(), "the depth head must see the scale"
+    predict(checkpoint, [(rgb, depth)], tmp_path / "own", runtime=CPU, heads=True)
+    np.testing.assert_array_equal(read(tmp_path / "own" / "x_depth_label.png"), own[1])
+    assert "depth-scale" not in capsys.readouterr().err
+    given = tmp_path / "given"
+    predict(checkpoint, [(rgb, depth)], given, runtime=CPU, heads=True, depth_scale=1 / 5000)
+    np.testing.assert_array_equal(read(given / "x_depth_label.png"), nyu[1])
+    warning = "--depth-scale 0.0002: " + str(checkpoint) + " was trained with 0.001"
+    assert warning in capsys.readouterr().err
 
 
 def test_gather_cli_inputs() -> None:

@@ -14,9 +14,9 @@ control flow. The TorchScript exporter is used: on the 2-core development machin
 under 1 s where the ``torch.export`` one (``dynamo=True``) took 11-22 s for the same
 small model, with the same outputs.
 
-The file carries metadata (modality names, heads, class count, the model config) that
-:class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads back. ``onnx`` and
-``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
+The file carries metadata (modality names, heads, class count, the model config, the depth
+scale when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
+back. ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet
+from cenfusion.segmentation.modelio import load_segmenter
 from cenfusion.segmentation.onnx_segmenter import METADATA_PREFIX, OnnxSegmenter, require
-from cenfusion.segmentation.predict import load_segmenter
 
 HEADS = ("all", "ensemble")
 #: Bilinear resizing with ``align_corners`` needs opset 11; 20 is the TorchScript exporter's last.
@@ -91,12 +91,15 @@ def export_onnx(
     dynamic: bool = False,
     opset: int = DEFAULT_OPSET,
     modalities: Sequence[str] | None = None,
+    depth_scale: float | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file at ``out_path`` and return the path.
 
     ``height``/``width``: the input size the graph is fixed to (traced at, with ``dynamic``).
     ``modalities``: input names in the model's modality order (default
-    :func:`default_modality_names`). The model's train/eval mode is restored afterwards.
+    :func:`default_modality_names`). ``depth_scale``: the factor of the raw depth values the
+    model was trained on, stored for ``cen seg predict`` (``None``: not stored). The model's
+    train/eval mode is restored afterwards.
     """
     names = tuple(modalities or default_modality_names(model.num_modalities))
     _check_export_arguments(heads, height, width, opset, names, model.num_modalities)
@@ -140,6 +143,8 @@ def export_onnx(
         "num_classes": str(model.config.num_classes),
         "model_config": json.dumps(model.config.to_dict()),
     }
+    if depth_scale is not None:
+        metadata["depth_scale"] = repr(float(depth_scale))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, value
@@ -163,7 +168,7 @@ def export_checkpoint(
     """``cen export onnx CKPT OUT``: a cenfusion or released checkpoint to ONNX.
 
     Inputs are named after the modalities stored in the checkpoint (released files store
-    none: ``rgb``, ``depth``).
+    none: ``rgb``, ``depth``); its depth scale, where it has one, goes along.
     """
     loaded = load_segmenter(checkpoint, official)
     return export_onnx(
@@ -175,6 +180,7 @@ def export_checkpoint(
         dynamic=dynamic,
         opset=opset,
         modalities=loaded.modalities,
+        depth_scale=loaded.depth_scale,
     )
 
 

@@ -183,7 +183,9 @@ class PredictOptions:
         metavar="NAME[:KIND]=PATH",
     )
     out: Path = setting(REQUIRED, "output folder", aliases=("-o",))
-    depth_scale: float = setting(1 / 5000, "multiplies raw depth PNG values (NYUDv2 mm)")
+    depth_scale: float | None = setting(
+        None, "multiplies raw depth PNG values (default: the checkpoint's, else NYUDv2's 1/5000)"
+    )
     size: tuple[int, int] | None = setting(
         None,
         "size the network sees; outputs keep each image's own size",

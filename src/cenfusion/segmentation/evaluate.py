@@ -35,7 +35,8 @@ from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
 from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
 from cenfusion.segmentation.config import SegmentationConfig
-from cenfusion.segmentation.predict import load_segmenter, resize_input
+from cenfusion.segmentation.modelio import load_segmenter
+from cenfusion.segmentation.predict import resize_input
 from cenfusion.segmentation.visualize import save_prediction_panel
 
 Scores = dict[str, dict[str, float | list[float]]]

@@ -1,14 +1,21 @@
-"""Segmentation models to and from checkpoints, released CEN files included."""
+"""Segmentation models to and from checkpoints, released CEN files and exported ONNX ones
+included."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
+from cenfusion.segmentation.config import modality_names
+
+if TYPE_CHECKING:
+    from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 TASK = "segmentation"
 
@@ -41,3 +48,48 @@ def convert_official(source: str | Path, out: str | Path) -> CENRefineNet:
     model = load_official_checkpoint(source)
     save_checkpoint(out, {**model_record(model), "source": str(source)})
     return model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A segmenter read from a file, with what the file says of its inputs: the modality
+    names it was trained on and the factor its raw depth values were multiplied by (each
+    ``None`` when the file does not say, e.g. a released checkpoint)."""
+
+    model: CENRefineNet | OnnxSegmenter
+    modalities: tuple[str, ...] | None
+    released: bool
+    depth_scale: float | None = None
+
+
+def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
+    """Read a cenfusion checkpoint, a released CEN ``.pth.tar`` or an exported ``.onnx``
+    (run with onnxruntime).
+
+    ``official=None`` detects the format: a file our loader rejects as foreign is read as a
+    released one; ``True``/``False`` force one format.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
+
+        onnx_model = OnnxSegmenter(path)
+        return LoadedModel(onnx_model, onnx_model.modalities, False, onnx_model.depth_scale)
+    if official:
+        return LoadedModel(load_official_checkpoint(path), None, True)
+    try:
+        state = load_checkpoint(path, task=TASK)
+    except ForeignCheckpointError:
+        if official is not None:
+            raise
+        try:
+            return LoadedModel(load_official_checkpoint(path), None, True)
+        except CenError as theirs:
+            reason = str(theirs).removeprefix(f"{path}: ")
+            raise CenError(
+                f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
+            ) from theirs
+    saved = state.get("config") or {}
+    names = tuple(modality_names(saved["modalities"])) if "modalities" in saved else None
+    model = model_from_record(state, str(path))
+    return LoadedModel(model, names, False, saved.get("depth_scale"))

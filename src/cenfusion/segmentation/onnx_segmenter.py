@@ -22,7 +22,7 @@ from cenfusion.models.refinenet import CENRefineNetConfig
 
 __all__ = ["METADATA_PREFIX", "OnnxSegmenter", "require"]
 
-#: Prefix of the metadata keys (modalities, heads, class count, model config) in the file.
+#: Prefix of the metadata keys (modalities, heads, class count, model config, depth scale).
 METADATA_PREFIX = "cenfusion."
 ONNX_EXTRA = "pip install cenfusion[onnx]"
 
@@ -76,6 +76,8 @@ class OnnxSegmenter:
         self.heads: str = meta[METADATA_PREFIX + "heads"]
         self.num_classes = int(meta[METADATA_PREFIX + "num_classes"])
         self.model_config: dict = json.loads(meta[METADATA_PREFIX + "model_config"])
+        scale = meta.get(METADATA_PREFIX + "depth_scale")
+        self.depth_scale: float | None = None if scale is None else float(scale)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
 

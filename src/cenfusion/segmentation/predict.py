@@ -38,15 +38,11 @@ from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.read_ahead import read_ahead
 from cenfusion.data.transforms import Normalize
-from cenfusion.engine.checkpoint import load_checkpoint
 from cenfusion.engine.config import flag_name
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, open_runtime
-from cenfusion.errors import CenError, ForeignCheckpointError
-from cenfusion.models.official import load_official_checkpoint
-from cenfusion.models.refinenet import CENRefineNet
-from cenfusion.segmentation.config import modality_names
-from cenfusion.segmentation.modelio import TASK, model_from_record
+from cenfusion.errors import CenError
+from cenfusion.segmentation.modelio import LoadedModel, load_segmenter
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
 
 if TYPE_CHECKING:
@@ -86,48 +82,6 @@ class Sample:
 
     stem: str
     paths: tuple[Path, ...]
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A segmenter read from a checkpoint, with the modality names it was trained on
-    (``None`` when the file does not say, e.g. a released checkpoint)."""
-
-    model: CENRefineNet | OnnxSegmenter
-    modalities: tuple[str, ...] | None
-    released: bool
-
-
-def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
-    """Read a cenfusion checkpoint, a released CEN ``.pth.tar`` or an exported ``.onnx``
-    (run with onnxruntime).
-
-    ``official=None`` detects the format: a file our loader rejects as foreign is read as a
-    released one; ``True``/``False`` force one format.
-    """
-    path = Path(path)
-    if path.suffix == ".onnx":
-        from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
-
-        onnx_model = OnnxSegmenter(path)
-        return LoadedModel(onnx_model, onnx_model.modalities, False)
-    if official:
-        return LoadedModel(load_official_checkpoint(path), None, True)
-    try:
-        state = load_checkpoint(path, task=TASK)
-    except ForeignCheckpointError:
-        if official is not None:
-            raise
-        try:
-            return LoadedModel(load_official_checkpoint(path), None, True)
-        except CenError as theirs:
-            reason = str(theirs).removeprefix(f"{path}: ")
-            raise CenError(
-                f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
-            ) from theirs
-    saved = state.get("config") or {}
-    names = tuple(modality_names(saved["modalities"])) if "modalities" in saved else None
-    return LoadedModel(model_from_record(state, str(path)), names, False)
 
 
 def check_fits(
@@ -337,7 +291,7 @@ def predict(
     checkpoint: str | Path,
     inputs: Sequence[str | Path | Sequence[str | Path]],
     out: str | Path,
-    depth_scale: float = NYUDV2_DEPTH_SCALE,
+    depth_scale: float | None = None,
     size: tuple[int, int] | None = None,
     heads: bool = False,
     official: bool | None = None,
@@ -355,7 +309,8 @@ def predict(
             detects, ``True``/``False`` force the format).
         inputs: items of :func:`collect_samples`: ``(rgb, depth)`` file or folder pairs, or
             folders with ``rgb/`` and ``depth/`` subfolders.
-        depth_scale: multiplies raw depth PNG values (1/5000 for NYUDv2 millimetres).
+        depth_scale: multiplies raw depth PNG values. Default: the factor the checkpoint
+            was trained with, else NYUDv2's 1/5000 (millimetres).
         size: ``(H, W)`` the network sees; predictions come back at each image's own size.
         heads: also write each modality head's prediction.
         modalities: names (``NAME`` or ``NAME:KIND``) of the paths in each item, in order.
@@ -374,7 +329,7 @@ def predict(
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
-    if not depth_scale >= 0:
+    if depth_scale is not None and not depth_scale >= 0:
         raise CenError(f"--depth-scale {depth_scale}: expected >= 0")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -394,6 +349,11 @@ def predict(
     if len({m.name for m in parsed}) != len(parsed):
         raise CenError(f"modalities {[m.name for m in parsed]}: expected distinct names")
     check_fits(loaded, parsed, num_classes, str(checkpoint))
+    trained_scale = loaded.depth_scale
+    if depth_scale is None:
+        depth_scale = NYUDV2_DEPTH_SCALE if trained_scale is None else trained_scale
+    elif trained_scale not in (None, depth_scale) and any(m.kind == "depth" for m in parsed):
+        _warn(f"--depth-scale {depth_scale:g}: {checkpoint} was trained with {trained_scale:g}")
     order = list(range(len(parsed)))
     trained = loaded.modalities
     if trained is not None and [m.name for m in parsed] != list(trained):
