@@ -13,7 +13,7 @@ backward, SGD). Rows: the reference and cenfusion in fp32, then cenfusion with t
 requested fast paths (one row per ``--amp`` value). Reported: median step time after
 warm-up, images/s, peak memory (CPU: the subprocess's max RSS; CUDA:
 ``max_memory_allocated``), FLOPs per image (torch's FLOP counter) and the achieved rate
-against a matrix-product peak measured in the same run. Prints a markdown table; ``--json``
+against a matrix peak measured in the same run. Prints a markdown table; ``--json``
 writes every number.
 """
 

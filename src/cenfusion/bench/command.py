@@ -6,7 +6,7 @@ precision asked for, with the run-time settings (channels-last, compile), and op
 exported segmentation model in ONNX Runtime; each for inference and, if asked, a training
 step at the training crop and (translation) the FID scoring of validation views. Every row
 gives images per second, peak device memory (CUDA), FLOPs per image, the share of a
-matrix-product peak measured in the same run and its floor: the time its operators would take
+matrix peak measured in the same run and its floor: the time its operators would take
 at that peak or at the memory bandwidth measured too, whichever bounds each; with --profile,
 where its time goes.
 """

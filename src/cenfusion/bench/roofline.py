@@ -1,5 +1,5 @@
 """A step's floor, ``cen bench``'s measure of what bounds a step: the time it would take if
-each of its operators ran at the device's matrix-product peak or moved its tensors at the
+each of its operators ran at the device's matrix peak or moved its tensors at the
 device's memory bandwidth, whichever bounds that operator (a roofline per operator), summed
 over the operators, which eager execution runs one after another.
 

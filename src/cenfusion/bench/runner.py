@@ -380,7 +380,7 @@ def format_table(result: dict[str, Any]) -> str:
         "note",
     ]
     lines = [
-        f"{title}; matrix-product peak (TFLOP/s): {peaks}",
+        f"{title}; matrix peak (TFLOP/s): {peaks}",
         "",
         "| " + " | ".join(columns) + " |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",

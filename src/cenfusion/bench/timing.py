@@ -1,5 +1,5 @@
 """How ``cen bench`` times a step: warm-up, then timed runs (CUDA events on a GPU, the wall
-clock on the CPU), their mean and spread; the matrix-product peak its rates are set
+clock on the CPU), their mean and spread; the matrix peak its rates are set
 against, measured in the same process; and a step's profile, which says what bounds it."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import DeviceType
 
 
@@ -48,22 +50,35 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, ru
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matrix product in ``dtype`` on ``device``, its fastest of ten
-    runs: the rate a network's convolutions could reach at best, measured rather than taken
-    from a sheet (on a shared machine a mean can fall far below it). On CUDA the float32
-    product uses TF32 exactly when cuDNN's convolutions do (torch's default: they do, matrix
-    products do not), so that float32 rows are set against the rate their convolutions
-    can reach."""
-    side = 8192 if device.type == "cuda" else 2048
+    """FLOP/s of the faster of a large square matrix product and a 3x3 convolution (in
+    NCHW and channels-last) in ``dtype`` on ``device``, each its fastest of ten runs: the
+    rate a network's convolutions could reach at best, measured rather than taken from a
+    sheet (on a shared machine a mean can fall far below it). The convolution is there
+    because its library can outrun the product's: on an AMD CPU, MKL's float32 product
+    reached half of oneDNN's convolution. On CUDA the float32 product uses TF32 exactly
+    when cuDNN's convolutions do (torch's default: they do, matrix products do not), so
+    that float32 rows are set against the rate their convolutions can reach."""
+    cuda = device.type == "cuda"
+    side = 8192 if cuda else 2048
     a = torch.randn(side, side, device=device).to(dtype)
     b = torch.randn(side, side, device=device).to(dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     try:
-        timing = time_steps(lambda: torch.mm(a, b), device, warmup=2, runs=10)
+        product = time_steps(lambda: torch.mm(a, b), device, warmup=2, runs=10)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    return 2 * side**3 / (timing.best_ms / 1e3)
+    rates = [2 * side**3 / (product.best_ms / 1e3)]
+    batch, channels, size = (8, 1024, 128) if cuda else (1, 256, 64)
+    weight = torch.randn(channels, channels, 3, 3, device=device).to(dtype)
+    x = torch.randn(batch, channels, size, size, device=device).to(dtype)
+    flops = 2 * batch * channels**2 * 9 * size**2
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            w, y = weight.to(memory_format=layout), x.to(memory_format=layout)
+            conv = time_steps(partial(F.conv2d, y, w, padding=1), device, warmup=2, runs=10)
+            rates.append(flops / (conv.best_ms / 1e3))
+    return max(rates)
 
 
 def reset_peak_memory(device: torch.device) -> None:
