@@ -20,7 +20,7 @@ from cenfusion.fusion import exchanging_norms
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.build import build_dataset
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
-from cenfusion.segmentation.demo import run_demo
+from cenfusion.segmentation.demo import DemoRow, demo_findings, run_demo
 from cenfusion.segmentation.evaluate import evaluate_protocols
 from cenfusion.segmentation.modelio import model_from_checkpoint
 from cenfusion.segmentation.task import SEGMENTATION
@@ -338,6 +338,23 @@ def test_demo_reports_a_failed_run_in_one_line(data_root, tmp_path) -> None:
     unusable = tiny(data_root, tmp_path / "afile")
     with pytest.raises(CenError, match=r"^demo (cen|cen-no-exchange): .*afile.*: Not a directory$"):
         run_demo(unusable, report=False, processes=2)
+
+
+def test_demo_findings_explain_a_gain_only_where_the_table_shows_one() -> None:
+    def row(label: str, miou: float) -> DemoRow:
+        return DemoRow(label, 50.0, 30.0, miou, 10.0, {}, None, {}, 1.0, None)
+
+    def findings(late: float) -> str:
+        labels = ("RGB only", "depth only", "CEN without exchange", "CEN")
+        return demo_findings([row(n, m) for n, m in zip(labels, (20.0, 15.0, late, 30.0))])
+
+    gain, loss = findings(25.0), findings(12.0)
+    assert gain.startswith("CEN without exchange is 5.00 mIoU points above RGB only")
+    assert "alone cannot see" in gain
+    assert loss.startswith(
+        "CEN without exchange is 8.00 mIoU points below RGB only, the better single modality. "
+    )
+    assert "cannot see" not in loss
 
 
 def test_demo_plan_balances_modalities_over_processes() -> None:

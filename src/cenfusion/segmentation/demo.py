@@ -320,10 +320,10 @@ def demo_findings(rows: list[DemoRow]) -> str:
         gap = a.miou - b.miou
         return f"{abs(gap):.2f} mIoU points {'above' if gap > 0 else 'below'} {b.label}"
 
+    why = ": its ensemble labels what either modality alone cannot see" * (late.miou > single.miou)
     return (
-        f"CEN without exchange is {compare(late, single)}, the better single modality: "
-        f"its ensemble labels what either modality alone cannot see. CEN is "
-        f"{compare(cen, late)}, {cen.interaction_miou - late.interaction_miou:+.2f} on "
+        f"CEN without exchange is {compare(late, single)}, the better single modality{why}. "
+        f"CEN is {compare(cen, late)}, {cen.interaction_miou - late.interaction_miou:+.2f} on "
         f"sign-a/sign-b, the pair that only features exchanged inside the network can label "
         f"(a warm and near sign; each modality sees one of the two)."
     )
