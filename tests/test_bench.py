@@ -11,8 +11,11 @@ from dependencies import installed, needs
 from torch.autograd import DeviceType
 
 from cenfusion.bench import runner, timing
+from cenfusion.bench.options import BenchOptions
 from cenfusion.bench.runner import format_profiles, format_table
 from cenfusion.cli import main
+from cenfusion.engine.run import RuntimeConfig
+from cenfusion.errors import CenError
 
 
 @pytest.fixture
@@ -220,6 +223,14 @@ def test_the_float32_peak_computes_as_the_convolutions_do(monkeypatch, convoluti
     assert timing.matmul_peak(torch.device("cpu"), torch.float32) > 0
     assert seen == [convolutions_tf32] * 12
     assert torch.backends.cuda.matmul.allow_tf32 == products
+
+
+def test_amp_is_refused_since_precisions_name_each_row(capsys) -> None:
+    with pytest.raises(CenError, match="^--amp: not in cen bench, whose --precisions name"):
+        runner.run_bench(BenchOptions(), RuntimeConfig(device="cpu", amp=True))
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--amp" not in capsys.readouterr().out
 
 
 def test_the_peak_is_the_faster_of_the_product_and_the_convolution(monkeypatch) -> None:

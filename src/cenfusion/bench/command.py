@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 
 from cenfusion.bench.options import BenchOptions
 from cenfusion.engine.config import add_config_flags, options_from_args
 from cenfusion.engine.run import RuntimeConfig
 
 __all__ = ["add_bench_parser"]
+
+_RUNTIME = tuple(f.name for f in fields(RuntimeConfig))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -46,5 +49,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(p, BenchOptions)
-    add_config_flags(p, RuntimeConfig)
+    precisions = ("amp", "amp_dtype")
+    add_config_flags(p, RuntimeConfig, only=tuple(n for n in _RUNTIME if n not in precisions))
     p.set_defaults(run=_bench)

@@ -47,9 +47,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
     """Time every row of ``options`` on ``runtime``; returns the run's description (device,
     versions, matrix peaks) and its rows. On a GPU cuDNN chooses its fastest kernels for
-    every row alike, the reference's included (its search happens in the warm-up)."""
+    every row alike, the reference's included (its search happens in the warm-up).
+    ``runtime.amp`` is refused: each row's precision is one of ``options.precisions``."""
     options.validate(runtime.device)
     runtime.validate()
+    if runtime.amp:
+        raise CenError("--amp: not in cen bench, whose --precisions name each row's precision")
     searched = torch.backends.cudnn.benchmark
     with open_runtime(runtime) as opened:
         device = opened.device
