@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cenfusion.data.download import download, download_many
+from cenfusion.data.download import ADVICE, download, download_many
 from cenfusion.errors import CenError
 
 
@@ -142,7 +142,7 @@ def test_cut_connection_leaves_part_that_a_later_call_resumes(
     url = f"{server.base}/big.bin"
     with pytest.raises(CenError, match=re.escape(url)) as info:
         download(url, dest, retries=0, progress=False)
-    assert "--from DIR" in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).endswith(f"; {ADVICE}") and "\n" not in str(info.value)
     part = tmp_path / "big.bin.part"
     assert part.read_bytes() == body[:123_457] and not dest.exists()
     download(url, dest, progress=False)
@@ -184,8 +184,8 @@ def test_checksum_mismatch_keeps_file_aside(server: FileServer, tmp_path: Path) 
 
 def test_http_error_names_url_and_alternatives(server: FileServer, tmp_path: Path) -> None:
     url = f"{server.base}/missing.bin"
-    with pytest.raises(CenError, match=r"404.*--from DIR") as info:
-        download(url, tmp_path / "m.bin", progress=False)
+    with pytest.raises(CenError, match=r"404 .*; --from DIR or a mirror$") as info:
+        download(url, tmp_path / "m.bin", progress=False, advice="--from DIR or a mirror")
     assert url in str(info.value)
     assert len(server.requests) == 1  # a 404 is not retried
 
@@ -195,7 +195,7 @@ def test_unreachable_server_names_url(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/x.bin"
-    with pytest.raises(CenError, match=re.escape(url) + r".*--from DIR"):
+    with pytest.raises(CenError, match=re.escape(url) + f".*; {ADVICE}$"):
         download(url, tmp_path / "x.bin", retries=0, progress=False, timeout=5)
     assert not os.listdir(tmp_path)
 

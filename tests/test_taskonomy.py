@@ -349,6 +349,7 @@ def test_prepare_reports_missing_remote_file(
             splits={"train": [(9, 9)], "val": [(1, 0)]},
         )
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith("; run again to resume, or --base-url MIRROR")
 
 
 def test_marker_lists_written_domains(synthetic_root: Path) -> None:

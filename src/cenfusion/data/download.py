@@ -31,9 +31,11 @@ from cenfusion.errors import CenError
 
 _CHUNK = 1 << 20
 _USER_AGENT = "cenfusion-downloader"
-_ADVICE = (
-    "fetch the file another way and pass its folder with --from DIR, "
-    "or point the matching URL flag at a mirror"
+#: What a failed download's message advises by default; each command names its own flags.
+ADVICE = "fetch the file another way, or from a mirror"
+#: The advice of the commands that take downloaded files from a folder.
+FROM_ADVICE = (
+    "fetch it another way and pass its folder with --from DIR, or point its URL flag at a mirror"
 )
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
@@ -103,6 +105,7 @@ def download(
     *,
     retries: int = 3,
     timeout: float = 60.0,
+    advice: str = ADVICE,
 ) -> Path:
     """Fetch ``url`` to ``dest`` unless it is already there; return ``dest``.
 
@@ -115,14 +118,15 @@ def download(
         progress: show a tqdm byte bar.
         retries: further attempts after a failed one, each resuming the ``.part`` file.
         timeout: seconds without data after which an attempt fails.
+        advice: how to get around a failed download, ending its message.
 
     Raises:
-        CenError: the server or network failed after all attempts (naming the URL and how to
-            get around it), or the checksum did not match (naming URL, expected and actual
+        CenError: the server or network failed after all attempts (naming the URL and
+            ``advice``), or the checksum did not match (naming URL, expected and actual
             digests; the file is kept as ``dest.name + ".bad"``).
     """
     with _byte_bar(Path(dest).name, progress) as bar:
-        return _fetch(url, Path(dest), sha256, _Progress(bar), retries, timeout)
+        return _fetch(url, Path(dest), sha256, _Progress(bar), retries, timeout, advice)
 
 
 def download_many(
@@ -132,6 +136,7 @@ def download_many(
     *,
     retries: int = 3,
     timeout: float = 60.0,
+    advice: str = ADVICE,
 ) -> list[Path]:
     """Fetch several files in parallel with :func:`download`'s rules; return their paths in order.
 
@@ -152,7 +157,7 @@ def download_many(
         shared = _Progress(bar)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [
-                pool.submit(_fetch, j.url, Path(j.dest), j.sha256, shared, retries, timeout)
+                pool.submit(_fetch, j.url, Path(j.dest), j.sha256, shared, retries, timeout, advice)
                 for j in jobs
             ]
             try:
@@ -164,7 +169,13 @@ def download_many(
 
 
 def _fetch(
-    url: str, dest: Path, sha256: str | None, bar: _Progress, retries: int, timeout: float
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    bar: _Progress,
+    retries: int,
+    timeout: float,
+    advice: str,
 ) -> Path:
     expected = sha256.strip().lower() if sha256 else None
     bad = dest.with_name(dest.name + ".bad")
@@ -180,11 +191,13 @@ def _fetch(
         try:
             _transfer(url, part, bar, timeout)
             break
+        except CenError as exc:
+            raise CenError(f"{exc}; {advice}") from None
         except _TransferError as exc:
             attempt += 1
             if attempt > retries:
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise CenError(f"cannot download {url}{tries}: {exc}; {_ADVICE}") from None
+                raise CenError(f"cannot download {url}{tries}: {exc}; {advice}") from None
             made_progress = part.exists() and part.stat().st_size > before
             if not made_progress:
                 time.sleep(min(attempt, 5))
@@ -218,9 +231,11 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | N
         reason = f"HTTP {exc.code} {exc.reason}"
         if exc.code in _RETRYABLE_HTTP:
             raise _TransferError(reason) from None
-        raise CenError(f"cannot download {url}: {reason}; {_ADVICE}") from None
+        raise CenError(f"cannot download {url}: {reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror
         raise _TransferError(one_line(reason)) from None
 
 

@@ -43,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cenfusion.data.class_names import NYU40_CLASSES
-from cenfusion.data.download import download, one_line
+from cenfusion.data.download import FROM_ADVICE, download, one_line
 from cenfusion.data.staging import staging
 from cenfusion.errors import CenError
 
@@ -123,9 +123,12 @@ def prepare_nyudv2(
     else:
         work = out.parent / f"{out.name}.work"
         sources = {
-            LABELED: download(urls.labeled, work / LABELED, progress=progress),
-            SPLITS: download(urls.splits, work / SPLITS, progress=progress),
-            CLASS_MAPPING: download(urls.class_mapping, work / CLASS_MAPPING, progress=progress),
+            name: download(url, work / name, progress=progress, advice=FROM_ADVICE)
+            for name, url in (
+                (LABELED, urls.labeled),
+                (SPLITS, urls.splits),
+                (CLASS_MAPPING, urls.class_mapping),
+            )
         }
     _convert(sources[LABELED], sources[SPLITS], sources[CLASS_MAPPING], out, progress)
     return out

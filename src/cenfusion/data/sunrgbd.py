@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cenfusion.data.class_names import SUN37_CLASSES
-from cenfusion.data.download import download, one_line
+from cenfusion.data.download import FROM_ADVICE, download, one_line
 from cenfusion.data.nyudv2 import (
     IGNORE,
     LayoutWriter,
@@ -159,7 +159,9 @@ def _tree(name: str, from_dir: Path | None, work: Path, base_url: str, progress:
         return work / name
     else:
         url = base_url if base_url.endswith("/") else base_url + "/"
-        archive = download(f"{url}{name}.zip", work / f"{name}.zip", progress=progress)
+        archive = download(
+            f"{url}{name}.zip", work / f"{name}.zip", progress=progress, advice=FROM_ADVICE
+        )
     return _extract(archive, name, work, progress)
 
 

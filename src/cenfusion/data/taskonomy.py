@@ -348,7 +348,8 @@ def prepare_taskonomy(
         for views in chosen.values()
         for view in views
     ]
-    download_many(items, workers=workers, progress=progress)
+    advice = "run again to resume, or --base-url MIRROR"
+    download_many(items, workers=workers, progress=progress, advice=advice)
     for split, views in chosen.items():
         write_split_file(out / f"{split}.txt", views)
     return out
