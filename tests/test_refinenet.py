@@ -131,6 +131,24 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_model("cen_refinenet_r50", depth=101)
 
 
+def test_weights_not_fetched_say_what_to_do_offline(monkeypatch) -> None:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    def offline(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=False, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CenError) as info:
+        create_cen_refinenet(depth=50, pretrained="tv_in1k")
+    assert str(info.value) == (
+        "pretrained weights 'resnet50.tv_in1k' not fetched (OSError); offline, give --pretrained "
+        f"PATH or fill the caches {HF_HUB_CACHE}, {torch.hub.get_dir()}"
+    )
+
+
 def test_one_exchange_pattern_may_be_a_bare_string_and_pretrained_false_means_none() -> None:
     model = create_cen_refinenet(
         backbone="efficientnet_b0", num_classes=3, exchange_at="blocks.*.*.bn2", pretrained=False

@@ -283,9 +283,8 @@ def _features(name: str, levels: tuple[int, ...] | None, pretrained: bool) -> nn
         raise CenError(f"backbone {name!r}: {shorten(str(err), 120)}") from err
     except OSError as err:
         raise CenError(
-            f"could not fetch pretrained weights {name!r} ({type(err).__name__}); with no "
-            f"network, put the file in the Hugging Face cache ({_hf_cache()}) or torch hub "
-            f"cache ({torch.hub.get_dir()}), or pass --pretrained PATH"
+            f"pretrained weights {name!r} not fetched ({type(err).__name__}); offline, give "
+            f"--pretrained PATH or fill the caches {_hf_cache()}, {torch.hub.get_dir()}"
         ) from err
 
 
