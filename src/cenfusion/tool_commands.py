@@ -33,7 +33,9 @@ class InfoOptions:
     enc: int | None = setting(None, "a fresh CEN RefineNet", choices=(50, 101, 152))
     num_classes: int = setting(40, "with --enc")
     num_modalities: int = setting(2, "with --enc")
-    size: tuple[int, int] | None = setting(None, "FLOPs input size", metavar=("H", "W"))
+    size: tuple[int, int] | None = setting(
+        None, "FLOPs input size (default: seg 480 640, i2i the run's crop)", metavar=("H", "W")
+    )
 
 
 def _info(args: argparse.Namespace) -> None:

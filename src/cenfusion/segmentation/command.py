@@ -164,7 +164,9 @@ class PredictOptions:
     """``cen seg predict``'s flags besides the run-time settings."""
 
     checkpoint: Path = setting(
-        REQUIRED, "cenfusion checkpoint or released .pth.tar", positional=True
+        REQUIRED,
+        "cenfusion checkpoint, released .pth.tar, or exported .onnx (onnxruntime)",
+        positional=True,
     )
     folders: tuple[Path, ...] = setting(
         (),
@@ -253,7 +255,9 @@ class EvalOptions:
         "images per forward pass where consecutive ones share a size; same scores",
         aliases=("--batch-size",),
     )
-    scales: tuple[float, ...] | None = setting(None, "scales of the extra protocol")
+    scales: tuple[float, ...] | None = setting(
+        None, "scales of the extra protocol (with --ms: 0.5 0.75 1 1.25 1.5; alone: no flip)"
+    )
     flip: bool | None = setting(None, "mirror inputs too (default: on with --ms)")
 
 
@@ -287,7 +291,8 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="validation scores: single scale (released) and multi-scale + flip",
         description="Always prints the released single-scale protocol; --ms adds scales "
-        "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged).",
+        "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged). With "
+        "-c EXP the scores are also appended to RUNS/EXP/metrics.jsonl; without, only printed.",
     )
     add_config_flags(p, EvalOptions)
     add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)
