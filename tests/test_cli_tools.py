@@ -104,6 +104,16 @@ def test_the_command_line_starts_without_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_lazy_public_names_are_listed_without_importing_torch() -> None:
+    """``dir(cenfusion)`` (and so ``help`` and completion) shows the names loaded on use."""
+    code = (
+        "import sys, cenfusion; names = dir(cenfusion); "
+        "print(all(n in names for n in cenfusion.__all__), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
 def test_demo_schedule_flag_reaches_the_demo_configs(tmp_path: Path, monkeypatch, capsys) -> None:
     import cenfusion.segmentation.demo as seg_demo
     import cenfusion.translation.demo as i2i_demo

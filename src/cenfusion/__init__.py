@@ -1,7 +1,15 @@
 """cenfusion: deep multimodal fusion by channel exchanging (CEN) for dense prediction.
 
-The public names below are imported on first use, so that ``import cenfusion`` (and the
-``cen`` command's ``--help``) does not pay for torch and timm until a model is needed.
+- ``create_model(name, **kwargs)``, ``list_models()``: the registered networks;
+  ``create_cen_refinenet(...)`` and ``CENRefineNet``: the CEN RefineNet for segmentation.
+- ``load_official_checkpoint(path)``: a released CEN ``.pth.tar``, with its outputs.
+- ``convert(model, num_modalities)``: channel exchanging in any BatchNorm CNN; its parts
+  ``ModalityBatchNorm2d``, ``ModalityInstanceNorm2d``, ``AlphaEnsemble``,
+  ``sparsity_penalty`` and ``exchange_stats``.
+- ``CenError``: bad input, said in one line.
+
+These names are imported on first use, so that ``import cenfusion`` (and the ``cen``
+command's ``--help``) does not pay for torch and timm until a model is needed.
 """
 
 from importlib import import_module
@@ -49,3 +57,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -20,6 +20,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models() -> list[str]:
+    """The names :func:`create_model` builds, sorted."""
     return sorted(_REGISTRY)
 
 
