@@ -114,6 +114,16 @@ def test_the_lazy_public_names_are_listed_without_importing_torch() -> None:
     assert out.stdout.split() == ["True", "False"]
 
 
+def test_synthetic_data_help_states_the_embedded_sets_sizes(capsys) -> None:
+    from cenfusion.data.synthetic import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZE
+
+    with pytest.raises(SystemExit):
+        main(["data", "synthetic", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in (f"{DEFAULT_NUM_TRAIN},", DEFAULT_NUM_VAL, "{} {}".format(*DEFAULT_SIZE)):
+        assert f"(default: {default}" in out
+
+
 def test_demo_schedule_flag_reaches_the_demo_configs(tmp_path: Path, monkeypatch, capsys) -> None:
     import cenfusion.segmentation.demo as seg_demo
     import cenfusion.translation.demo as i2i_demo

@@ -31,7 +31,7 @@ class DemoOptions:
         "; ".join(f"{word}: {commands.DEMO_HELP}" for word, commands in COMMANDS.items()),
         choices=_WORDS,
     )
-    seed: int | None = setting(None, "random seed (default: the demo's own)")
+    seed: int | None = setting(None, "random seed (default: seg 0, i2i 1)")
     epochs: tuple[int, ...] | None = setting(
         None,
         "a longer or shorter schedule, per stage ("

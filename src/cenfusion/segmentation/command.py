@@ -78,11 +78,9 @@ class SyntheticOptions:
     """``cen data synthetic``."""
 
     out: Path = setting(REQUIRED, "folder to write", positional=True)
-    num_train: int | None = setting(None, "training images (default: the embedded set's)")
-    num_val: int | None = setting(None, "validation images (default: the embedded set's)")
-    size: tuple[int, int] | None = setting(
-        None, "image size (default: the embedded set's)", metavar=("H", "W")
-    )
+    num_train: int | None = setting(None, "training images (default: 400, the embedded set's)")
+    num_val: int | None = setting(None, "validation images (default: 100)")
+    size: tuple[int, int] | None = setting(None, "image size (default: 60 80)", metavar=("H", "W"))
     seed: int = setting(0, "random seed")
 
 
