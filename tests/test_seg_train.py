@@ -202,11 +202,17 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     assert evaluated["ensemble"]["miou"] == best["best"]["metrics"]["ensemble"]["miou"]
     images = sorted((tmp_path / "eval" / "images").iterdir())
     assert len(images) == 3
+    assert (tmp_path / "eval" / "config.yaml").is_file()
     # --evaluate alone: the run's best checkpoint, with the settings saved in it
+    trained = (tmp_path / "cen" / "config.yaml").read_bytes()
     assert main(["seg", "train", "--runs", str(tmp_path), "-c", "cen", "--evaluate"]) == 0
     line = json.loads((tmp_path / "cen" / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["evaluate"] == str(ckpt) and line["epoch"] == 1
     assert line["val"]["ensemble"]["miou"] == evaluated["ensemble"]["miou"]
+    # other settings for the evaluation: the run keeps its own config.yaml
+    argv = ["seg", "train", "--runs", str(tmp_path), "-c", "cen", "--evaluate"]
+    assert main([*argv, "--val-list", "train.txt"]) == 0
+    assert (tmp_path / "cen" / "config.yaml").read_bytes() == trained
 
 
 def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> None:

@@ -263,11 +263,11 @@ class RunFolder:
             )
         return kept
 
-    def save_config(self, config: Any) -> None:
-        """Log the full resolved config and write it as ``config.yaml``."""
+    def save_config(self, config: Any, write: bool = True) -> None:
+        """Log the full resolved config and (``write``) write it as ``config.yaml``."""
         text = dump_yaml(config)
         log.info(f"config ({type(config).__name__}):\n" + text.rstrip())
-        if self.is_main:
+        if self.is_main and write:
             atomic_write(self.path / CONFIG, lambda f: f.write(text.encode()))
 
     def append_metrics(self, record: dict[str, Any]) -> None:

@@ -63,7 +63,7 @@ def evaluate(task: Task, cfg: Any, checkpoint: Path | None = None, **options: An
     with prepare(cfg) as ctx:
         state = load_checkpoint(path, task=task.name)
         recipe = task.build_recipe(cfg, ctx, state, str(path), False)
-        folder = ctx.open_folder(cfg, resuming=True, force=False)
+        folder = ctx.open_folder(cfg, resuming=True, force=False, evaluating=True)
         log.info(recipe.start_line())
         metrics = recipe.evaluate(folder.path, **options)
         epoch = state.get("epoch")

@@ -34,6 +34,7 @@ from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
     BEST,
+    CONFIG,
     EPOCH_RECORD,
     LAST,
     LogRouting,
@@ -77,8 +78,11 @@ class Context(Runtime):
         )
         return self.loader(dataset, cfg, sampler=sampler, drop_last=drop_last, generator=generator)
 
-    def open_folder(self, cfg: Any, resuming: bool, force: bool) -> RunFolder:
-        """Claim the run folder (after every check passed), log to it, save the config.
+    def open_folder(
+        self, cfg: Any, resuming: bool, force: bool, evaluating: bool = False
+    ) -> RunFolder:
+        """Claim the run folder (after every check passed), log to it, save the config; an
+        evaluation logs its settings but keeps the ``config.yaml`` of a run it adds to.
 
         The main process decides and writes; the others learn its verdict (or its error).
         """
@@ -86,7 +90,8 @@ class Context(Runtime):
         def claim() -> Path:
             folder = RunFolder.open(cfg.run_dir, resuming, force)
             self.run_log.add_file(folder.path)
-            folder.save_config(cfg)
+            kept = evaluating and (folder.path / CONFIG).is_file()
+            folder.save_config(cfg, write=not kept)
             return folder.path
 
         return RunFolder(on_main(claim), self.dist.is_main)
