@@ -201,6 +201,8 @@ TABLE: list[tuple[str, Row]] = [
     ("i2i lamda", lambda f, s, i, r: ([*i2i_args(i, r), "--lamda", "-1"], "--lamda")),
     ("i2i crop", lambda f, s, i, r: ([*i2i_args(i, r), "--crop-size", "7"], "--crop-size")),
     ("i2i lr", lambda f, s, i, r: ([*i2i_args(i, r), "--lr-g", "0"], "--lr-g")),
+    ("i2i one level", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--num-downs", "1"], "--num-downs 1: expected >= 2")),
     ("i2i img-types 99 0", lambda f, s, i, r: (
         [*i2i_args(i, r), "--img-types", "99", "0"], "--img-types: 99 is out of range")),
     ("export a text file", lambda f, s, i, r: (

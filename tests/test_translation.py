@@ -148,10 +148,16 @@ def test_resume_refuses_settings_that_contradict_the_generator(
         ({"ngf": 8}, "--ngf 8: the generator of .*last.pth has 4;"),
         ({"num_downs": 4}, "--num-downs 4: the generator of .* has 5;"),
         ({"threshold": 0.05}, "--threshold 0.05: the generator of .* has 0.01;"),
+        ({"ndf": 8}, "--ndf 8: the discriminator of .*last.pth has 4;"),
+        ({"img_types": (3, 7, 0)}, r"--img-types 3 7 0: .* trained on 2 7 0 \(reshading \+ edge"),
+        ({"img_types": (2, 7, 1)}, r"--img-types 2 7 1: .*\+ edge_texture -> rgb\); its branch"),
     ):
         with pytest.raises(CenError, match=message):
             train(tiny(data_root, tmp_path, "keep", epochs=2, **changes), resume=last)
     assert config.read_bytes() == before
+    with pytest.raises(CenError, match="--img-types 3 7 0: .* was trained on 2 7 0"):
+        evaluate(TRANSLATION, tiny(data_root, tmp_path, "keep", img_types=(3, 7, 0)), last)
+    evaluate(TRANSLATION, tiny(data_root, tmp_path, "keep", ndf=8), last)  # D is not used
 
 
 def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path: Path) -> None:
@@ -265,6 +271,17 @@ def test_missing_split_file_gives_one_line(data_root: Path, tmp_path: Path) -> N
     assert "\n" not in str(info.value)
 
 
+def test_fid_of_one_view_is_refused_before_training(data_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    first = (root / "val.txt").read_text().splitlines()[0]
+    (root / "val.txt").write_text(first + "\n")
+    with pytest.raises(CenError, match=r"^--fid: .*val.txt lists 1 view; FID and KID need at"):
+        train(tiny(root, tmp_path, "one", fid=True))
+    assert not (tmp_path / "one").exists()
+    train(tiny(root, tmp_path, "one", epochs=1))
+
+
 def test_cli_flags_override_saved_config_on_resume(
     data_root: Path, tmp_path: Path, i2i_argv
 ) -> None:
@@ -316,11 +333,16 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
         assert torch.equal(state["model"][key], value), key
     for key, value in discriminator.state_dict().items():
         assert torch.equal(state["discriminator"][key], value), key
-    run_cli(*i2i_argv(data_root, tmp_path, "eval", "--evaluate", "--resume", str(out)))
+    # the networks' own settings come with the file: no --ngf, --ndf or --num-downs needed
+    bare = ["i2i", "train", "--data", str(data_root), "--runs", str(tmp_path), "--size", "32"]
+    bare += ["--workers", "0", "--no-fid", "--no-plots", "--resume", str(out)]
+    run_cli(*bare, "-c", "eval", "--evaluate")
     record = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["evaluate"] and record["epoch"] == 3
-    run_cli(*i2i_argv(data_root, tmp_path, "more", "--resume", str(out), "--epochs", "4"))
+    run_cli(*bare, "-c", "more", "--epochs", "4")
     assert load_checkpoint(tmp_path / "more" / "last.pth")["epoch"] == 4
+    saved = load_checkpoint(tmp_path / "more" / "last.pth")["config"]
+    assert (saved["ngf"], saved["ndf"], saved["num_downs"]) == (4, 4, 5)
 
 
 def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:

@@ -114,9 +114,11 @@ class TranslationConfig(RunConfig):
             raise CenError(
                 f"--load-size {self.load_size} is smaller than --crop-size {self.crop_size}"
             )
-        for name in ("epochs", "ngf", "ndf", "num_downs"):
+        for name in ("epochs", "ngf", "ndf"):
             if getattr(self, name) < 1:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
+        if self.num_downs < 2:
+            raise CenError(f"--num-downs {self.num_downs}: expected >= 2 (U-Net levels)")
         for name in ("lr_g", "lr_d", "beta1", "beta2", "l1_weight", "lamda", "threshold"):
             if getattr(self, name) < 0 or (name.startswith("lr") and getattr(self, name) == 0):
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: out of range")

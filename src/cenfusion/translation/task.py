@@ -12,6 +12,7 @@ from cenfusion.engine.checkpoint import load_weights
 from cenfusion.engine.task import ModelSummary, Task
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
+from cenfusion.models.patchgan import PatchGANConfig
 from cenfusion.models.unet import CENUNet, CENUNetConfig
 from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import write_plots
@@ -32,11 +33,16 @@ def build_recipe(
     where: str,
     training: bool,
 ) -> TranslationRecipe:
-    """The checkpoint's generator checked against the settings, then data and networks,
-    the generator with the checkpoint's weights."""
+    """The checkpoint's networks and domains checked against the settings, then data and
+    networks, the generator with the checkpoint's weights."""
     if state is not None:
-        _check_generator(cfg, state, where)
+        _check_checkpoint(cfg, state, where, training)
     train_set, val_set = datasets(cfg)
+    if cfg.fid and len(val_set) < 2:
+        raise CenError(
+            f"--fid: {val_set.root / 'val.txt'} lists {len(val_set)} view; FID and KID need at "
+            "least 2 (add views, or --no-fid)"
+        )
     train = ctx.train_loader(train_set, cfg, drop_last=False) if training else None
     recipe = TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
     if state is not None:
@@ -44,21 +50,35 @@ def build_recipe(
     return recipe
 
 
-def _check_generator(cfg: TranslationConfig, state: dict[str, Any], where: str) -> None:
-    """Refuse settings that contradict the checkpoint's generator (a resumed or evaluated
-    run keeps its model), naming both values, before anything is written."""
-    saved = CENUNetConfig.from_dict(state["model_config"])
-    for flag, ours, theirs in (
-        ("--img-types (inputs)", len(cfg.inputs), saved.num_modalities),
-        ("--ngf", cfg.ngf, saved.ngf),
-        ("--num-downs", cfg.num_downs, saved.num_downs),
-        ("--threshold", cfg.threshold, saved.threshold),
-    ):
+def _check_checkpoint(
+    cfg: TranslationConfig, state: dict[str, Any], where: str, training: bool
+) -> None:
+    """Refuse settings that contradict the checkpoint (a resumed or evaluated run keeps its
+    model and its domains), naming both values, before anything is written: the generator's
+    shape, the discriminator's width when training goes on, and the domains it learnt."""
+    generator = CENUNetConfig.from_dict(state["model_config"])
+    checks = [
+        ("--img-types (inputs)", len(cfg.inputs), "generator", generator.num_modalities),
+        ("--ngf", cfg.ngf, "generator", generator.ngf),
+        ("--num-downs", cfg.num_downs, "generator", generator.num_downs),
+        ("--threshold", cfg.threshold, "generator", generator.threshold),
+    ]
+    if training and "discriminator_config" in state:
+        ndf = PatchGANConfig.from_dict(state["discriminator_config"]).ndf
+        checks.append(("--ndf", cfg.ndf, "discriminator", ndf))
+    for flag, ours, network, theirs in checks:
         if ours != theirs:
             raise CenError(
-                f"{flag} {ours}: the generator of {where} has {theirs}; a resumed run keeps "
+                f"{flag} {ours}: the {network} of {where} has {theirs}; a resumed run keeps "
                 "its model (start a new run for another one)"
             )
+    learnt = (state.get("config") or {}).get("img_types")
+    if learnt is not None and tuple(learnt) != cfg.img_types:
+        named = " + ".join(DOMAINS[t] for t in learnt[:-1]) + f" -> {DOMAINS[learnt[-1]]}"
+        raise CenError(
+            f"--img-types {' '.join(map(str, cfg.img_types))}: {where} was trained on "
+            f"{' '.join(map(str, learnt))} ({named}); its branches keep their domains"
+        )
 
 
 def summarize(state: dict[str, Any], where: str) -> ModelSummary:
