@@ -258,14 +258,20 @@ def test_the_peak_is_the_faster_of_the_product_and_the_convolution(monkeypatch) 
         (["--num-downs", "7"], "--num-downs 7: only with --task i2i"),
         (["--task", "i2i", "--enc", "50"], "--enc 50: only with --task seg"),
         (["--task", "i2i", "--size", "100", "100"], "--size 100 100: multiples of 2**num_downs"),
-        (["--runs", "0"], "expected >= 1"),
+        (["--runs", "0"], "--runs 0: expected >= 1"),
+        (["--warmup", "-1"], "--warmup -1: expected >= 0"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
-        (["--modes", "train", "--train-batch", "0"], "--train-batch, --ngf, --num-downs: expected"),
-        (["--task", "i2i", "--ngf", "0"], "--train-batch, --ngf, --num-downs: expected >= 1"),
+        (["--modes", "train", "--train-batch", "0"], "--train-batch 0: expected >= 1"),
+        (["--task", "i2i", "--ngf", "0"], "--ngf 0: expected >= 1"),
+        (
+            ["--task", "i2i", "--modes", "train", "--train-size", "16", "16", "--num-downs", "4"],
+            "--train-size: at least 24 24 (the discriminator's last norm",
+        ),
         (["--size", "-32", "-32"], "--size -32 -32: expected two positive numbers H W"),
         (["--threads", "-1"], "--threads -1: expected >= 1"),
         (["--json", "/"], "--json /: a folder, expected a file to write"),
         (["--profile", "/absent/p.md"], "--profile /absent/p.md: no folder /absent, expected a"),
+        (["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot be written"),
     ],
 )
 def test_bad_settings_are_one_line(flags, message, capsys) -> None:

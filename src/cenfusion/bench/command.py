@@ -45,7 +45,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="latency and throughput: the reference and cenfusion side by side",
-        description=__doc__,
+        description=__doc__.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(p, BenchOptions)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cenfusion.engine.config import setting
 from cenfusion.errors import CenError
+from cenfusion.translation.config import MIN_CROP
 
 __all__ = ["DEFAULTS", "BenchOptions"]
 
@@ -56,20 +57,22 @@ class BenchOptions:
         """Raise :class:`CenError` (one line) for options that cannot run, before any row
         does (a file for --json or --profile must be writable at the end)."""
         train_batch = 1 if self.train_batch is None else self.train_batch
-        if min(self.runs, self.batch, train_batch, self.ngf, self.num_downs) < 1 or self.warmup < 0:
-            raise CenError(
-                "--runs, --batch, --train-batch, --ngf, --num-downs: expected >= 1; --warmup >= 0"
-            )
+        counts = {"runs": self.runs, "batch": self.batch, "train_batch": train_batch}
+        for name, value in {**counts, "ngf": self.ngf, "num_downs": self.num_downs}.items():
+            if value < 1:
+                raise CenError(f"--{name.replace('_', '-')} {value}: expected >= 1")
+        if self.warmup < 0:
+            raise CenError(f"--warmup {self.warmup}: expected >= 0")
         for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
             if size is not None and min(size) < 1:
                 raise CenError(f"{flag} {size[0]} {size[1]}: expected two positive numbers H W")
         for flag, path in (("--json", self.json), ("--profile", self.profile)):
-            if path is not None and (path.is_dir() or not path.parent.is_dir()):
-                where = "a folder" if path.is_dir() else f"no folder {path.parent}"
-                raise CenError(f"{flag} {path}: {where}, expected a file to write")
+            if path is not None:
+                _check_writable(flag, path)
         if "fp16" in self.precisions and device != "cuda":
             raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")
         small = self.train_size is not None and min(self.train_size) < 64
+        small_i2i = self.train_size is not None and min(self.train_size) < MIN_CROP
         if self.task == "seg" and "train" in self.modes and small:
             raise CenError(
                 "--train-size: at least 64 64 (batch statistics need more than one value "
@@ -83,6 +86,11 @@ class BenchOptions:
             raise CenError("--onnx: segmentation only")
         if "fid" in self.modes and self.task != "i2i":
             raise CenError("--modes fid: translation only (--task i2i)")
+        if self.task == "i2i" and "train" in self.modes and small_i2i:
+            raise CenError(
+                f"--train-size: at least {MIN_CROP} {MIN_CROP} (the discriminator's last norm "
+                "needs more than one pixel)"
+            )
         if self.task == "i2i":
             step = 2**self.num_downs
             for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
@@ -91,3 +99,19 @@ class BenchOptions:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Refuse ``path`` unless a file can be written there (tried now, not after the run)."""
+    if path.is_dir():
+        raise CenError(f"{flag} {path}: a folder, expected a file to write")
+    if not path.parent.is_dir():
+        raise CenError(f"{flag} {path}: no folder {path.parent}, expected a file to write")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise CenError(f"{flag} {path}: cannot be written ({err.strerror})") from err
+    if not existed:
+        path.unlink()
