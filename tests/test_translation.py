@@ -345,6 +345,14 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
     assert (saved["ngf"], saved["ndf"], saved["num_downs"]) == (4, 4, 5)
 
 
+def test_converting_a_cenfusion_checkpoint_says_it_needs_none(tmp_path: Path, capsys) -> None:
+    ours = tmp_path / "ours.pth"
+    save_checkpoint(ours, {"task": "translation", "model": {}})
+    for extra in ([], ["--discriminator", str(ours)]):
+        assert main(["convert-official", str(ours), str(tmp_path / "out.pth"), *extra]) == 2
+        assert "already a cenfusion checkpoint; use it as it is" in capsys.readouterr().err
+
+
 def test_config_yaml_round_trip_and_unknown_key(tmp_path: Path) -> None:
     cfg = TranslationConfig(img_types=(3, 1, 7, 0), gpu=(1,), data=Path("x"))
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())

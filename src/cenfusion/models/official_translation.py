@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cenfusion.checkpoint_format import missing_checkpoint
+from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
 from cenfusion.errors import CenError, describe_load_error
 from cenfusion.models.official import check_state_dict, load_mapped
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
@@ -55,6 +55,10 @@ def read_released_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CenError(f"{path}: not a readable checkpoint: {describe_load_error(err)}") from err
     if not isinstance(state, dict):
         raise CenError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    if state.get("format") == CHECKPOINT_FORMAT:
+        raise CenError(
+            f"{path}: this is already a cenfusion checkpoint; use it as it is (no conversion)"
+        )
     check_state_dict(state, str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 
