@@ -160,6 +160,23 @@ def test_resume_refuses_settings_that_contradict_the_generator(
     evaluate(TRANSLATION, tiny(data_root, tmp_path, "keep", ndf=8), last)  # D is not used
 
 
+def test_resume_refuses_a_schedule_ending_before_the_checkpoint(
+    data_root: Path, tmp_path: Path, capsys, i2i_argv
+) -> None:
+    train(tiny(data_root, tmp_path, "end", epochs=2))
+    last = tmp_path / "end" / "last.pth"
+    with pytest.raises(CenError, match=r"^--epochs: the schedule ends at epoch 1, before epoch 2"):
+        train(tiny(data_root, tmp_path, "end", epochs=1), resume=last)
+    before = last.read_bytes()
+    argv = i2i_argv(data_root, tmp_path, "end", "--resume", "--epochs", "2")
+    assert main(argv) == 0
+    assert (
+        f"nothing to train: {last} is at epoch 2, where the schedule ends"
+        in capsys.readouterr().out
+    )
+    assert last.read_bytes() == before
+
+
 def test_resume_continues_to_the_uninterrupted_result(data_root: Path, tmp_path: Path) -> None:
     train(tiny(data_root, tmp_path, "full", epochs=3, val_every=2))
     train(tiny(data_root, tmp_path, "split", epochs=2, val_every=2))

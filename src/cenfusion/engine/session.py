@@ -34,8 +34,16 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
             )
         RunFolder.check_claim(cfg.run_dir, continuing, force)
         recipe = task.build_recipe(cfg, ctx, state, where, True)
+        done, end = (int(state["epoch"]) if continuing else 0), recipe.num_epochs()
+        if done > end:
+            raise CenError(
+                f"--epochs: the schedule ends at epoch {end}, before epoch {done} of {where}; "
+                "a resumed run goes on to a later end"
+            )
         folder = ctx.open_folder(cfg, resuming=continuing, force=force)
         log.info(recipe.start_line())
+        if continuing and done == end:
+            log.info(f"nothing to train: {where} is at epoch {done}, where the schedule ends")
         report = task.after_validation if getattr(cfg, "plots", False) else None
         best = fit(recipe, cfg, folder, state if continuing else None, where, report)
         if (line := recipe.best_line(best)) is not None:
