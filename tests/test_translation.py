@@ -288,6 +288,17 @@ def test_missing_split_file_gives_one_line(data_root: Path, tmp_path: Path) -> N
     assert "\n" not in str(info.value)
 
 
+def test_a_broken_view_is_found_before_training(data_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    first = (root / "val.txt").read_text().splitlines()[0].strip()
+    broken = root / first.replace("{domain}", "edge_texture")
+    broken.write_bytes(broken.read_bytes()[:300])
+    with pytest.raises(CenError, match=f"^cannot read image {broken.relative_to(root)}"):
+        train(tiny(root, tmp_path, "broken"))
+    assert not (tmp_path / "broken").exists()
+
+
 def test_fid_of_one_view_is_refused_before_training(data_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(data_root, root)

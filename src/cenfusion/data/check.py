@@ -123,6 +123,13 @@ class _FactCache:
         except (OSError, ValueError, KeyError, AttributeError):
             self.entries = {}
 
+    @classmethod
+    def of_root(cls, root: Path, cache_dir: str | Path | None) -> _FactCache:
+        """The cache of the data root ``root``, in ``cache_dir`` (default
+        :func:`default_cache_dir`)."""
+        key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+        return cls(Path(cache_dir or default_cache_dir()) / f"{key}.json")
+
     @staticmethod
     def _key(path: Path, role: str) -> str:
         return f"{role}:{path.resolve()}"
@@ -289,8 +296,7 @@ def check_dataset(
     root = Path(root)
     _check_modalities(modalities, num_classes)
     lists = _list_lines(root, list_files)
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    cache = _FactCache(Path(cache_dir or default_cache_dir()) / f"{key}.json")
+    cache = _FactCache.of_root(root, cache_dir)
     checker = _Checker(root, cache, modalities, mask_column, num_classes)
     used = sorted({m.column for m in modalities} | ({mask_column} - {None}))
     samples = 0
@@ -404,6 +410,31 @@ def _raise_problems(
     if len(problems) == 1:
         raise CenError(problems[0])
     raise CenError(f"{problems[0]} (1 of {len(problems)} problems)")
+
+
+def check_root_images(
+    root: str | Path,
+    paths: Sequence[Path],
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    max_problems: int = MAX_PROBLEMS,
+    report: Callable[[str], None] | None = None,
+) -> None:
+    """Read every image of ``paths`` (files under the data root ``root``) as
+    :func:`check_dataset` reads an input, with its cache: a data set without list-file
+    columns (Taskonomy's views) is checked before training too. Every unreadable file is
+    reported as there, then :class:`CenError` is raised."""
+    root = Path(root)
+    cache = _FactCache.of_root(root, cache_dir)
+    checker = _Checker(root, cache, (), None, None)
+    show = progress and sys.stderr.isatty()
+    for path in tqdm(paths, desc="data check", unit="file", disable=not show):
+        found = checker._lookup(path, "rgb")
+        if isinstance(found, str):
+            checker.problems.append(found)
+    cache.save()
+    _raise_problems(checker.problems, max_problems, report)
 
 
 def check_images(

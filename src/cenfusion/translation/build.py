@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from cenfusion.data.check import check_root_images
 from cenfusion.data.synthetic_taskonomy import ensure_synthetic_taskonomy
-from cenfusion.data.taskonomy import TaskonomyDataset
+from cenfusion.data.taskonomy import TaskonomyDataset, domain_file
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.errors import CenError
@@ -28,12 +29,23 @@ def build_models(cfg: TranslationConfig) -> tuple[CENUNet, PatchDiscriminator]:
     return generator, create_patchgan(ndf=cfg.ndf)
 
 
-def datasets(cfg: TranslationConfig) -> tuple[TaskonomyDataset, TaskonomyDataset]:
-    """Training (resized, cropped, flipped) and validation views of ``cfg``'s domains."""
+def datasets(
+    cfg: TranslationConfig, training: bool = True
+) -> tuple[TaskonomyDataset | None, TaskonomyDataset]:
+    """Training (resized, cropped, flipped; None when not ``training``) and validation views
+    of ``cfg``'s domains, each file of them read once first (cached, as segmentation's
+    data check): a broken view must not surface epochs into a run."""
     root = cfg.data if cfg.data is not None else on_main(ensure_synthetic_taskonomy)
     common = {"root": root, "inputs": cfg.inputs, "target": cfg.target, "size": cfg.crop_size}
-    train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
-    return train_set, TaskonomyDataset(split="val", train=False, **common)
+    val_set = TaskonomyDataset(split="val", train=False, **common)
+    train_set = None
+    if training:
+        train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
+    views = [view for part in (train_set, val_set) if part is not None for view in part.views]
+    domains = [*val_set.inputs, val_set.target]
+    files = [val_set.root / domain_file(d, v) for v in dict.fromkeys(views) for d in domains]
+    check_root_images(val_set.root, files, progress=not cfg.quiet, report=log.info)
+    return train_set, val_set
 
 
 def fid_extractor(cfg: TranslationConfig, device: torch.device) -> InceptionFeatures | None:

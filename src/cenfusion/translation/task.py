@@ -37,13 +37,13 @@ def build_recipe(
     networks, the generator with the checkpoint's weights."""
     if state is not None:
         _check_checkpoint(cfg, state, where, training)
-    train_set, val_set = datasets(cfg)
+    train_set, val_set = datasets(cfg, training)
     if cfg.fid and len(val_set) < 2:
         raise CenError(
             f"--fid: {val_set.root / 'val.txt'} lists {len(val_set)} view; FID and KID need at "
             "least 2 (add views, or --no-fid)"
         )
-    train = ctx.train_loader(train_set, cfg, drop_last=False) if training else None
+    train = ctx.train_loader(train_set, cfg, drop_last=False) if train_set is not None else None
     recipe = TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
     if state is not None:
         load_weights(recipe.generator, state["model"], where)
