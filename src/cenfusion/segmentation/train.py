@@ -149,7 +149,7 @@ class SegmentationRecipe(Recipe):
             f"{record['seconds']:.1f}s (data {record['data_seconds']:.1f}s)"
         )
         if "val" in record:
-            line += "  val " + "  ".join(
+            line += "  val (acc/mAcc/mIoU) " + "  ".join(
                 f"{h} {s['pixel_acc']:.2f}/{s['mean_acc']:.2f}/{s['miou']:.2f}"
                 for h, s in record["val"].items()
             )
