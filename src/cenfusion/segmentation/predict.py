@@ -391,14 +391,15 @@ def predict(
             if heads:
                 for m, head in zip(parsed, maps[:-1]):
                     written.extend(_write_prediction(out, f"{stem}_{m.name}", head, base, num))
+        bar.update(len(pending))
         pending.clear()
 
     with open_runtime(runtime) as opened:
         net = opened.prepare(loaded.model.eval(), frozen=True)
         loads = read_ahead(samples, load, ahead=2 * batch_size)
         quiet = not progress or len(samples) < 2
-        bar = tqdm(loads, desc="predict", total=len(samples), unit="image", disable=quiet)
-        for stem, tensors, ref in bar:
+        bar = tqdm(desc="predict", total=len(samples), unit="image", disable=quiet, delay=1)
+        for stem, tensors, ref in loads:
             seen = tuple(size or tensors[0].shape[-2:])
             if pending and tuple(size or pending[0][1][0].shape[-2:]) != seen:
                 flush()
@@ -407,6 +408,7 @@ def predict(
                 flush()
         if pending:
             flush()
+        bar.close()
     return written
 
 
