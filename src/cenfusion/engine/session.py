@@ -17,11 +17,11 @@ from cenfusion.errors import CenError
 def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False) -> BestScore:
     """Train ``cfg`` of ``task``: validate the settings, set up the process, read the checkpoint
     ``resume``, refuse a run folder it may not take (before the slow set-up), let the task
-    build its recipe (data, model, checks), claim the run folder,
-    train to the end of the schedule and log the best validation. A checkpoint that holds an
-    epoch is continued (its run folder is this run's); one with weights only (a converted
-    released model) starts a new run from those weights. The task's reports are redrawn after
-    every validation when ``cfg.plots`` is on.
+    build its recipe (data, model, checks), claim the run folder, train to the end of the
+    schedule and log the best validation. A checkpoint that holds an epoch is continued (its
+    run folder is this run's; a schedule ending before that epoch is refused); one with
+    weights only (a converted released model) starts a new run from those weights. The
+    task's reports are redrawn after every validation when ``cfg.plots`` is on.
     """
     with prepare(cfg) as ctx:
         state = load_checkpoint(resume, task=task.name) if resume is not None else None
