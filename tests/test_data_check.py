@@ -87,6 +87,23 @@ def test_good_root_passes(root: Path, tmp_path: Path) -> None:
     assert report.labels == (0, 1, 2, 255)
 
 
+def test_a_sample_in_both_lists_is_warned_of(root: Path, tmp_path: Path) -> None:
+    """A validation list sharing samples with the training list scores what was trained on:
+    one warning, the check passes."""
+    append_line(root / "val.txt", "rgb/t1.png\tmasks/t1.png\tdepth/t1.png")
+    said: list[str] = []
+    arguments = {"cache_dir": tmp_path / "cache", "progress": False, "report": said.append}
+    lists = ["train.txt", "val.txt"]
+    report = check_dataset(root, lists, nyudv2_modalities(), NUM_CLASSES, **arguments)
+    assert report.samples == 6
+    assert said == [
+        f"warning: 1 sample of {root / 'val.txt'} is also in train.txt, e.g. the one of rgb/t1.png"
+    ]
+    said.clear()
+    check_dataset(root, ["val.txt", "val.txt"], nyudv2_modalities(), NUM_CLASSES, **arguments)
+    assert said == []
+
+
 def append_line(path: Path, line: str) -> None:
     path.write_text(path.read_text() + line + "\n")
 

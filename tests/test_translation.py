@@ -299,6 +299,20 @@ def test_a_broken_view_is_found_before_training(data_root: Path, tmp_path: Path)
     assert not (tmp_path / "broken").exists()
 
 
+def test_validation_views_that_are_training_views_are_warned_of(
+    data_root: Path, tmp_path: Path, capsys, i2i_argv
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    trained = (root / "train.txt").read_text().splitlines()[0]
+    views = [*(root / "val.txt").read_text().splitlines(), trained]
+    (root / "val.txt").write_text("\n".join(views) + "\n")
+    assert main(i2i_argv(root, tmp_path, "leak", "--epochs", "1")) == 0
+    assert f"warning: 1 of the {len(views)} validation views are training views too" in (
+        capsys.readouterr().out
+    )
+
+
 def test_fid_of_one_view_is_refused_before_training(data_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(data_root, root)

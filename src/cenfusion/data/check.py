@@ -341,6 +341,7 @@ def check_dataset(
     depth_bits = _check_depth_bits(checker.problems, checker.depth_files, allow_mixed_depth)
     cache.save()
     _raise_problems(checker.problems, max_problems, report)
+    _say_shared_samples(lists, report or _to_stderr)
     labels = tuple(sorted(checker.labels))
     return CheckReport(samples, len(checker.seen), checker.read, depth_bits, labels)
 
@@ -397,12 +398,34 @@ def _check_depth_bits(
     return result
 
 
+def _to_stderr(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)
+
+
+def _say_shared_samples(lists: list[tuple[Path, list[str]]], say: Callable[[str], None]) -> None:
+    """Warn of a sample in two list files: a validation list sharing samples with the
+    training list scores what the network has seen."""
+    samples = [
+        (path, {tuple(split_line(x.strip())) for x in lines if x.strip()}) for path, lines in lists
+    ]
+    for i, (first, own) in enumerate(samples):
+        for later, theirs in samples[i + 1 :]:
+            shared = own & theirs
+            if shared and first.resolve() != later.resolve():
+                many = len(shared) > 1
+                say(
+                    f"warning: {len(shared)} sample{'s' * many} of {later} "
+                    f"{'are' if many else 'is'} also in {first.name}, e.g. the one of "
+                    f"{min(shared)[0]}"
+                )
+
+
 def _raise_problems(
     problems: list[str], max_problems: int, report: Callable[[str], None] | None
 ) -> None:
     if not problems:
         return
-    say = report or (lambda line: tqdm.write(line, file=sys.stderr))
+    say = report or _to_stderr
     for line in problems[:max_problems]:
         say(line)
     if len(problems) > max_problems:

@@ -6,7 +6,7 @@ import torch
 
 from cenfusion.data.check import check_root_images
 from cenfusion.data.synthetic_taskonomy import ensure_synthetic_taskonomy
-from cenfusion.data.taskonomy import TaskonomyDataset, domain_file
+from cenfusion.data.taskonomy import TaskonomyDataset, domain_file, view_name
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.errors import CenError
@@ -41,6 +41,11 @@ def datasets(
     train_set = None
     if training:
         train_set = TaskonomyDataset(split="train", train=True, load_size=cfg.resize_to, **common)
+    if train_set is not None and (shared := set(train_set.views) & set(val_set.views)):
+        log.info(
+            f"warning: {len(shared)} of the {len(val_set)} validation views are training views "
+            f"too, e.g. {view_name(min(shared))}"
+        )
     views = [view for part in (train_set, val_set) if part is not None for view in part.views]
     domains = [*val_set.inputs, val_set.target]
     files = [val_set.root / domain_file(d, v) for v in dict.fromkeys(views) for d in domains]
