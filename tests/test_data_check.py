@@ -12,7 +12,7 @@ from PIL import Image
 
 from cenfusion.data import check
 from cenfusion.data.check import check_dataset, check_images
-from cenfusion.data.listfile import nyudv2_modalities
+from cenfusion.data.listfile import ModalitySpec, nyudv2_modalities
 from cenfusion.errors import CenError
 
 HEIGHT, WIDTH = 6, 8
@@ -85,6 +85,12 @@ def test_good_root_passes(root: Path, tmp_path: Path) -> None:
     assert report.read == 15
     assert report.depth_bits == {"depth": 16}
     assert report.labels == (0, 1, 2, 255)
+
+
+def test_a_mask_column_that_is_an_input_column_is_refused(root: Path, tmp_path: Path) -> None:
+    depth_on_masks = [ModalitySpec("rgb", 0, "rgb"), ModalitySpec("depth", 1, "depth")]
+    with pytest.raises(CenError, match=r"^--mask-column 1 is also the column of modality depth"):
+        check_dataset(root, ["train.txt"], depth_on_masks, NUM_CLASSES, cache_dir=tmp_path)
 
 
 def test_a_sample_in_both_lists_is_warned_of(root: Path, tmp_path: Path) -> None:

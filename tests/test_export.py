@@ -101,11 +101,12 @@ def test_export_checkpoint_names_inputs_after_its_modalities(
     model: CENRefineNet, tmp_path: Path
 ) -> None:
     checkpoint = tmp_path / "best.pth"
-    config = {"modalities": ["rgb", "hha"], "depth_scale": 0.001}
+    config = {"modalities": ["rgb:0:rgb", "hha:3:gray"], "depth_scale": 0.001}
     save_checkpoint(checkpoint, {**model_record(model), "config": config})
     path = export_checkpoint(checkpoint, tmp_path / "out" / "m.onnx", height=32, width=32)
     segmenter = OnnxSegmenter(path)
     assert segmenter.modalities == ("rgb", "hha") and segmenter.depth_scale == 0.001
+    assert segmenter.kinds == ("rgb", "gray")
     assert segmenter.output_names == ["rgb_logits", "hha_logits", "ensemble"]
     assert max_abs_difference(model, path, inputs(1, 32, 32)) < TOLERANCE
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from cenfusion.data.listfile import (
+    NYUDV2_DEPTH_SCALE,
     ListFileDataset,
     ModalitySpec,
     decode_image,
@@ -224,9 +225,10 @@ def test_colour_mask_and_colour_depth_are_rejected(tmp_path: Path) -> None:
     _one_line_error(excinfo, "depth/a.png", "mode RGB")
 
 
-@pytest.mark.parametrize("kind", ["rgb", "gray"])
-def test_32_bit_photographs_are_refused_16_bit_ones_read(tmp_path: Path, kind: str) -> None:
-    """0..255 would clamp float or 32-bit integer values; PIL reads a 16-bit PGM as mode I."""
+@pytest.mark.parametrize("kind", ["rgb", "gray", "depth"])
+def test_32_bit_images_are_refused_16_bit_ones_read(tmp_path: Path, kind: str) -> None:
+    """0..255 would clamp float or 32-bit integer values, and one depth scale cannot fit them
+    beside 8- and 16-bit files; PIL reads a 16-bit PGM as mode I."""
     for name, array in (
         ("float", np.full((H, W), 1.5, np.float32)),
         ("int", np.full((H, W), 10**5, np.int32)),
@@ -237,12 +239,16 @@ def test_32_bit_photographs_are_refused_16_bit_ones_read(tmp_path: Path, kind: s
         _one_line_error(excinfo, f"{name}.tif", "expected 8 or 16 bits")
     _save(tmp_path / "deep.pgm", np.full((H, W), 65535, np.uint16))
     assert Image.open(tmp_path / "deep.pgm").mode == "I"
-    assert decode_image(tmp_path / "deep.pgm", kind).max() == 255
+    top = 65535 * NYUDV2_DEPTH_SCALE if kind == "depth" else 255
+    assert decode_image(tmp_path / "deep.pgm", kind).max() == pytest.approx(top)
 
 
 def test_bad_specs() -> None:
     with pytest.raises(CenError, match="kind 'hha'"):
         ModalitySpec("x", 0, "hha")
+    for name in ("", "a/b", "ensemble", ".."):
+        with pytest.raises(CenError, match=f"^modality name {name!r}: expected letters"):
+            ModalitySpec(name, 0, "rgb")
     with pytest.raises(CenError, match="'hha'"):
         nyudv2_modalities(["rgb", "hha"])
     specs = nyudv2_modalities(["depth", "rgb"])

@@ -286,6 +286,24 @@ def test_depth_is_read_at_the_scale_the_checkpoint_was_trained_with(tmp_path, ca
     assert warning in capsys.readouterr().err
 
 
+def test_bare_names_take_the_kinds_the_checkpoint_was_trained_with(tmp_path) -> None:
+    checkpoint = tmp_path / "own.pt"
+    save_tiny(checkpoint, modalities=("rgb:0:rgb", "depth:2:gray", "hha:3:rgb"), seed=5)
+    root = tmp_path / "in"
+    write_rgb(root / "rgb" / "x.png", 29, 31)
+    write_depth(root / "depth" / "x.png", 29, 31)
+    write_rgb(root / "hha" / "x.png", 29, 31, seed=7)
+    predict(checkpoint, [root], tmp_path / "folder", runtime=CPU, heads=True)
+    explicit = ["rgb:rgb", "depth:gray", "hha:rgb"]
+    paths = tuple(root / name / "x.png" for name in ("rgb", "depth", "hha"))
+    given = tmp_path / "given"
+    predict(checkpoint, [paths], given, runtime=CPU, heads=True, modalities=explicit)
+    for name in ("x_label.png", "x_depth_label.png", "x_hha_label.png"):
+        np.testing.assert_array_equal(read(tmp_path / "folder" / name), read(given / name))
+    with pytest.raises(CenError, match=r"^modality depth:depth: .*own.pt was trained on depth as"):
+        predict(checkpoint, [paths], given, runtime=CPU, modalities=["rgb", "depth:depth", "hha"])
+
+
 def test_gather_cli_inputs() -> None:
     items, names = gather_cli_inputs(
         [],
@@ -293,7 +311,7 @@ def test_gather_cli_inputs() -> None:
         [Path("a_d.png"), Path("b_d.png")],
         ["hha:gray=a_h.png", "hha:gray=b_h.png"],
     )
-    assert names == ["rgb:rgb", "depth:depth", "hha:gray"]
+    assert names == ["rgb", "depth", "hha:gray"]
     assert items == [
         (Path("a.png"), Path("a_d.png"), Path("a_h.png")),
         (Path("b.png"), Path("b_d.png"), Path("b_h.png")),
@@ -302,8 +320,10 @@ def test_gather_cli_inputs() -> None:
         gather_cli_inputs([], [Path("a"), Path("b")], [Path("c")], [])
     with pytest.raises(CenError, match="expected NAME=PATH"):
         gather_cli_inputs([], [], [], ["hha"])
-    with pytest.raises(CenError, match="kind 'hha' is unknown"):
-        gather_cli_inputs([], [], [], ["hha=x.png"])
+    with pytest.raises(CenError, match="hha:rgb=y.png: hha was given without a kind before"):
+        gather_cli_inputs([], [], [], ["hha=x.png", "hha:rgb=y.png"])
+    with pytest.raises(CenError, match="modality name 'a/b': expected letters, digits"):
+        gather_cli_inputs([], [], [], ["a/b:rgb=x.png"])
     with pytest.raises(CenError, match="nothing to predict"):
         gather_cli_inputs([], [], [], [])
     with pytest.raises(CenError, match="^FOLDER root and --rgb/--input: give folders with"):

@@ -201,6 +201,11 @@ TABLE: list[tuple[str, Row]] = [
     ("i2i lamda", lambda f, s, i, r: ([*i2i_args(i, r), "--lamda", "-1"], "--lamda")),
     ("i2i crop", lambda f, s, i, r: ([*i2i_args(i, r), "--crop-size", "7"], "--crop-size")),
     ("i2i lr", lambda f, s, i, r: ([*i2i_args(i, r), "--lr-g", "0"], "--lr-g")),
+    ("negative mask column", lambda f, s, i, r: (
+        [*seg_args(s, r), "--mask-column", "-1"], "--mask-column -1: expected >= 0")),
+    ("modality name with a slash", lambda f, s, i, r: (
+        [*seg_args(s, r), "--modalities", "a/b:0:rgb", "depth:2:depth"],
+        "modality name 'a/b': expected letters")),
     ("i2i one level", lambda f, s, i, r: (
         [*i2i_args(i, r), "--num-downs", "1"], "--num-downs 1: expected >= 2")),
     ("i2i img-types 99 0", lambda f, s, i, r: (

@@ -14,8 +14,8 @@ control flow. The TorchScript exporter is used: on the 2-core development machin
 under 1 s where the ``torch.export`` one (``dynamo=True``) took 11-22 s for the same
 small model, with the same outputs.
 
-The file carries metadata (modality names, heads, class count, the model config, the depth
-scale when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
+The file carries metadata (modality names, heads, class count, the model config, the kinds
+and depth scale when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
 back. ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
 """
 
@@ -92,14 +92,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     modalities: Sequence[str] | None = None,
     depth_scale: float | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file at ``out_path`` and return the path.
 
     ``height``/``width``: the input size the graph is fixed to (traced at, with ``dynamic``).
     ``modalities``: input names in the model's modality order (default
-    :func:`default_modality_names`). ``depth_scale``: the factor of the raw depth values the
-    model was trained on, stored for ``cen seg predict`` (``None``: not stored). The model's
-    train/eval mode is restored afterwards.
+    :func:`default_modality_names`). ``depth_scale`` and ``kinds``: the factor of the raw
+    depth values and each modality's kind the model was trained with, stored for ``cen seg
+    predict`` (``None``: not stored). The model's train/eval mode is restored afterwards.
     """
     names = tuple(modalities or default_modality_names(model.num_modalities))
     _check_export_arguments(heads, height, width, opset, names, model.num_modalities)
@@ -145,6 +146,8 @@ def export_onnx(
     }
     if depth_scale is not None:
         metadata["depth_scale"] = repr(float(depth_scale))
+    if kinds is not None:
+        metadata["kinds"] = json.dumps(list(kinds))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, value
@@ -168,7 +171,7 @@ def export_checkpoint(
     """``cen export onnx CKPT OUT``: a cenfusion or released checkpoint to ONNX.
 
     Inputs are named after the modalities stored in the checkpoint (released files store
-    none: ``rgb``, ``depth``); its depth scale, where it has one, goes along.
+    none: ``rgb``, ``depth``); their kinds and its depth scale, where it has them, go along.
     """
     loaded = load_segmenter(checkpoint, official)
     return export_onnx(
@@ -181,6 +184,7 @@ def export_checkpoint(
         opset=opset,
         modalities=loaded.modalities,
         depth_scale=loaded.depth_scale,
+        kinds=loaded.kinds,
     )
 
 

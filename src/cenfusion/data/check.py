@@ -260,10 +260,18 @@ def _list_lines(root: Path, list_files: Sequence[str | Path]) -> list[tuple[Path
     return lists
 
 
-def _check_modalities(modalities: Sequence[ModalitySpec], num_classes: int | None) -> None:
+def _check_modalities(
+    modalities: Sequence[ModalitySpec], num_classes: int | None, mask_column: int | None
+) -> None:
     names = [m.name for m in modalities]
     if not names or len(set(names)) != len(names):
         raise CenError(f"modalities {names}: expected at least one, with distinct names")
+    for m in modalities:
+        if m.column == mask_column:
+            raise CenError(
+                f"--mask-column {mask_column} is also the column of modality {m.name} "
+                f"({m.name}:{m.column}:{m.kind}): the labels would be an input"
+            )
     if num_classes is not None and not 1 <= num_classes <= IGNORE_INDEX:
         raise CenError(f"--num-classes {num_classes}: expected 1..{IGNORE_INDEX}")
 
@@ -294,7 +302,7 @@ def check_dataset(
     shows only when ``progress`` and stderr is a terminal.
     """
     root = Path(root)
-    _check_modalities(modalities, num_classes)
+    _check_modalities(modalities, num_classes, mask_column)
     lists = _list_lines(root, list_files)
     cache = _FactCache.of_root(root, cache_dir)
     checker = _Checker(root, cache, modalities, mask_column, num_classes)

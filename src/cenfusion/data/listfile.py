@@ -17,6 +17,7 @@ naming the file or sample at fault.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,20 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 SINGLE_CHANNEL_MODES = ("L", *HIGH_BIT_MODES)
 
 
+#: The head of the ensemble in every score table and file name: no modality may take it.
+ENSEMBLE = "ensemble"
+
+
+def check_modality_name(name: str) -> None:
+    """Refuse a modality name that cannot name its head's files and columns: empty, with
+    characters other than letters, digits, ``_``, ``-`` and ``.``, or the ensemble's."""
+    if not re.fullmatch(r"[\w.-]+", name) or name in (ENSEMBLE, ".", ".."):
+        raise CenError(
+            f"modality name {name!r}: expected letters, digits, _, - or . (and not "
+            f"{ENSEMBLE!r}), as it names the modality's head and its files"
+        )
+
+
 @dataclass(frozen=True)
 class ModalitySpec:
     """One input modality: where it sits on a list-file line and how to decode it.
@@ -56,6 +71,7 @@ class ModalitySpec:
     depth_scale: float = NYUDV2_DEPTH_SCALE
 
     def __post_init__(self) -> None:
+        check_modality_name(self.name)
         if self.kind not in KINDS:
             raise CenError(
                 f"modality {self.name!r}: kind {self.kind!r} is unknown, expected one of {KINDS}"
@@ -118,10 +134,11 @@ def decode_image(path: Path, kind: str, depth_scale: float = NYUDV2_DEPTH_SCALE)
     - ``gray``: 8-bit as is, 16-bit scaled by 255/65535 into 0..255, tiled to 3 channels
       (a colour image is converted to its luma first).
 
-    ``rgb`` and ``gray`` refuse 32-bit (float or integer) images: 0..255 cannot hold them.
+    32-bit (float or integer) images are refused: 0..255 cannot hold them, and one depth
+    scale cannot fit them beside 8- and 16-bit files.
     """
     image = _open_image(path)
-    if kind != "depth" and _is_32_bit(image):
+    if _is_32_bit(image):
         raise CenError(
             f"{kind} image {path} has 32-bit values (mode {image.mode}), expected 8 or 16 bits"
         )

@@ -22,6 +22,11 @@ def modality_names(entries: Iterable[object]) -> list[str]:
     return [str(m).split(":")[0] for m in entries]
 
 
+def modality_kinds(entries: Iterable[object]) -> list[str]:
+    """The ``KIND`` of each ``--modalities`` entry: a NYUDv2 name is its own kind."""
+    return [str(m).split(":")[-1] for m in entries]
+
+
 @dataclass(frozen=True)
 class SegmentationConfig(RunConfig):
     """Everything a segmentation run depends on. Defaults: the released NYUDv2 recipe.
@@ -116,6 +121,8 @@ class SegmentationConfig(RunConfig):
             raise CenError(f"--drop-rate {self.drop_rate}: expected 0 <= p < 1")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise CenError(f"--modalities {list(self.modalities)}: expected distinct names")
+        if self.mask_column is not None and self.mask_column < 0:
+            raise CenError(f"--mask-column {self.mask_column}: expected >= 0")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise CenError(f"--scale-range {list(self.scale_range)}: expected 0 < LOW <= HIGH")
         if self.crop_size < MIN_CROP:

@@ -12,7 +12,7 @@ from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.official import load_official_checkpoint
 from cenfusion.models.refinenet import CENRefineNet, CENRefineNetConfig
-from cenfusion.segmentation.config import modality_names
+from cenfusion.segmentation.config import modality_kinds, modality_names
 
 if TYPE_CHECKING:
     from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
@@ -53,13 +53,19 @@ def convert_official(source: str | Path, out: str | Path) -> CENRefineNet:
 @dataclass(frozen=True)
 class LoadedModel:
     """A segmenter read from a file, with what the file says of its inputs: the modality
-    names it was trained on and the factor its raw depth values were multiplied by (each
-    ``None`` when the file does not say, e.g. a released checkpoint)."""
+    names it was trained on, each one's kind (how its files were decoded) and the factor its
+    raw depth values were multiplied by (each ``None`` when the file does not say, e.g. a
+    released checkpoint)."""
 
     model: CENRefineNet | OnnxSegmenter
     modalities: tuple[str, ...] | None
     released: bool
     depth_scale: float | None = None
+    kinds: tuple[str, ...] | None = None
+
+    def trained_kinds(self) -> dict[str, str]:
+        """``{name: kind}`` of the modalities the file names (empty when it names none)."""
+        return dict(zip(self.modalities or (), self.kinds or ()))
 
 
 def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
@@ -73,8 +79,8 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
     if path.suffix == ".onnx":
         from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
-        onnx_model = OnnxSegmenter(path)
-        return LoadedModel(onnx_model, onnx_model.modalities, False, onnx_model.depth_scale)
+        onnx = OnnxSegmenter(path)
+        return LoadedModel(onnx, onnx.modalities, False, onnx.depth_scale, onnx.kinds)
     if official:
         return LoadedModel(load_official_checkpoint(path), None, True)
     try:
@@ -90,6 +96,8 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
                 f"{path}: neither a cenfusion checkpoint nor a released CEN one ({reason})"
             ) from theirs
     saved = state.get("config") or {}
-    names = tuple(modality_names(saved["modalities"])) if "modalities" in saved else None
+    entries = saved.get("modalities")
+    names = tuple(modality_names(entries)) if entries is not None else None
+    kinds = tuple(modality_kinds(entries)) if entries is not None else None
     model = model_from_record(state, str(path))
-    return LoadedModel(model, names, False, saved.get("depth_scale"))
+    return LoadedModel(model, names, False, saved.get("depth_scale"), kinds)

@@ -78,6 +78,8 @@ class OnnxSegmenter:
         self.model_config: dict = json.loads(meta[METADATA_PREFIX + "model_config"])
         scale = meta.get(METADATA_PREFIX + "depth_scale")
         self.depth_scale: float | None = None if scale is None else float(scale)
+        kinds = meta.get(METADATA_PREFIX + "kinds")
+        self.kinds: tuple[str, ...] | None = None if kinds is None else tuple(json.loads(kinds))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
 

@@ -22,7 +22,7 @@ depth is always resized with nearest neighbour.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cenfusion.data.check import check_images
-from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, decode_image
+from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, check_modality_name, decode_image
 from cenfusion.data.read_ahead import read_ahead
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.config import flag_name
@@ -62,12 +62,12 @@ class Modality:
     kind: str
 
     @classmethod
-    def parse(cls, text: str) -> Modality:
-        """``"rgb"``, ``"depth"``, ``"gray"``, or ``"NAME:KIND"`` for any other name."""
+    def parse(cls, text: str, trained: Mapping[str, str] | None = None) -> Modality:
+        """``"NAME:KIND"``, or a bare ``NAME``: of the kind it was trained as (``trained``,
+        name -> kind), else of the kind it names (``rgb``, ``depth``, ``gray``)."""
         name, _, kind = text.partition(":")
-        kind = kind or name
-        if not name:
-            raise CenError(f"modality {text!r}: expected NAME or NAME:KIND")
+        check_modality_name(name)
+        kind = kind or (trained or {}).get(name) or name
         if kind not in KINDS:
             raise CenError(
                 f"modality {text!r}: kind {kind!r} is unknown; name a kind as NAME:KIND "
@@ -345,9 +345,16 @@ def predict(
     loaded = load_segmenter(checkpoint, official)
     if modalities is None:
         modalities = loaded.modalities or ("rgb", "depth")
-    parsed = [Modality.parse(m) for m in modalities]
+    trained_kinds = loaded.trained_kinds()
+    parsed = [Modality.parse(m, trained_kinds) for m in modalities]
     if len({m.name for m in parsed}) != len(parsed):
         raise CenError(f"modalities {[m.name for m in parsed]}: expected distinct names")
+    for m in parsed:
+        if trained_kinds.get(m.name, m.kind) != m.kind:
+            raise CenError(
+                f"modality {m.name}:{m.kind}: {checkpoint} was trained on {m.name} as "
+                f"{trained_kinds[m.name]}"
+            )
     check_fits(loaded, parsed, num_classes, str(checkpoint))
     trained_scale = loaded.depth_scale
     if depth_scale is None:
@@ -421,7 +428,8 @@ def gather_cli_inputs(
     """Turn ``cen seg predict``'s flags into :func:`predict`'s ``inputs`` and ``modalities``.
 
     ``--rgb`` and ``--depth`` paths and ``--input NAME[:KIND]=PATH`` pairs, repeated flags
-    adding samples: the i-th path of every modality forms item i. ``roots`` are folders with
+    adding samples: the i-th path of every modality forms item i. A modality without
+    ``:KIND`` takes the kind the checkpoint was trained with (:meth:`Modality.parse`). ``roots`` are folders with
     one subfolder per modality, refused beside paths: those would name the modalities, and
     a root's other subfolders would go unread. Without any flag the modality names stay
     ``None`` (the checkpoint's own).
@@ -441,12 +449,12 @@ def gather_cli_inputs(
             raise CenError(f"--input {text}: expected NAME=PATH or NAME:KIND=PATH")
         given.append((spec, Path(path)))
     for spec, path in given:
-        modality = Modality.parse(spec)
-        if kinds.setdefault(modality.name, modality.kind) != modality.kind:
-            raise CenError(
-                f"--input {spec}={path}: {modality.name} was given as {kinds[modality.name]} before"
-            )
-        columns.setdefault(modality.name, []).append(Path(path))
+        name, _, kind = spec.partition(":")
+        check_modality_name(name)
+        if kinds.setdefault(name, kind) != kind:
+            said = f"as {kinds[name]}" if kinds[name] else "without a kind"
+            raise CenError(f"--input {spec}={path}: {name} was given {said} before")
+        columns.setdefault(name, []).append(Path(path))
     items: list[Path | tuple[Path, ...]] = list(roots)
     if columns:
         counts = {n: len(p) for n, p in columns.items()}
@@ -459,4 +467,4 @@ def gather_cli_inputs(
             "nothing to predict: give --rgb and --depth (files or folders), "
             "--input NAME=PATH, or a folder with rgb/ and depth/ subfolders"
         )
-    return items, ([f"{n}:{k}" for n, k in kinds.items()] if kinds else None)
+    return items, ([f"{n}:{k}" if k else n for n, k in kinds.items()] if kinds else None)
