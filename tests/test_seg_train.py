@@ -256,6 +256,21 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
     capsys.readouterr()
     evaluate(SEGMENTATION, renamed, ckpt)
     assert "warning: --modalities rgb:0:rgb d:2:depth: the model of " in capsys.readouterr().out
+    # each modality keeps its kind; on resume, depth keeps its scale
+    regray = replace(cfg, exp="more", modalities=("rgb:0:rgb", "depth:2:gray"))
+    refusal = r"^--modalities rgb:0:rgb depth:2:gray: the model of .* on depth as depth, not gray"
+    for call in (
+        lambda: train(replace(regray, epochs=(2,)), resume=ckpt),
+        lambda: evaluate(SEGMENTATION, regray, ckpt),
+        lambda: evaluate_protocols(regray, ckpt),
+    ):
+        with pytest.raises(CenError, match=refusal):
+            call()
+    with pytest.raises(
+        CenError, match=r"^--depth-scale 0.001: the model of .* trained with 0.0002;"
+    ):
+        train(replace(cfg, exp="more", epochs=(2,), depth_scale=1e-3), resume=ckpt)
+    evaluate(SEGMENTATION, replace(cfg, exp="more", depth_scale=1e-3), ckpt)
     # saved before exchange points were checked: points its encoder lacks, which never exchanged
     state = load_checkpoint(ckpt)
     state["model_config"]["exchange_at"] = ["blocks.*.*.bn2"]

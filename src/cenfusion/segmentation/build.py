@@ -17,7 +17,7 @@ from cenfusion.errors import CenError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
-from cenfusion.segmentation.config import SegmentationConfig, modality_names
+from cenfusion.segmentation.config import SegmentationConfig, modality_kinds, modality_names
 
 
 def build_model(cfg: SegmentationConfig) -> CENRefineNet:
@@ -116,14 +116,22 @@ def check_same_modalities(
     trained: Sequence[str] | None, cfg: SegmentationConfig, where: str, training: bool
 ) -> None:
     """Refuse inputs in another order than the checkpoint's modalities: each modality has
-    its own norms and head, so a swap would feed one modality through the other's. A
-    resumed training also keeps their names; scoring with other names only warns (a name is
-    a label of the user's data). ``trained``: the checkpoint's ``--modalities`` (None: not
+    its own norms and head, so a swap would feed one modality through the other's. Each keeps
+    its kind (how its files are decoded), and a resumed training its names; scoring with
+    other names only warns (a name is a label of the user's data). ``trained``: the
+    checkpoint's ``--modalities`` (``NAME[:COLUMN]:KIND`` or NYUDv2 names; None: not
     recorded)."""
     if trained is None:
         return
     theirs, ours = modality_names(trained), modality_names(cfg.modalities)
     if theirs == ours:
+        kinds = zip(ours, modality_kinds(trained), modality_kinds(cfg.modalities))
+        for name, was, now in kinds:
+            if was != now:
+                raise CenError(
+                    f"--modalities {' '.join(cfg.modalities)}: the model of {where} was "
+                    f"trained on {name} as {was}, not {now}"
+                )
         return
     said = (
         f"--modalities {' '.join(cfg.modalities)}: the model of {where} was trained on "
@@ -135,6 +143,17 @@ def check_same_modalities(
             "same modalities in the same order"
         )
     log.warning(f"warning: {said}; scoring {', '.join(ours)} in their place, in order")
+
+
+def check_resumed_depth_scale(trained: float | None, cfg: SegmentationConfig, where: str) -> None:
+    """Refuse another ``--depth-scale`` on resume: the network learnt its depth at the
+    checkpoint's scale (``trained``; None: not recorded). Scoring other data may change it."""
+    depth = "depth" in modality_kinds(cfg.modalities)
+    if depth and trained is not None and trained != cfg.depth_scale:
+        raise CenError(
+            f"--depth-scale {cfg.depth_scale:g}: the model of {where} was trained with "
+            f"{trained:g}; a resumed run keeps its inputs' encoding"
+        )
 
 
 def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:

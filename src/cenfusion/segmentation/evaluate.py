@@ -235,7 +235,8 @@ def evaluate_protocols(
     loaded = load_segmenter(checkpoint, official)
     model = loaded.model
     check_model_fits(model, cfg, str(checkpoint))
-    check_same_modalities(loaded.modalities, cfg, str(checkpoint), training=False)
+    trained = [f"{n}:{k}" for n, k in loaded.trained_kinds().items()] or loaded.modalities
+    check_same_modalities(trained, cfg, str(checkpoint), training=False)
     val_set = build_dataset(cfg, train=False)
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}

@@ -18,6 +18,7 @@ from cenfusion.segmentation.build import (
     build_model,
     check_data,
     check_model_fits,
+    check_resumed_depth_scale,
     check_resumed_model,
     check_same_modalities,
 )
@@ -47,6 +48,7 @@ def build_recipe(
         check_same_modalities(saved.get("modalities"), cfg, where, training)
         if training:
             check_resumed_model(model, cfg, where)
+            check_resumed_depth_scale(saved.get("depth_scale"), cfg, where)
     return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
 
 
