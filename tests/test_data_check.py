@@ -236,6 +236,19 @@ def test_bad_arguments_are_one_line(root: Path, tmp_path: Path) -> None:
         check_dataset(root / "nope", ["train.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)
     with pytest.raises(CenError, match="--num-classes 0: expected 1..255"):
         check_dataset(root, ["train.txt"], nyudv2_modalities(), 0, cache_dir=tmp_path)
+    with pytest.raises(CenError, match="^list file .*rgb is a folder, expected a text file"):
+        check_dataset(root, ["rgb"], nyudv2_modalities(), 3, cache_dir=tmp_path)
+
+
+def test_list_files_are_utf8_with_or_without_a_byte_order_mark(root: Path, tmp_path: Path) -> None:
+    """Windows editors write a byte-order mark first; a Latin-1 name is one line naming it."""
+    text = (root / "train.txt").read_text()
+    (root / "train.txt").write_text(text, encoding="utf-8-sig")
+    report, _ = run(root, tmp_path)
+    assert report is not None and report.samples == 5
+    (root / "train.txt").write_bytes(text.encode() + "rgb/\xe9.png\n".encode("latin-1"))
+    with pytest.raises(CenError, match=r"train.txt:4: not UTF-8 text \(byte 0xe9\); save it as"):
+        check_dataset(root, ["train.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)
 
 
 def test_check_images_finds_every_unreadable_input(root: Path) -> None:

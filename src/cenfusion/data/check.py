@@ -40,6 +40,7 @@ from cenfusion.data.listfile import (
     ModalitySpec,
     decode_image,
     decode_mask,
+    read_list_file,
     split_line,
 )
 from cenfusion.errors import CenError
@@ -251,13 +252,7 @@ def _list_lines(root: Path, list_files: Sequence[str | Path]) -> list[tuple[Path
         raise CenError(f"data root {root} is not a folder")
     if not list_files:
         raise CenError(f"data root {root}: give at least one list file")
-    lists = []
-    for name in list_files:
-        path = root / name
-        if not path.is_file():
-            raise CenError(f"list file {path} does not exist")
-        lists.append((path, path.read_text().splitlines()))
-    return lists
+    return [(root / name, read_list_file(root / name)) for name in list_files]
 
 
 def _check_modalities(

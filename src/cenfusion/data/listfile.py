@@ -164,6 +164,25 @@ def decode_mask(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).astype(np.int64))
 
 
+def read_list_file(path: Path) -> list[str]:
+    """The lines of the list file ``path``: UTF-8, with or without the byte-order mark some
+    editors write first. Raises :class:`CenError` naming the file (and the line of a byte
+    that is not UTF-8)."""
+    if path.is_dir():
+        raise CenError(f"list file {path} is a folder, expected a text file of samples")
+    if not path.is_file():
+        raise CenError(f"list file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CenError(
+            f"list file {path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
+            "it as UTF-8"
+        ) from None
+
+
 def split_line(line: str) -> list[str]:
     """Columns of one list-file line: tab-separated (whitespace accepted when there is no tab)."""
     return line.split("\t") if "\t" in line else line.split()
@@ -212,8 +231,6 @@ class ListFileDataset(Dataset):
             raise CenError(f"dataset {self.list_path}: num_classes {self.num_classes} must be >= 1")
         if not self.root.is_dir():
             raise CenError(f"data root {self.root} is not a folder")
-        if not self.list_path.is_file():
-            raise CenError(f"list file {self.list_path} does not exist")
 
     def _read_list(self) -> list[tuple[Path, ...]]:
         """Parse the list file: every line has the same number of columns, every file exists."""
@@ -223,7 +240,7 @@ class ListFileDataset(Dataset):
         needed = max(used) + 1
         samples: list[tuple[Path, ...]] = []
         width: int | None = None
-        lines = self.list_path.read_text().splitlines()
+        lines = read_list_file(self.list_path)
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
