@@ -69,9 +69,11 @@ def run(root: Path, tmp_path: Path, **kwargs) -> tuple[check.CheckReport | None,
             root, ["train.txt", "val.txt"], modalities, **{**arguments, **kwargs}
         )
     except CenError as err:
+        if not lines:  # one problem: its error line alone says it
+            return None, [str(err)]
         more = re.fullmatch(r"\.\.\. and (\d+) more problems", lines[-1])
         total = len(lines) - 1 + int(more[1]) if more else len(lines)
-        assert str(err) == (lines[0] if total == 1 else f"{lines[0]} (1 of {total} problems)")
+        assert total > 1 and str(err) == f"{lines[0]} (1 of {total} problems)"
         return None, lines
     assert not lines
     return report, lines

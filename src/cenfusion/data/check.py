@@ -428,13 +428,13 @@ def _raise_problems(
 ) -> None:
     if not problems:
         return
+    if len(problems) == 1:
+        raise CenError(problems[0])
     say = report or _to_stderr
     for line in problems[:max_problems]:
         say(line)
     if len(problems) > max_problems:
         say(f"... and {len(problems) - max_problems} more problems")
-    if len(problems) == 1:
-        raise CenError(problems[0])
     raise CenError(f"{problems[0]} (1 of {len(problems)} problems)")
 
 

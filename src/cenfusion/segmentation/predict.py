@@ -223,15 +223,8 @@ def check_inputs(samples: Sequence[Sample], modalities: Sequence[Modality]) -> N
     """Decode every input (``sample.paths`` in ``modalities`` order) before any output is
     written: a corrupt tenth image must not leave nine outputs behind. Raises
     :class:`CenError` with the first problem; with several, each is listed on stderr first."""
-    problems: list[str] = []
     paths = [path for sample in samples for path in sample.paths]
-    kinds = [m.kind for _ in samples for m in modalities]
-    try:
-        check_images(paths, kinds, report=problems.append)
-    except CenError:
-        for line in problems if len(problems) > 1 else ():
-            tqdm.write(line, file=sys.stderr)
-        raise
+    check_images(paths, [m.kind for _ in samples for m in modalities])
 
 
 def _write_prediction(
