@@ -234,8 +234,11 @@ def test_cache_lives_in_the_given_folder(root: Path, tmp_path: Path) -> None:
 def test_bad_arguments_are_one_line(root: Path, tmp_path: Path) -> None:
     with pytest.raises(CenError, match="list file .*test.txt does not exist"):
         check_dataset(root, ["test.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)
-    with pytest.raises(CenError, match="data root .* is not a folder"):
+    with pytest.raises(CenError, match="data root .* is not a folder$"):
         check_dataset(root / "nope", ["train.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)
+    where = re.escape(f"data root nope is not a folder (looked for from {Path.cwd()}; --data")
+    with pytest.raises(CenError, match=f"^{where}"):
+        check_dataset(Path("nope"), ["train.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)
     with pytest.raises(CenError, match="--num-classes 0: expected 1..255"):
         check_dataset(root, ["train.txt"], nyudv2_modalities(), 0, cache_dir=tmp_path)
     with pytest.raises(CenError, match="^list file .*rgb is a folder, expected a text file"):

@@ -38,6 +38,7 @@ from cenfusion.data.listfile import (
     IGNORE_INDEX,
     SINGLE_CHANNEL_MODES,
     ModalitySpec,
+    check_data_root,
     decode_image,
     decode_mask,
     read_list_file,
@@ -248,8 +249,7 @@ class _Checker:
 
 
 def _list_lines(root: Path, list_files: Sequence[str | Path]) -> list[tuple[Path, list[str]]]:
-    if not root.is_dir():
-        raise CenError(f"data root {root} is not a folder")
+    check_data_root(root)
     if not list_files:
         raise CenError(f"data root {root}: give at least one list file")
     return [(root / name, read_list_file(root / name)) for name in list_files]

@@ -164,6 +164,14 @@ def decode_mask(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).astype(np.int64))
 
 
+def check_data_root(root: Path) -> None:
+    """Refuse a data root that is no folder; a relative one is named with the folder it was
+    looked for from (a run's saved ``--data`` is relative to where it started)."""
+    if not root.is_dir():
+        seen = "" if root.is_absolute() else f" (looked for from {Path.cwd()}; --data names it)"
+        raise CenError(f"data root {root} is not a folder{seen}")
+
+
 def read_list_file(path: Path) -> list[str]:
     """The lines of the list file ``path``: UTF-8, with or without the byte-order mark some
     editors write first. Raises :class:`CenError` naming the file (and the line of a byte
@@ -229,8 +237,7 @@ class ListFileDataset(Dataset):
             raise CenError(f"dataset {self.list_path}: modality names {names} must be unique")
         if self.num_classes is not None and self.num_classes < 1:
             raise CenError(f"dataset {self.list_path}: num_classes {self.num_classes} must be >= 1")
-        if not self.root.is_dir():
-            raise CenError(f"data root {self.root} is not a folder")
+        check_data_root(self.root)
 
     def _read_list(self) -> list[tuple[Path, ...]]:
         """Parse the list file: every line has the same number of columns, every file exists."""
