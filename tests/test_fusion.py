@@ -383,6 +383,60 @@ def test_converted_norms_keep_the_mode_dtype_and_device_of_the_batchnorms() -> N
     assert on_meta(torch.empty(4, 3, 32, 32, device="meta")).shape == (4, 5)
 
 
+def test_converted_norms_stay_frozen_where_the_batchnorms_were() -> None:
+    """Freezing the stem before converting is ordinary fine-tuning; with a frozen gamma and a
+    trainable beta, beta still gets its gradient on the large-plane path."""
+    model = timm.create_model("resnet18", num_classes=3)
+    model.bn1.weight.requires_grad_(False)
+    convert(model, 2)
+    assert not model.bn1.weight.requires_grad and model.bn1.bias.requires_grad
+    assert model.layer1[0].bn1.weight.requires_grad
+    model.conv1.weight.requires_grad_(False)
+    model(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert model.bn1.bias.grad is not None and model.bn1.weight.grad is None
+
+
+def _exchanging_norm() -> ModalityBatchNorm2d:
+    norm = ModalityBatchNorm2d(8, 2, exchange=True, threshold=0.1)
+    with torch.no_grad():
+        norm.weight.fill_(0.15)
+        norm.weight[:, :3] = 0.01
+    return norm
+
+
+@pytest.mark.parametrize("size", [4, 64])
+def test_training_goes_on_after_an_evaluation_in_inference_mode(size: int) -> None:
+    """Lightning validates under ``torch.inference_mode``: what it caches must not reach a
+    later step's autograd."""
+    norm, x = _exchanging_norm(), torch.randn(4, 8, size, size)
+    with torch.inference_mode():
+        norm.eval()(x)
+    norm.train()(x).sum().backward()
+    with torch.no_grad():
+        norm.eval()(x)
+    assert norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_exchange_follows_a_fused_optimizers_step(train: bool) -> None:
+    """A fused optimizer changes gamma in place without a version torch counts: the exchange
+    must follow the values all the same."""
+    norm, x = _exchanging_norm(), torch.randn(4, 8, 16, 16)
+    norm.train(train)
+    with torch.no_grad():
+        norm(x)
+    optimizer = torch.optim.SGD(norm.parameters(), lr=1.0, fused=True)
+    norm(x).sum().backward()
+    norm.weight.grad = torch.full_like(norm.weight, 0.1)
+    optimizer.step()
+    assert (norm.weight.abs() < 0.1).all()
+    fresh = copy.deepcopy(norm)
+    fresh._plan_cache = fresh._fold_cache = None
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), fresh(x))
+    assert norm.exchange_plan().full_mask.all()
+
+
 def test_timms_batchnorm_with_activation_keeps_its_names_and_reads_older_keys() -> None:
     """``BatchNormAct2d`` becomes one private norm with its activation, under its own name;
     a state dict saved when it was ``Sequential(norm, drop, act)`` still loads."""

@@ -105,7 +105,7 @@ def _private_norm(
     bn: nn.BatchNorm2d, num_modalities: int, exchange: bool, threshold: float
 ) -> ModalityBatchNorm2d:
     """``bn``'s private form on its device, in its dtype and mode, its values in every
-    modality."""
+    modality, its parameters frozen where ``bn``'s are."""
     act = getattr(bn, "act", None)
     extra = {}
     if isinstance(act, nn.Module):
@@ -122,6 +122,8 @@ def _private_norm(
     )
     norm.to(device=bn.weight.device, dtype=bn.weight.dtype).train(bn.training)
     norm.load_from_batchnorm(bn)
+    norm.weight.requires_grad_(bn.weight.requires_grad)
+    norm.bias.requires_grad_(bn.bias.requires_grad)
     return norm
 
 

@@ -375,7 +375,7 @@ class _PrivateNormExchange(torch.autograd.Function):
 def private_norm_exchange(x: Tensor, weight: Tensor, bias: Tensor, call: NormCall) -> Tensor:
     """:func:`_norm_exchange`, through the autograd function only when a gradient is wanted
     (its bookkeeping costs more host time than the kernels of a small inference step)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _PrivateNormExchange.apply(x, weight, bias, call)
     return _norm_exchange(x, weight, bias, call)[0]
 

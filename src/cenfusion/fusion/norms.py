@@ -46,10 +46,11 @@ class ModalityNorm(nn.Module):
     """Shared part of the private norms: ``(M, C)`` affine parameters and the exchange plan.
 
     The exchange is applied to the channels where some modality's ``|gamma|`` is below the
-    threshold, found once per value of ``gamma`` (cached until the parameter changes: an
-    optimizer step, ``load_state_dict``, ``.to()``, an in-place change under
-    ``torch.no_grad()``), so inference pays for it once. A change through ``.data`` is not
-    seen: torch does not count it as a change of the parameter.
+    threshold. A forward that can train ``gamma`` (gradients on, ``gamma`` trainable) finds
+    them afresh and drops the cached ones, since a fused optimizer's step is no change torch
+    counts; otherwise they are cached until the parameter changes (``load_state_dict``,
+    ``.to()``, an in-place change under ``torch.no_grad()``), so inference pays for them
+    once. A change through ``.data`` is not seen: torch does not count it as a change.
     """
 
     def __init__(
@@ -93,7 +94,10 @@ class ModalityNorm(nn.Module):
         cached while ``gamma`` and the threshold stay."""
         if not self.exchange:
             return None
-        key = (cache_key((self.weight,)), self.threshold)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            self._plan_cache = None
+            return exchange_plan(self.exchange_mask())
+        key = (cache_key((self.weight,)), self.threshold, torch.is_inference_mode_enabled())
         if self._plan_cache is None or self._plan_cache[0] != key:
             self._plan_cache = (key, self.weight, exchange_plan(self.exchange_mask()))
         return self._plan_cache[2]
@@ -159,10 +163,11 @@ class ModalityBatchNorm2d(ModalityNorm):
     def forward(self, x: Tensor) -> Tensor:
         batch_stats = self.training and not self.frozen_stats
         momentum = self.momentum
+        if batch_stats or torch.is_grad_enabled():
+            # the norm kernels and fused optimizers change tensors without a new version
+            self._fold_cache = None
         if batch_stats:
             self.num_batches_tracked.add_(1)
-            # the norm kernels update the running statistics without a new version
-            self._fold_cache = None
             if momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         if recorded(x, self.num_modalities):
