@@ -396,6 +396,17 @@ def test_converted_norms_stay_frozen_where_the_batchnorms_were() -> None:
     assert model.bn1.bias.grad is not None and model.bn1.weight.grad is None
 
 
+@pytest.mark.parametrize("kind", [ModalityBatchNorm2d, ModalityInstanceNorm2d])
+def test_another_channel_count_or_rank_is_refused(kind) -> None:
+    """The fast path would read and write past the (M, C) statistics."""
+    norm = kind(4, 2)
+    for shape in [(4, 5, 64, 64), (4, 5, 4, 4), (4, 4, 64)]:
+        with pytest.raises(ValueError, match=r"expected a 4-D input with 4 channels, got shape"):
+            norm(torch.randn(shape))
+    if kind is ModalityBatchNorm2d:
+        assert not norm.running_mean.any()
+
+
 def _exchanging_norm() -> ModalityBatchNorm2d:
     norm = ModalityBatchNorm2d(8, 2, exchange=True, threshold=0.1)
     with torch.no_grad():

@@ -102,6 +102,15 @@ class ModalityNorm(nn.Module):
             self._plan_cache = (key, self.weight, exchange_plan(self.exchange_mask()))
         return self._plan_cache[2]
 
+    def _check_input(self, x: Tensor, dims: int) -> None:
+        """Refuse an input of another rank or channel count, as ``nn.BatchNorm2d`` does: the
+        fast path would read and write past the ``(M, C)`` parameters and statistics."""
+        if x.dim() != dims or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}): expected a {dims}-D input with "
+                f"{self.num_features} channels, got shape {tuple(x.shape)}"
+            )
+
     def _exchange(self, ys: Sequence[Tensor]) -> Tensor:
         """The exchange of the per-modality outputs ``ys`` (``M`` tensors ``(B, C, H, W)``),
         stacked into ``(M*B, C, H, W)``. Under ``torch.compile`` and tracing the mask is
@@ -161,6 +170,7 @@ class ModalityBatchNorm2d(ModalityNorm):
         self._fold_cache: tuple | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, 4)
         batch_stats = self.training and not self.frozen_stats
         momentum = self.momentum
         if batch_stats or torch.is_grad_enabled():
@@ -233,6 +243,7 @@ class ModalityInstanceNorm2d(ModalityNorm):
         super().__init__(num_features, num_modalities, eps, affine, exchange, threshold)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, 4)
         if self.weight is None:
             return F.instance_norm(x, eps=self.eps)
         if recorded(x, self.num_modalities):
