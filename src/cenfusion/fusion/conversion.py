@@ -172,7 +172,10 @@ def convert(
     The default points are the ``bn2`` of every block in ``layer1..4``: in ResNet
     bottlenecks, the BN after the 3x3 convolution, as in the paper. Tested with timm
     ``resnet*`` (basic and bottleneck blocks, torchvision layout) and ``resnext*``;
-    other BatchNorm families convert but their exchange points must be given (e.g.
+    an untrained timm ResNet with basic blocks (ResNet-18/34) starts its ``bn2`` gammas at
+    zero, so every channel of those points exchanges until they grow: from scratch, set them
+    to one first, as :func:`~cenfusion.models.refinenet.create_cen_refinenet` does. Other
+    BatchNorm families convert but their exchange points must be given (e.g.
     ``("blocks.*.*.bn2",)`` for EfficientNet and MobileNet: the BN after the depthwise
     convolution). Empty ``exchange_at`` exchanges nothing. Other normalisation layers
     (``SyncBatchNorm``, ``GroupNorm``, ``LayerNorm``, frozen BatchNorms, BatchNorms without
