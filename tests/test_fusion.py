@@ -1,5 +1,6 @@
 import copy
 import fnmatch
+import math
 
 import pytest
 import timm
@@ -483,9 +484,15 @@ def test_convert_refuses_what_it_cannot_use_in_one_line() -> None:
         (lambda: convert(net, 2, None), r"^convert: exchange_at=None: expected fnmatch"),
         (lambda: convert(net, 2, threshold="x"), r"^convert: threshold='x': expected a number"),
         (lambda: convert("resnet18", 2), r"^convert: expected a torch.nn.Module, got str"),
+        (lambda: convert(net, 2, [1]), r"^convert: exchange_at=\[1\]: expected fnmatch"),
+        (lambda: convert(net, 1), r"^convert: num_modalities=1: channel exchange needs at"),
+        (lambda: convert(net, 2, threshold=-1.0), r"^convert: threshold=-1.0: expected a fin"),
+        (lambda: convert(net, 2, threshold=math.nan), r"^convert: threshold=nan: expected a"),
+        (lambda: convert(net, 2, threshold=math.inf), r"^convert: threshold=inf: expected a"),
     ]:
         with pytest.raises(CenError, match=message):
             call()
+    convert(copy.deepcopy(net), 1, ())
     convert(net, 2)
     with pytest.raises(CenError, match=r"^convert: the model already holds private norms"):
         convert(net, 3, ())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import warnings
 from collections import Counter
@@ -227,9 +228,18 @@ def _check_arguments(
         raise CenError(f"convert: num_modalities={num_modalities}: expected at least 1")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise CenError(f"convert: threshold={threshold!r}: expected a number")
-    if not callable(exchange_at) and not isinstance(exchange_at, (str, Sequence)):
+    if not 0 <= threshold < math.inf:
+        raise CenError(f"convert: threshold={threshold!r}: expected a finite number >= 0")
+    if not callable(exchange_at):
+        listed = [exchange_at] if isinstance(exchange_at, str) else exchange_at
+        if not isinstance(listed, Sequence) or not all(isinstance(p, str) for p in listed):
+            raise CenError(
+                f"convert: exchange_at={exchange_at!r}: expected fnmatch patterns or a predicate"
+            )
+    if num_modalities < 2 and (callable(exchange_at) or exchange_at):
         raise CenError(
-            f"convert: exchange_at={exchange_at!r}: expected fnmatch patterns or a predicate"
+            f"convert: num_modalities={num_modalities}: channel exchange needs at least two "
+            "modalities (exchange_at=() gives private norms alone)"
         )
     done = {type(m).__name__ for m in model.modules() if isinstance(m, ModalityNorm)}
     if done:
