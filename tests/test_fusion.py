@@ -408,6 +408,23 @@ def test_another_channel_count_or_rank_is_refused(kind) -> None:
         assert not norm.running_mean.any()
 
 
+@pytest.mark.parametrize("size", [4, 64])
+def test_torch_func_transforms_see_the_same_function(size: int) -> None:
+    """Per-sample gradients and meta-learning call the norms under ``torch.func``, where
+    tensors have no storage for the caches to key on."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    norm, x = _exchanging_norm().eval(), torch.randn(4, 8, size, size)
+    params = {k: v.detach() for k, v in norm.named_parameters()}
+    got = grad(lambda p: functional_call(norm, p, (x,)).sum())(params)
+    tracked = {k: v.clone().requires_grad_() for k, v in params.items()}
+    functional_call(norm, tracked, (x,)).sum().backward()
+    for name, value in tracked.items():  # sums over 4*64*64 values, in another order
+        scale = float(value.grad.abs().max())
+        torch.testing.assert_close(got[name], value.grad, rtol=1e-5, atol=1e-6 * scale)
+
+
 def _exchanging_norm() -> ModalityBatchNorm2d:
     norm = ModalityBatchNorm2d(8, 2, exchange=True, threshold=0.1)
     with torch.no_grad():

@@ -381,9 +381,14 @@ def private_norm_exchange(x: Tensor, weight: Tensor, bias: Tensor, call: NormCal
 
 
 def tracing() -> bool:
-    """Under ``torch.compile`` or tracing (ONNX export), which cannot follow the cached plan,
-    run the custom autograd function or export oneDNN's own layouts."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Under ``torch.compile``, tracing (ONNX export) or a ``torch.func`` transform, which
+    cannot follow the cached plan, run the custom autograd function or export oneDNN's own
+    layouts."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 CUSTOM_MIN_PLANE = 1024
