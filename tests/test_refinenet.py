@@ -123,6 +123,14 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
     for name, value in [("num_classes", 0), ("num_modalities", 2.5), ("decoder_width", True)]:
         with pytest.raises(CenError, match=f"^{name}={value!r}: expected an integer of at least"):
             create_cen_refinenet(backbone="resnet26", **{name: value})
+    for name, value in [("drop_rate", 2), ("drop_rate", -1)]:
+        with pytest.raises(CenError, match=rf"^{name}={value!r}: expected a number in \[0, 1\)"):
+            create_cen_refinenet(backbone="resnet26", **{name: value})
+    for value in (-1.0, float("inf")):
+        with pytest.raises(CenError, match=rf"^bn_threshold={value!r}: expected a finite number"):
+            create_cen_refinenet(backbone="resnet26", bn_threshold=value)
+    with pytest.raises(CenError, match="^exchange_at: expected fnmatch patterns"):
+        create_cen_refinenet(backbone="resnet26", exchange_at=None)
     with pytest.raises(CenError, match="^backbone=18: expected a timm model name"):
         create_cen_refinenet(backbone=18)
     with pytest.raises(CenError, match="^exchange_at: expected fnmatch patterns"):

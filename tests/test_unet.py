@@ -159,8 +159,29 @@ def test_shapes_list_and_stacked_input() -> None:
         model(torch.randn(3, 3, 24, 32))
     with pytest.raises(ValueError, match="modalities"):
         model(inputs[:2])
-    with pytest.raises(CenError):
+    with pytest.raises(CenError, match="^num_modalities=1: expected an integer of at least 2"):
         create_cen_unet(num_modalities=1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"num_modalities": "2"}, "num_modalities='2': expected an integer of at least 2"),
+        ({"num_downs": 2.5}, "num_downs=2.5: expected an integer of at least 2"),
+        ({"ngf": -8}, "ngf=-8: expected an integer of at least 1"),
+        ({"ngf": 0}, "ngf=0: expected an integer of at least 1"),
+        ({"in_channels": 0}, "in_channels=0: expected an integer of at least 1"),
+        ({"num_dropout": 9, "num_downs": 5}, "num_dropout=9: expected 0..4"),
+        ({"drop_rate": 2}, "drop_rate=2: expected a number in [0, 1)"),
+        ({"drop_rate": -1}, "drop_rate=-1: expected a number in [0, 1)"),
+        ({"threshold": "x"}, "threshold='x': expected a finite number >= 0"),
+        ({"threshold": float("nan")}, "threshold=nan: expected a finite number >= 0"),
+    ],
+)
+def test_bad_unet_arguments_are_one_line(arguments: dict, message: str) -> None:
+    with pytest.raises(CenError) as info:
+        create_cen_unet(**arguments)
+    assert str(info.value) == message
 
 
 def test_ensemble_loss_trains_only_alpha() -> None:

@@ -29,6 +29,7 @@ from cenfusion.fusion import (
     split_modalities,
     stack_modalities,
 )
+from cenfusion.models.arguments import check_count, check_rate, check_threshold
 from cenfusion.models.crp_pool import max_pool_5x5
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
@@ -366,11 +367,12 @@ def create_cen_refinenet(
         ("num_modalities", num_modalities),
         ("decoder_width", decoder_width),
     ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CenError(f"{name}={value!r}: expected an integer of at least 1")
+        check_count(name, value)
+    check_rate("drop_rate", drop_rate)
+    check_threshold("bn_threshold", bn_threshold)
     if isinstance(exchange_at, str):
         exchange_at = (exchange_at,)
-    elif callable(exchange_at):
+    elif callable(exchange_at) or exchange_at is None:
         raise CenError(
             "exchange_at: expected fnmatch patterns, which the model's config records (a "
             "predicate works with cenfusion.convert)"

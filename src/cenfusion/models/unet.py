@@ -35,6 +35,7 @@ from cenfusion.fusion import (
     split_modalities,
     stack_modalities,
 )
+from cenfusion.models.arguments import check_count, check_rate, check_threshold
 
 __all__ = ["CENUNet", "CENUNetConfig", "create_cen_unet", "default_num_dropout"]
 
@@ -138,14 +139,15 @@ class CENUNet(nn.Module):
 
     def __init__(self, config: CENUNetConfig) -> None:
         super().__init__()
-        if config.num_modalities < 2:
-            raise ValueError(f"CEN fuses at least 2 modalities, got {config.num_modalities}")
-        if config.num_downs < 2:
-            raise ValueError(f"num_downs must be >= 2, got {config.num_downs}")
-        if not 0 <= config.num_dropout <= config.num_downs - 1:
-            raise ValueError(
-                f"num_dropout={config.num_dropout}: expected 0..{config.num_downs - 1}"
-            )
+        check_count("num_modalities", config.num_modalities, 2)
+        for name in ("in_channels", "out_channels", "ngf"):
+            check_count(name, getattr(config, name))
+        check_count("num_downs", config.num_downs, 2)
+        check_count("num_dropout", config.num_dropout, 0)
+        if config.num_dropout > config.num_downs - 1:
+            raise CenError(f"num_dropout={config.num_dropout}: expected 0..{config.num_downs - 1}")
+        check_rate("drop_rate", config.drop_rate)
+        check_threshold("threshold", config.threshold)
         self.config = config
         m, n, widths = config.num_modalities, config.num_downs, config.widths()
         self.down = nn.ModuleList(
@@ -225,10 +227,7 @@ def create_cen_unet(
     ``num_dropout`` defaults to :func:`default_num_dropout` of ``num_downs`` (3 for 8
     levels); ``drop_rate=0`` removes dropout altogether.
     """
-    if num_modalities < 2:
-        raise CenError(f"num_modalities={num_modalities}: CEN fuses at least 2 modalities")
-    if num_downs < 2:
-        raise CenError(f"num_downs={num_downs}: a U-Net needs at least 2 levels")
+    check_count("num_downs", num_downs, 2)
     config = CENUNetConfig(
         num_modalities=num_modalities,
         in_channels=in_channels,
