@@ -227,6 +227,11 @@ def test_the_ensemble_refuses_other_counts_and_a_penalty_needs_no_parameters() -
     with pytest.raises(ValueError, match=r"stacked along axis 0, got list$"):
         AlphaEnsemble(2)([torch.randn(1, 3)] * 2)
     assert sparsity_penalty(nn.ReLU(), 0.0) == 0
+    with pytest.raises(CenError, match=r"^num_modalities=0: expected an integer of at least 1"):
+        AlphaEnsemble(0)
+    for lamda in (-1e-3, math.nan, True):
+        with pytest.raises(CenError, match=rf"^lamda={lamda!r}: expected a finite number >= 0"):
+            sparsity_penalty(nn.ReLU(), lamda)
 
 
 def test_ensemble_weights_and_detach() -> None:

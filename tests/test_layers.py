@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cenfusion"
 #: Layer of each top-level module or subpackage; a module may import its own layer or lower.
 LAYERS = {
     "errors": 0,
+    "arguments": 0,
     "checkpoint_format": 0,
     "fusion": 0,
     "models": 1,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_count
+
 __all__ = ["AlphaEnsemble"]
 
 
@@ -17,6 +19,7 @@ class AlphaEnsemble(nn.Module):
 
     def __init__(self, num_modalities: int, detach: bool = True) -> None:
         super().__init__()
+        check_count("num_modalities", num_modalities)
         self.alpha = nn.Parameter(torch.ones(num_modalities))
         self.detach = detach
 

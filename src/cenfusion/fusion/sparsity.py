@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_non_negative
 from cenfusion.fusion.norms import ModalityNorm
 
 __all__ = ["ExchangeStats", "exchange_stats", "exchanging_norms", "sparsity_penalty"]
@@ -25,6 +26,8 @@ def sparsity_penalty(model: nn.Module, lamda: float) -> Tensor:
     step rather than a few per norm (on a GPU, each is a kernel the host launches). With
     ``lamda == 0`` it is an exact zero that adds nothing to the graph.
     """
+    if isinstance(lamda, (int, float)):
+        check_non_negative("lamda", lamda)
     norms = [norm for _, norm in exchanging_norms(model)]
     if lamda == 0 or not norms:
         anchor = next(iter(model.parameters()), None)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_count, check_non_negative, check_rate
 from cenfusion.errors import CenError, shorten
 from cenfusion.fusion import (
     RESNET_EXCHANGE_POINTS,
@@ -29,7 +30,6 @@ from cenfusion.fusion import (
     split_modalities,
     stack_modalities,
 )
-from cenfusion.models.arguments import check_count, check_rate, check_threshold
 from cenfusion.models.crp_pool import max_pool_5x5
 
 RESNET_DEPTHS: dict[int, str] = {50: "resnet50", 101: "resnet101", 152: "resnet152"}
@@ -369,7 +369,7 @@ def create_cen_refinenet(
     ]:
         check_count(name, value)
     check_rate("drop_rate", drop_rate)
-    check_threshold("bn_threshold", bn_threshold)
+    check_non_negative("bn_threshold", bn_threshold)
     if isinstance(exchange_at, str):
         exchange_at = (exchange_at,)
     elif callable(exchange_at) or exchange_at is None:

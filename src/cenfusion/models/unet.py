@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_count, check_non_negative, check_rate
 from cenfusion.errors import CenError
 from cenfusion.fusion import (
     AlphaEnsemble,
@@ -35,7 +36,6 @@ from cenfusion.fusion import (
     split_modalities,
     stack_modalities,
 )
-from cenfusion.models.arguments import check_count, check_rate, check_threshold
 
 __all__ = ["CENUNet", "CENUNetConfig", "create_cen_unet", "default_num_dropout"]
 
@@ -147,7 +147,7 @@ class CENUNet(nn.Module):
         if config.num_dropout > config.num_downs - 1:
             raise CenError(f"num_dropout={config.num_dropout}: expected 0..{config.num_downs - 1}")
         check_rate("drop_rate", config.drop_rate)
-        check_threshold("threshold", config.threshold)
+        check_non_negative("threshold", config.threshold)
         self.config = config
         m, n, widths = config.num_modalities, config.num_downs, config.widths()
         self.down = nn.ModuleList(

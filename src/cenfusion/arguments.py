@@ -1,4 +1,5 @@
-"""One-line refusals of a model builder's arguments, named as the Python call names them."""
+"""One-line refusals of the library's arguments (model builders, the fusion parts), named as
+the Python call names them."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def check_rate(name: str, value: object) -> None:
         raise CenError(f"{name}={value!r}: expected a number in [0, 1)")
 
 
-def check_threshold(name: str, value: object) -> None:
-    """An exchange threshold on ``|gamma|``: a finite number of at least 0."""
+def check_non_negative(name: str, value: object) -> None:
+    """A finite number of at least 0 (an exchange threshold, a penalty weight)."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not number or not 0 <= value < math.inf:
         raise CenError(f"{name}={value!r}: expected a finite number >= 0")
