@@ -23,8 +23,6 @@ from cenfusion.engine.run import RuntimeConfig
 
 __all__ = ["add_bench_parser"]
 
-_RUNTIME = tuple(f.name for f in fields(RuntimeConfig))
-
 
 def _bench(args: argparse.Namespace) -> None:
     from cenfusion.bench.runner import format_profiles, format_table, run_bench
@@ -49,6 +47,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(p, BenchOptions)
-    precisions = ("amp", "amp_dtype")
-    add_config_flags(p, RuntimeConfig, only=tuple(n for n in _RUNTIME if n not in precisions))
+    # each row names its precision (--precisions): no --amp, --amp-dtype
+    runtime = tuple(f.name for f in fields(RuntimeConfig) if not f.name.startswith("amp"))
+    add_config_flags(p, RuntimeConfig, only=runtime)
     p.set_defaults(run=_bench)

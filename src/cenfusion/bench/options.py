@@ -71,13 +71,9 @@ class BenchOptions:
                 _check_writable(flag, path)
         if "fp16" in self.precisions and device != "cuda":
             raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")
-        small = self.train_size is not None and min(self.train_size) < 64
-        small_i2i = self.train_size is not None and min(self.train_size) < MIN_CROP
-        if self.task == "seg" and "train" in self.modes and small:
-            raise CenError(
-                "--train-size: at least 64 64 (batch statistics need more than one value "
-                "per channel at the encoder's stride 32)"
-            )
+        least, why = _LEAST_TRAIN_SIDE[self.task]
+        if "train" in self.modes and self.train_size is not None and min(self.train_size) < least:
+            raise CenError(f"--train-size: at least {least} {least} ({why})")
         for name, task in (("enc", "seg"), ("ngf", "i2i"), ("num_downs", "i2i")):
             value = getattr(self, name)
             if self.task != task and value != _DEFAULTS[name]:
@@ -86,11 +82,6 @@ class BenchOptions:
             raise CenError("--onnx: segmentation only")
         if "fid" in self.modes and self.task != "i2i":
             raise CenError("--modes fid: translation only (--task i2i)")
-        if self.task == "i2i" and "train" in self.modes and small_i2i:
-            raise CenError(
-                f"--train-size: at least {MIN_CROP} {MIN_CROP} (the discriminator's last norm "
-                "needs more than one pixel)"
-            )
         if self.task == "i2i":
             step = 2**self.num_downs
             for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
@@ -99,6 +90,11 @@ class BenchOptions:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
+#: The smallest training side of each task, and why.
+_LEAST_TRAIN_SIDE = {
+    "seg": (64, "batch statistics need more than one value per channel at the encoder's stride 32"),
+    "i2i": (MIN_CROP, "the discriminator's last norm needs more than one pixel"),
+}
 
 
 def _check_writable(flag: str, path: Path) -> None:

@@ -59,10 +59,8 @@ def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
         try:
             measured = [pair for mode in options.modes for pair in _rows(options, mode, opened)]
-        except torch.OutOfMemoryError as err:
-            raise CenError(f"out of {device.type} memory: {_sizes(options)}") from err
-        except RuntimeError as err:
-            if "allocate memory" not in str(err):
+        except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, a plain one on the CPU
+            if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in str(err):
                 raise
             raise CenError(f"out of {device.type} memory: {_sizes(options)}") from err
         finally:

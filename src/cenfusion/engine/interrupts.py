@@ -10,18 +10,16 @@ the deferred section ends; elsewhere it raises at once, as Python's own handler 
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from types import FrameType
 from typing import Any
 
 from torch.utils.data import DataLoader
 
-from cenfusion.engine.threads import available_cpus
+from cenfusion.engine.threads import say_too_many_workers
 
 __all__ = ["DeferredForkLoader", "catching_interrupts", "deferred"]
 
@@ -81,13 +79,4 @@ class DeferredForkLoader(DataLoader):
             return super().__iter__()
 
     def check_worker_number_rationality(self) -> None:
-        _say_too_many_workers(self.num_workers, available_cpus())
-
-
-@cache
-def _say_too_many_workers(workers: int, cpus: int) -> None:
-    if workers > cpus:
-        logging.getLogger("cenfusion").warning(
-            f"warning: --workers {workers} on {cpus} CPUs: loading takes CPU time from the "
-            f"model's threads; --workers {cpus} or fewer may be faster"
-        )
+        say_too_many_workers(self.num_workers)

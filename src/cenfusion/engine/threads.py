@@ -18,7 +18,9 @@ Three rules, because a busy machine otherwise slows a CPU training down many tim
 
 from __future__ import annotations
 
+import logging
 import os
+from functools import cache
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
@@ -51,6 +53,21 @@ def use_threads(threads: int | None) -> int:
     before = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads())
     return before
+
+
+def say_too_many_workers(workers: int) -> None:
+    """One warning line, once a process, when ``workers`` loading processes outnumber the
+    CPUs this process may use: they take CPU time from the model's threads."""
+    _say_once(workers, available_cpus())
+
+
+@cache
+def _say_once(workers: int, cpus: int) -> None:
+    if workers > cpus:
+        logging.getLogger("cenfusion").warning(
+            f"warning: --workers {workers} on {cpus} CPUs: loading takes CPU time from the "
+            f"model's threads; --workers {cpus} or fewer may be faster"
+        )
 
 
 def worker_init(worker_id: int) -> None:

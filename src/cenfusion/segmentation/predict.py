@@ -422,10 +422,10 @@ def gather_cli_inputs(
 
     ``--rgb`` and ``--depth`` paths and ``--input NAME[:KIND]=PATH`` pairs, repeated flags
     adding samples: the i-th path of every modality forms item i. A modality without
-    ``:KIND`` takes the kind the checkpoint was trained with (:meth:`Modality.parse`). ``roots`` are folders with
-    one subfolder per modality, refused beside paths: those would name the modalities, and
-    a root's other subfolders would go unread. Without any flag the modality names stay
-    ``None`` (the checkpoint's own).
+    ``:KIND`` takes the kind the checkpoint was trained with (:meth:`Modality.parse`).
+    ``roots`` are folders with one subfolder per modality, refused beside paths: those would
+    name the modalities, and a root's other subfolders would go unread. Without any flag the
+    modality names stay ``None`` (the checkpoint's own).
     """
     flags = [f for f, paths in (("--rgb", rgb), ("--depth", depth), ("--input", extra)) if paths]
     if roots and flags:
