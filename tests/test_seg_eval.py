@@ -13,6 +13,7 @@ from cenfusion.data.synthetic import generate_segmentation_dataset
 from cenfusion.engine.checkpoint import save_checkpoint, saved_config
 from cenfusion.engine.config import config_to_dict
 from cenfusion.errors import CenError
+from cenfusion.export import export_checkpoint
 from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.build import build_dataset, build_model
@@ -233,6 +234,32 @@ def test_cli_prints_both_tables_and_appends_json_lines(setup, tmp_path, capsys) 
     ]
     assert records[1]["scales"] == [0.75, 1.25] and records[1]["flip"] is True
     assert same(records[0]["val"], evaluate_checkpoint(cfg, checkpoint))
+
+
+def test_an_exported_onnx_file_scores_as_its_checkpoint(setup, tmp_path) -> None:
+    cfg, _, checkpoint = setup
+    protocols = [SINGLE_SCALE, MULTI_SCALE_FLIP]
+    onnx = export_checkpoint(checkpoint, tmp_path / "m.onnx", dynamic=True)
+    expected = evaluate_protocols(cfg, checkpoint, protocols)
+    got = evaluate_protocols(cfg, onnx, protocols, batch_size=3)
+    for protocol in protocols:
+        assert same(got[protocol.label], expected[protocol.label]), protocol.label
+    with pytest.raises(CenError, match="--channels-last: for PyTorch checkpoints; .* onnxrun"):
+        evaluate_protocols(replace(cfg, channels_last=True), onnx)
+    ensemble = export_checkpoint(checkpoint, tmp_path / "e.onnx", heads="ensemble", dynamic=True)
+    with pytest.raises(CenError, match="--heads ensemble; scoring needs every head"):
+        evaluate_protocols(cfg, ensemble)
+
+
+def test_cli_evaluates_an_onnx_file_with_its_runs_settings_not_how_it_ran(setup, tmp_path) -> None:
+    cfg, model, _ = setup
+    checkpoint = tmp_path / "amp.pt"
+    ran = config_to_dict(replace(cfg, amp=True, channels_last=True))
+    save_checkpoint(checkpoint, {**model_record(model), "config": ran})
+    onnx = export_checkpoint(checkpoint, tmp_path / "m.onnx", dynamic=True)
+    assert main(["seg", "eval", "--resume", str(onnx), "-c", "x", "--runs", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "x" / "metrics.jsonl").read_text())
+    assert same(record["val"], evaluate_checkpoint(cfg, checkpoint))
 
 
 def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:

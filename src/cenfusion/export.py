@@ -14,8 +14,8 @@ control flow. The TorchScript exporter is used: on the 2-core development machin
 under 1 s where the ``torch.export`` one (``dynamo=True``) took 11-22 s for the same
 small model, with the same outputs.
 
-The file carries metadata (modality names, heads, class count, the model config, the kinds
-and depth scale when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
+The file carries metadata (modality names, heads, class count, the model config, the kinds,
+depth scale and run settings when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
 back. ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
 """
 
@@ -24,12 +24,15 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cenfusion.engine.run import RuntimeConfig
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.segmentation.modelio import load_segmenter
@@ -93,6 +96,7 @@ def export_onnx(
     modalities: Sequence[str] | None = None,
     depth_scale: float | None = None,
     kinds: Sequence[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as an ONNX file at ``out_path`` and return the path.
 
@@ -100,7 +104,8 @@ def export_onnx(
     ``modalities``: input names in the model's modality order (default
     :func:`default_modality_names`). ``depth_scale`` and ``kinds``: the factor of the raw
     depth values and each modality's kind the model was trained with, stored for ``cen seg
-    predict`` (``None``: not stored). The model's train/eval mode is restored afterwards.
+    predict`` (``None``: not stored); ``settings``: the run's, for ``cen seg eval`` of the
+    file as of its checkpoint. The model's train/eval mode is restored afterwards.
     """
     names = tuple(modalities or default_modality_names(model.num_modalities))
     _check_export_arguments(heads, height, width, opset, names, model.num_modalities)
@@ -148,6 +153,8 @@ def export_onnx(
         metadata["depth_scale"] = repr(float(depth_scale))
     if kinds is not None:
         metadata["kinds"] = json.dumps(list(kinds))
+    if settings is not None:
+        metadata["settings"] = json.dumps(dict(settings), default=str)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, value
@@ -171,9 +178,13 @@ def export_checkpoint(
     """``cen export onnx CKPT OUT``: a cenfusion or released checkpoint to ONNX.
 
     Inputs are named after the modalities stored in the checkpoint (released files store
-    none: ``rgb``, ``depth``); their kinds and its depth scale, where it has them, go along.
+    none: ``rgb``, ``depth``); their kinds, its depth scale and its run's settings, where it
+    has them, go along; not how it ran (device, precision, layout): onnxruntime runs the file
+    as it was exported.
     """
     loaded = load_segmenter(checkpoint, official)
+    runtime = {f.name for f in fields(RuntimeConfig)}
+    settings = loaded.settings and {k: v for k, v in loaded.settings.items() if k not in runtime}
     return export_onnx(
         loaded.model,
         out_path,
@@ -185,6 +196,7 @@ def export_checkpoint(
         modalities=loaded.modalities,
         depth_scale=loaded.depth_scale,
         kinds=loaded.kinds,
+        settings=settings,
     )
 
 

@@ -242,7 +242,7 @@ _EVAL_FIELDS = (
 class EvalOptions:
     """``cen seg eval``'s flags besides the run's settings."""
 
-    resume: Path = setting(REQUIRED, "checkpoint (ours or released)")
+    resume: Path = setting(REQUIRED, "checkpoint (ours or released) or exported .onnx")
     preset: str | None = setting(
         None, "base settings when the checkpoint holds none", choices=tuple(PRESETS)
     )
@@ -260,12 +260,12 @@ class EvalOptions:
 
 
 def _seg_eval(args: argparse.Namespace) -> None:
-    from cenfusion.engine.checkpoint import saved_config
     from cenfusion.segmentation.evaluate import protocols_for, run_evaluation
+    from cenfusion.segmentation.modelio import saved_settings
     from cenfusion.segmentation.task import SEGMENTATION
 
     o, given = options_from_args(EvalOptions, args), given_flags(SegmentationConfig, args)
-    saved = saved_config(o.resume, SEGMENTATION.name)
+    saved = saved_settings(o.resume)
     cfg = SEGMENTATION.resolve_config(o.preset, o.config, given, saved, str(o.resume))
     protocols = protocols_for(o.ms, o.scales, o.flip)
     run_evaluation(cfg, o.resume, protocols, save="exp" in given, batch_size=o.eval_batch)

@@ -35,7 +35,7 @@ from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
 from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
 from cenfusion.segmentation.config import SegmentationConfig
-from cenfusion.segmentation.modelio import load_segmenter
+from cenfusion.segmentation.modelio import check_onnx_runtime, load_segmenter
 from cenfusion.segmentation.predict import resize_input
 from cenfusion.segmentation.visualize import save_prediction_panel
 
@@ -232,8 +232,14 @@ def evaluate_protocols(
     """
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
+    check_onnx_runtime(Path(checkpoint), cfg)
     loaded = load_segmenter(checkpoint, official)
     model = loaded.model
+    if getattr(model, "heads", "all") != "all":
+        raise CenError(
+            f"{checkpoint}: exported with --heads {model.heads}; scoring needs every head "
+            f"(export with --heads all)"
+        )
     check_model_fits(model, cfg, str(checkpoint))
     trained = [f"{n}:{k}" for n, k in loaded.trained_kinds().items()] or loaded.modalities
     check_same_modalities(trained, cfg, str(checkpoint), training=False)

@@ -7,7 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from cenfusion.engine.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    saved_config,
+)
+from cenfusion.engine.config import flag_name
+from cenfusion.engine.run import RuntimeConfig
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.official import load_official_checkpoint
@@ -53,19 +60,38 @@ def convert_official(source: str | Path, out: str | Path) -> CENRefineNet:
 @dataclass(frozen=True)
 class LoadedModel:
     """A segmenter read from a file, with what the file says of its inputs: the modality
-    names it was trained on, each one's kind (how its files were decoded) and the factor its
-    raw depth values were multiplied by (each ``None`` when the file does not say, e.g. a
-    released checkpoint)."""
+    names it was trained on, each one's kind (how its files were decoded), the factor its
+    raw depth values were multiplied by and the run's settings (each ``None`` when the file
+    does not say, e.g. a released checkpoint)."""
 
     model: CENRefineNet | OnnxSegmenter
     modalities: tuple[str, ...] | None
     released: bool
     depth_scale: float | None = None
     kinds: tuple[str, ...] | None = None
+    settings: dict | None = None
 
     def trained_kinds(self) -> dict[str, str]:
         """``{name: kind}`` of the modalities the file names (empty when it names none)."""
         return dict(zip(self.modalities or (), self.kinds or ()))
+
+
+def saved_settings(path: Path) -> dict | None:
+    """The run settings a checkpoint or an exported ONNX file holds; ``None`` for a released
+    file or an ONNX one exported without them."""
+    if path.suffix == ".onnx":
+        from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
+
+        return OnnxSegmenter(path).settings
+    return saved_config(path, TASK)
+
+
+def check_onnx_runtime(path: Path, runtime: RuntimeConfig) -> None:
+    """Refuse the PyTorch-only run-time flags for an ``.onnx`` file, which onnxruntime runs
+    in the precision and layout it was exported in."""
+    fast = [flag_name(n) for n in ("amp", "channels_last", "compile") if getattr(runtime, n)]
+    if fast and path.suffix == ".onnx":
+        raise CenError(f"{' '.join(fast)}: for PyTorch checkpoints; {path} runs in onnxruntime")
 
 
 def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedModel:
@@ -80,7 +106,9 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
         from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
         onnx = OnnxSegmenter(path)
-        return LoadedModel(onnx, onnx.modalities, False, onnx.depth_scale, onnx.kinds)
+        return LoadedModel(
+            onnx, onnx.modalities, False, onnx.depth_scale, onnx.kinds, onnx.settings
+        )
     if official:
         return LoadedModel(load_official_checkpoint(path), None, True)
     try:
@@ -100,4 +128,4 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
     names = tuple(modality_names(entries)) if entries is not None else None
     kinds = tuple(modality_kinds(entries)) if entries is not None else None
     model = model_from_record(state, str(path))
-    return LoadedModel(model, names, False, saved.get("depth_scale"), kinds)
+    return LoadedModel(model, names, False, saved.get("depth_scale"), kinds, state.get("config"))

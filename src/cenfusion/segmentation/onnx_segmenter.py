@@ -42,9 +42,9 @@ class OnnxSegmenter:
     """An exported CEN segmenter run by onnxruntime, called like :class:`CENRefineNet`.
 
     ``segmenter(inputs)``: ``M`` arrays or tensors ``(B, 3, H, W)`` in modality order, or the
-    stacked ``(M*B, 3, H, W)``; returns float32 torch tensors ``(B, K, h, w)`` in output order
-    (``heads == "all"``: one per modality, then the ensemble; else the ensemble alone), on the
-    device of the first torch input (CPU for numpy input). ``threads`` sets onnxruntime's
+    stacked ``(M*B, 3, H, W)``; returns the float32 torch tensor ``(heads, B, K, h, w)`` of the
+    outputs in order (``heads == "all"``: one per modality, then the ensemble; else the
+    ensemble alone), on the device of the first torch input (CPU for numpy input). ``threads`` sets onnxruntime's
     intra-op threads (default: its own choice).
     """
 
@@ -80,6 +80,8 @@ class OnnxSegmenter:
         self.depth_scale: float | None = None if scale is None else float(scale)
         kinds = meta.get(METADATA_PREFIX + "kinds")
         self.kinds: tuple[str, ...] | None = None if kinds is None else tuple(json.loads(kinds))
+        settings = meta.get(METADATA_PREFIX + "settings")
+        self.settings: dict | None = None if settings is None else json.loads(settings)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
 
@@ -99,7 +101,7 @@ class OnnxSegmenter:
     def eval(self) -> OnnxSegmenter:
         return self
 
-    def __call__(self, inputs: Sequence[ArrayLike] | ArrayLike) -> list[Tensor]:
+    def __call__(self, inputs: Sequence[ArrayLike] | ArrayLike) -> Tensor:
         device = _first_device(inputs)
         arrays = [_to_numpy(x) for x in inputs] if isinstance(inputs, Sequence) else None
         if arrays is None:
@@ -119,7 +121,7 @@ class OnnxSegmenter:
         for name, array in feed.items():
             self._check_shape(name, array.shape)
         outputs = self.session.run(None, feed)
-        return [torch.from_numpy(o).to(device) for o in outputs]
+        return torch.from_numpy(np.stack(outputs)).to(device)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse, in one line, an input the graph was not exported for (onnxruntime's own

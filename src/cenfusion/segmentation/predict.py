@@ -38,11 +38,10 @@ from cenfusion.data.check import check_images
 from cenfusion.data.listfile import KINDS, NYUDV2_DEPTH_SCALE, check_modality_name, decode_image
 from cenfusion.data.read_ahead import read_ahead
 from cenfusion.data.transforms import Normalize
-from cenfusion.engine.config import flag_name
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
-from cenfusion.segmentation.modelio import LoadedModel, load_segmenter
+from cenfusion.segmentation.modelio import LoadedModel, check_onnx_runtime, load_segmenter
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
 
 if TYPE_CHECKING:
@@ -328,13 +327,7 @@ def predict(
     if existing is not None and not existing.is_dir():
         inside = "" if existing == out else f" inside the file {existing}"
         raise CenError(f"--out {out}: a file{inside}, expected a folder (made if missing)")
-    fast = [
-        flag_name(name) for name in ("amp", "channels_last", "compile") if getattr(runtime, name)
-    ]
-    if fast and checkpoint.suffix == ".onnx":
-        raise CenError(
-            f"{' '.join(fast)}: for PyTorch checkpoints; {checkpoint} runs in onnxruntime"
-        )
+    check_onnx_runtime(checkpoint, runtime)
     loaded = load_segmenter(checkpoint, official)
     if modalities is None:
         modalities = loaded.modalities or ("rgb", "depth")
