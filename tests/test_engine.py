@@ -195,6 +195,16 @@ def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
         task.resolve_config(None, None, {}, {**saved, "colour": 1})
 
 
+def test_settings_are_checked_together_once_yaml_and_flags_are_in(tmp_path: Path) -> None:
+    """Stages from the YAML file, their learning rates from flags: valid only together."""
+    (tmp_path / "s.yaml").write_text("epochs: [3]\n")
+    flags = {"lr_enc": (1e-3,), "lr_dec": (1e-2,)}
+    cfg = SEGMENTATION.resolve_config(None, tmp_path / "s.yaml", flags)
+    assert (cfg.epochs, cfg.lr_enc, cfg.lr_dec) == ((3,), (1e-3,), (1e-2,))
+    with pytest.raises(CenError, match="need one value per stage, got 1, 2 and 2"):
+        SEGMENTATION.resolve_config(None, tmp_path / "s.yaml", {})
+
+
 @pytest.mark.parametrize("task", [SEGMENTATION, TRANSLATION])
 def test_a_tasks_settings_read_back_and_change_with_checks(task, tmp_path: Path) -> None:
     preset = task.presets[task.default_preset({})]

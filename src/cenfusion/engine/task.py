@@ -78,7 +78,8 @@ class Task:
         the flags that were given.
 
         Raises:
-            CenError: an unknown preset, or a setting of the wrong name or type.
+            CenError: an unknown preset, a setting of the wrong name or type, or settings
+                that cannot run together (checked once all are in).
         """
         if saved is not None and preset is None:
             base = config_from_dict(self.config, dict(saved), where)
@@ -101,4 +102,6 @@ class Task:
             base = replace_config(base, superseded)
         if yaml_path is not None:
             base = replace_config(base, from_yaml, f"--config {yaml_path}")
-        return replace_config(base, dict(flags))
+        resolved = replace_config(base, dict(flags))
+        resolved.validate()
+        return resolved

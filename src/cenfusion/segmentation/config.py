@@ -81,10 +81,6 @@ class SegmentationConfig(RunConfig):
     )
     allow_mixed_depth: bool = setting(False, "accept 8-bit and 16-bit depth files in one data set")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.validate()
-
     def validate(self) -> None:
         """Raise :class:`CenError` (one line naming the flag) for settings that cannot run."""
         super().validate()
