@@ -18,6 +18,8 @@ from cenfusion.engine.session import evaluate
 from cenfusion.engine.session import train as train_task
 from cenfusion.errors import CenError
 from cenfusion.fusion import exchanging_norms
+from cenfusion.metrics.segmentation import scores_from_confusion
+from cenfusion.reporting.runlog import load_confusion
 from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.build import build_dataset
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
@@ -476,6 +478,9 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     assert len(moved) > len(after[0]) // 2
     log = read_log(tmp_path / "cen")
     assert len(log) == 1 and set(log[0]["val"]) == {"rgb", "depth", "ensemble"}
+    for head, matrix in load_confusion(tmp_path / "cen").items():
+        saved = scores_from_confusion(torch.from_numpy(matrix))
+        assert json.dumps(saved) == json.dumps(log[0]["val"][head]), "both ranks' pixels"
     every_step = ranks[0]["losses"] + ranks[1]["losses"]
     assert log[0]["loss"] == pytest.approx(sum(every_step) / len(every_step))
     assert ranks[0]["losses"] != ranks[1]["losses"]

@@ -167,10 +167,15 @@ class SegmentationMetric:
         every rank must call it, and every rank gets the scores of the summed matrix. The
         accumulated state itself is left unchanged.
         """
+        return scores_from_confusion(self.summed_confmat())
+
+    def summed_confmat(self) -> Tensor:
+        """The ``(C, C)`` matrix of every process's updates (a collective call under
+        ``torch.distributed``; this process's state is left unchanged)."""
         confmat = self.confmat.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(confmat, op=dist.ReduceOp.SUM)
-        return scores_from_confusion(confmat)
+        return confmat
 
     def reset(self) -> None:
         """Zero the confusion matrix."""
@@ -217,6 +222,11 @@ class MultiHeadSegmentationMetric:
         """``{head: scores}``, each as :meth:`SegmentationMetric.compute` (a collective call
         under ``torch.distributed``)."""
         return {name: metric.compute() for name, metric in self.metrics.items()}
+
+    def summed_confmats(self) -> dict[str, Tensor]:
+        """``{head: (C, C)}`` summed over processes (a collective call under
+        ``torch.distributed``)."""
+        return {name: metric.summed_confmat() for name, metric in self.metrics.items()}
 
     def reset(self) -> None:
         """Zero every head's confusion matrix."""

@@ -24,7 +24,7 @@ from cenfusion.engine.run import log
 from cenfusion.engine.runtime import Precision
 from cenfusion.engine.trainer import BestScore, Context, Recipe
 from cenfusion.fusion import sparsity_penalty, stack_modalities
-from cenfusion.metrics.segmentation import format_scores
+from cenfusion.metrics.segmentation import format_scores, scores_from_confusion
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.reporting.exchange import exchange_record
 from cenfusion.reporting.runlog import save_confusion
@@ -137,9 +137,10 @@ class SegmentationRecipe(Recipe):
         metric = score_loader(
             self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision
         )
+        matrices = metric.summed_confmats()
         if self.ctx.dist.is_main:
-            save_confusion(self.cfg.run_dir, {h: m.confmat for h, m in metric.metrics.items()})
-        scores = metric.compute()
+            save_confusion(self.cfg.run_dir, matrices)
+        scores = {head: scores_from_confusion(matrix) for head, matrix in matrices.items()}
         return scores, float(scores["ensemble"]["miou"])
 
     def describe(self, record: dict[str, Any]) -> str:
