@@ -469,6 +469,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     os.environ.update(rank_env(rank, 2, port))
     torch.set_num_threads(1)
     seen: list[str] = []
+    draws: list[torch.Tensor] = []
     states: list[dict] = []
     import cenfusion.engine.session as engine
 
@@ -476,6 +477,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
 
     def recording_step(recipe: train_module.TranslationRecipe, batch: dict) -> dict:
         seen.extend(batch["name"])
+        draws.append(torch.rand(4))
         return step(recipe, batch)
 
     def recording_fit(
@@ -491,6 +493,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
         best = train(cfg)
         evaluated = evaluate(TRANSLATION, cfg)["l1"]
         record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
+        record["draws"] = torch.stack(draws)
         torch.save(
             {**record, "model": states[0]["model"], "discriminator": states[0]["discriminator"]},
             Path(out) / f"rank{rank}.pt",
@@ -515,6 +518,7 @@ def test_ddp_training_on_cpu_with_gloo(
         views = [set(r["seen"][2 * epoch : 2 * epoch + 2]) for r in ranks]
         assert len(views[0] | views[1]) == 4, "each epoch covers the 4 views once, split in two"
     assert ranks[0]["seen"][:2] != ranks[0]["seen"][2:], "set_epoch reshuffles"
+    assert not torch.equal(ranks[0]["draws"][0], ranks[1]["draws"][0]), "dropout masks per rank"
     for key in ("model", "discriminator"):
         for name, value in ranks[0][key].items():
             # The discriminator norms' running statistics follow each rank's own batches
