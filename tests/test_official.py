@@ -109,3 +109,15 @@ def test_entries_that_are_not_named_tensors(model_and_state) -> None:
         load_official_state_dict({0: torch.ones(1), **state})
     with pytest.raises(CenError, match="'module.alpha' is a list, expected a tensor"):
         load_official_state_dict({**state, "module.alpha": [1.0, 2.0]})
+
+
+def test_cli_conversion_keeps_the_threshold_asked_for(model_and_state, tmp_path) -> None:
+    from cenfusion.cli import main
+    from cenfusion.segmentation.modelio import model_from_checkpoint
+
+    _, state = model_and_state
+    path = tmp_path / "cen.pth.tar"
+    torch.save({"segmenter": state}, path)
+    for extra, threshold in (([], 2e-2), (["--threshold", "0.05"], 0.05)):
+        assert main(["convert-official", str(path), str(tmp_path / "o.pth"), *extra]) == 0
+        assert model_from_checkpoint(tmp_path / "o.pth").config.bn_threshold == threshold

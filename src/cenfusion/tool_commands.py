@@ -87,7 +87,9 @@ class ConvertOptions:
     )
     out: Path = setting(REQUIRED, "the cenfusion checkpoint to write", positional=True)
     discriminator: Path | None = setting(None, "translation: the released D (.pkl)")
-    threshold: float = setting(1e-2, "translation: theta")
+    threshold: float | None = setting(
+        None, "exchange threshold on |gamma| (default: the released 2e-2 seg, 1e-2 i2i)"
+    )
 
 
 def _convert_official(args: argparse.Namespace) -> None:
@@ -95,14 +97,15 @@ def _convert_official(args: argparse.Namespace) -> None:
     if o.checkpoint.suffix == ".pkl" or o.discriminator is not None:
         from cenfusion.translation.modelio import convert_official as convert_translation
 
-        net = convert_translation(o.checkpoint, o.discriminator, o.out, o.threshold)
+        theta = 1e-2 if o.threshold is None else o.threshold
+        net = convert_translation(o.checkpoint, o.discriminator, o.out, theta)
         c = net.config
         judged = " and its discriminator" if o.discriminator else ""
         print(f"wrote {o.out}: U-Net{judged}, {c.num_downs} levels, {c.num_modalities} inputs")
         return
     from cenfusion.segmentation.modelio import convert_official
 
-    model = convert_official(o.checkpoint, o.out)
+    model = convert_official(o.checkpoint, o.out, 2e-2 if o.threshold is None else o.threshold)
     c = model.config
     print(f"wrote {o.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
 
