@@ -460,3 +460,15 @@ def test_prediction_runs_with_the_threads_asked_for(tiny, tmp_path, monkeypatch)
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_heads_outputs_may_not_overwrite_another_samples(tiny, tmp_path) -> None:
+    _, checkpoint = tiny
+    for stem in ("a", "a_rgb"):
+        write_rgb(tmp_path / "rgb" / f"{stem}.png", 20, 24)
+        write_depth(tmp_path / "depth" / f"{stem}.png", 20, 24)
+    folders = [(tmp_path / "rgb", tmp_path / "depth")]
+    with pytest.raises(CenError, match=r"a_rgb\.png and the rgb head of .*a\.png would both wr"):
+        predict(checkpoint, folders, tmp_path / "out", heads=True, runtime=CPU)
+    assert not (tmp_path / "out").exists(), "refused before any output"
+    assert len(predict(checkpoint, folders, tmp_path / "out", runtime=CPU)) == 6

@@ -185,6 +185,21 @@ def collect_samples(
     return samples
 
 
+def check_output_names(samples: Sequence[Sample], heads: Sequence[str]) -> None:
+    """Refuse samples whose outputs would overwrite others': with ``heads`` (modality
+    names), sample ``a``'s ``rgb`` head writes ``a_rgb_*.png``, as a sample ``a_rgb`` does."""
+    owners: dict[str, str] = {s.stem: f"{s.paths[0]}" for s in samples}
+    for sample in samples:
+        for head in heads:
+            prefix = f"{sample.stem}_{head}"
+            if prefix in owners:
+                raise CenError(
+                    f"{owners[prefix]} and the {head} head of {sample.paths[0]} would both "
+                    f"write {prefix}_*.png: rename one, or predict without --heads"
+                )
+            owners[prefix] = f"the {head} head of {sample.paths[0]}"
+
+
 def resize_input(x: Tensor, kind: str, size: Sequence[int]) -> Tensor:
     """Resize a batch ``(B, 3, H, W)`` of one modality to ``size``: depth with nearest
     neighbour (holes stay holes, no depth is invented across an edge), photographs
@@ -358,6 +373,7 @@ def predict(
                 f"{', '.join(m.name for m in parsed)} in the order given"
             )
     samples = collect_samples(inputs, [m.name for m in parsed])
+    check_output_names(samples, [m.name for m in parsed] if heads else [])
     check_inputs(samples, parsed)
     parsed = [parsed[i] for i in order]
     kinds = [m.kind for m in parsed]
