@@ -375,6 +375,15 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch, capsys, flag, mode,
     assert capsys.readouterr().out.count(said) == int(warning)
 
 
+def test_a_runtime_says_how_it_runs(monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: True)
+    with open_runtime(RuntimeConfig(device="cpu")) as opened:
+        assert opened.describe() == "cpu, float32"
+    fast = RuntimeConfig(device="cpu", amp=True, channels_last=True, compile=True)
+    with open_runtime(fast) as opened:
+        assert opened.describe() == "cpu, bfloat16 autocast, channels-last, compiled"
+
+
 @pytest.mark.parametrize("mode", ["default", "max-autotune"])
 def test_a_frozen_network_compiles_with_inductors_freezing(monkeypatch, mode) -> None:
     """Weights that do not change (evaluation, prediction) are folded into the compiled

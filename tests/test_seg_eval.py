@@ -13,7 +13,7 @@ from cenfusion.data.synthetic import generate_segmentation_dataset
 from cenfusion.engine.checkpoint import save_checkpoint, saved_config
 from cenfusion.engine.config import config_to_dict
 from cenfusion.errors import CenError
-from cenfusion.export import export_checkpoint
+from cenfusion.export import export_checkpoint, export_onnx
 from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.build import build_dataset, build_model
@@ -260,6 +260,14 @@ def test_cli_evaluates_an_onnx_file_with_its_runs_settings_not_how_it_ran(setup,
     assert main(["seg", "eval", "--resume", str(onnx), "-c", "x", "--runs", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "x" / "metrics.jsonl").read_text())
     assert same(record["val"], evaluate_checkpoint(cfg, checkpoint))
+    bare = export_onnx(model, tmp_path / "BARE.ONNX", dynamic=True)  # no settings: the preset's
+    data = ["--data", str(cfg.data), "--preset", "synthetic", "--num-classes", str(cfg.num_classes)]
+    assert (
+        main(["seg", "eval", "--resume", str(bare), *data, "-c", "y", "--runs", str(tmp_path)]) == 0
+    )
+    record = json.loads((tmp_path / "y" / "metrics.jsonl").read_text())
+    assert same(record["val"], evaluate_checkpoint(cfg, checkpoint))
+    assert main(["seg", "eval", "--resume", str(bare), *data, "--amp"]) == 2
 
 
 def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:

@@ -215,6 +215,13 @@ class Runtime:
     compile_mode: str
     graph_skips: GraphSkips | None
 
+    def describe(self) -> str:
+        """How models run, in a few words, e.g. ``cpu, bfloat16 autocast, channels-last``."""
+        dtype = self.precision.dtype
+        words = [str(self.device), "float32" if dtype is None else f"{str(dtype)[6:]} autocast"]
+        words += ["channels-last"] * self.channels_last + ["compiled"] * self.compile
+        return ", ".join(words)
+
     def prepare(self, model: nn.Module, training: bool = False, frozen: bool = False) -> nn.Module:
         """``model`` on the device (channels-last when asked; its weights stay ``model``'s),
         and the module to call: compiled when asked. ``training``: the network of a run's

@@ -250,7 +250,7 @@ class EvalOptions:
     ms: bool = setting(False, "also multi-scale 0.5-1.5 + flip")
     eval_batch: int = setting(
         1,
-        "images per forward pass where consecutive ones share a size; same scores",
+        "images per forward pass where consecutive ones share a size; same scores in float32",
         aliases=("--batch-size",),
     )
     scales: tuple[float, ...] | None = setting(
@@ -261,12 +261,13 @@ class EvalOptions:
 
 def _seg_eval(args: argparse.Namespace) -> None:
     from cenfusion.segmentation.evaluate import protocols_for, run_evaluation
-    from cenfusion.segmentation.modelio import saved_settings
+    from cenfusion.segmentation.modelio import onnx_runtime, saved_settings
     from cenfusion.segmentation.task import SEGMENTATION
 
     o, given = options_from_args(EvalOptions, args), given_flags(SegmentationConfig, args)
     saved = saved_settings(o.resume)
     cfg = SEGMENTATION.resolve_config(o.preset, o.config, given, saved, str(o.resume))
+    cfg = onnx_runtime(o.resume, cfg, given)
     protocols = protocols_for(o.ms, o.scales, o.flip)
     run_evaluation(cfg, o.resume, protocols, save="exp" in given, batch_size=o.eval_batch)
 
@@ -290,7 +291,8 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         help="validation scores: single scale (released) and multi-scale + flip",
         description="Always prints the released single-scale protocol; --ms adds scales "
         "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged). With "
-        "-c EXP the scores are also appended to RUNS/EXP/metrics.jsonl; without, only printed.",
+        "-c EXP the scores are also appended to RUNS/EXP/metrics.jsonl; without, only printed. "
+        "Settings not given are the checkpoint's run's, its precision and layout included.",
     )
     add_config_flags(p, EvalOptions)
     add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)

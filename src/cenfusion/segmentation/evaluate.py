@@ -2,17 +2,17 @@
 multi-scale + flip test-time augmentation.
 
 - **single-scale (released protocol)**: the full image once, logits resized to the label size,
-  argmax, as the released CEN code scores. This is :func:`cenfusion.segmentation.train.evaluate` as is.
+  argmax, as the released CEN code scores; training's validation is this (:func:`evaluate`).
 - **multi-scale 0.5-1.5 + flip**, as most later RGB-D papers report: the inputs resized by
   each of 0.5, 0.75, 1, 1.25, 1.5 (photographs bilinearly, depth with nearest neighbour) and
-  each also mirrored left-right; every pass's logits are
-  resized (bilinear) to the label size, mirrored back, turned into **softmax probabilities**,
-  and the probabilities are averaged over the passes before the argmax. Averaging
+  each also mirrored left-right; every pass's logits are resized (bilinear) to the label
+  size, mirrored back, turned into **softmax probabilities**, and the probabilities are
+  averaged over the passes before the argmax. Averaging
   probabilities rather than logits keeps one over-confident scale from outvoting the others.
 
 Both use the same evaluation loop and metric (one global confusion matrix per head, each
 modality and the ensemble): the augmentation is a module wrapped around the model
-(:class:`TestTimeAugmentation`), so ``train.evaluate`` runs it unchanged.
+(:class:`TestTimeAugmentation`), so :func:`evaluate` runs it unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from cenfusion.fusion import split_modalities, stack_modalities
 from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
 from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
 from cenfusion.segmentation.config import SegmentationConfig
-from cenfusion.segmentation.modelio import check_onnx_runtime, load_segmenter
+from cenfusion.segmentation.modelio import check_onnx_runtime, is_onnx, load_segmenter
 from cenfusion.segmentation.predict import resize_input
 from cenfusion.segmentation.visualize import save_prediction_panel
 
@@ -247,6 +247,8 @@ def evaluate_protocols(
     kinds = [m.kind for m in val_set.modalities]
     results: dict[str, Scores] = {}
     with catching_interrupts(), open_runtime(cfg) as runtime:
+        how = "onnxruntime" if is_onnx(Path(checkpoint)) else runtime.describe()
+        log.info(f"scoring {checkpoint} on {len(val_set)} samples of {cfg.val_list} ({how})")
         fast = runtime.prepare(model.eval(), frozen=True)
         loader = DeferredForkLoader(
             val_set,

@@ -3,6 +3,7 @@ included."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,7 @@ from cenfusion.engine.checkpoint import (
     saved_config,
 )
 from cenfusion.engine.config import flag_name
-from cenfusion.engine.run import RuntimeConfig
+from cenfusion.engine.run import RunConfig, RuntimeConfig
 from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.fusion import ExchangePointsError
 from cenfusion.models.official import load_official_checkpoint
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 TASK = "segmentation"
+#: Run-time settings that onnxruntime has no use for.
+PYTORCH_ONLY = ("amp", "channels_last", "compile")
 
 
 def model_record(model: CENRefineNet) -> dict:
@@ -79,10 +82,23 @@ class LoadedModel:
         return dict(zip(self.modalities or (), self.kinds or ()))
 
 
+def is_onnx(path: Path) -> bool:
+    """Whether ``path`` names an exported ONNX file (by its suffix, in any case)."""
+    return path.suffix.lower() == ".onnx"
+
+
+def onnx_runtime(path: Path, cfg: RunConfig, given: Collection[str]) -> RunConfig:
+    """``cfg`` to score ``path`` with: an ONNX file runs in onnxruntime, so the PyTorch-only
+    run-time settings not ``given`` as flags are off (a run or a preset may have them on)."""
+    if not is_onnx(path):
+        return cfg
+    return cfg.replace(**{n: False for n in PYTORCH_ONLY if n not in given})
+
+
 def saved_settings(path: Path) -> dict | None:
     """The run settings a checkpoint or an exported ONNX file holds; ``None`` for a released
     file or an ONNX one exported without them."""
-    if path.suffix == ".onnx":
+    if is_onnx(path):
         from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
         return OnnxSegmenter(path).settings
@@ -92,8 +108,8 @@ def saved_settings(path: Path) -> dict | None:
 def check_onnx_runtime(path: Path, runtime: RuntimeConfig) -> None:
     """Refuse the PyTorch-only run-time flags for an ``.onnx`` file, which onnxruntime runs
     in the precision and layout it was exported in."""
-    fast = [flag_name(n) for n in ("amp", "channels_last", "compile") if getattr(runtime, n)]
-    if fast and path.suffix == ".onnx":
+    fast = [flag_name(n) for n in PYTORCH_ONLY if getattr(runtime, n)]
+    if fast and is_onnx(path):
         raise CenError(f"{' '.join(fast)}: for PyTorch checkpoints; {path} runs in onnxruntime")
 
 
@@ -105,7 +121,7 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
     released one; ``True``/``False`` force one format.
     """
     path = Path(path)
-    if path.suffix == ".onnx":
+    if is_onnx(path):
         from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
         onnx = OnnxSegmenter(path)

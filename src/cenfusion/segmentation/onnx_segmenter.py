@@ -44,8 +44,8 @@ class OnnxSegmenter:
     ``segmenter(inputs)``: ``M`` arrays or tensors ``(B, 3, H, W)`` in modality order, or the
     stacked ``(M*B, 3, H, W)``; returns the float32 torch tensor ``(heads, B, K, h, w)`` of the
     outputs in order (``heads == "all"``: one per modality, then the ensemble; else the
-    ensemble alone), on the device of the first torch input (CPU for numpy input). ``threads`` sets onnxruntime's
-    intra-op threads (default: its own choice).
+    ensemble alone), on the device of the first torch input (CPU for numpy input).
+    ``threads`` sets onnxruntime's intra-op threads (default: its own choice).
     """
 
     def __init__(
