@@ -10,7 +10,13 @@ import torch
 
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.errors import CenError
-from cenfusion.export import export_checkpoint, export_onnx, max_abs_difference
+from cenfusion.export import (
+    MAX_OPSET,
+    MIN_OPSET,
+    export_checkpoint,
+    export_onnx,
+    max_abs_difference,
+)
 from cenfusion.fusion import ModalityBatchNorm2d, exchange_stats
 from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
 from cenfusion.segmentation.modelio import model_record
@@ -111,11 +117,17 @@ def test_export_checkpoint_names_inputs_after_its_modalities(
     assert max_abs_difference(model, path, inputs(1, 32, 32)) < TOLERANCE
 
 
+@pytest.mark.parametrize("opset", [MIN_OPSET, MAX_OPSET])
+def test_every_opset_allowed_exports_the_same_function(model, tmp_path, opset) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", height=32, width=32, opset=opset)
+    assert max_abs_difference(model, path, inputs(1, 32, 32)) < TOLERANCE
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"heads": "rgb"}, "--heads rgb: expected one of all, ensemble"),
-        ({"opset": 9}, "--opset 9: expected 11..20"),
+        ({"opset": 11}, "--opset 11: expected 12..20"),
         ({"height": 0}, "--size 0 64: expected two positive numbers"),
         ({"modalities": ["rgb"]}, "takes 2 distinct modality names"),
         ({"modalities": ["rgb", "rgb"]}, "takes 2 distinct modality names"),

@@ -39,8 +39,9 @@ from cenfusion.segmentation.modelio import load_segmenter
 from cenfusion.segmentation.onnx_segmenter import METADATA_PREFIX, OnnxSegmenter, require
 
 HEADS = ("all", "ensemble")
-#: Bilinear resizing with ``align_corners`` needs opset 11; 20 is the TorchScript exporter's last.
-MIN_OPSET, MAX_OPSET = 11, 20
+#: The ensemble's weighted sum (``tensordot``, exported as ``Einsum``) needs opset 12; 20 is
+#: the TorchScript exporter's last.
+MIN_OPSET, MAX_OPSET = 12, 20
 DEFAULT_OPSET = 17
 
 
