@@ -472,3 +472,30 @@ def test_a_heads_outputs_may_not_overwrite_another_samples(tiny, tmp_path) -> No
         predict(checkpoint, folders, tmp_path / "out", heads=True, runtime=CPU)
     assert not (tmp_path / "out").exists(), "refused before any output"
     assert len(predict(checkpoint, folders, tmp_path / "out", runtime=CPU)) == 6
+
+
+def test_an_exported_file_predicts_the_checkpoints_labels(tiny, tmp_path) -> None:
+    from cenfusion.export import export_checkpoint
+
+    _, checkpoint = tiny
+    pairs = []
+    for stem, (height, width) in {"a": (20, 24), "b": (27, 31)}.items():
+        pairs.append(
+            (
+                write_rgb(tmp_path / "rgb" / f"{stem}.png", height, width),
+                write_depth(tmp_path / "depth" / f"{stem}.png", height, width),
+            )
+        )
+    expected = predict(checkpoint, pairs, tmp_path / "pt", heads=True, runtime=CPU)
+    dynamic = export_checkpoint(checkpoint, tmp_path / "d.onnx", dynamic=True)
+    got = predict(dynamic, pairs, tmp_path / "onnx", heads=True, runtime=CPU)
+    assert [p.name for p in got] == [p.name for p in expected]
+    for a, b in zip(got, expected):
+        assert np.array_equal(read(a), read(b)), a.name
+    static = export_checkpoint(checkpoint, tmp_path / "s.onnx", height=20, width=24)
+    with pytest.raises(CenError, match=r"b\.png is 27x31, .*s\.onnx takes 20x24 only: .*--size"):
+        predict(static, pairs, tmp_path / "static", runtime=CPU)
+    assert not (tmp_path / "static").exists(), "refused before any output"
+    with pytest.raises(CenError, match=r"--size 27 31: .*s\.onnx takes 20x24 only"):
+        predict(static, pairs, tmp_path / "static", size=(27, 31), runtime=CPU)
+    assert len(predict(static, pairs, tmp_path / "static", size=(20, 24), runtime=CPU)) == 6

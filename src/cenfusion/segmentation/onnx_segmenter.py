@@ -90,6 +90,13 @@ class OnnxSegmenter:
         return len(self.modalities)
 
     @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """The ``(H, W)`` the graph was exported at, when it takes no other (not ``--dynamic``)."""
+        height, width = next(iter(self._input_shapes.values()))[-2:]
+        fixed = isinstance(height, int) and isinstance(width, int)
+        return (height, width) if fixed else None
+
+    @property
     def config(self) -> CENRefineNetConfig:
         """The exported network's config (classes, modalities), as the torch model has it."""
         return CENRefineNetConfig.from_dict(self.model_config)

@@ -241,6 +241,32 @@ def check_inputs(samples: Sequence[Sample], modalities: Sequence[Modality]) -> N
     check_images(paths, [m.kind for _ in samples for m in modalities])
 
 
+def check_graph_size(
+    samples: Sequence[Sample],
+    modalities: Sequence[Modality],
+    fixed: tuple[int, int],
+    size: tuple[int, int] | None,
+    model: Path,
+) -> None:
+    """Refuse, before any output is written, inputs that an ONNX graph exported at ``fixed``
+    ``(H, W)`` cannot take: the network sees ``size`` when given, else each sample's
+    reference image (the first RGB one) at its own size."""
+    wanted = f"{model} takes {fixed[0]}x{fixed[1]} only"
+    if size is not None:
+        if tuple(size) != fixed:
+            raise CenError(f"--size {size[0]} {size[1]}: {wanted} (export with --dynamic)")
+        return
+    ref = next((i for i, m in enumerate(modalities) if m.kind == "rgb"), 0)
+    for sample in samples:
+        with Image.open(sample.paths[ref]) as image:
+            width, height = image.size
+        if (height, width) != fixed:
+            raise CenError(
+                f"{sample.paths[ref]} is {height}x{width}, {wanted}: predict with --size "
+                f"{fixed[0]} {fixed[1]} (resized there and back), or export with --dynamic"
+            )
+
+
 def _write_prediction(
     out: Path, prefix: str, labels: np.ndarray, base: np.ndarray, num_classes: int
 ) -> list[Path]:
@@ -375,6 +401,9 @@ def predict(
     samples = collect_samples(inputs, [m.name for m in parsed])
     check_output_names(samples, [m.name for m in parsed] if heads else [])
     check_inputs(samples, parsed)
+    fixed = getattr(loaded.model, "fixed_size", None)
+    if fixed is not None:
+        check_graph_size(samples, parsed, fixed, size, checkpoint)
     parsed = [parsed[i] for i in order]
     kinds = [m.kind for m in parsed]
 
