@@ -499,3 +499,14 @@ def test_an_exported_file_predicts_the_checkpoints_labels(tiny, tmp_path) -> Non
     with pytest.raises(CenError, match=r"--size 27 31: .*s\.onnx takes 20x24 only"):
         predict(static, pairs, tmp_path / "static", size=(27, 31), runtime=CPU)
     assert len(predict(static, pairs, tmp_path / "static", size=(20, 24), runtime=CPU)) == 6
+
+
+def test_the_package_loads_a_runs_segmenter_with_its_inputs(tiny) -> None:
+    import cenfusion
+
+    model, checkpoint = tiny
+    loaded = cenfusion.load_segmenter(checkpoint)
+    assert loaded.trained_kinds() == {"rgb": "rgb", "depth": "depth"}
+    inputs = [torch.randn(1, 3, 20, 24) for _ in range(2)]
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(inputs), model(inputs))

@@ -2,7 +2,9 @@
 
 - ``create_model(name, **kwargs)``, ``list_models()``: the registered networks;
   ``create_cen_refinenet(...)`` and ``CENRefineNet``: the CEN RefineNet for segmentation.
-- ``load_official_checkpoint(path)``: a released CEN ``.pth.tar``, with its outputs.
+- ``load_official_checkpoint(path)``: a released CEN ``.pth.tar``, with its outputs;
+  ``load_segmenter(path)``: any segmenter file (ours, released, exported ``.onnx``) with what
+  it says of its inputs (modality names and kinds, depth scale).
 - ``convert(model, num_modalities)``: channel exchanging in any BatchNorm CNN; its parts
   ``ModalityBatchNorm2d``, ``ModalityInstanceNorm2d``, ``AlphaEnsemble``,
   ``sparsity_penalty`` and ``exchange_stats``.
@@ -29,6 +31,7 @@ _LAZY = {
     "exchange_stats": "cenfusion.fusion",
     "sparsity_penalty": "cenfusion.fusion",
     "load_official_checkpoint": "cenfusion.models.official",
+    "load_segmenter": "cenfusion.segmentation.modelio",
     "CENRefineNet": "cenfusion.models.refinenet",
     "create_cen_refinenet": "cenfusion.models.refinenet",
     "create_model": "cenfusion.models.registry",
@@ -47,6 +50,7 @@ __all__ = [
     "exchange_stats",
     "list_models",
     "load_official_checkpoint",
+    "load_segmenter",
     "sparsity_penalty",
 ]
 
