@@ -257,7 +257,10 @@ def test_the_peak_is_the_faster_of_the_product_and_the_convolution(monkeypatch) 
         (["--ngf", "32"], "--ngf 32: only with --task i2i"),
         (["--num-downs", "7"], "--num-downs 7: only with --task i2i"),
         (["--task", "i2i", "--enc", "50"], "--enc 50: only with --task seg"),
-        (["--task", "i2i", "--size", "100", "100"], "--size 100 100: multiples of 2**num_downs"),
+        (
+            ["--task", "i2i", "--size", "100", "100"],
+            "--size 100 100: multiples of 2**num_downs = 256 expected",
+        ),
         (["--runs", "0"], "--runs 0: expected >= 1"),
         (["--warmup", "-1"], "--warmup -1: expected >= 0"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),

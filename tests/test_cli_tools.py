@@ -48,6 +48,8 @@ def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["export", "onnx", str(path), str(onnx_path), "--size", "32", "32"]) == 0
     assert onnx_path.stat().st_size > 0
     assert main(["info"]) == 2 and "--enc" in capsys.readouterr().err
+    assert main(["info", str(path), "--num-classes", "5"]) == 2
+    assert "--num-classes: with --enc only; " in capsys.readouterr().err
 
 
 def test_predict_with_the_onnx_file_equals_the_checkpoint(seg_data: Path, tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from cenfusion.engine.config import REQUIRED, add_config_flags, options_from_args, setting
+from cenfusion.engine.config import (
+    REQUIRED,
+    add_config_flags,
+    flag_name,
+    given_flags,
+    options_from_args,
+    setting,
+)
 from cenfusion.errors import CenError
 
 __all__ = ["add_tool_parsers"]
@@ -44,6 +51,13 @@ def _info(args: argparse.Namespace) -> None:
     o = options_from_args(InfoOptions, args)
     if (o.checkpoint is None) == (o.enc is None):
         raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
+    fresh = [
+        flag_name(n)
+        for n in ("num_classes", "num_modalities")
+        if n in given_flags(InfoOptions, args)
+    ]
+    if o.checkpoint is not None and fresh:
+        raise CenError(f"{' '.join(fresh)}: with --enc only; {o.checkpoint} holds its own")
     if o.checkpoint is not None:
         info = info_from_checkpoint(o.checkpoint, o.size)
     else:

@@ -86,7 +86,9 @@ class BenchOptions:
             step = 2**self.num_downs
             for flag, size in (("--size", self.size), ("--train-size", self.train_size)):
                 if size is not None and (size[0] % step or size[1] % step):
-                    raise CenError(f"{flag} {size[0]} {size[1]}: multiples of 2**num_downs")
+                    raise CenError(
+                        f"{flag} {size[0]} {size[1]}: multiples of 2**num_downs = {step} expected"
+                    )
 
 
 _DEFAULTS = {f.name: f.default for f in fields(BenchOptions)}
