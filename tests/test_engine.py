@@ -375,6 +375,14 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch, capsys, flag, mode,
     assert capsys.readouterr().out.count(said) == int(warning)
 
 
+def test_a_runtime_restores_the_process_settings_it_changes() -> None:
+    threads, benchmark = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    with open_runtime(RuntimeConfig(device="cpu", threads=1)):
+        torch.backends.cudnn.benchmark = True  # as a CUDA run's training network sets it
+        assert torch.get_num_threads() == 1
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == (threads, benchmark)
+
+
 def test_a_runtime_says_how_it_runs(monkeypatch) -> None:
     monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: True)
     with open_runtime(RuntimeConfig(device="cpu")) as opened:

@@ -387,6 +387,15 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
     assert (saved["ngf"], saved["ndf"], saved["num_downs"]) == (4, 4, 5)
 
 
+@pytest.mark.parametrize("drop", ["conv", "conv1."])
+def test_a_released_generator_without_its_encoder_is_one_line(tmp_path: Path, drop, capsys) -> None:
+    state = _released_layout(create_cen_unet(ngf=4, num_downs=5), generator_key_map)
+    path = tmp_path / "checkpoint-gen-1.pkl"
+    torch.save({k: v for k, v in state.items() if not k.startswith(drop)}, path)
+    assert main(["convert-official", str(path), str(tmp_path / "out.pth")]) == 2
+    assert "incomplete released generator (encoder, decoder" in capsys.readouterr().err
+
+
 def test_converting_a_cenfusion_checkpoint_says_it_needs_none(tmp_path: Path, capsys) -> None:
     ours = tmp_path / "ours.pth"
     save_checkpoint(ours, {"task": "translation", "model": {}})

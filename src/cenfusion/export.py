@@ -1,4 +1,5 @@
-"""CEN RefineNet to ONNX, and an onnxruntime segmenter that is called like the torch model.
+"""CEN RefineNet to ONNX, for :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter`
+(onnxruntime) and any other ONNX runtime.
 
 The exported graph takes **one input per modality**, named after the modality (``rgb``,
 ``depth``, ...), each ``(B, 3, H, W)`` float32, normalised exactly as for the torch model;
@@ -10,9 +11,8 @@ size is always free; ``dynamic=True`` frees height and width too.
 The model is exported in eval mode, where every private BatchNorm is a fixed per-modality
 affine map and the exchange masks depend only on the (now constant) gammas: constant
 folding turns them into fixed gather indices, so the graph holds no data-dependent
-control flow. The TorchScript exporter is used: on the 2-core development machine it took
-under 1 s where the ``torch.export`` one (``dynamo=True``) took 11-22 s for the same
-small model, with the same outputs.
+control flow. The TorchScript exporter is used: it exports an order of magnitude faster than
+the ``torch.export`` one (``dynamo=True``), with the same outputs.
 
 The file carries metadata (modality names, heads, class count, the model config, the kinds,
 depth scale and run settings when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe reads, and the model record that rebuilds a network.
+"""Checkpoints: atomic writes and safe reads.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(weights_only=True)``: ``{"format", "task", "model_config", "model", ...}`` plus,

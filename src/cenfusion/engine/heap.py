@@ -2,12 +2,10 @@
 
 glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and hands it back to the kernel on ``free``. The next tensor of that size then faults
-in every 4 KiB page again, zero-filled by the kernel: on the 2-core test VM, allocating and
-filling 33 MiB took 10.6 ms instead of 1.3 ms. Stacking M modalities along the batch makes
-activations M times larger than one modality's, so the stacked network crosses that line
-where a per-modality loop does not: CEN R101 inference at 1x480x640 took 7.6 s with
-glibc's defaults and 6.2-6.3 s with freed memory kept (the per-modality reference: 7.9 s
-and 7.5-7.7 s; ``benchmarks/RESULTS.md``).
+in every 4 KiB page again, zero-filled by the kernel, several times slower than reusing a
+freed block. Stacking M modalities along the batch makes activations M times larger than
+one modality's, so the stacked network crosses that line where a per-modality loop does not
+(measured in ``benchmarks/RESULTS.md``).
 
 :func:`kept_cpu_memory` turns glibc's ``mmap`` for large blocks off and never trims the heap,
 so freed blocks serve the next tensors. The price: the process's resident memory stays at

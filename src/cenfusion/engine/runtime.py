@@ -250,11 +250,13 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     ``gpu``, or the local rank's), the CPU threads (restored on exit), the precision; on the
     CPU, freed memory stays in the process while it is open
     (:func:`~cenfusion.engine.heap.kept_cpu_memory`). CUDA graphs (``reduce-overhead``) are
-    watched for skipped captures (:class:`GraphSkips`); off CUDA the mode is the default."""
+    watched for skipped captures (:class:`GraphSkips`); off CUDA the mode is the default.
+    The process-wide settings it changes (threads, cuDNN's kernel search) are restored."""
     dist = init_distributed(cuda=settings.device != "cpu") if distributed else DistInfo()
     device = resolve_device(settings.device, settings.gpu, dist.local_rank)
     dtype = _amp_dtype(settings.amp_dtype, device) if settings.amp else None
     threads_before = use_threads(settings.threads)
+    benchmark_before = torch.backends.cudnn.benchmark
     mode = settings.compile_mode
     if settings.compile and mode == "reduce-overhead" and device.type != "cuda":
         log.info(
@@ -271,5 +273,6 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
             )
     finally:
         torch.set_num_threads(threads_before)
+        torch.backends.cudnn.benchmark = benchmark_before
         if skips is not None:
             skips.close()

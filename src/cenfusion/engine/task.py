@@ -4,8 +4,8 @@
 A task gives its checkpoint name, its config class and presets, how to build its
 :class:`~cenfusion.engine.trainer.Recipe` from a config (and a checkpoint's state), and how to
 summarise a checkpoint's model. The engine does the rest, once for every task: the settings
-(:meth:`Task.resolve_config`), :func:`~cenfusion.engine.trainer.train` and
-:func:`~cenfusion.engine.trainer.evaluate`. This module imports no torch, so that a registry
+(:meth:`Task.resolve_config`), :func:`~cenfusion.engine.session.train` and
+:func:`~cenfusion.engine.session.evaluate`. This module imports no torch, so that a registry
 of tasks costs nothing to the ``cen`` command's start.
 """
 

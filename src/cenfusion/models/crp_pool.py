@@ -65,7 +65,7 @@ def _onednn(x: Tensor) -> bool:
 
 @torch.library.custom_op("cenfusion::max_pool_5x5", mutates_args=(), schema="(Tensor x) -> Tensor")
 def _pool(x: Tensor) -> Tensor:
-    """The CPU pool. PyTorch's kernel is 3-5x slower on an NCHW tensor than on a
+    """The CPU pool. PyTorch's kernel is several times slower on an NCHW tensor than on a
     channels-last one (the 5x5 window then runs over contiguous channels), so an NCHW tensor
     that oneDNN cannot take is pooled in channels-last: the conversion costs less than it
     saves."""

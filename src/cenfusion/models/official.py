@@ -29,7 +29,6 @@ from cenfusion.models.refinenet import (
 )
 
 _LAYER3_BLOCKS_TO_DEPTH = {6: 50, 23: 101, 36: 152}
-_PRIVATE_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _decoder_path(path: str) -> str:

@@ -122,12 +122,14 @@ def _official_generator(path: str | Path, threshold: float) -> CENUNet:
     if not is_released_generator(state):
         raise CenError(f"{where}: not a released CEN translation generator (no deconv1 layer)")
     pattern = r"conv(\d+)\.conv\.module\.weight"
-    levels = max(int(m[1]) for k in state if (m := re.fullmatch(pattern, k)))
-    first = state["conv1.conv.module.weight"]
+    levels = max((int(m[1]) for k in state if (m := re.fullmatch(pattern, k))), default=0)
+    first = state.get("conv1.conv.module.weight")
     last = state.get(f"deconv{levels}.deconv.module.weight")
     modalities = {k.split(".")[2] for k in state if k.startswith("conv2.insnorm_conv.insnorm_")}
-    if last is None or not modalities:
-        raise CenError(f"{where}: incomplete released generator (decoder or norms missing)")
+    if first is None or last is None or not modalities:
+        raise CenError(
+            f"{where}: incomplete released generator (encoder, decoder or norms missing)"
+        )
     generator = create_cen_unet(
         num_modalities=len(modalities),
         in_channels=first.shape[1],

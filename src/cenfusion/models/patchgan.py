@@ -13,8 +13,8 @@ input gives a 30x30 map. ``norm``:
   statistics are kept (as released) but used only in eval mode, where the discriminator never
   runs. The released code calls the norm once per branch, we once for the stacked branches,
   so the running statistics (not the outputs) differ from the released ones.
-- ``"instance"``: non-affine InstanceNorm, pix2pix's instance setting (and the discriminator
-  of checkpoints written before the released norm was adopted, which keep it);
+- ``"instance"``: non-affine InstanceNorm, pix2pix's instance setting (and the norm that
+  checkpoints naming it in their discriminator config keep);
 - ``"none"``.
 
 Batch norm is not offered because it would mix the stacked branches.

@@ -182,7 +182,8 @@ class CENUNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Convolution weights ~ N(0, 0.02) and biases 0 (pix2pix init); norms gamma 1, beta 0."""
+        """Convolution weights ~ N(0, 0.02) and biases 0 (pix2pix init); the norms are left as
+        they are (built at gamma 1, beta 0)."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
                 nn.init.normal_(module.weight, 0.0, 0.02)

@@ -44,12 +44,10 @@ import numpy as np
 import yaml
 
 from cenfusion.engine.files import atomic_write
-from cenfusion.engine.run import CONFUSION
+from cenfusion.engine.run import CONFIG, CONFUSION, METRICS
 from cenfusion.errors import CenError
 
 __all__ = [
-    "CONFUSION_FILE",
-    "METRICS_FILE",
     "TRANSLATION_METRICS",
     "RunKind",
     "RunLog",
@@ -59,9 +57,6 @@ __all__ = [
     "save_confusion",
 ]
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-CONFUSION_FILE = CONFUSION
 TRANSLATION_METRICS = ("fid", "kid_x100", "l1", "mse")
 
 Series = tuple[list[float], list[float]]
@@ -244,10 +239,10 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
             is not a YAML mapping (each named with file and line).
     """
     run_dir = Path(run_dir)
-    metrics_path = run_dir / METRICS_FILE
+    metrics_path = run_dir / METRICS
     if not metrics_path.is_file():
-        raise CenError(f"{run_dir}: no {METRICS_FILE}; expected a run folder (runs/EXP)")
-    config_path = run_dir / CONFIG_FILE
+        raise CenError(f"{run_dir}: no {METRICS}; expected a run folder (runs/EXP)")
+    config_path = run_dir / CONFIG
     config: dict[str, Any] = {}
     config_text = ""
     if config_path.is_file():
@@ -295,7 +290,7 @@ def save_confusion(run_dir: str | Path, matrices: Mapping[str, Any]) -> Path:
         if array.ndim != 2 or array.shape[0] != array.shape[1]:
             raise ValueError(f"confusion matrix of {head}: expected (C, C), got {array.shape}")
         arrays[str(head)] = array
-    path = run_dir / CONFUSION_FILE
+    path = run_dir / CONFUSION
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
@@ -306,7 +301,7 @@ def load_confusion(run_dir: str | Path) -> dict[str, np.ndarray]:
     Raises:
         CenError: the file exists but is not a readable archive of square matrices.
     """
-    path = Path(run_dir) / CONFUSION_FILE
+    path = Path(run_dir) / CONFUSION
     if not path.is_file():
         return {}
     try:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
-from cenfusion.engine.run import append_metrics, log
+from cenfusion.engine.run import METRICS, append_metrics, log
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.fusion import split_modalities, stack_modalities
@@ -295,11 +295,10 @@ def run_evaluation(
         scores = results[protocol.label]
         log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
     if save:
-        run_dir = cfg.runs / cfg.exp
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         for protocol in protocols:
             append_metrics(
-                run_dir / "metrics.jsonl",
+                cfg.run_dir / METRICS,
                 {
                     "evaluate": str(checkpoint),
                     "protocol": protocol.label,

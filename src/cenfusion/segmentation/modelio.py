@@ -42,8 +42,8 @@ def model_from_checkpoint(path: str | Path) -> CENRefineNet:
 
 
 def model_from_record(state: dict, where: str) -> CENRefineNet:
-    """The model of a checkpoint's record. One saved before exchange points were checked
-    may name points its encoder lacks: it never exchanged, and is rebuilt without them."""
+    """The model of a checkpoint's record. A record naming exchange points its encoder
+    lacks exchanged nowhere: it is rebuilt without them, the same function."""
     config = CENRefineNetConfig.from_dict(state["model_config"])
     try:
         model = CENRefineNet(config)

@@ -63,7 +63,7 @@ class TranslationRecipe(Recipe):
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_g, betas=betas)
         self._use_discriminator(discriminator)
         self.evaluator: Evaluator | None = None
-        self.criterion = on_main(lambda: self._build_evaluator(self.val_loader))
+        self.criterion = on_main(self._set_up_validation)
 
     def _use_discriminator(self, discriminator: PatchDiscriminator) -> None:
         """Train ``discriminator`` (on the run's device, with its own optimiser)."""
@@ -98,11 +98,12 @@ class TranslationRecipe(Recipe):
         )
         return False
 
-    def _build_evaluator(self, val_loader: DataLoader) -> str:
-        """Set up validation (on rank 0 only); returns the criterion of the best epoch."""
+    def _set_up_validation(self) -> str:
+        """Set ``self.evaluator`` (called on rank 0 only); returns the criterion of the best
+        epoch."""
         ctx, extractor = self.ctx, fid_extractor(self.cfg, self.ctx.device)
         autocast, dropout = ctx.precision.autocast(), self.cfg.eval_dropout
-        self.evaluator = Evaluator(val_loader, ctx.device, extractor, autocast, dropout)
+        self.evaluator = Evaluator(self.val_loader, ctx.device, extractor, autocast, dropout)
         return "fid" if extractor is not None else "l1"
 
     def num_epochs(self) -> int:
