@@ -29,6 +29,7 @@ from cenfusion.engine.config import (
     options_from_args,
 )
 from cenfusion.engine.files import atomic_write
+from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.engine.rng import seed_everything
 from cenfusion.engine.run import (
     BEST,
@@ -647,3 +648,33 @@ def test_only_the_main_process_speaks_on_the_console(capsys) -> None:
             run_log.info("from rank 1")
         run_log.info("from rank 0")
     assert capsys.readouterr().out == "from rank 0\n"
+
+
+def _rng_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from cenfusion.engine.distributed import on_main
+    from cenfusion.engine.rng import capture_rng, restore_rng
+
+    os.environ.update(rank_env(rank, 2, port))
+    dist.init_process_group("gloo")
+    try:
+        seed_everything(7 + rank)
+        state = capture_rng()
+        expected = torch.rand(3)
+        seed_everything(0)
+        saved = on_main(lambda: state)  # what every rank reads back: rank 0's checkpoint
+        restore_rng(saved, rank)
+        torch.save({"expected": expected, "resumed": torch.rand(3)}, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_random_stream(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rng_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    assert not torch.equal(ranks[0]["expected"], ranks[1]["expected"])
+    for rank in ranks:
+        assert torch.equal(rank["resumed"], rank["expected"])

@@ -357,7 +357,7 @@ def fit(
         if same and recipe.keeps_best(resume):
             best = BestScore(**{**saved, "higher": recipe.higher_is_better})
         if "rng" in resume:
-            restore_rng(resume["rng"])
+            restore_rng(resume["rng"], recipe.ctx.dist.rank)
         folder.truncate_metrics(start)
         log.info(f"resumed {where} after epoch {start}")
     scalars = Scalars(folder, getattr(config, "tensorboard", False))
