@@ -237,8 +237,10 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
             r"--exchange-at layer\*\.\*\.bn1: the model of .* has exchange points layer\*",
         ),
     ):
-        with pytest.raises(CenError, match=message):
+        with pytest.raises(CenError, match=message + ".* a resumed run keeps its model"):
             train(replace(cfg, exp="more", epochs=(2,), **changes), resume=ckpt)
+        with pytest.raises(CenError, match=message + ".* an evaluation scores the checkpoint's"):
+            evaluate(SEGMENTATION, replace(cfg, exp="more", **changes), ckpt)
     assert not (tmp_path / "more").exists()
     with pytest.raises(CenError, match=r"^--force: not with --resume .*last.pth, which continues"):
         train(replace(cfg, epochs=(2,)), resume=ckpt, force=True)

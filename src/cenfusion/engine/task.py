@@ -25,6 +25,12 @@ if TYPE_CHECKING:
     from cenfusion.engine.trainer import Context, Recipe
 
 
+#: Why a setting that contradicts a checkpoint's model is refused, when training goes on
+#: from it and when it is scored.
+KEPT_FOR_TRAINING = "a resumed run keeps its model (start a new run for another one)"
+KEPT_FOR_SCORING = "an evaluation scores the checkpoint's model as it is"
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """What ``cen info`` reads from a task's checkpoint: the model with its weights, the names

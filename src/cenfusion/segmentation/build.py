@@ -12,6 +12,7 @@ from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modali
 from cenfusion.data.synthetic import ensure_synthetic
 from cenfusion.data.transforms import train_transform, val_transform
 from cenfusion.engine.run import log
+from cenfusion.engine.task import KEPT_FOR_SCORING, KEPT_FOR_TRAINING
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.fusion import ExchangePointsError
@@ -156,10 +157,13 @@ def check_resumed_depth_scale(trained: float | None, cfg: SegmentationConfig, wh
         )
 
 
-def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str) -> None:
+def check_resumed_model(
+    model: CENRefineNet, cfg: SegmentationConfig, where: str, training: bool = True
+) -> None:
     """Refuse settings that describe another model than the checkpoint's: a resumed run
-    keeps its model, so a flag that contradicts it (encoder, width, dropout, threshold,
-    exchange) would otherwise be ignored while the printed config shows it."""
+    keeps its model and an evaluation scores it, so a flag that contradicts it (encoder,
+    width, dropout, threshold, exchange) would otherwise be ignored while the printed config
+    shows it."""
     c = model.config
     exchange_points = "exchange points" if c.exchange_at else "no exchange points"
     if cfg.backbone is not None:
@@ -185,10 +189,8 @@ def check_resumed_model(model: CENRefineNet, cfg: SegmentationConfig, where: str
         ),
     ):
         if not same:
-            raise CenError(
-                f"{flag} {value}: the model of {where} has {theirs}; a resumed run keeps its "
-                "model (start a new run for another one)"
-            )
+            kept = KEPT_FOR_TRAINING if training else KEPT_FOR_SCORING
+            raise CenError(f"{flag} {value}: the model of {where} has {theirs}; {kept}")
 
 
 def build_loaders(

@@ -9,7 +9,7 @@ from typing import Any
 
 from cenfusion.data.taskonomy import DOMAINS
 from cenfusion.engine.checkpoint import load_weights
-from cenfusion.engine.task import ModelSummary, Task
+from cenfusion.engine.task import KEPT_FOR_SCORING, KEPT_FOR_TRAINING, ModelSummary, Task
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.models.patchgan import PatchGANConfig
@@ -57,6 +57,7 @@ def _check_checkpoint(
     model and its domains), naming both values, before anything is written: the generator's
     shape, the discriminator's width when training goes on, and the domains it learnt."""
     generator = CENUNetConfig.from_dict(state["model_config"])
+    kept = KEPT_FOR_TRAINING if training else KEPT_FOR_SCORING
     checks = [
         ("--img-types (inputs)", len(cfg.inputs), "generator", generator.num_modalities),
         ("--ngf", cfg.ngf, "generator", generator.ngf),
@@ -68,10 +69,7 @@ def _check_checkpoint(
         checks.append(("--ndf", cfg.ndf, "discriminator", ndf))
     for flag, ours, network, theirs in checks:
         if ours != theirs:
-            raise CenError(
-                f"{flag} {ours}: the {network} of {where} has {theirs}; a resumed run keeps "
-                "its model (start a new run for another one)"
-            )
+            raise CenError(f"{flag} {ours}: the {network} of {where} has {theirs}; {kept}")
     learnt = (state.get("config") or {}).get("img_types")
     if learnt is not None and tuple(learnt) != cfg.img_types:
         named = " + ".join(DOMAINS[t] for t in learnt[:-1]) + f" -> {DOMAINS[learnt[-1]]}"
