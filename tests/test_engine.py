@@ -196,6 +196,17 @@ def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
         task.resolve_config(None, None, {}, {**saved, "colour": 1})
 
 
+def test_yaml_numbers_and_single_values_read_as_flags_do(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a list setting may be one value."""
+    (tmp_path / "s.yaml").write_text("lamda: 1e-3\nepochs: 3\nlr_enc: 2E-4\nlr_dec: [1e-2]\n")
+    cfg = SEGMENTATION.resolve_config(None, tmp_path / "s.yaml", {})
+    assert (cfg.lamda, cfg.epochs, cfg.lr_enc, cfg.lr_dec) == (1e-3, (3,), (2e-4,), (1e-2,))
+    for wrong in ("lamda: 1e-3x", "lamda: e-3", "epochs: {a: 1}"):
+        (tmp_path / "s.yaml").write_text(wrong + "\n")
+        with pytest.raises(CenError, match=r"--config .*s\.yaml: (lamda: expected float|epochs)"):
+            SEGMENTATION.resolve_config(None, tmp_path / "s.yaml", {})
+
+
 def test_settings_are_checked_together_once_yaml_and_flags_are_in(tmp_path: Path) -> None:
     """Stages from the YAML file, their learning rates from flags: valid only together."""
     (tmp_path / "s.yaml").write_text("epochs: [3]\n")

@@ -66,6 +66,14 @@ def test_batched_evaluation_gives_the_scores_of_one_image_at_a_time(setup) -> No
         evaluate_protocols(cfg, checkpoint, protocols, batch_size=0)
 
 
+def test_evaluation_under_torchrun_is_refused(setup, monkeypatch) -> None:
+    """Every process would score the whole set and append the same lines."""
+    cfg, _, checkpoint = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CenError, match="^cen seg eval runs in one process: start it without"):
+        evaluate_protocols(cfg, checkpoint)
+
+
 def test_a_batch_splits_where_the_image_size_changes() -> None:
     def sample(h: int, w: int, name: str) -> dict:
         return {"inputs": torch.zeros(2, 3, h, w), "mask": torch.zeros(h, w), "name": name}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -189,6 +190,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -205,8 +209,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(str(err))
         raise CenError(errors[0] if errors else f"{where}: unexpected value {value!r}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
+        if isinstance(value, dict):
             raise CenError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # one value, as a flag takes it
         item = args[0] if args else Any
         return tuple(_coerce(v, item, where) for v in value)
     if annotation is Any:
@@ -217,6 +223,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return Path(value)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _EXPONENT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if annotation in (int, str, bool) and type(value) is annotation:
         return value
     raise CenError(

@@ -120,7 +120,9 @@ class SegmentationConfig(RunConfig):
         if self.mask_column is not None and self.mask_column < 0:
             raise CenError(f"--mask-column {self.mask_column}: expected >= 0")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise CenError(f"--scale-range {list(self.scale_range)}: expected 0 < LOW <= HIGH")
+            raise CenError(
+                f"--scale-range {list(self.scale_range)}: expected two numbers 0 < LOW <= HIGH"
+            )
         if self.crop_size < MIN_CROP:
             raise CenError(
                 f"--crop-size {self.crop_size}: expected at least {MIN_CROP} (the encoder's stride)"

@@ -17,6 +17,7 @@ modality and the ensemble): the augmentation is a module wrapped around the mode
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,11 @@ def evaluate_protocols(
     """
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CenError(
+            "cen seg eval runs in one process: start it without torchrun (seg train -c EXP "
+            "--evaluate scores across processes)"
+        )
     check_onnx_runtime(Path(checkpoint), cfg)
     loaded = load_segmenter(checkpoint, official)
     model = loaded.model
