@@ -689,3 +689,19 @@ def test_every_rank_resumes_its_own_random_stream(tmp_path: Path) -> None:
     assert not torch.equal(ranks[0]["expected"], ranks[1]["expected"])
     for rank in ranks:
         assert torch.equal(rank["resumed"], rank["expected"])
+
+
+def test_a_folder_lock_is_one_holders_and_stays_with_its_folder(tmp_path: Path) -> None:
+    from cenfusion.engine.files import FolderLock
+
+    run = tmp_path / "run"
+    lock = FolderLock(run)
+    assert lock.covers(run)
+    with pytest.raises(
+        CenError, match=rf"^{run} is in use by another cen process \(pid {os.getpid()}"
+    ):
+        FolderLock(run)
+    run.rename(tmp_path / "aside")
+    assert not lock.covers(run) and lock.covers(tmp_path / "aside")
+    lock.release()
+    FolderLock(tmp_path / "aside").release()

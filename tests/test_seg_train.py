@@ -490,3 +490,29 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     val_samples = len(build_dataset(cfg, train=False))
     start = (tmp_path / "cen" / "log.txt").read_text()
     assert f"/ {val_samples} val samples" in start and "2 processes" in start
+
+
+def test_a_run_another_process_writes_is_refused(data_root, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
+    train(cfg)
+    holder = "import sys, time; from pathlib import Path; from cenfusion.engine.files import "
+    holder += "FolderLock; FolderLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(cfg.run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline() == "held\n"
+        busy = rf"^{cfg.run_dir} is in use by another cen process \(pid {other.pid}\)"
+        with pytest.raises(CenError, match=busy):
+            train(replace(cfg, epochs=(2,)), resume=cfg.run_dir / "last.pth")
+        with pytest.raises(CenError, match=busy):
+            evaluate(SEGMENTATION, cfg)
+    finally:
+        other.kill()
+        other.wait()
+    assert load_checkpoint(cfg.run_dir / "last.pth")["epoch"] == 1
+    train(replace(cfg, epochs=(2,)), resume=cfg.run_dir / "last.pth")
+    assert load_checkpoint(cfg.run_dir / "last.pth")["epoch"] == 2

@@ -1,4 +1,5 @@
-"""Writing a run's files so that a kill at any instant leaves the old file or the new one."""
+"""Writing a run's files so that a kill at any instant leaves the old file or the new one, and
+one process at a time writing a run's folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from cenfusion.errors import CenError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
+
+#: The file a run's folder is locked through, while a process trains or evaluates into it.
+LOCK = ".lock"
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -52,3 +63,44 @@ def _disk_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 1 << 20
     except OSError:
         return False
+
+
+class FolderLock:
+    """An exclusive lock on ``folder/.lock`` held by this process until :meth:`release`: two
+    processes writing one run would overwrite each other's checkpoints and metrics. The lock
+    goes with the process (a kill frees it). Where the system has no ``flock`` (Windows)
+    nothing is locked."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / LOCK
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _new_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CenError(
+                f"{folder} is in use by another cen process (pid {owner}): wait for it to "
+                "end, or choose another -c EXP"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def covers(self, folder: Path) -> bool:
+        """Whether this lock is the one of ``folder`` (not of a folder since moved there)."""
+        if self._fd is None:
+            return fcntl is None
+        try:
+            return os.path.samestat(os.fstat(self._fd), os.stat(folder / LOCK))
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

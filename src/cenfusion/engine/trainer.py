@@ -30,6 +30,7 @@ from cenfusion.engine.background import BackgroundCalls
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.engine.config import config_to_dict
 from cenfusion.engine.distributed import on_main
+from cenfusion.engine.files import FolderLock
 from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
 from cenfusion.engine.rng import capture_rng, restore_rng, seed_everything
 from cenfusion.engine.run import (
@@ -48,9 +49,11 @@ from cenfusion.errors import CenError
 
 @dataclass
 class Context(Runtime):
-    """Where a run executes (its :class:`~cenfusion.engine.runtime.Runtime`), and its log."""
+    """Where a run executes (its :class:`~cenfusion.engine.runtime.Runtime`), its log, and
+    what it holds until it ends (the lock of its run folder)."""
 
     run_log: LogRouting
+    held: contextlib.ExitStack
 
     def loader(self, dataset: Dataset, cfg: Any, **kwargs: Any) -> DataLoader:
         """A DataLoader with the run's workers (one thread each); pinned memory on CUDA.
@@ -88,13 +91,22 @@ class Context(Runtime):
         """
 
         def claim() -> Path:
+            lock = self.hold_lock(cfg.run_dir)
             folder = RunFolder.open(cfg.run_dir, resuming, force)
+            if not lock.covers(folder.path):  # moved aside with --force
+                self.hold_lock(folder.path)
             self.run_log.add_file(folder.path)
             kept = evaluating and (folder.path / CONFIG).is_file()
             folder.save_config(cfg, write=not kept)
             return folder.path
 
         return RunFolder(on_main(claim), self.dist.is_main)
+
+    def hold_lock(self, folder: Path) -> FolderLock:
+        """Lock ``folder`` until the run ends (see :class:`FolderLock`)."""
+        lock = FolderLock(folder)
+        self.held.callback(lock.release)
+        return lock
 
 
 @contextlib.contextmanager
@@ -105,8 +117,8 @@ def prepare(cfg: Any) -> Iterator[Context]:
     cfg.validate()
     with catching_interrupts(), open_runtime(cfg, distributed=True) as runtime:
         seed_everything(cfg.seed + runtime.dist.rank)
-        with LogRouting(runtime.dist.is_main) as run_log:
-            yield Context(**vars(runtime), run_log=run_log)
+        with LogRouting(runtime.dist.is_main) as run_log, contextlib.ExitStack() as held:
+            yield Context(**vars(runtime), run_log=run_log, held=held)
 
 
 @dataclass
