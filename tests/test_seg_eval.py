@@ -293,7 +293,9 @@ def test_released_checkpoint_is_evaluated_and_checked(setup, tmp_path) -> None:
     val = build_dataset(released_cfg, train=False)
     expected = evaluate(model, DataLoader(val, batch_size=1), released_cfg, torch.device("cpu"))
     assert same(evaluate_checkpoint(released_cfg, released), expected)
-    with pytest.raises(CenError, match=f"model has {cfg.num_classes} classes, the data has 40"):
+    with pytest.raises(
+        CenError, match=f"model has {cfg.num_classes} classes, --num-classes gives 40"
+    ):
         evaluate_checkpoint(replace(released_cfg, num_classes=40), released)
 
 

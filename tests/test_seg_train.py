@@ -225,7 +225,9 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
     with pytest.raises(CenError, match="model has 2 modalities, --modalities gives 1"):
         evaluate(SEGMENTATION, replace(cfg, modalities=("rgb",)), ckpt)
     classes = cfg.num_classes
-    with pytest.raises(CenError, match=f"model has {classes} classes, the data has {classes + 1}"):
+    with pytest.raises(
+        CenError, match=f"model has {classes} classes, --num-classes gives {classes + 1}"
+    ):
         evaluate(SEGMENTATION, replace(cfg, num_classes=classes + 1), ckpt)
     for changes, message in (
         ({"backbone": "resnet50"}, "--backbone resnet50: the model of .* has resnet26;"),

@@ -42,8 +42,6 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
             )
         folder = ctx.open_folder(cfg, resuming=continuing, force=force)
         log.info(recipe.start_line())
-        if continuing and done == end:
-            log.info(f"nothing to train: {where} is at epoch {done}, where the schedule ends")
         report = task.after_validation if getattr(cfg, "plots", False) else None
         best = fit(recipe, cfg, folder, state if continuing else None, where, report)
         if (line := recipe.best_line(best)) is not None:

@@ -372,6 +372,8 @@ def fit(
             restore_rng(resume["rng"], recipe.ctx.dist.rank)
         folder.truncate_metrics(start)
         log.info(f"resumed {where} after epoch {start}")
+        if start == recipe.num_epochs():
+            log.info(f"nothing to train: {where} is at epoch {start}, where the schedule ends")
     scalars = Scalars(folder, getattr(config, "tensorboard", False))
     reports = None
     if after_validation is not None and folder.is_main:

@@ -109,7 +109,8 @@ def check_model_fits(model: CENRefineNet, cfg: SegmentationConfig, where: str) -
         )
     if model.config.num_classes != cfg.num_classes:
         raise CenError(
-            f"{where}: model has {model.config.num_classes} classes, the data has {cfg.num_classes}"
+            f"{where}: model has {model.config.num_classes} classes, --num-classes gives "
+            f"{cfg.num_classes}"
         )
 
 
