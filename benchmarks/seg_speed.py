@@ -283,7 +283,7 @@ def prepare_onnx(case: dict, args: argparse.Namespace) -> Prepared:
     xs, _ = make_inputs(args.infer_batch, args.infer_size, args, torch.device("cpu"))
     model, path = None, args.onnx
     if args.onnx == EXPORT:
-        from cenfusion.export import export_onnx
+        from cenfusion.segmentation.export import export_onnx
 
         model = build_model(case["depth"], args, torch.device("cpu")).eval()
         path = Path(tempfile.mkdtemp()) / f"r{case['depth']}.onnx"

@@ -14,7 +14,8 @@ from cenfusion.cli import main
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.modelio import load_segmenter, model_record
-from cenfusion.segmentation.predict import Modality, Sample, load_inputs
+from cenfusion.segmentation.predict import load_inputs
+from cenfusion.segmentation.samples import Modality, Sample
 
 
 @pytest.fixture(scope="module")

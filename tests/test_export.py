@@ -10,15 +10,15 @@ import torch
 
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.errors import CenError
-from cenfusion.export import (
+from cenfusion.fusion import ModalityBatchNorm2d, exchange_stats
+from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
+from cenfusion.segmentation.export import (
     MAX_OPSET,
     MIN_OPSET,
     export_checkpoint,
     export_onnx,
     max_abs_difference,
 )
-from cenfusion.fusion import ModalityBatchNorm2d, exchange_stats
-from cenfusion.models.refinenet import CENRefineNet, create_cen_refinenet
 from cenfusion.segmentation.modelio import model_record
 from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 

@@ -21,7 +21,6 @@ LAYERS = {
     "reporting": 3,
     "segmentation": 4,
     "translation": 4,
-    "export": 5,
     "info": 5,
     "tasks": 5,
     "tool_commands": 6,

@@ -18,7 +18,8 @@ from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.config import SYNTHETIC
 from cenfusion.segmentation.modelio import model_record
-from cenfusion.segmentation.predict import gather_cli_inputs, predict
+from cenfusion.segmentation.predict import predict
+from cenfusion.segmentation.samples import gather_cli_inputs
 from cenfusion.segmentation.visualize import palette
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -475,7 +476,7 @@ def test_a_heads_outputs_may_not_overwrite_another_samples(tiny, tmp_path) -> No
 
 
 def test_an_exported_file_predicts_the_checkpoints_labels(tiny, tmp_path) -> None:
-    from cenfusion.export import export_checkpoint
+    from cenfusion.segmentation.export import export_checkpoint
 
     _, checkpoint = tiny
     pairs = []

@@ -13,7 +13,6 @@ from cenfusion.data.synthetic import generate_segmentation_dataset
 from cenfusion.engine.checkpoint import save_checkpoint, saved_config
 from cenfusion.engine.config import config_to_dict
 from cenfusion.errors import CenError
-from cenfusion.export import export_checkpoint, export_onnx
 from cenfusion.models.official import to_official_state_dict
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.build import build_dataset, build_model
@@ -30,6 +29,7 @@ from cenfusion.segmentation.evaluate import (
     evaluate_protocols,
     protocols_for,
 )
+from cenfusion.segmentation.export import export_checkpoint, export_onnx
 from cenfusion.segmentation.modelio import model_record
 from cenfusion.segmentation.task import SEGMENTATION
 

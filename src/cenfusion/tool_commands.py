@@ -78,7 +78,7 @@ class OnnxOptions:
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
-    from cenfusion.export import export_checkpoint
+    from cenfusion.segmentation.export import export_checkpoint
 
     o = options_from_args(OnnxOptions, args)
     height, width = o.size

@@ -34,9 +34,9 @@ from cenfusion.bench.timing import (
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, Runtime, open_runtime
 from cenfusion.errors import CenError
-from cenfusion.export import export_onnx
 from cenfusion.info import count_flops
 from cenfusion.metrics.generative import InceptionFeatures
+from cenfusion.segmentation.export import export_onnx
 from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 __all__ = ["format_profiles", "format_table", "run_bench"]

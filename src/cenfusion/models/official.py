@@ -11,15 +11,12 @@ both directions: loading fails on the first key it cannot place or cannot find.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
-from cenfusion.errors import CenError, describe_load_error, shorten
+from cenfusion.errors import CenError
 from cenfusion.fusion import ModalityBatchNorm2d
 from cenfusion.models.refinenet import (
     RESNET_DEPTHS,
@@ -27,6 +24,7 @@ from cenfusion.models.refinenet import (
     CENRefineNetConfig,
     create_cen_refinenet,
 )
+from cenfusion.models.released import check_state_dict, load_mapped, read_released_file
 
 _LAYER3_BLOCKS_TO_DEPTH = {6: 50, 23: 101, 36: 152}
 
@@ -134,69 +132,12 @@ def load_official_state_dict(
     return model
 
 
-def load_mapped(
-    model: nn.Module,
-    state: dict[str, Tensor],
-    sources: dict[str, list[str]],
-    what: str,
-    where: str,
-    unused: Collection[str] = (),
-) -> None:
-    """Load a released-layout ``state`` into ``model`` through ``sources`` (our key -> its
-    released keys; several are the per-modality rows of one private norm, stacked). The map
-    must be total both ways: every key of ours has its sources, and every released key is
-    used or among ``unused`` (parts the released code owns but never applies)."""
-    converted: dict[str, Tensor] = {}
-    for key, names in sources.items():
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise CenError(f"{where}: lacks key {missing[0]!r} (needed for {key!r})")
-        if len(names) == 1 or key.endswith("num_batches_tracked"):
-            converted[key] = state[names[0]]
-        else:
-            converted[key] = torch.stack([state[n] for n in names])
-    used = {n for names in sources.values() for n in names}
-    unmatched = [k for k in state if k not in used and k not in unused]
-    if unmatched:
-        raise CenError(f"{where}: key {unmatched[0]!r} has no place in the {what}")
-    try:
-        model.load_state_dict(converted)
-    except RuntimeError as err:
-        detail = shorten(str(err).strip().splitlines()[-1], 100)
-        raise CenError(f"{where}: shapes do not fit the {what} ({detail})") from err
-
-
-def check_state_dict(state: dict, where: str) -> None:
-    """A state dict maps parameter names (strings) to tensors; say which entry does not."""
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise CenError(
-                f"{where}: expected parameter names as keys, found {type(key).__name__} "
-                f"key {shorten(repr(key), 30)}"
-            )
-        if not isinstance(value, Tensor):
-            raise CenError(
-                f"{where}: entry {shorten(key, 60)!r} is a {type(value).__name__}, expected "
-                "a tensor"
-            )
-
-
 def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The ``segmenter`` state dict of a released ``.pth.tar`` (read with weights_only)."""
     path = Path(path)
-    if not path.is_file():
-        raise missing_checkpoint(path)
     numpy_core = getattr(np, "_core", None) or np.core
     safe = [np.dtype, numpy_core.multiarray.scalar, type(np.dtype(np.float64))]
-    try:
-        with torch.serialization.safe_globals(safe):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CenError(f"{path}: not a readable checkpoint: {describe_load_error(err)}") from err
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT:
-        raise CenError(
-            f"{path}: this is already a cenfusion checkpoint; use it as it is (no conversion)"
-        )
+    checkpoint = read_released_file(path, safe)
     state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise CenError(f"{path}: expected a dict with a 'segmenter' state dict")

@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
-from cenfusion.errors import CenError, describe_load_error
-from cenfusion.models.official import check_state_dict, load_mapped
+from cenfusion.errors import CenError
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
+from cenfusion.models.released import check_state_dict, load_mapped, read_released_file
 from cenfusion.models.unet import CENUNet, create_cen_unet
 
 __all__ = [
@@ -47,18 +46,9 @@ def is_released_generator(state: dict) -> bool:
 def read_released_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A released ``.pkl`` state dict (read with weights_only), ``module.`` prefixes removed."""
     path = Path(path)
-    if not path.is_file():
-        raise missing_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CenError(f"{path}: not a readable checkpoint: {describe_load_error(err)}") from err
+    state = read_released_file(path)
     if not isinstance(state, dict):
         raise CenError(f"{path}: expected a state dict, found a {type(state).__name__}")
-    if state.get("format") == CHECKPOINT_FORMAT:
-        raise CenError(
-            f"{path}: this is already a cenfusion checkpoint; use it as it is (no conversion)"
-        )
     check_state_dict(state, str(path))
     return {k.removeprefix("module."): v for k, v in state.items()}
 

@@ -204,7 +204,8 @@ class PredictOptions:
 
 
 def _seg_predict(args: argparse.Namespace) -> None:
-    from cenfusion.segmentation.predict import gather_cli_inputs, predict
+    from cenfusion.segmentation.predict import predict
+    from cenfusion.segmentation.samples import gather_cli_inputs
 
     o = options_from_args(PredictOptions, args)
     inputs, modalities = gather_cli_inputs(o.folders, o.rgb, o.depth, o.input)

@@ -134,12 +134,11 @@ class SegmentationRecipe(Recipe):
         return within % self.cfg.val_every == 0 or within == self.cfg.epochs[stage]
 
     def validate(self, epoch: int) -> tuple[Scores, float]:
-        metric = score_loader(
-            self.net, self.val_loader, self.cfg, self.ctx.device, self.ctx.precision
-        )
+        cfg, ctx = self.cfg, self.ctx
+        metric = score_loader(self.net, self.val_loader, cfg, ctx.device, ctx.precision)
         matrices = metric.summed_confmats()
-        if self.ctx.dist.is_main:
-            save_confusion(self.cfg.run_dir, matrices)
+        if ctx.dist.is_main:
+            save_confusion(cfg.run_dir, matrices)
         scores = {head: scores_from_confusion(matrix) for head, matrix in matrices.items()}
         return scores, float(scores["ensemble"]["miou"])
 
