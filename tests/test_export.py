@@ -141,6 +141,14 @@ def test_bad_export_arguments(model: CENRefineNet, tmp_path: Path, kwargs, messa
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_an_output_path_that_cannot_be_a_file_is_refused(model, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CenError, match=r"afile/m\.onnx: .*afile is a file, expected a folder"):
+        export_onnx(model, tmp_path / "afile" / "m.onnx", height=32, width=32)
+    with pytest.raises(CenError, match=r": a folder, expected the ONNX file to write"):
+        export_onnx(model, tmp_path, height=32, width=32)
+
+
 def test_missing_onnxruntime_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(CenError) as caught:

@@ -85,6 +85,15 @@ def _check_export_arguments(
         raise CenError("modality name 'ensemble' is taken by the ensemble output")
 
 
+def _check_out_path(out_path: Path) -> None:
+    """Refuse, before the export's work, a path that cannot become the file."""
+    if out_path.is_dir():
+        raise CenError(f"{out_path}: a folder, expected the ONNX file to write")
+    existing = next((p for p in out_path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CenError(f"{out_path}: {existing} is a file, expected a folder (made if missing)")
+
+
 def export_onnx(
     model: CENRefineNet,
     out_path: str | Path,
@@ -110,6 +119,8 @@ def export_onnx(
     """
     names = tuple(modalities or default_modality_names(model.num_modalities))
     _check_export_arguments(heads, height, width, opset, names, model.num_modalities)
+    out_path = Path(out_path)
+    _check_out_path(out_path)
     onnx = require("onnx")
     output_names = [f"{n}_logits" for n in names] if heads == "all" else []
     output_names.append("ensemble")
@@ -159,7 +170,6 @@ def export_onnx(
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, value
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(out_path))
     return out_path
