@@ -218,7 +218,8 @@ class Runtime:
     def describe(self) -> str:
         """How models run, in a few words, e.g. ``cpu, bfloat16 autocast, channels-last``."""
         dtype = self.precision.dtype
-        words = [str(self.device), "float32" if dtype is None else f"{str(dtype)[6:]} autocast"]
+        precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+        words = [str(self.device), precision]
         words += ["channels-last"] * self.channels_last + ["compiled"] * self.compile
         return ", ".join(words)
 
