@@ -15,8 +15,9 @@ control flow. The TorchScript exporter is used: it exports an order of magnitude
 the ``torch.export`` one (``dynamo=True``), with the same outputs.
 
 The file carries metadata (modality names, heads, class count, the model config, the kinds,
-depth scale and run settings when known) that :class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads
-back. ``onnx`` and ``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
+depth scale and run settings when known) that
+:class:`~cenfusion.segmentation.onnx_segmenter.OnnxSegmenter` reads back. ``onnx`` and
+``onnxruntime`` are an optional extra: ``pip install cenfusion[onnx]``.
 """
 
 from __future__ import annotations

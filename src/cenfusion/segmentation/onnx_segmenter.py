@@ -1,8 +1,8 @@
 """An exported CEN segmenter run by onnxruntime, called like the torch model.
 
 ``cen export onnx`` (:mod:`cenfusion.segmentation.export`) writes the file; prediction and
-evaluation read it back through :class:`OnnxSegmenter`. ``onnx`` and ``onnxruntime`` are an optional extra:
-``pip install cenfusion[onnx]``.
+evaluation read it back through :class:`OnnxSegmenter`. ``onnx`` and ``onnxruntime`` are an
+optional extra: ``pip install cenfusion[onnx]``.
 """
 
 from __future__ import annotations
