@@ -152,7 +152,7 @@ def test_device_work_counts_the_device_events_and_their_time() -> None:
 def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     row = {"impl": "cenfusion", "mode": "infer", "input": "1x2x3x480x640", "precision": "bf16"}
     row |= {"channels_last": True, "compile": True, "compile_mode": "reduce-overhead"}
-    row |= {"mean_ms": 20.0, "std_ms": 1.0, "images_per_s": 50.0, "peak_mib": 900.0}
+    row |= {"mean_ms": 20.0, "std_ms": 1.0, "runs": 8, "images_per_s": 50.0, "peak_mib": 900.0}
     row |= {"gflop_per_image": 1235.7, "peak_share": 0.1, "note": None, "vs_reference": 3.1}
     row |= {"kernels_per_step": 300, "device_busy_ms": 15.0, "profile": "table"}
     row |= {"floor_ms": 7.25, "floor_memory_share": 0.6, "gbytes_per_step": 12.0}
@@ -166,6 +166,8 @@ def test_the_table_says_how_busy_a_profiled_device_was() -> None:
     table = format_table(result)
     assert "| 50.00 | 3.10 | 900 |" in table and table.endswith(f"\n- {name}: {busy}")
     assert "| 10.0 | 7.2 (60% mem) |" in table and "memory bandwidth 4200 GB/s" in table
+    assert "| 20.0 ± 1.0 |" in table
+    assert "| 20.0 (1 run) |" in format_table({**result, "rows": [{**row, "runs": 1}]})
     floor_table = (
         "Floor 7.2 ms, by operator (largest parts):\n\n"
         "| operator | calls | GB | floor ms | of it bound by memory |\n"

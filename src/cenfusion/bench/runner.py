@@ -390,9 +390,10 @@ def format_table(result: dict[str, Any]) -> str:
         layout = _layout(row)
         memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         speedup = "-" if row["vs_reference"] is None else f"{row['vs_reference']:.2f}"
+        spread = f" ± {row['std_ms']:.1f}" if row["runs"] > 1 else " (1 run)"
         lines.append(
             f"| {row['impl']} | {row['mode']} | {row['input']} | {row['precision']} | {layout} "
-            f"| {row['mean_ms']:.1f} ± {row['std_ms']:.1f} | {row['images_per_s']:.2f} "
+            f"| {row['mean_ms']:.1f}{spread} | {row['images_per_s']:.2f} "
             f"| {speedup} | {memory} | {row['gflop_per_image']:.1f} "
             f"| {100 * row['peak_share']:.1f} | {_floor(row)} | {row['note'] or ''} |"
         )
