@@ -227,3 +227,25 @@ def test_download_many_raises_first_failure(server: FileServer, tmp_path: Path) 
     ]
     with pytest.raises(CenError, match=r"nope\.bin"):
         download_many(items, workers=2, progress=False)
+
+
+def test_a_file_failing_its_check_is_removed_fetched_or_found(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """A mirror's error page under a data file's name is not kept, so a rerun fetches again."""
+    server.files["/d.mat"] = b"<html>moved</html>"
+    dest = tmp_path / "d.mat"
+
+    def check(path: Path) -> str | None:
+        return "is not a MATLAB file" if path.read_bytes().startswith(b"<html>") else None
+
+    url = f"{server.base}/d.mat"
+    with pytest.raises(CenError, match=r"d\.mat: the file it gave is not a MATLAB file; removed"):
+        download(url, dest, progress=False, check=check)
+    assert not dest.exists() and not (tmp_path / "d.mat.part").exists()
+    dest.write_bytes(b"<html>kept by an older version</html>")
+    server.files["/d.mat"] = good = _payload(1000)
+    assert download(url, dest, progress=False, check=check).read_bytes() == good
+    server.requests.clear()
+    assert download(url, dest, progress=False, check=check).read_bytes() == good
+    assert server.requests == [], "a file that passes its check is not fetched again"

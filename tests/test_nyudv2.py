@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -271,3 +272,45 @@ def test_released_folder_with_bad_line_is_refused(tmp_path: Path) -> None:
     (released / "val.txt").write_text("depth/000002.png\tmasks/000002.png\trgb/000002.png")
     with pytest.raises(CenError, match=r"val.txt:1: expected"):
         prepare_nyudv2(tmp_path / "nyudv2", from_dir=released, progress=False)
+
+
+def test_a_file_that_is_no_matlab_file_is_one_line(tmp_path: Path) -> None:
+    _fabricate(tmp_path / "src")
+    (tmp_path / "src" / "splits.mat").write_text("<html><body>Moved</body></html>")
+    with pytest.raises(CenError, match=r"splits\.mat: not a readable MATLAB v5 file"):
+        prepare_nyudv2(tmp_path / "out", from_dir=tmp_path / "src", progress=False)
+
+
+def test_an_output_link_is_written_through_and_the_current_folder_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _fabricate(tmp_path / "src")
+    (tmp_path / "disk" / "nyu").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "nyu")
+    prepare_nyudv2(tmp_path / "link", from_dir=tmp_path / "src", progress=False)
+    _assert_converted(tmp_path / "disk" / "nyu", src)
+    assert (tmp_path / "link").is_symlink()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(CenError, match=r"^\.: the current folder; name a folder to write"):
+        prepare_nyudv2(Path("."), from_dir=tmp_path / "src", progress=False)
+
+
+def test_a_killed_conversions_folder_is_removed_by_the_next(tmp_path: Path) -> None:
+    _fabricate(tmp_path / "src")
+    dead = tmp_path / ".nyu.tmp-999999999-abc"  # no such process
+    live = tmp_path / f".nyu.tmp-{os.getpid()}-abc"
+    dead.mkdir()
+    live.mkdir()
+    prepare_nyudv2(tmp_path / "nyu", from_dir=tmp_path / "src", progress=False)
+    assert not dead.exists() and live.exists()
+
+
+def test_the_command_says_when_it_kept_a_prepared_set(tmp_path: Path, capsys) -> None:
+    from cenfusion.cli import main
+
+    _fabricate(tmp_path / "src")
+    argv = ["data", "nyudv2", str(tmp_path / "nyu"), "--from", str(tmp_path / "src")]
+    assert main(argv) == 0 and capsys.readouterr().out.strip() == f"wrote {tmp_path / 'nyu'}"
+    assert main(argv) == 0
+    assert "already holds a prepared data set: kept as it is" in capsys.readouterr().out

@@ -172,7 +172,12 @@ def test_converts_from_zips(tmp_path: Path) -> None:
     prepare_sunrgbd(out, from_dir=tmp_path / "zips", progress=False)
     _assert_converted(out, truth, refined=True)
     work = tmp_path / "sunrgbd.work"
-    assert sorted(p.name for p in work.iterdir()) == ["SUNRGBD", "SUNRGBDtoolbox"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "SUNRGBD",
+        "SUNRGBD.source",
+        "SUNRGBDtoolbox",
+        "SUNRGBDtoolbox.source",
+    ]
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -205,8 +210,10 @@ def test_downloads_and_extracts(
     work = tmp_path / "out" / "sunrgbd.work"
     assert sorted(p.name for p in work.iterdir()) == [
         "SUNRGBD",
+        "SUNRGBD.source",
         "SUNRGBD.zip",
         "SUNRGBDtoolbox",
+        "SUNRGBDtoolbox.source",
         "SUNRGBDtoolbox.zip",
     ]
 
@@ -278,3 +285,25 @@ def test_from_dir_without_release_names_what_is_expected(tmp_path: Path) -> None
     shutil.rmtree(tmp_path / "release" / "SUNRGBDtoolbox")
     with pytest.raises(CenError, match=r"expected a folder SUNRGBDtoolbox/ or SUNRGBDtoolbox.zip"):
         prepare_sunrgbd(tmp_path / "sunrgbd", from_dir=tmp_path / "release", progress=False)
+
+
+def test_a_changed_zip_is_extracted_again(tmp_path: Path) -> None:
+    _fabricate(tmp_path / "release")
+    _zip_trees(tmp_path / "release", tmp_path / "zips")
+    prepare_sunrgbd(tmp_path / "a", from_dir=tmp_path / "zips", progress=False)
+    image = next((tmp_path / "release" / "SUNRGBD").rglob("*.jpg"))
+    Image.new("RGB", Image.open(image).size).save(image)  # black
+    _zip_trees(tmp_path / "release", tmp_path / "zips2")
+    (tmp_path / "a.work").rename(tmp_path / "b.work")  # the first run's extraction, kept
+    prepare_sunrgbd(tmp_path / "b", from_dir=tmp_path / "zips2", progress=False)
+    rgbs = [np.asarray(Image.open(p)).max() for p in sorted((tmp_path / "b" / "rgb").iterdir())]
+    assert 0 in rgbs, "the new archive's black image, not the old extraction's"
+
+
+def test_a_missing_toolbox_is_refused_before_any_extraction(tmp_path: Path) -> None:
+    _fabricate(tmp_path / "release")
+    _zip_trees(tmp_path / "release", tmp_path / "zips")
+    (tmp_path / "zips" / "SUNRGBDtoolbox.zip").unlink()
+    with pytest.raises(CenError, match="expected a folder SUNRGBDtoolbox/ or SUNRGBDtoolbox.zip"):
+        prepare_sunrgbd(tmp_path / "s", from_dir=tmp_path / "zips", progress=False)
+    assert not (tmp_path / "s.work").exists()

@@ -349,7 +349,24 @@ def test_prepare_reports_missing_remote_file(
             splits={"train": [(9, 9)], "val": [(1, 0)]},
         )
     assert "\n" not in str(info.value)
-    assert str(info.value).endswith("; run again to resume, or --base-url MIRROR")
+    assert str(info.value).endswith(
+        "; run again to resume an interrupted transfer, or --base-url MIRROR"
+    )
+
+
+def test_prepare_removes_what_is_not_an_image(
+    server: tuple[str, Path, list[str]], tmp_path: Path
+) -> None:
+    url, served, _ = server
+    (served / domain_file("rgb", (1, 0))).write_text("<html>quota exceeded</html>")
+    splits = {"train": [(1, 0)], "val": [(4, 0)]}
+    with pytest.raises(
+        CenError, match=r"point_1_view_0_domain_rgb\.png: the file it gave is not an"
+    ):
+        prepare_taskonomy(
+            tmp_path / "o", ["rgb"], base_url=url, workers=1, progress=False, splits=splits
+        )
+    assert not (tmp_path / "o" / domain_file("rgb", (1, 0))).exists()
 
 
 def test_marker_lists_written_domains(synthetic_root: Path) -> None:

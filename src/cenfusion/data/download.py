@@ -1,7 +1,9 @@
 """Resumable, checksum-verified downloads with a progress bar.
 
 A file is streamed to ``DEST.part`` next to its destination and renamed to ``DEST`` only once
-it is complete (and its SHA-256 matches, when one is given). An interrupted transfer leaves the
+it is complete (and its SHA-256 matches, when one is given, and it reads as the format it
+should have, when a check is given: a mirror's error page saved under a data file's name is
+removed, not kept). An interrupted transfer leaves the
 ``.part`` file behind; the next attempt, in the same call or a later one, asks the server for
 the rest with an HTTP ``Range`` request and starts over when the server ignores it.
 
@@ -20,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -48,6 +50,10 @@ class DownloadItem(NamedTuple):
     url: str
     dest: Path
     sha256: str | None = None
+
+
+#: What is wrong with a fetched file, in words that follow "the file it gave" (None: nothing).
+FileCheck = Callable[[Path], str | None]
 
 
 class _TransferError(Exception):
@@ -106,6 +112,7 @@ def download(
     retries: int = 3,
     timeout: float = 60.0,
     advice: str = ADVICE,
+    check: FileCheck | None = None,
 ) -> Path:
     """Fetch ``url`` to ``dest`` unless it is already there; return ``dest``.
 
@@ -119,6 +126,8 @@ def download(
         retries: further attempts after a failed one, each resuming the ``.part`` file.
         timeout: seconds without data after which an attempt fails.
         advice: how to get around a failed download, ending its message.
+        check: says what is wrong with a file that is not of its format (an HTML error page
+            under a data file's name); such a file, fetched or already there, is removed.
 
     Raises:
         CenError: the server or network failed after all attempts (naming the URL and
@@ -126,7 +135,7 @@ def download(
             digests; the file is kept as ``dest.name + ".bad"``).
     """
     with _byte_bar(Path(dest).name, progress) as bar:
-        return _fetch(url, Path(dest), sha256, _Progress(bar), retries, timeout, advice)
+        return _fetch(url, Path(dest), sha256, _Progress(bar), retries, timeout, advice, check)
 
 
 def download_many(
@@ -137,6 +146,7 @@ def download_many(
     retries: int = 3,
     timeout: float = 60.0,
     advice: str = ADVICE,
+    check: FileCheck | None = None,
 ) -> list[Path]:
     """Fetch several files in parallel with :func:`download`'s rules; return their paths in order.
 
@@ -157,7 +167,9 @@ def download_many(
         shared = _Progress(bar)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [
-                pool.submit(_fetch, j.url, Path(j.dest), j.sha256, shared, retries, timeout, advice)
+                pool.submit(
+                    _fetch, j.url, Path(j.dest), j.sha256, shared, retries, timeout, advice, check
+                )
                 for j in jobs
             ]
             try:
@@ -176,13 +188,17 @@ def _fetch(
     retries: int,
     timeout: float,
     advice: str,
+    check: FileCheck | None,
 ) -> Path:
     expected = sha256.strip().lower() if sha256 else None
     bad = dest.with_name(dest.name + ".bad")
     if dest.is_file():
-        if expected is None or sha256_file(dest) == expected:
+        if expected is not None and sha256_file(dest) != expected:
+            os.replace(dest, bad)
+        elif check is not None and check(dest) is not None:
+            dest.unlink()
+        else:
             return dest
-        os.replace(dest, bad)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     attempt = 0
@@ -209,6 +225,12 @@ def _fetch(
                 f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
                 f"the file was kept as {bad}"
             )
+    problem = check(part) if check is not None else None
+    if problem is not None:
+        part.unlink()
+        raise CenError(
+            f"{url}: the file it gave {problem}; removed, so a rerun fetches it again; {advice}"
+        )
     os.replace(part, dest)
     return dest
 

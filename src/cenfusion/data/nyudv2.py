@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from cenfusion.data.class_names import NYU40_CLASSES
 from cenfusion.data.download import FROM_ADVICE, download, one_line
-from cenfusion.data.staging import staging
+from cenfusion.data.staging import output_folder, staging
 from cenfusion.errors import CenError
 
 LABELED = "nyu_depth_v2_labeled.mat"
@@ -59,6 +59,8 @@ _MAT_ERRORS = (
     ValueError,
     TypeError,
     NotImplementedError,
+    IndexError,
+    KeyError,
     OSError,
     EOFError,
     zlib.error,
@@ -100,7 +102,7 @@ def prepare_nyudv2(
         CenError: a source is missing, truncated or not in the expected format, a download
             failed, or ``out`` exists but is not a complete data set.
     """
-    out = Path(out)
+    out = output_folder(Path(out))
     if output_ready(out):
         return out
     if from_dir is not None:
@@ -123,11 +125,11 @@ def prepare_nyudv2(
     else:
         work = out.parent / f"{out.name}.work"
         sources = {
-            name: download(url, work / name, progress=progress, advice=FROM_ADVICE)
-            for name, url in (
-                (LABELED, urls.labeled),
-                (SPLITS, urls.splits),
-                (CLASS_MAPPING, urls.class_mapping),
+            name: download(url, work / name, progress=progress, advice=FROM_ADVICE, check=check)
+            for name, url, check in (
+                (LABELED, urls.labeled, hdf5_problem),
+                (SPLITS, urls.splits, mat_problem),
+                (CLASS_MAPPING, urls.class_mapping, mat_problem),
             )
         }
     _convert(sources[LABELED], sources[SPLITS], sources[CLASS_MAPPING], out, progress)
@@ -279,6 +281,20 @@ def read_list(path: Path) -> list[tuple[str, str, str]]:
             )
         entries.append((fields[0], fields[1], fields[2]))
     return entries
+
+
+def hdf5_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a MATLAB 7.3 (HDF5) file, if anything."""
+    return None if h5py.is_hdf5(path) else "is not a MATLAB 7.3 (HDF5) file"
+
+
+def mat_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a MATLAB v5 file, if anything (its headers are read)."""
+    try:
+        scipy.io.whosmat(path)
+    except _MAT_ERRORS:
+        return "is not a MATLAB v5 file"
+    return None
 
 
 def open_h5(path: Path) -> h5py.File:

@@ -4,6 +4,7 @@ generate a cached set once, recognised by the marker file holding its parameters
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -13,15 +14,29 @@ from pathlib import Path
 from cenfusion.errors import CenError
 
 
+def output_folder(out: Path) -> Path:
+    """``out`` as a data set folder to write: a symbolic link stands for the folder it names
+    (the finished set is renamed onto that one, on its disk); the current folder is refused,
+    since it would be swapped under the shell that is in it."""
+    if Path(out).resolve() == Path.cwd().resolve():
+        raise CenError(f"{out}: the current folder; name a folder to write (made if missing)")
+    return Path(out).resolve() if Path(out).is_symlink() else Path(out)
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """Yield a fresh hidden folder beside ``out``, renamed to ``out`` when the block succeeds.
 
     On any exception the folder is deleted, so ``out`` is either complete or absent. ``out``
-    itself may exist only as an empty folder (see :func:`output_ready`).
+    itself may exist only as an empty folder (see :func:`output_ready`). Folders of earlier
+    stagings whose process is gone (killed) are removed first.
     """
+    out = output_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    for stale in out.parent.glob(f".{out.name}.tmp-*-*"):
+        if not _alive(stale.name.removeprefix(f".{out.name}.tmp-").split("-")[0]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)
@@ -37,6 +52,19 @@ def staging(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a folder name's digits) still runs; unknown counts as alive."""
+    if not pid.isdigit() or os.name == "nt":  # Windows' os.kill(pid, 0) would end it
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def read_marker(path: Path) -> dict | None:

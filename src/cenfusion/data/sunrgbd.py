@@ -49,8 +49,8 @@ from cenfusion.data.nyudv2 import (
     mat_str,
     open_h5,
     output_ready,
-    staging,
 )
+from cenfusion.data.staging import output_folder, staging
 from cenfusion.errors import CenError
 
 DATA_TREE = "SUNRGBD"
@@ -88,12 +88,15 @@ def prepare_sunrgbd(
         CenError: a source is missing, truncated or not in the expected format, a download
             failed, or ``out`` exists but is not a complete data set.
     """
-    out = Path(out)
+    out = output_folder(Path(out))
     if output_ready(out):
         return out
     work = out.parent / f"{out.name}.work"
     if from_dir is not None and not Path(from_dir).is_dir():
         raise CenError(f"--from {from_dir}: not a folder")
+    for name in (DATA_TREE, TOOLBOX_TREE) if from_dir is not None else ():
+        if not (Path(from_dir) / name).is_dir() and not (Path(from_dir) / f"{name}.zip").is_file():
+            raise CenError(f"--from {from_dir}: expected a folder {name}/ or {name}.zip in it")
     data = _tree(DATA_TREE, from_dir, work, base_url, progress)
     toolbox = _tree(TOOLBOX_TREE, from_dir, work, base_url, progress)
     samples = _read_meta(toolbox.joinpath(*META))
@@ -153,23 +156,29 @@ def _tree(name: str, from_dir: Path | None, work: Path, base_url: str, progress:
         if (Path(from_dir) / name).is_dir():
             return Path(from_dir) / name
         archive = Path(from_dir) / f"{name}.zip"
-        if not archive.is_file():
-            raise CenError(f"--from {from_dir}: expected a folder {name}/ or {name}.zip in it")
     elif (work / name).is_dir():
-        return work / name
+        return work / name  # extracted from the download earlier (which may since be deleted)
     else:
         url = base_url if base_url.endswith("/") else base_url + "/"
         archive = download(
-            f"{url}{name}.zip", work / f"{name}.zip", progress=progress, advice=FROM_ADVICE
+            f"{url}{name}.zip",
+            work / f"{name}.zip",
+            progress=progress,
+            advice=FROM_ADVICE,
+            check=lambda path: None if zipfile.is_zipfile(path) else "is not a zip archive",
         )
     return _extract(archive, name, work, progress)
 
 
 def _extract(archive: Path, name: str, work: Path, progress: bool) -> Path:
-    """Extract the members under ``name/`` of ``archive`` to ``work/name`` (kept if present)."""
-    target = work / name
-    if target.is_dir():
+    """Extract the members under ``name/`` of ``archive`` to ``work/name``, kept while the
+    archive is the one it came from (its path, size and time, in ``work/name.source``)."""
+    target, source = work / name, work / f"{name}.source"
+    stat = archive.stat()
+    origin = f"{archive.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+    if target.is_dir() and source.is_file() and source.read_text() == origin:
         return target
+    shutil.rmtree(target, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=work))
     try:
@@ -182,6 +191,7 @@ def _extract(archive: Path, name: str, work: Path, progress: bool) -> Path:
             ):
                 zf.extract(member, tmp)
         (tmp / name).rename(target)
+        source.write_text(origin)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise CenError(
             f"{archive}: cannot extract, the archive is truncated or corrupt; delete it and "

@@ -319,6 +319,16 @@ class TaskonomyDataset(Dataset):
 # ----------------------------------------------------------------------------- download
 
 
+def image_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being an image file, if anything (its data is verified)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        return "is not an image (an error page?)"
+    return None
+
+
 def prepare_taskonomy(
     out: str | Path,
     domains: Sequence[str | int] = ("reshading", "edge_texture", "rgb"),
@@ -332,7 +342,8 @@ def prepare_taskonomy(
     Each file comes on its own from ``{base_url}/{domain}/{file}`` (the repository holds
     tens of GB across all domains; only what is asked for is fetched), ``workers`` at a time
     with :func:`~cenfusion.data.download.download_many`: files already present are skipped
-    and interrupted ones resume. Writes ``train.txt`` and ``val.txt`` at the end.
+    and interrupted ones resume; a file that is not an image (a mirror's error page) is
+    removed. Writes ``train.txt`` and ``val.txt`` at the end.
 
     ``splits`` (default: the released 1000/500 views) maps split names to views.
     """
@@ -348,8 +359,8 @@ def prepare_taskonomy(
         for views in chosen.values()
         for view in views
     ]
-    advice = "run again to resume, or --base-url MIRROR"
-    download_many(items, workers=workers, progress=progress, advice=advice)
+    advice = "run again to resume an interrupted transfer, or --base-url MIRROR"
+    download_many(items, workers=workers, progress=progress, advice=advice, check=image_problem)
     for split, views in chosen.items():
         write_split_file(out / f"{split}.txt", views)
     return out

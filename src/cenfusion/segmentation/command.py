@@ -119,7 +119,22 @@ def _data_nyudv2(args: argparse.Namespace) -> None:
         splits=o.splits_url or defaults.splits,
         class_mapping=o.mapping_url or defaults.class_mapping,
     )
-    print(f"wrote {prepare_nyudv2(o.out, from_dir=o.from_dir, urls=urls)}")
+    kept = _prepared(o.out)
+    _say_prepared(prepare_nyudv2(o.out, from_dir=o.from_dir, urls=urls), kept)
+
+
+def _prepared(out: Path) -> bool:
+    from cenfusion.data.nyudv2 import output_ready
+    from cenfusion.data.staging import output_folder
+
+    return output_ready(output_folder(out))
+
+
+def _say_prepared(out: Path, kept: bool) -> None:
+    if kept:
+        print(f"{out} already holds a prepared data set: kept as it is (delete it to redo it)")
+    else:
+        print(f"wrote {out}")
 
 
 @dataclass(frozen=True)
@@ -138,10 +153,11 @@ def _data_sunrgbd(args: argparse.Namespace) -> None:
     from cenfusion.data.sunrgbd import prepare_sunrgbd
 
     o = options_from_args(SunOptions, args)
+    kept = _prepared(o.out)
     out = prepare_sunrgbd(
         o.out, from_dir=o.from_dir, base_url=o.base_url, use_refined_depth=not o.raw_depth
     )
-    print(f"wrote {out}")
+    _say_prepared(out, kept)
 
 
 def _add_seg_train(sub: argparse._SubParsersAction) -> None:

@@ -113,11 +113,12 @@ def add_data_parsers(data_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_taskonomy(args: argparse.Namespace) -> None:
-    from cenfusion.data.taskonomy import DEFAULT_BASE_URL, prepare_taskonomy
+    from cenfusion.data.taskonomy import DEFAULT_BASE_URL, prepare_taskonomy, resolve_domain
 
     o = options_from_args(TaskonomyOptions, args)
     out = prepare_taskonomy(o.out, o.domains, o.base_url or DEFAULT_BASE_URL, o.workers)
-    log.info(f"wrote {out}: {', '.join(o.domains)}; train.txt, val.txt")
+    names = dict.fromkeys(resolve_domain(d) for d in o.domains)
+    log.info(f"wrote {out}: {', '.join(names)}; train.txt, val.txt")
 
 
 def _run_synthetic(args: argparse.Namespace) -> None:
