@@ -518,3 +518,20 @@ def test_a_run_another_process_writes_is_refused(data_root, tmp_path) -> None:
     assert load_checkpoint(cfg.run_dir / "last.pth")["epoch"] == 1
     train(replace(cfg, epochs=(2,)), resume=cfg.run_dir / "last.pth")
     assert load_checkpoint(cfg.run_dir / "last.pth")["epoch"] == 2
+
+
+def test_a_class_count_other_than_the_datas_names_is_warned_of(tmp_path, caplog) -> None:
+    from cenfusion.data.synthetic import generate_segmentation_dataset
+    from cenfusion.segmentation.build import check_data
+
+    root = generate_segmentation_dataset(tmp_path / "d", 4, 3, (24, 32), seed=0)
+    (root / "classes.txt").write_text("wall\nfloor\n")
+    cfg = replace(SYNTHETIC, data=root, quiet=True)
+    caplog.set_level(logging.INFO, logger="cenfusion")
+    check_data(cfg, training=True)
+    said = f"warning: {root} names 2 classes, --num-classes is {cfg.num_classes}: its names go"
+    assert said in caplog.text
+    caplog.clear()
+    (root / "classes.txt").write_text("".join(f"c{k}\n" for k in range(cfg.num_classes)))
+    check_data(cfg, training=True)
+    assert "warning" not in caplog.text

@@ -74,7 +74,7 @@ def generic_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(f"class {i}" for i in range(num_classes))
 
 
-def _names_in_root(root: Path) -> list[str] | None:
+def declared_class_names(root: Path) -> list[str] | None:
     """Names a data root declares: ``classes.txt``, else a synthetic set's marker file."""
     listed = root / CLASSES_FILE
     if listed.is_file():
@@ -112,7 +112,7 @@ def resolve_class_names(
         return tuple(names)
     candidates: list[Sequence[str] | None] = []
     if data_root is not None and Path(data_root).is_dir():
-        candidates.append(_names_in_root(Path(data_root)))
+        candidates.append(declared_class_names(Path(data_root)))
     if synthetic:
         candidates.append(SYNTHETIC_CLASSES)
     candidates += [NYU40_CLASSES, SUN37_CLASSES]

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Subset
 
 from cenfusion.data.check import check_dataset
+from cenfusion.data.class_names import declared_class_names
 from cenfusion.data.listfile import ListFileDataset, ModalitySpec, nyudv2_modalities
 from cenfusion.data.synthetic import ensure_synthetic
 from cenfusion.data.transforms import train_transform, val_transform
@@ -80,6 +81,13 @@ def check_data(cfg: SegmentationConfig, training: bool) -> None:
         progress=not cfg.quiet,
         report=log.info,
     )
+    declared = declared_class_names(data_root(cfg))
+    if declared is not None and len(declared) != cfg.num_classes:
+        log.info(
+            f"warning: {data_root(cfg)} names {len(declared)} classes, --num-classes is "
+            f"{cfg.num_classes}: its names go unused (--num-classes {len(declared)} if that is "
+            "the data's count)"
+        )
 
 
 def build_dataset(cfg: SegmentationConfig, train: bool) -> ListFileDataset:
