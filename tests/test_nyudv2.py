@@ -274,6 +274,16 @@ def test_released_folder_with_bad_line_is_refused(tmp_path: Path) -> None:
         prepare_nyudv2(tmp_path / "nyudv2", from_dir=released, progress=False)
 
 
+def test_released_folder_lists_split_as_every_list_file_and_not_empty(tmp_path: Path) -> None:
+    released = tmp_path / "released"
+    _released_folder(released)
+    (released / "val.txt").write_text("rgb/000002.png masks/000002.png depth/000002.png\n")
+    prepare_nyudv2(tmp_path / "spaces", from_dir=released, progress=False)
+    (released / "val.txt").write_text("\n")
+    with pytest.raises(CenError, match=r"val\.txt: no samples listed"):
+        prepare_nyudv2(tmp_path / "empty", from_dir=released, progress=False)
+
+
 def test_a_file_that_is_no_matlab_file_is_one_line(tmp_path: Path) -> None:
     _fabricate(tmp_path / "src")
     (tmp_path / "src" / "splits.mat").write_text("<html><body>Moved</body></html>")

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from cenfusion.data.class_names import NYU40_CLASSES
 from cenfusion.data.download import FROM_ADVICE, download, one_line
+from cenfusion.data.listfile import split_line
 from cenfusion.data.staging import output_folder, staging
 from cenfusion.errors import CenError
 
@@ -233,19 +234,20 @@ def check_layout(root: Path) -> None:
     Raises:
         CenError: naming the list line or file at fault and what was expected.
     """
-    first: list[Path] | None = None
+    listed: dict[str, list[tuple[str, str, str]]] = {}
     for list_name in LIST_FILES:
         list_path = root / list_name
         if not list_path.is_file():
             raise CenError(f"{list_path}: missing")
-        for number, fields in enumerate(read_list(list_path), start=1):
+        entries = read_list(list_path)
+        if not entries:
+            raise CenError(f"{list_path}: no samples listed")
+        for number, fields in enumerate(entries, start=1):
             for rel in fields:
                 if not (root / rel).is_file():
                     raise CenError(f"{list_path}:{number}: {root / rel} does not exist")
-            if first is None:
-                first = [root / rel for rel in fields]
-    if first is None:
-        raise CenError(f"{root / LIST_FILES[0]}: no samples listed")
+        listed[list_name] = entries
+    first = [root / rel for rel in listed[LIST_FILES[0]][0]]
     rgb, mask, depth = (_image_header(p) for p in first)
     if rgb[0] != "RGB":
         raise CenError(f"{first[0]}: expected an 8-bit RGB PNG, got mode {rgb[0]}")
@@ -263,21 +265,22 @@ def read_list(path: Path) -> list[tuple[str, str, str]]:
     """The ``(rgb, mask, depth)`` relative paths of a list file; blank lines are skipped.
 
     Raises:
-        CenError: a line is not ``rgb/...<TAB>masks/...<TAB>depth/...`` with relative paths.
+        CenError: a line is not ``rgb/... masks/... depth/...`` with relative paths (split
+            at tabs, else at spaces, as every list file).
     """
     entries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.rstrip("\r").split("\t")
+        fields = split_line(line.strip())
         if (
             len(fields) != 3
             or any(not f.startswith(p) for f, p in zip(fields, _LIST_FIELDS))
             or any(".." in Path(f).parts for f in fields)
         ):
             raise CenError(
-                f"{path}:{number}: expected 'rgb/NAME.png<TAB>masks/NAME.png<TAB>depth/NAME.png', "
-                f"got {line!r}"
+                f"{path}:{number}: expected 'rgb/NAME.png masks/NAME.png depth/NAME.png' (tab- "
+                f"or space-separated), got {line!r}"
             )
         entries.append((fields[0], fields[1], fields[2]))
     return entries
