@@ -334,6 +334,18 @@ def test_exchange_points_that_select_nothing_are_refused() -> None:
     assert not exchanging_norms(convert(net, 2, ()))
 
 
+def test_resnets_points_on_a_network_with_a_layer1_alone_are_refused() -> None:
+    """HRNet has a ResNet-like ``layer1``: ResNet's points would exchange there alone."""
+    net = timm.create_model("hrnet_w18_small", features_only=True)
+    with pytest.raises(
+        ExchangePointsError,
+        match=r"^ResNet's exchange points 'layer\*\.\*\.bn2' "
+        r"match 1 of the model's \d+ BatchNorms, most of which lie outside",
+    ):
+        convert(copy.deepcopy(net), 2)
+    assert len(exchanging_norms(convert(net, 2, "stage*.*.branches.*.*.bn2"))) > 10
+
+
 def test_norms_that_stay_shared_are_warned_of(recwarn) -> None:
     net = nn.Sequential(
         nn.Conv2d(3, 4, 1),
@@ -366,6 +378,9 @@ def test_a_network_of_frozen_batchnorms_is_refused_naming_them() -> None:
         "the model has no BatchNorm2d to make private (20 FrozenBatchNorm2d stay shared): "
         "channel exchange needs a BatchNorm CNN"
     )
+    normfree = timm.create_model("nf_resnet26")
+    with pytest.raises(ExchangePointsError, match="^the model has no BatchNorm2d to make priv"):
+        convert(normfree, 2, ())  # private norms alone need norms too
 
 
 def test_converted_norms_keep_the_mode_dtype_and_device_of_the_batchnorms() -> None:

@@ -53,20 +53,12 @@ def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
 
 
 def _check_selection(
-    exchange_at: ExchangeSelector,
-    names: Sequence[str],
-    chosen: Sequence[str],
-    shared: Counter[str],
+    exchange_at: ExchangeSelector, names: Sequence[str], chosen: Sequence[str]
 ) -> None:
     """Refuse exchange points that select nothing: a pattern that matches none of the
     BatchNorms (a typo, or ResNet's points on another family) would silently train without
-    exchange."""
-    if not names:
-        kept = f" ({_listed(shared)} stay shared)" if shared else ""
-        raise ExchangePointsError(
-            f"the model has no BatchNorm2d to make private{kept}: channel exchange needs a "
-            "BatchNorm CNN"
-        )
+    exchange. ResNet's points on a model most of whose BatchNorms lie outside ``layer1..4``
+    (HRNet has a ``layer1``) are refused too: they would exchange in a corner of it."""
     if callable(exchange_at):
         unmatched = None if chosen else "the selector"
     else:
@@ -78,6 +70,14 @@ def _check_selection(
         raise ExchangePointsError(
             f"{unmatched} matches none of the model's {len(names)} BatchNorms, named like "
             f"{_name_shapes(names)}"
+        )
+    outside = [n for n in names if not n.startswith("layer")]
+    resnets = not callable(exchange_at) and tuple(_patterns(exchange_at)) == RESNET_EXCHANGE_POINTS
+    if resnets and len(outside) > len(names) / 2:
+        raise ExchangePointsError(
+            f"ResNet's exchange points {RESNET_EXCHANGE_POINTS[0]!r} match {len(chosen)} of "
+            f"the model's {len(names)} BatchNorms, most of which lie outside layer1..4 (named "
+            f"like {_name_shapes(outside)}): name this family's points"
         )
 
 
@@ -183,8 +183,10 @@ def convert(
     affine parameters or running statistics, ...) stay shared, with a warning.
 
     Raises:
-        ExchangePointsError: a pattern of ``exchange_at`` (or the predicate) selects none of the
-            model's BatchNorms; the message shows the shapes of their names.
+        ExchangePointsError: the model has no BatchNorm2d to make private; a pattern of
+            ``exchange_at`` (or the predicate) selects none of its BatchNorms; or ResNet's
+            points meet a model most of whose BatchNorms lie outside ``layer1..4``. The
+            message shows the shapes of their names.
         CenError: an argument of the wrong kind, or a model that already holds private norms.
     """
     _check_arguments(model, num_modalities, exchange_at, threshold)
@@ -194,10 +196,17 @@ def convert(
         for name, module in model.named_modules()
         if _private_kind(module) and name
     ]
+    names = [name for name, _, _ in targets]
+    if not names:
+        shared = _shared_norms(model)
+        kept = f" ({_listed(shared)} stay shared)" if shared else ""
+        raise ExchangePointsError(
+            f"the model has no BatchNorm2d to make private{kept}: channel exchange needs a "
+            "BatchNorm CNN"
+        )
     if exchange_at:
-        names = [name for name, _, _ in targets]
         chosen = [name for name, _, exchange in targets if exchange]
-        _check_selection(exchange_at, names, chosen, _shared_norms(model))
+        _check_selection(exchange_at, names, chosen)
     private = {
         id(bn): _private_norm(bn, num_modalities, exchange, threshold)
         for _, bn, exchange in targets
