@@ -264,3 +264,16 @@ def test_check_images_finds_every_unreadable_input(root: Path) -> None:
     with pytest.raises(CenError, match=r"cannot read image .*t1\.png.*\(1 of 2 problems\)"):
         check_images([*good, root / "rgb" / "gone.png"], report=lines.append)
     assert "t1.png" in lines[0] and lines[1].endswith("gone.png does not exist")
+
+
+def test_paths_with_spaces_in_a_list_without_tabs_get_a_hint(root: Path, tmp_path: Path) -> None:
+    for folder in ("rgb", "masks", "depth"):
+        (root / folder / "t0.png").rename(root / folder / "t 0.png")
+    lines = (root / "train.txt").read_text().replace("t0", "t 0").replace("\t", " ")
+    (root / "train.txt").write_text(lines)
+    report, said = run(root, tmp_path)
+    assert report is None
+    hint = "train.txt: a line without tabs is split at spaces; paths with spaces need tab-separ"
+    assert sum(hint in line for line in said) == 1
+    (root / "train.txt").write_text(lines.replace(" ", "\t").replace("t\t0", "t 0"))
+    assert run(root, tmp_path)[0] is not None

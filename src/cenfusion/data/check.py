@@ -313,6 +313,7 @@ def check_dataset(
         width: int | None = None
         listed = 0
         short: list[tuple[int, int]] = []
+        spaced = ""
         for number, line in enumerate(lines, start=1):
             bar.update()
             if not line.strip():
@@ -328,7 +329,14 @@ def check_dataset(
                 )
             else:
                 listed += 1
+                before = len(checker.problems)
                 checker.check_sample(where, columns)
+                missing = any("does not exist" in p for p in checker.problems[before:])
+                if "\t" not in line and missing and not spaced:
+                    spaced = f"{list_path}: a line without tabs is split at spaces; paths with "
+                    spaced += "spaces need tab-separated columns"
+        if spaced:
+            checker.problems.append(spaced)
         if short:
             number, got = short[0]
             rest = len(short) - 1
