@@ -31,7 +31,7 @@ from cenfusion.info import (
 from cenfusion.models.unet import create_cen_unet
 from cenfusion.reporting.exchange import GAMMA_EDGES, exchange_record
 from cenfusion.reporting.html import write_report
-from cenfusion.reporting.plots import write_plots
+from cenfusion.reporting.plots import plot_exchange_overall, write_plots
 from cenfusion.reporting.runlog import load_confusion, read_run, save_confusion
 
 CLASSES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug")
@@ -228,6 +228,15 @@ def test_read_run_translation_lists_are_named_from_the_config(tmp_path) -> None:
     assert run.exchange_overall() == ([1, 2], [0.0, 0.1])
 
 
+def test_a_run_without_exchange_points_reports_no_exchange(tmp_path) -> None:
+    record = {"overall": 0.0, "thresholds": [], "points": {}}
+    lines = [{"epoch": e, "loss": 1.0, "exchange": record} for e in (1, 2)]
+    write_lines(tmp_path / "metrics.jsonl", lines)
+    run = read_run(tmp_path)
+    assert run.exchange_overall() == ([], [])
+    assert plot_exchange_overall(run, tmp_path / "exchange.png") is None
+
+
 def test_read_run_reports_bad_input_in_one_line(tmp_path) -> None:
     with pytest.raises(CenError, match="no metrics.jsonl"):
         read_run(tmp_path)
@@ -300,6 +309,9 @@ def test_report_segmentation_content(seg_report) -> None:
     assert self_contained(page)
     assert len(re.findall("<img ", page)) == 8 + 2  # the plots and images/a.png, images/b.png
     assert "stage 2, epoch 3" in page and "runs/seg/best.pth" in page
+    from cenfusion.reporting.html import _epoch_label
+
+    assert _epoch_label({"stage": 2, "epoch": 20}, 20.0) == "epoch 20 (stage 2)"
     assert "Best validation, epoch 6" in page and "Last validation" not in page
     assert "<td>ensemble</td><td>77.00</td><td>50.00</td><td>37.00</td>" in page
 

@@ -217,12 +217,14 @@ def format_model_info(info: ModelInfo) -> list[str]:
     h, w = info.input_size
     parameters = _si(info.parameters)
     trainable = _si(info.trainable_parameters)
+    count = len(info.modalities)
+    inputs = f"{count} modalit{'y' if count == 1 else 'ies'} at {h}x{w}, batch 1"
     lines = [
         f"model: {info.source}",
         f"task: {info.task}",
         f"architecture: {info.architecture}",
         f"parameters: {parameters} ({trainable} trainable)",
-        f"FLOPs: {_si(info.flops)}, {len(info.modalities)} modalities at {h}x{w}, batch 1",
+        f"FLOPs: {_si(info.flops)}, {inputs}",
         f"modalities: {', '.join(info.modalities)}",
     ]
     if info.classes:

@@ -82,9 +82,10 @@ def _score_table(scores: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _epoch_label(line: Mapping[str, Any], x: float) -> str:
-    if "stage" in line:
-        return f"epoch {x:g} (stage {line['stage']}, epoch {line.get('epoch')})"
-    return f"epoch {x:g}"
+    if "stage" not in line:
+        return f"epoch {x:g}"
+    within = "" if line.get("epoch") == x else f", epoch {line.get('epoch')}"  # counted per stage
+    return f"epoch {x:g} (stage {line['stage']}{within})"
 
 
 def _results(run: RunLog) -> str:

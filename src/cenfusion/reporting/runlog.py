@@ -151,12 +151,13 @@ class RunLog:
         return evaluated[-1]
 
     def exchange_overall(self) -> Series:
-        """``(xs, overall fraction)`` of the lines that log one."""
+        """``(xs, overall fraction)`` of the lines that log one (none for a model without
+        exchange points, which exchanges nothing by construction)."""
         xs, ys = [], []
         for x, line in zip(self.xs, self.epochs):
             value = line.get("exchange", line.get("exchange_fraction"))
             if isinstance(value, Mapping):
-                value = value.get("overall")
+                value = value.get("overall") if value.get("points", True) else None
             if _is_number(value):
                 xs.append(x)
                 ys.append(float(value))

@@ -57,8 +57,10 @@ class DemoRun:
 
 
 RUNS: tuple[DemoRun, ...] = (
-    DemoRun("rgb-only", "RGB only", {"modalities": ("rgb",)}),
-    DemoRun("depth-only", "depth only", {"modalities": ("depth",)}),
+    DemoRun("rgb-only", "RGB only", {"modalities": ("rgb",), "exchange": False, "lamda": 0.0}),
+    DemoRun(
+        "depth-only", "depth only", {"modalities": ("depth",), "exchange": False, "lamda": 0.0}
+    ),
     DemoRun("cen-no-exchange", "CEN without exchange", {"exchange": False, "lamda": 0.0}),
     DemoRun("cen", "CEN", {}),
 )
@@ -151,6 +153,7 @@ def _train_chain(chain: Chain, report: bool, queue: Any) -> None:
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         for run, cfg in chain:
             forwarder.run = run.name
+            queue.put((run.name, "start", None))
             try:
                 queue.put((run.name, "row", _train_row(run, cfg, report)))
             except KeyboardInterrupt:
@@ -261,7 +264,9 @@ def _run_parallel(
                         f"(exit code {dead[0].exitcode})"
                     ) from None
                 continue
-            if kind == "epoch":
+            if kind == "start":
+                bars[name].reset()  # its clock starts with the run, not with the demo
+            elif kind == "epoch":
                 bars[name].update(value - bars[name].n)
             elif kind == "row":
                 rows[name] = value
@@ -288,7 +293,7 @@ def summary_line(row: DemoRow) -> str:
         layers = row.exchanged_by_layer.values()
         line += (
             f"; {100 * row.exchanged:.0f}% exchanged "
-            f"({100 * min(layers):.0f}-{100 * max(layers):.0f}% by layer)"
+            f"({100 * min(layers):.0f}-{100 * max(layers):.0f}% by exchange point)"
         )
     return line + f" ({row.seconds:.0f} s)"
 

@@ -11,6 +11,7 @@ curves of every branch.
 
 from __future__ import annotations
 
+from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
 from cenfusion.engine.run import LogRouting, log
 from cenfusion.translation.config import TranslationConfig
 
@@ -39,7 +40,7 @@ def run_translation_demo(base: TranslationConfig = DEMO, report: bool = True) ->
     with LogRouting():
         best = train(TRANSLATION, base, force=True)
         metrics = best.metrics or {}
-        names = ["shading branch", "texture branch", "ensemble"]
+        names = [f"{DOMAINS[t]} branch" for t in base.inputs] + ["ensemble"]
         for key in ("fid", "kid_x100", "l1"):
             if key in metrics:
                 values = ", ".join(f"{n} {v:.3f}" for n, v in zip(names, metrics[key]))
