@@ -274,6 +274,10 @@ def test_paths_with_spaces_in_a_list_without_tabs_get_a_hint(root: Path, tmp_pat
     report, said = run(root, tmp_path)
     assert report is None
     hint = "train.txt: a line without tabs is split at spaces; paths with spaces need tab-separ"
-    assert sum(hint in line for line in said) == 1
+    assert hint in said[0] and sum(hint in line for line in said) == 1, "first, not cut off"
     (root / "train.txt").write_text(lines.replace(" ", "\t").replace("t\t0", "t 0"))
     assert run(root, tmp_path)[0] is not None
+    (root / "val.txt").write_text((root / "val.txt").read_text().replace("\t", " "))
+    (root / "masks" / "v0.png").unlink()  # missing, its name without a space: no hint
+    report, said = run(root, tmp_path)
+    assert report is None and not any("without tabs" in line for line in said)

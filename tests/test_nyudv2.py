@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -308,12 +309,13 @@ def test_an_output_link_is_written_through_and_the_current_folder_refused(
 
 def test_a_killed_conversions_folder_is_removed_by_the_next(tmp_path: Path) -> None:
     _fabricate(tmp_path / "src")
-    dead = tmp_path / ".nyu.tmp-999999999-abc"  # no such process
-    live = tmp_path / f".nyu.tmp-{os.getpid()}-abc"
-    dead.mkdir()
-    live.mkdir()
+    dead = tmp_path / f".nyu.tmp-999999999@{socket.gethostname()}-abc"  # no such process
+    live = tmp_path / f".nyu.tmp-{os.getpid()}@{socket.gethostname()}-abc"
+    elsewhere = tmp_path / ".nyu.tmp-999999999@another-host-abc"  # a shared disk's
+    for folder in (dead, live, elsewhere):
+        folder.mkdir()
     prepare_nyudv2(tmp_path / "nyu", from_dir=tmp_path / "src", progress=False)
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and elsewhere.exists()
 
 
 def test_the_command_says_when_it_kept_a_prepared_set(tmp_path: Path, capsys) -> None:

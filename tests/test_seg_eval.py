@@ -320,3 +320,9 @@ def test_compiled_evaluation_freezes_the_weights(setup, tmp_path, monkeypatch) -
     argv = ["seg", "eval", "--resume", str(checkpoint), "--device", "cpu", "--compile"]
     assert main([*argv, "--runs", str(tmp_path)]) == 0
     assert asked == [{"options": {"freezing": True}}]
+
+
+def test_settings_that_cannot_run_are_refused_from_python_too(setup) -> None:
+    cfg, _, checkpoint = setup
+    with pytest.raises(CenError, match=r"^--exp '\.\./x': expected a run name"):
+        evaluate_protocols(replace(cfg, exp="../x"), checkpoint)

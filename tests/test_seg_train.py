@@ -10,7 +10,7 @@ import timm
 import torch
 
 from cenfusion.cli import main
-from cenfusion.engine.checkpoint import load_checkpoint, saved_config
+from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint, saved_config
 from cenfusion.engine.launch import free_port, rank_env
 from cenfusion.engine.run import EPOCH_RECORD
 from cenfusion.engine.run import log as run_log
@@ -24,8 +24,8 @@ from cenfusion.segmentation import train as train_module
 from cenfusion.segmentation.build import build_dataset
 from cenfusion.segmentation.config import SYNTHETIC, SegmentationConfig
 from cenfusion.segmentation.demo import DemoRow, demo_findings, run_demo
-from cenfusion.segmentation.evaluate import evaluate_protocols
-from cenfusion.segmentation.modelio import model_from_checkpoint
+from cenfusion.segmentation.evaluate import evaluate_protocols, run_evaluation
+from cenfusion.segmentation.modelio import model_from_checkpoint, model_record
 from cenfusion.segmentation.task import SEGMENTATION
 from cenfusion.segmentation.train import SegmentationRecipe
 
@@ -244,6 +244,9 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
         with pytest.raises(CenError, match=message + ".* an evaluation scores the checkpoint's"):
             evaluate(SEGMENTATION, replace(cfg, exp="more", **changes), ckpt)
     assert not (tmp_path / "more").exists()
+    bare = tmp_path / "bare.pth"  # weights alone, as a converted released file holds
+    save_checkpoint(bare, model_record(model_from_checkpoint(ckpt)))
+    evaluate(SEGMENTATION, replace(cfg, exp="bare", decoder_width=8), bare)  # a preset's width
     with pytest.raises(CenError, match=r"^--force: not with --resume .*last.pth, which continues"):
         train(replace(cfg, epochs=(2,)), resume=ckpt, force=True)
     swapped = replace(cfg, exp="more", modalities=tuple(reversed(cfg.modalities)))
@@ -512,6 +515,8 @@ def test_a_run_another_process_writes_is_refused(data_root, tmp_path) -> None:
             train(replace(cfg, epochs=(2,)), resume=cfg.run_dir / "last.pth")
         with pytest.raises(CenError, match=busy):
             evaluate(SEGMENTATION, cfg)
+        with pytest.raises(CenError, match=busy):  # cen seg eval -c EXP adds to the run too
+            run_evaluation(cfg, cfg.run_dir / "last.pth", save=True)
     finally:
         other.kill()
         other.wait()

@@ -293,9 +293,11 @@ def test_a_changed_zip_is_extracted_again(tmp_path: Path) -> None:
     prepare_sunrgbd(tmp_path / "a", from_dir=tmp_path / "zips", progress=False)
     image = next((tmp_path / "release" / "SUNRGBD").rglob("*.jpg"))
     Image.new("RGB", Image.open(image).size).save(image)  # black
-    _zip_trees(tmp_path / "release", tmp_path / "zips2")
+    for archive in (tmp_path / "zips").iterdir():
+        archive.unlink()
+    _zip_trees(tmp_path / "release", tmp_path / "zips")  # the same path, another archive
     (tmp_path / "a.work").rename(tmp_path / "b.work")  # the first run's extraction, kept
-    prepare_sunrgbd(tmp_path / "b", from_dir=tmp_path / "zips2", progress=False)
+    prepare_sunrgbd(tmp_path / "b", from_dir=tmp_path / "zips", progress=False)
     rgbs = [np.asarray(Image.open(p)).max() for p in sorted((tmp_path / "b" / "rgb").iterdir())]
     assert 0 in rgbs, "the new archive's black image, not the old extraction's"
 

@@ -479,6 +479,9 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
     seen: list[str] = []
     draws: list[torch.Tensor] = []
     states: list[dict] = []
+    cuda_seeds: list[int] = []
+    seed_cuda = torch.cuda.manual_seed_all
+    torch.cuda.manual_seed_all = lambda seed: cuda_seeds.append(int(seed)) or seed_cuda(seed)
     import cenfusion.engine.session as engine
 
     step, fit = train_module.TranslationRecipe.train_step, engine.fit
@@ -501,7 +504,7 @@ def _ddp_rank(rank: int, port: int, cfg: TranslationConfig, out: str) -> None:
         best = train(cfg)
         evaluated = evaluate(TRANSLATION, cfg)["l1"]
         record = {"best": best.score, "best_epoch": best.epoch, "seen": seen, "eval": evaluated}
-        record["draws"] = torch.stack(draws)
+        record |= {"draws": torch.stack(draws), "cuda_seeds": cuda_seeds}
         torch.save(
             {**record, "model": states[0]["model"], "discriminator": states[0]["discriminator"]},
             Path(out) / f"rank{rank}.pt",
@@ -527,6 +530,8 @@ def test_ddp_training_on_cpu_with_gloo(
         assert len(views[0] | views[1]) == 4, "each epoch covers the 4 views once, split in two"
     assert ranks[0]["seen"][:2] != ranks[0]["seen"][2:], "set_epoch reshuffles"
     assert not torch.equal(ranks[0]["draws"][0], ranks[1]["draws"][0]), "dropout masks per rank"
+    for rank, record in enumerate(ranks):  # CUDA's stream too: seeded per rank, never reset
+        assert set(record["cuda_seeds"]) == {cfg.seed + rank}
     for key in ("model", "discriminator"):
         for name, value in ranks[0][key].items():
             # The discriminator norms' running statistics follow each rank's own batches

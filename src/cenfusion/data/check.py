@@ -20,6 +20,7 @@ label values), not verdicts: checking with another class count reuses it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -313,7 +314,7 @@ def check_dataset(
         width: int | None = None
         listed = 0
         short: list[tuple[int, int]] = []
-        spaced = ""
+        spaced, first = "", len(checker.problems)
         for number, line in enumerate(lines, start=1):
             bar.update()
             if not line.strip():
@@ -329,14 +330,13 @@ def check_dataset(
                 )
             else:
                 listed += 1
-                before = len(checker.problems)
                 checker.check_sample(where, columns)
-                missing = any("does not exist" in p for p in checker.problems[before:])
-                if "\t" not in line and missing and not spaced:
+                pairs = itertools.pairwise(columns) if "\t" not in line and not spaced else ()
+                if any((root / f"{a} {b}").is_file() for a, b in pairs):
                     spaced = f"{list_path}: a line without tabs is split at spaces; paths with "
                     spaced += "spaces need tab-separated columns"
         if spaced:
-            checker.problems.append(spaced)
+            checker.problems.insert(first, spaced)
         if short:
             number, got = short[0]
             rest = len(short) - 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,14 +31,19 @@ def staging(out: Path) -> Iterator[Path]:
 
     On any exception the folder is deleted, so ``out`` is either complete or absent. ``out``
     itself may exist only as an empty folder (see :func:`output_ready`). Folders of earlier
-    stagings whose process is gone (killed) are removed first.
+    stagings on this host whose process is gone (killed) are removed first; another host's
+    (a shared disk) are left alone.
     """
     out = output_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*-*"):
-        if not _alive(stale.name.removeprefix(f".{out.name}.tmp-").split("-")[0]):
+    host = socket.gethostname()
+    ours = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)@{re.escape(host)}-[a-z0-9_]+")
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        found = ours.fullmatch(stale.name)
+        if found and not _alive(found[1]):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    prefix = f".{out.name}.tmp-{os.getpid()}@{host}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)

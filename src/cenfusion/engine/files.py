@@ -9,9 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from cenfusion.errors import CenError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 try:
     import fcntl
@@ -101,6 +104,13 @@ class FolderLock:
             return False
 
     def release(self) -> None:
+        """Give the lock up (closing its file); a second call does nothing."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

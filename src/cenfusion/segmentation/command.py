@@ -17,6 +17,7 @@ from cenfusion.engine.config import (
     REQUIRED,
     add_config_flags,
     given_flags,
+    load_yaml,
     options_from_args,
     setting,
 )
@@ -284,7 +285,7 @@ def _seg_eval(args: argparse.Namespace) -> None:
     o, given = options_from_args(EvalOptions, args), given_flags(SegmentationConfig, args)
     saved = saved_settings(o.resume)
     cfg = SEGMENTATION.resolve_config(o.preset, o.config, given, saved, str(o.resume))
-    cfg = onnx_runtime(o.resume, cfg, given)
+    cfg = onnx_runtime(o.resume, cfg, {*given, *(load_yaml(o.config) if o.config else {})})
     protocols = protocols_for(o.ms, o.scales, o.flip)
     run_evaluation(cfg, o.resume, protocols, save="exp" in given, batch_size=o.eval_batch)
 
@@ -309,7 +310,8 @@ def _add_seg_eval(sub: argparse._SubParsersAction) -> None:
         description="Always prints the released single-scale protocol; --ms adds scales "
         "0.5 0.75 1 1.25 1.5 with horizontal flip (softmax probabilities averaged). With "
         "-c EXP the scores are also appended to RUNS/EXP/metrics.jsonl; without, only printed. "
-        "Settings not given are the checkpoint's run's, its precision and layout included.",
+        "Settings not given are the checkpoint's run's, its precision and layout included (an "
+        ".onnx file runs as exported).",
     )
     add_config_flags(p, EvalOptions)
     add_config_flags(p, SegmentationConfig, only=_EVAL_FIELDS)

@@ -17,6 +17,7 @@ modality and the ensemble): the augmentation is a module wrapped around the mode
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
+from cenfusion.engine.files import FolderLock
 from cenfusion.engine.interrupts import DeferredForkLoader, catching_interrupts
 from cenfusion.engine.run import METRICS, append_metrics, log
 from cenfusion.engine.runtime import Precision, open_runtime
@@ -231,6 +233,7 @@ def evaluate_protocols(
     match ``cfg``'s. Single process; ``batch_size`` images a forward pass where consecutive
     validation images share their size (each keeps its own), the same scores as one at a time.
     """
+    cfg.validate()
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -295,25 +298,26 @@ def run_evaluation(
     batch_size: int = 1,
 ) -> dict[str, Scores]:
     """Evaluate, print one labelled table per protocol and, with ``save``, append one JSON
-    line per protocol to ``runs/EXP/metrics.jsonl``."""
-    results = evaluate_protocols(cfg, checkpoint, protocols, official, batch_size)
-    for protocol in protocols:
-        scores = results[protocol.label]
-        log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
-    if save:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    line per protocol to ``runs/EXP/metrics.jsonl`` (holding the run folder's lock, as a
+    training does)."""
+    with FolderLock(cfg.run_dir) if save else contextlib.nullcontext():
+        results = evaluate_protocols(cfg, checkpoint, protocols, official, batch_size)
         for protocol in protocols:
-            append_metrics(
-                cfg.run_dir / METRICS,
-                {
-                    "evaluate": str(checkpoint),
-                    "protocol": protocol.label,
-                    "scales": list(protocol.scales),
-                    "flip": protocol.flip,
-                    "val": results[protocol.label],
-                },
-            )
-    return results
+            scores = results[protocol.label]
+            log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
+        if save:
+            for protocol in protocols:
+                append_metrics(
+                    cfg.run_dir / METRICS,
+                    {
+                        "evaluate": str(checkpoint),
+                        "protocol": protocol.label,
+                        "scales": list(protocol.scales),
+                        "flip": protocol.flip,
+                        "val": results[protocol.label],
+                    },
+                )
+        return results
 
 
 __all__ = [

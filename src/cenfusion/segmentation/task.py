@@ -46,7 +46,8 @@ def build_recipe(
         check_model_fits(model, cfg, where)
         saved = state.get("config") or {}
         check_same_modalities(saved.get("modalities"), cfg, where, training)
-        check_resumed_model(model, cfg, where, training)
+        if training or saved:  # without saved settings, cfg's model ones are a preset's
+            check_resumed_model(model, cfg, where, training)
         if training:
             check_resumed_depth_scale(saved.get("depth_scale"), cfg, where)
     return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)

@@ -53,9 +53,10 @@ class TranslationRecipe(Recipe):
     ) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.train_loader, self.val_loader = loaders
-        # Weights from the seed alone; the run's own stream (per rank: dropout) goes on after.
+        # Weights from the seed alone (drawn on the CPU); the run's own streams, per rank for
+        # dropout, CUDA's included, go on after.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            torch.default_generator.manual_seed(cfg.seed)
             generator, discriminator = build_models(cfg)
         self.generator = generator.to(ctx.device)
         self.g_net = ctx.prepare(self.generator, training=True)
