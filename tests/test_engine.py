@@ -691,17 +691,17 @@ def test_every_rank_resumes_its_own_random_stream(tmp_path: Path) -> None:
         assert torch.equal(rank["resumed"], rank["expected"])
 
 
-def test_a_folder_lock_is_one_holders_and_stays_with_its_folder(tmp_path: Path) -> None:
+def test_a_folder_lock_is_one_holders_and_stays_beside_its_folder(tmp_path: Path) -> None:
     from cenfusion.engine.files import FolderLock
 
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"
     lock = FolderLock(run)
-    assert lock.covers(run)
-    with pytest.raises(
-        CenError, match=rf"^{run} is in use by another cen process \(pid {os.getpid()}"
-    ):
+    assert lock.path == tmp_path / "runs" / ".run.lock" and not run.exists()
+    pid = os.getpid()
+    with pytest.raises(CenError, match=rf"^{run} is in use by another cen process \(pid {pid}\)"):
         FolderLock(run)
-    run.rename(tmp_path / "aside")
-    assert not lock.covers(run) and lock.covers(tmp_path / "aside")
     lock.release()
-    FolderLock(tmp_path / "aside").release()
+    busy = pytest.raises(CenError, match="in use by another cen process")
+    with FolderLock(run), busy:  # free again, and held while the block runs
+        FolderLock(run)
+    FolderLock(run).release()

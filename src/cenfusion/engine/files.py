@@ -21,9 +21,6 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-#: The file a run's folder is locked through, while a process trains or evaluates into it.
-LOCK = ".lock"
-
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write ``path`` through ``write`` so that a kill at any instant leaves either the old
@@ -68,15 +65,23 @@ def _disk_full(folder: Path) -> bool:
         return False
 
 
+def lock_file(folder: Path) -> Path:
+    """The file the lock of run folder ``folder`` is taken on: ``.NAME.lock`` beside it."""
+    return folder.parent / f".{folder.name}.lock"
+
+
 class FolderLock:
-    """An exclusive lock on ``folder/.lock`` held by this process until :meth:`release`: two
-    processes writing one run would overwrite each other's checkpoints and metrics. The lock
-    goes with the process (a kill frees it). Where the system has no ``flock`` (Windows)
-    nothing is locked."""
+    """An exclusive lock on a run folder, held by this process until :meth:`release`: two
+    processes writing one run would overwrite each other's checkpoints and metrics. It is
+    taken on a hidden file beside the folder (``.NAME.lock``), which stays put when
+    ``--force`` moves the folder aside. The lock goes with the process (a kill frees it).
+    Where the system has no ``flock`` (Windows) nothing is locked."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / LOCK
+        if folder.parent.exists() and not folder.parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder.parent))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.path = lock_file(folder)
         self._fd: int | None = None
         if fcntl is None:
             return
@@ -93,15 +98,6 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
-
-    def covers(self, folder: Path) -> bool:
-        """Whether this lock is the one of ``folder`` (not of a folder since moved there)."""
-        if self._fd is None:
-            return fcntl is None
-        try:
-            return os.path.samestat(os.fstat(self._fd), os.stat(folder / LOCK))
-        except FileNotFoundError:
-            return False
 
     def release(self) -> None:
         """Give the lock up (closing its file); a second call does nothing."""

@@ -91,10 +91,8 @@ class Context(Runtime):
         """
 
         def claim() -> Path:
-            lock = self.hold_lock(cfg.run_dir)
+            self.hold_lock(cfg.run_dir)
             folder = RunFolder.open(cfg.run_dir, resuming, force)
-            if not lock.covers(folder.path):  # moved aside with --force
-                self.hold_lock(folder.path)
             self.run_log.add_file(folder.path)
             kept = evaluating and (folder.path / CONFIG).is_file()
             folder.save_config(cfg, write=not kept)
