@@ -306,6 +306,7 @@ def run_evaluation(
             scores = results[protocol.label]
             log.info(f"{protocol.label}, {cfg.val_list} ({checkpoint}):\n{format_scores(scores)}")
         if save:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
             for protocol in protocols:
                 append_metrics(
                     cfg.run_dir / METRICS,
