@@ -473,6 +473,13 @@ def test_a_heads_outputs_may_not_overwrite_another_samples(tiny, tmp_path) -> No
         predict(checkpoint, folders, tmp_path / "out", heads=True, runtime=CPU)
     assert not (tmp_path / "out").exists(), "refused before any output"
     assert len(predict(checkpoint, folders, tmp_path / "out", runtime=CPU)) == 6
+    again = (
+        write_rgb(tmp_path / "b" / "a.png", 20, 24),
+        write_depth(tmp_path / "b" / "d.png", 20, 24),
+    )
+    with pytest.raises(CenError, match=r"rgb/a\.png and .*b/a\.png are both named a: their out"):
+        predict(checkpoint, [*folders, again], tmp_path / "again", runtime=CPU)
+    assert not (tmp_path / "again").exists()
 
 
 def test_an_exported_file_predicts_the_checkpoints_labels(tiny, tmp_path) -> None:

@@ -84,7 +84,7 @@ def collect_samples(
 
     Each item is either a folder holding one subfolder per modality (``rgb/``, ``depth/``),
     or a sequence of one path per modality: all files (one sample) or all folders (paired
-    by stem). Two samples with the same stem would write the same outputs: an error.
+    by stem). Whether their outputs can all be written: :func:`check_output_names`.
     """
     samples: list[Sample] = []
     for item in items:
@@ -109,21 +109,21 @@ def collect_samples(
             samples.append(Sample(paths[0].stem, tuple(paths)))
         else:
             raise CenError(f"{', '.join(map(str, paths))}: give files or folders, not both")
-    seen: dict[str, Sample] = {}
-    for sample in samples:
-        if sample.stem in seen:
-            raise CenError(
-                f"{seen[sample.stem].paths[0]} and {sample.paths[0]} are both named "
-                f"{sample.stem}: their outputs would overwrite each other"
-            )
-        seen[sample.stem] = sample
     return samples
 
 
 def check_output_names(samples: Sequence[Sample], heads: Sequence[str]) -> None:
-    """Refuse samples whose outputs would overwrite others': with ``heads`` (modality
-    names), sample ``a``'s ``rgb`` head writes ``a_rgb_*.png``, as a sample ``a_rgb`` does."""
-    owners: dict[str, str] = {s.stem: f"{s.paths[0]}" for s in samples}
+    """Refuse samples whose outputs would overwrite others': two samples of one stem, and with
+    ``heads`` (modality names) sample ``a``'s ``rgb`` head, which writes ``a_rgb_*.png`` as a
+    sample ``a_rgb`` does."""
+    owners: dict[str, str] = {}
+    for sample in samples:
+        if sample.stem in owners:
+            raise CenError(
+                f"{owners[sample.stem]} and {sample.paths[0]} are both named {sample.stem}: "
+                "their outputs would overwrite each other"
+            )
+        owners[sample.stem] = str(sample.paths[0])
     for sample in samples:
         for head in heads:
             prefix = f"{sample.stem}_{head}"
