@@ -51,11 +51,8 @@ def _info(args: argparse.Namespace) -> None:
     o = options_from_args(InfoOptions, args)
     if (o.checkpoint is None) == (o.enc is None):
         raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
-    fresh = [
-        flag_name(n)
-        for n in ("num_classes", "num_modalities")
-        if n in given_flags(InfoOptions, args)
-    ]
+    given = given_flags(InfoOptions, args)
+    fresh = [flag_name(n) for n in ("num_classes", "num_modalities") if n in given]
     if o.checkpoint is not None and fresh:
         raise CenError(f"{' '.join(fresh)}: with --enc only; {o.checkpoint} holds its own")
     if o.checkpoint is not None:
@@ -108,18 +105,18 @@ class ConvertOptions:
 
 def _convert_official(args: argparse.Namespace) -> None:
     o = options_from_args(ConvertOptions, args)
+    threshold = {} if o.threshold is None else {"threshold": o.threshold}  # else each default
     if o.checkpoint.suffix == ".pkl" or o.discriminator is not None:
         from cenfusion.translation.modelio import convert_official as convert_translation
 
-        theta = 1e-2 if o.threshold is None else o.threshold
-        net = convert_translation(o.checkpoint, o.discriminator, o.out, theta)
+        net = convert_translation(o.checkpoint, o.discriminator, o.out, **threshold)
         c = net.config
         judged = " and its discriminator" if o.discriminator else ""
         print(f"wrote {o.out}: U-Net{judged}, {c.num_downs} levels, {c.num_modalities} inputs")
         return
     from cenfusion.segmentation.modelio import convert_official
 
-    model = convert_official(o.checkpoint, o.out, 2e-2 if o.threshold is None else o.threshold)
+    model = convert_official(o.checkpoint, o.out, **threshold)
     c = model.config
     print(f"wrote {o.out}: {c.backbone}, {c.num_classes} classes, {c.num_modalities} modalities")
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from cenfusion.data.class_names import NYU40_CLASSES
 from cenfusion.data.download import FROM_ADVICE, download, one_line
-from cenfusion.data.listfile import split_line
+from cenfusion.data.listfile import read_list_file, split_line
 from cenfusion.data.staging import output_folder, staging
 from cenfusion.errors import CenError
 
@@ -269,7 +269,7 @@ def read_list(path: Path) -> list[tuple[str, str, str]]:
             at tabs, else at spaces, as every list file).
     """
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_list_file(path), start=1):
         if not line.strip():
             continue
         fields = split_line(line.strip())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 import warnings
 from collections import Counter
@@ -12,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_non_negative
 from cenfusion.errors import CenError
 from cenfusion.fusion.norms import ModalityBatchNorm2d, ModalityNorm
 
@@ -237,8 +237,7 @@ def _check_arguments(
         raise CenError(f"convert: num_modalities={num_modalities}: expected at least 1")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise CenError(f"convert: threshold={threshold!r}: expected a number")
-    if not 0 <= threshold < math.inf:
-        raise CenError(f"convert: threshold={threshold!r}: expected a finite number >= 0")
+    check_non_negative("convert: threshold", threshold)
     if not callable(exchange_at):
         listed = [exchange_at] if isinstance(exchange_at, str) else exchange_at
         if not isinstance(listed, Sequence) or not all(isinstance(p, str) for p in listed):

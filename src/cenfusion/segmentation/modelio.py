@@ -53,12 +53,10 @@ def model_from_record(state: dict, where: str) -> CENRefineNet:
     return model
 
 
-def convert_official(
-    source: str | Path, out: str | Path, bn_threshold: float = 2e-2
-) -> CENRefineNet:
+def convert_official(source: str | Path, out: str | Path, threshold: float = 2e-2) -> CENRefineNet:
     """Convert a released CEN ``.pth.tar`` into a cenfusion checkpoint at ``out``, its
-    exchange at ``bn_threshold`` (the released value by default)."""
-    model = load_official_checkpoint(source, bn_threshold)
+    exchange at ``threshold`` (the released value by default)."""
+    model = load_official_checkpoint(source, threshold)
     save_checkpoint(out, {**model_record(model), "source": str(source)})
     return model
 
