@@ -244,9 +244,9 @@ def evaluate_protocols(
     check_onnx_runtime(Path(checkpoint), cfg)
     loaded = load_segmenter(checkpoint, official)
     model = loaded.model
-    if getattr(model, "heads", "all") != "all":
+    if loaded.heads != "all":
         raise CenError(
-            f"{checkpoint}: exported with --heads {model.heads}; scoring needs every head "
+            f"{checkpoint}: exported with --heads {loaded.heads}; scoring needs every head "
             f"(export with --heads all)"
         )
     check_model_fits(model, cfg, str(checkpoint))

@@ -75,6 +75,12 @@ class LoadedModel:
     kinds: tuple[str, ...] | None = None
     settings: dict | None = None
 
+    @property
+    def heads(self) -> str:
+        """``all`` (each modality's, then the ensemble), or ``ensemble`` for an ONNX file
+        exported with the ensemble alone."""
+        return getattr(self.model, "heads", "all")
+
     def trained_kinds(self) -> dict[str, str]:
         """``{name: kind}`` of the modalities the file names (empty when it names none)."""
         return dict(zip(self.modalities or (), self.kinds or ()))

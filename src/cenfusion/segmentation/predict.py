@@ -284,7 +284,7 @@ def predict(
     parsed = [parsed[i] for i in order]
     kinds = [m.kind for m in parsed]
 
-    if heads and getattr(loaded.model, "heads", "all") == "ensemble":
+    if heads and loaded.heads == "ensemble":
         raise CenError(f"--heads: {checkpoint} was exported with the ensemble head only")
     num = loaded.model.config.num_classes
     out.mkdir(parents=True, exist_ok=True)
