@@ -507,6 +507,10 @@ def test_an_exported_file_predicts_the_checkpoints_labels(tiny, tmp_path) -> Non
     with pytest.raises(CenError, match=r"--size 27 31: .*s\.onnx takes 20x24 only"):
         predict(static, pairs, tmp_path / "static", size=(27, 31), runtime=CPU)
     assert len(predict(static, pairs, tmp_path / "static", size=(20, 24), runtime=CPU)) == 6
+    alone = export_checkpoint(checkpoint, tmp_path / "e.onnx", heads="ensemble", dynamic=True)
+    with pytest.raises(CenError, match=r"^--heads: .*e\.onnx was exported with the ensemble head"):
+        predict(alone, pairs, tmp_path / "alone", heads=True, runtime=CPU)
+    assert len(predict(alone, pairs, tmp_path / "alone", runtime=CPU)) == 6
 
 
 def test_the_package_loads_a_runs_segmenter_with_its_inputs(tiny) -> None:
