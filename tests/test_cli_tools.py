@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from cenfusion.cli import main
+from cenfusion.data.own_images import Sample
 from cenfusion.engine.checkpoint import save_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.modelio import load_segmenter, model_record
 from cenfusion.segmentation.predict import load_inputs
-from cenfusion.segmentation.samples import Modality, Sample
+from cenfusion.segmentation.samples import Modality
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from dependencies import installed, needs
 from PIL import Image
+from released_files import released_layout
 
 from cenfusion import CenError
 from cenfusion.cli import main
@@ -338,18 +339,6 @@ def test_cli_flags_override_saved_config_on_resume(
     assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])["evaluate"]
 
 
-def _released_layout(model: torch.nn.Module, key_map: dict) -> dict[str, torch.Tensor]:
-    """``model``'s weights as the released script saves them (rows of a private norm split
-    into one module per modality), with a norm the released blocks own but never use."""
-    state = {}
-    for key, sources in key_map(model).items():
-        value = model.state_dict()[key]
-        for row, source in zip(value if len(sources) > 1 else [value], sources):
-            state[source] = row.clone()
-    state["conv1.insnorm_conv.insnorm_0.weight"] = torch.ones(4)
-    return state
-
-
 def test_released_translation_checkpoints_convert_evaluate_and_resume(
     data_root: Path, tmp_path: Path, i2i_argv
 ) -> None:
@@ -359,8 +348,8 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
     with torch.no_grad():
         for p in [*generator.parameters(), *discriminator.parameters()]:
             p.normal_(0, 0.2)
-    torch.save(_released_layout(generator, generator_key_map), tmp_path / "checkpoint-gen-3.pkl")
-    disc = _released_layout(discriminator, discriminator_key_map)
+    torch.save(released_layout(generator, generator_key_map), tmp_path / "checkpoint-gen-3.pkl")
+    disc = released_layout(discriminator, discriminator_key_map)
     torch.save(
         {k: v for k, v in disc.items() if "insnorm_conv" not in k},
         tmp_path / "checkpoint-dis-3.pkl",
@@ -388,7 +377,7 @@ def test_released_translation_checkpoints_convert_evaluate_and_resume(
 
 @pytest.mark.parametrize("drop", ["conv", "conv1."])
 def test_a_released_generator_without_its_encoder_is_one_line(tmp_path: Path, drop, capsys) -> None:
-    state = _released_layout(create_cen_unet(ngf=4, num_downs=5), generator_key_map)
+    state = released_layout(create_cen_unet(ngf=4, num_downs=5), generator_key_map)
     path = tmp_path / "checkpoint-gen-1.pkl"
     torch.save({k: v for k, v in state.items() if not k.startswith(drop)}, path)
     assert main(["convert-official", str(path), str(tmp_path / "out.pth")]) == 2

@@ -4,7 +4,8 @@
   ``create_cen_refinenet(...)`` and ``CENRefineNet``: the CEN RefineNet for segmentation.
 - ``load_official_checkpoint(path)``: a released CEN ``.pth.tar``, with its outputs;
   ``load_segmenter(path)``: any segmenter file (ours, released, exported ``.onnx``) with what
-  it says of its inputs (modality names and kinds, depth scale).
+  it says of its inputs (modality names and kinds, depth scale); ``load_generator(path)``:
+  a translation generator (ours or a released ``checkpoint-gen-N.pkl``) and its domains.
 - ``convert(model, num_modalities)``: channel exchanging in any BatchNorm CNN; its parts
   ``ModalityBatchNorm2d``, ``ModalityInstanceNorm2d``, ``AlphaEnsemble``,
   ``sparsity_penalty`` and ``exchange_stats``.
@@ -32,6 +33,7 @@ _LAZY = {
     "sparsity_penalty": "cenfusion.fusion",
     "load_official_checkpoint": "cenfusion.models.official",
     "load_segmenter": "cenfusion.segmentation.modelio",
+    "load_generator": "cenfusion.translation.modelio",
     "CENRefineNet": "cenfusion.models.refinenet",
     "create_cen_refinenet": "cenfusion.models.refinenet",
     "create_model": "cenfusion.models.registry",
@@ -49,6 +51,7 @@ __all__ = [
     "create_model",
     "exchange_stats",
     "list_models",
+    "load_generator",
     "load_official_checkpoint",
     "load_segmenter",
     "sparsity_penalty",

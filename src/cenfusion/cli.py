@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from cenfusion.bench.command import add_bench_parser
-from cenfusion.engine.config import add_config_flags, given_flags, options_from_args, setting
+from cenfusion.engine.config import (
+    CommandParser,
+    add_config_flags,
+    given_flags,
+    options_from_args,
+    setting,
+)
 from cenfusion.engine.run import LogRouting, RunConfig
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
 from cenfusion.tasks import COMMANDS
@@ -54,7 +60,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cen", description="CEN multimodal fusion")
+    parser = CommandParser(prog="cen", description="CEN multimodal fusion")
     parser.add_argument("--version", action="version", version=f"cenfusion {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 

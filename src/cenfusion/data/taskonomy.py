@@ -235,11 +235,13 @@ def read_domain_8bit(path: Path, domain: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- dataset
 
 
-def resize_8bit(image: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` with PIL's bilinear filter, as released."""
-    if image.shape[:2] == (size, size):
+def resize_8bit(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(size, size, 3)`` (or ``size = (h, w)`` -> ``(h, w, 3)``) with
+    PIL's bilinear filter, as released."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (h, w):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
 class TaskonomyDataset(Dataset):

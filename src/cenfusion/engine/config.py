@@ -89,6 +89,28 @@ def _none_or(kind: Any) -> Any:
 SETTING_OF_ACTION = "cenfusion_setting"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose commands take their positionals anywhere among their flags
+    (``cen seg predict CKPT -o OUT FOLDER``): plain argparse reads a trailing optional
+    positional only right after the one before it, and calls a later one unrecognised.
+    Subcommand parsers are made of the parser's own class, so the root parser's class
+    reaches every command."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        commands = any(isinstance(a, argparse._SubParsersAction) for a in self._actions)
+        if commands or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None
 ) -> None:

@@ -35,13 +35,19 @@ from tqdm import tqdm
 
 from cenfusion.data.check import check_images
 from cenfusion.data.listfile import NYUDV2_DEPTH_SCALE, decode_image
+from cenfusion.data.own_images import (
+    Sample,
+    check_output_folder,
+    check_output_names,
+    collect_samples,
+)
 from cenfusion.data.read_ahead import read_ahead
 from cenfusion.data.transforms import Normalize
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.segmentation.modelio import LoadedModel, check_onnx_runtime, load_segmenter
-from cenfusion.segmentation.samples import Modality, Sample, check_output_names, collect_samples
+from cenfusion.segmentation.samples import Modality
 from cenfusion.segmentation.visualize import colorize, input_to_rgb, predict_labels
 
 if TYPE_CHECKING:
@@ -241,10 +247,7 @@ def predict(
         raise CenError(f"--size {list(size)}: expected two positive numbers H W")
     if depth_scale is not None and not depth_scale >= 0:
         raise CenError(f"--depth-scale {depth_scale}: expected >= 0")
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        inside = "" if existing == out else f" inside the file {existing}"
-        raise CenError(f"--out {out}: a file{inside}, expected a folder (made if missing)")
+    check_output_folder(out)
     check_onnx_runtime(checkpoint, runtime)
     loaded = load_segmenter(checkpoint, official)
     if modalities is None:

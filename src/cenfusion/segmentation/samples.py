@@ -1,5 +1,5 @@
-"""One's own pictures gathered into samples to predict: files or folders per modality (paired
-by file stem), the modalities named and typed, and the outputs' names kept apart."""
+"""The modalities of a segmenter's inputs, named and typed, and ``cen seg predict``'s flags
+turned into prediction inputs (gathered into samples by :mod:`cenfusion.data.own_images`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cenfusion.data.listfile import KINDS, check_modality_name
+from cenfusion.data.own_images import items_from_columns
 from cenfusion.errors import CenError
-
-#: File types read from input folders.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 @dataclass(frozen=True)
@@ -34,105 +32,6 @@ class Modality:
                 f"with KIND one of {', '.join(KINDS)}"
             )
         return cls(name, kind)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One prediction to make: one file per modality; outputs are named after ``stem``."""
-
-    stem: str
-    paths: tuple[Path, ...]
-
-
-def _image_files(folder: Path) -> dict[str, Path]:
-    """``{stem: path}`` of the images in ``folder``; two files with one stem are an error."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in files:
-            raise CenError(
-                f"{folder}: two images named {path.stem} ({files[path.stem].name}, "
-                f"{path.name}); keep one"
-            )
-        files[path.stem] = path
-    return files
-
-
-def pair_folders(folders: Sequence[Path], names: Sequence[str]) -> list[Sample]:
-    """One sample per stem found in every folder; a stem missing from any folder is an error
-    naming the file without a partner."""
-    listings = [_image_files(f) for f in folders]
-    stems = sorted(set().union(*listings))
-    if not stems:
-        raise CenError(f"{', '.join(map(str, folders))}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    for stem in stems:
-        for folder, name, listing in zip(folders, names, listings):
-            if stem not in listing:
-                have = next(lst[stem] for lst in listings if stem in lst)
-                raise CenError(
-                    f"{have} has no {name} partner: expected {folder}/{stem}.* "
-                    f"(files are paired by name across {', '.join(map(str, folders))})"
-                )
-    return [Sample(s, tuple(lst[s] for lst in listings)) for s in stems]
-
-
-def collect_samples(
-    items: Sequence[str | Path | Sequence[str | Path]], names: Sequence[str]
-) -> list[Sample]:
-    """Expand prediction inputs into samples, one file per modality (in ``names`` order).
-
-    Each item is either a folder holding one subfolder per modality (``rgb/``, ``depth/``),
-    or a sequence of one path per modality: all files (one sample) or all folders (paired
-    by stem). Whether their outputs can all be written: :func:`check_output_names`.
-    """
-    samples: list[Sample] = []
-    for item in items:
-        if isinstance(item, (str, Path)):
-            root = Path(item)
-            if not root.is_dir():
-                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
-            paths = [root / n for n in names]
-        else:
-            paths = [Path(p) for p in item]
-            if len(paths) != len(names):
-                raise CenError(
-                    f"{' '.join(map(str, paths))}: expected one path per modality "
-                    f"({', '.join(names)})"
-                )
-        missing = [p for p in paths if not p.exists()]
-        if missing:
-            raise CenError(f"{missing[0]}: no such file or folder")
-        if all(p.is_dir() for p in paths):
-            samples += pair_folders(paths, names)
-        elif all(p.is_file() for p in paths):
-            samples.append(Sample(paths[0].stem, tuple(paths)))
-        else:
-            raise CenError(f"{', '.join(map(str, paths))}: give files or folders, not both")
-    return samples
-
-
-def check_output_names(samples: Sequence[Sample], heads: Sequence[str]) -> None:
-    """Refuse samples whose outputs would overwrite others': two samples of one stem, and with
-    ``heads`` (modality names) sample ``a``'s ``rgb`` head, which writes ``a_rgb_*.png`` as a
-    sample ``a_rgb`` does."""
-    owners: dict[str, str] = {}
-    for sample in samples:
-        if sample.stem in owners:
-            raise CenError(
-                f"{owners[sample.stem]} and {sample.paths[0]} are both named {sample.stem}: "
-                "their outputs would overwrite each other"
-            )
-        owners[sample.stem] = str(sample.paths[0])
-    for sample in samples:
-        for head in heads:
-            prefix = f"{sample.stem}_{head}"
-            if prefix in owners:
-                raise CenError(
-                    f"{owners[prefix]} and the {head} head of {sample.paths[0]} would both "
-                    f"write {prefix}_*.png: rename one, or predict without --heads"
-                )
-            owners[prefix] = f"the {head} head of {sample.paths[0]}"
 
 
 def gather_cli_inputs(
@@ -173,12 +72,7 @@ def gather_cli_inputs(
             raise CenError(f"--input {spec}={path}: {name} was given {said} before")
         columns.setdefault(name, []).append(Path(path))
     items: list[Path | tuple[Path, ...]] = list(roots)
-    if columns:
-        counts = {n: len(p) for n, p in columns.items()}
-        if len(set(counts.values())) > 1:
-            listed = ", ".join(f"{n} {c}" for n, c in counts.items())
-            raise CenError(f"each modality needs as many paths as the others, got {listed}")
-        items += list(zip(*columns.values()))
+    items += items_from_columns(columns)
     if not items:
         raise CenError(
             "nothing to predict: give --rgb and --depth (files or folders), "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.data.class_names import TASKONOMY_DOMAINS as DOMAINS
+from cenfusion.data.own_images import items_from_columns
 from cenfusion.engine.config import (
     REQUIRED,
     add_config_flags,
@@ -20,7 +21,7 @@ from cenfusion.engine.config import (
     options_from_args,
     setting,
 )
-from cenfusion.engine.run import RunModeOptions, log
+from cenfusion.engine.run import RunModeOptions, RuntimeConfig, log
 from cenfusion.errors import CenError
 from cenfusion.translation.config import TranslationConfig
 from cenfusion.translation.demo import DEMO
@@ -61,6 +62,84 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(p, RunModeOptions)
     add_config_flags(p, TranslationConfig)
     p.set_defaults(run=_run_train)
+
+    t = commands.add_parser(
+        "predict",
+        help="translate one's own views with a checkpoint (ours or released)",
+        description="Writes OUT/<stem>.png (the ensemble's translation) per sample, and "
+        "with --heads OUT/<stem>_from_<domain>.png per branch, at the size the network sees. "
+        "Views are decoded per domain as in validation; folders are paired by file stem "
+        "(a Taskonomy name's _domain_<domain> ending left out).",
+    )
+    add_config_flags(t, TranslateOptions)
+    add_config_flags(t, RuntimeConfig)
+    t.set_defaults(run=_run_predict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TranslateOptions:
+    """``cen i2i predict``'s flags besides the run-time settings."""
+
+    checkpoint: Path = setting(
+        REQUIRED,
+        "cenfusion translation checkpoint or released checkpoint-gen-N.pkl",
+        positional=True,
+    )
+    folders: tuple[Path, ...] = setting(
+        (),
+        "folder with one subfolder per input domain (a Taskonomy root)",
+        positional=True,
+        metavar="FOLDER",
+    )
+    input: tuple[str, ...] = setting(
+        (),
+        "an input domain's image(s) or folder(s), DOMAIN a name or an img-type index",
+        repeatable=True,
+        metavar="DOMAIN=PATH",
+    )
+    out: Path = setting(REQUIRED, "output folder", aliases=("-o",))
+    size: tuple[int, ...] | None = setting(
+        None, "side (or H W) the network sees (default: its run's crop size)", metavar="N"
+    )
+    heads: bool = setting(False, "also write each branch's translation")
+    dropout: bool | None = setting(
+        None, "sample with the generator's dropout on (default: as its run evaluated)"
+    )
+    seed: int = setting(0, "random seed of the dropout")
+    batch_size: int = setting(1, "views per forward pass")
+
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from cenfusion.translation.predict import translate
+
+    o = options_from_args(TranslateOptions, args)
+    if o.folders and o.input:
+        raise CenError(
+            f"FOLDER {o.folders[0]} and --input: give folders with one subfolder per domain "
+            "or each domain's paths, not both"
+        )
+    columns: dict[str, list[Path]] = {}
+    for text in o.input:
+        domain, eq, path = text.partition("=")
+        if not eq or not domain or not path:
+            raise CenError(f"--input {text}: expected DOMAIN=PATH")
+        columns.setdefault(domain, []).append(Path(path))
+    items = [*o.folders, *items_from_columns(columns)]
+    if not items:
+        raise CenError("nothing to translate: give --input DOMAIN=PATH per domain, or a FOLDER")
+    written = translate(
+        o.checkpoint,
+        items,
+        o.out,
+        domains=list(columns) or None,
+        size=o.size,
+        heads=o.heads,
+        dropout=o.dropout,
+        seed=o.seed,
+        batch_size=o.batch_size,
+        runtime=options_from_args(RuntimeConfig, args),
+    )
+    print(f"wrote {len(written)} files to {o.out}")
 
 
 def _run_train(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cenfusion.fusion import stack_modalities
 from cenfusion.metrics.generative import fid_from_features, kid_from_features
 
-__all__ = ["Evaluator", "keep_best_views", "save_images"]
+__all__ = ["Evaluator", "keep_best_views", "save_images", "use_dropout"]
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -41,6 +41,14 @@ def save_images(images: Tensor, folder: Path, names: Iterable[str]) -> None:
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     for array, name in zip(pixels.permute(0, 2, 3, 1).cpu().numpy(), names):
         Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{name}.png")
+
+
+def use_dropout(generator: nn.Module, active: bool) -> None:
+    """Switch the dropout of an ``eval()`` generator on (each prediction then samples the
+    generator's noise, as the released code evaluates) or off."""
+    for module in generator.modules():
+        if isinstance(module, nn.Dropout):
+            module.train(active)
 
 
 def keep_best_views(run_dir: Path, num_heads: int) -> None:
@@ -94,10 +102,7 @@ class Evaluator:
         """
         was_training = generator.training
         generator.eval()
-        if self.dropout:
-            for module in generator.modules():
-                if isinstance(module, nn.Dropout):
-                    module.train()
+        use_dropout(generator, self.dropout)
         folders: list[Path] = []
         sums: dict[str, Tensor] = {}
         fake_features: list[list[Tensor]] = []

@@ -1,15 +1,68 @@
-"""Translation checkpoints from the released CEN files (``cen convert-official``)."""
+"""Translation generators to and from checkpoints, released CEN files included."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.data.taskonomy import DOMAINS
+from cenfusion.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from cenfusion.errors import CenError, ForeignCheckpointError
 from cenfusion.models.official_translation import load_official_translation
-from cenfusion.models.unet import CENUNet
+from cenfusion.models.unet import CENUNet, CENUNetConfig
 
 TASK = "translation"
+#: The side the released recipe validates at (its crop size).
+RELEASED_SIDE = 256
+
+
+def generator_from_record(state: dict[str, Any], where: str) -> CENUNet:
+    """The generator of a translation checkpoint's record."""
+    model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
+    load_weights(model, state["model"], where)
+    return model
+
+
+@dataclass(frozen=True)
+class LoadedGenerator:
+    """A generator read from a file, with what the file says of it: the input domains in
+    branch order and the target domain (``None`` when the file does not say, e.g. a
+    released one), the side its run validated at, and whether that run evaluated with the
+    generator's dropout active (the released way)."""
+
+    model: CENUNet
+    inputs: tuple[str, ...] | None
+    target: str | None
+    side: int
+    dropout: bool
+
+
+def load_generator(path: str | Path) -> LoadedGenerator:
+    """Read a cenfusion translation checkpoint or a released ``checkpoint-gen-N.pkl`` (told
+    apart automatically)."""
+    path = Path(path)
+    try:
+        state = load_checkpoint(path, task=TASK)
+    except ForeignCheckpointError:
+        try:
+            model, _ = load_official_translation(path, None)
+        except CenError as theirs:
+            reason = str(theirs).removeprefix(f"{path}: ")
+            raise CenError(
+                f"{path}: neither a cenfusion translation checkpoint nor a released CEN "
+                f"generator ({reason})"
+            ) from theirs
+        return LoadedGenerator(model, None, None, RELEASED_SIDE, True)
+    model = generator_from_record(state, str(path))
+    config = state.get("config") or {}
+    types = config.get("img_types")
+    inputs = target = None
+    if isinstance(types, list) and all(isinstance(t, int) and 0 <= t < len(DOMAINS) for t in types):
+        inputs, target = tuple(DOMAINS[t] for t in types[:-1]), DOMAINS[types[-1]]
+    side = int(config.get("crop_size", RELEASED_SIDE))
+    return LoadedGenerator(model, inputs, target, side, bool(config.get("eval_dropout", True)))
 
 
 def convert_official(

@@ -13,13 +13,13 @@ from cenfusion.engine.task import KEPT_FOR_SCORING, KEPT_FOR_TRAINING, ModelSumm
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
 from cenfusion.models.patchgan import PatchGANConfig
-from cenfusion.models.unet import CENUNet, CENUNetConfig
+from cenfusion.models.unet import CENUNetConfig
 from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import write_plots
 from cenfusion.reporting.runlog import RunKind
 from cenfusion.translation.build import datasets
 from cenfusion.translation.config import TranslationConfig
-from cenfusion.translation.modelio import TASK
+from cenfusion.translation.modelio import TASK, generator_from_record
 from cenfusion.translation.train import TranslationRecipe
 
 #: The side ``cen info`` counts FLOPs at when a checkpoint does not give its crop size.
@@ -81,8 +81,7 @@ def _check_checkpoint(
 
 def summarize(state: dict[str, Any], where: str) -> ModelSummary:
     """The checkpoint's generator, its input domains, and the epoch it was saved at."""
-    model = CENUNet(CENUNetConfig.from_dict(state["model_config"]))
-    load_weights(model, state["model"], where)
+    model = generator_from_record(state, where)
     config = state.get("config") or {}
     types = config.get("img_types", [])
     modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]

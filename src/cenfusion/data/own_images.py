@@ -1,0 +1,143 @@
+"""One's own pictures gathered into samples to predict: files or folders per input (paired by
+file stem), and the outputs' names kept apart. Both tasks' ``predict`` commands read them so."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cenfusion.errors import CenError
+
+#: File types read from input folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prediction to make: one file per input; outputs are named after ``stem``."""
+
+    stem: str
+    paths: tuple[Path, ...]
+
+
+def _image_files(folder: Path, ending: str) -> dict[str, Path]:
+    """``{stem: path}`` of the images in ``folder``, ``ending`` cut from the stems that end
+    with it; two files with one stem are an error."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = path.stem.removesuffix(ending) if ending else path.stem
+        if stem in files:
+            raise CenError(
+                f"{folder}: two images named {stem} ({files[stem].name}, {path.name}); keep one"
+            )
+        files[stem] = path
+    return files
+
+
+def pair_folders(
+    folders: Sequence[Path], names: Sequence[str], endings: Sequence[str] | None = None
+) -> list[Sample]:
+    """One sample per stem found in every folder; a stem missing from any folder is an error
+    naming the file without a partner. ``endings``: per folder, a stem ending that does not
+    count in the pairing (a Taskonomy file's ``_domain_rgb``)."""
+    listings = [_image_files(f, e) for f, e in zip(folders, endings or [""] * len(folders))]
+    stems = sorted(set().union(*listings))
+    if not stems:
+        raise CenError(f"{', '.join(map(str, folders))}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    for stem in stems:
+        for folder, name, listing in zip(folders, names, listings):
+            if stem not in listing:
+                have = next(lst[stem] for lst in listings if stem in lst)
+                raise CenError(
+                    f"{have} has no {name} partner: expected {folder}/{stem}.* "
+                    f"(files are paired by name across {', '.join(map(str, folders))})"
+                )
+    return [Sample(s, tuple(lst[s] for lst in listings)) for s in stems]
+
+
+def collect_samples(
+    items: Sequence[str | Path | Sequence[str | Path]],
+    names: Sequence[str],
+    endings: Sequence[str] | None = None,
+) -> list[Sample]:
+    """Expand prediction inputs into samples, one file per input (in ``names`` order).
+
+    Each item is either a folder holding one subfolder per input (``rgb/``, ``depth/``), or
+    a sequence of one path per input: all files (one sample, named after the first file
+    without its ending) or all folders (paired by stem). ``endings``: see
+    :func:`pair_folders`. Whether their outputs can all be written: :func:`check_output_names`.
+    """
+    samples: list[Sample] = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            root = Path(item)
+            if not root.is_dir():
+                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
+            paths = [root / n for n in names]
+        else:
+            paths = [Path(p) for p in item]
+            if len(paths) != len(names):
+                raise CenError(
+                    f"{' '.join(map(str, paths))}: expected one path per input ({', '.join(names)})"
+                )
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise CenError(f"{missing[0]}: no such file or folder")
+        if all(p.is_dir() for p in paths):
+            samples += pair_folders(paths, names, endings)
+        elif all(p.is_file() for p in paths):
+            stem = paths[0].stem.removesuffix(endings[0]) if endings else paths[0].stem
+            samples.append(Sample(stem or paths[0].stem, tuple(paths)))
+        else:
+            raise CenError(f"{', '.join(map(str, paths))}: give files or folders, not both")
+    return samples
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder ``--out`` that is a file or lies inside one, before any work."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        inside = "" if existing == out else f" inside the file {existing}"
+        raise CenError(f"--out {out}: a file{inside}, expected a folder (made if missing)")
+
+
+def check_output_names(
+    samples: Sequence[Sample],
+    heads: Sequence[str],
+    prefix: str = "{stem}_{head}",
+    files: str = "{}_*.png",
+) -> None:
+    """Refuse samples whose outputs would overwrite others': two samples of one stem, and with
+    ``heads`` (their names) sample ``a``'s ``rgb`` head, whose files begin with ``prefix``
+    (``a_rgb``) as a sample ``a_rgb``'s do. ``files``: the files of one stem or head prefix,
+    in error lines."""
+    owners: dict[str, str] = {}
+    for sample in samples:
+        if sample.stem in owners:
+            raise CenError(
+                f"{owners[sample.stem]} and {sample.paths[0]} are both named {sample.stem}: "
+                "their outputs would overwrite each other"
+            )
+        owners[sample.stem] = str(sample.paths[0])
+    for sample in samples:
+        for head in heads:
+            start = prefix.format(stem=sample.stem, head=head)
+            if start in owners:
+                raise CenError(
+                    f"{owners[start]} and the {head} head of {sample.paths[0]} would both "
+                    f"write {files.format(start)}: rename one, or predict without --heads"
+                )
+            owners[start] = f"the {head} head of {sample.paths[0]}"
+
+
+def items_from_columns(columns: Mapping[str, Sequence[Path]]) -> list[tuple[Path, ...]]:
+    """Prediction items from each input's paths (``{name: paths}``, from repeated flags): the
+    i-th path of every input forms item i."""
+    counts = {n: len(p) for n, p in columns.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{n} {c}" for n, c in counts.items())
+        raise CenError(f"each input needs as many paths as the others, got {listed}")
+    return list(zip(*columns.values()))
