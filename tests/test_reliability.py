@@ -275,9 +275,12 @@ TABLE: list[tuple[str, Row]] = [
     ("predict into a file", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "old" / "last.pth")],
         "last.pth: a file, expected a folder")),
+    ("predict with --threads 0", lambda f, s, i, r: (
+        ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "t"), "--threads", "0"],
+        "--threads 0: expected >= 1")),
     ("predict into a file's subfolder", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(f["text"] / "out")],
-        "out: a file inside the file")),
+        "out: a path inside the file")),
     ("predict FOLDER and --rgb", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "--rgb", str(f["images"] / "rgb"),
          "-o", str(r / "out")], "and --rgb: give folders with one subfolder per modality")),

@@ -45,8 +45,8 @@ def test_domain_table_and_file_names() -> None:
     assert domain_file("segment_semantic", (1, 0)) == (
         "segment_semantic/point_1_view_0_domain_segmentsemantic.png"
     )
-    for bad in (10, "depth"):
-        with pytest.raises(CenError):
+    for bad in (10, "depth", "\u00b2"):
+        with pytest.raises(CenError, match="img-type 10: expected|is unknown"):
             resolve_domain(bad)
 
 
@@ -105,8 +105,20 @@ def test_eight_bit_domains_grey_tiling_and_wrong_encodings() -> None:
     assert grey.shape == (3, 1, 1) and torch.all(grey == 51 / 127.5 - 1)
     segments = decode_domain(np.array([[3, 300]], dtype=np.int32), "segment_unsup25d")
     assert _levels(segments) == [3, 255]
-    with pytest.raises(CenError, match="16-bit"):
-        decode_domain(np.zeros((2, 2), np.uint8), "depth_zbuffer")
+    for wrong in (
+        np.zeros((2, 2), np.uint8),
+        np.zeros((2, 2), bool),
+        np.zeros((2, 2), np.float32),
+        np.array([[0, 70000]], np.int32),
+        np.zeros((2, 2, 3), np.uint16),
+    ):
+        with pytest.raises(CenError, match=f"16-bit single-channel PNG, got {wrong.dtype}"):
+            decode_domain(wrong, "depth_zbuffer")
+    as_int32 = np.array([[0, 11355]], np.int32)
+    assert torch.equal(
+        decode_domain(as_int32, "edge_texture"),
+        decode_domain(as_int32.astype(np.uint16), "edge_texture"),
+    )
     with pytest.raises(CenError, match="8-bit"):
         decode_domain(np.zeros((2, 2), np.uint16), "rgb")
 

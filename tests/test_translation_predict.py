@@ -33,8 +33,8 @@ def _generator(seed: int = 0):
     return generator
 
 
-def _save(path: Path, generator, eval_dropout: bool, img_types=(2, 7, 0)) -> Path:
-    config = {"img_types": list(img_types), "crop_size": SIDE, "eval_dropout": eval_dropout}
+def _save(path: Path, generator, eval_dropout: bool, img_types=(2, 7, 0), side: int = SIDE) -> Path:
+    config = {"img_types": list(img_types), "crop_size": side, "eval_dropout": eval_dropout}
     save_checkpoint(
         path,
         {
@@ -137,8 +137,13 @@ def test_sizes_other_than_the_run_s(i2i_data: Path, generator, tmp_path: Path) -
     translate(checkpoint, [i2i_data], tmp_path / "o", size=(128, 64), runtime=CPU)
     assert {Image.open(p).size for p in (tmp_path / "o").iterdir()} == {(64, 128)}
     for size in ((96,), (64, 64, 64), (0, 64)):
-        with pytest.raises(CenError, match=r"--size .*multiples of 2\*\*num_downs = 64"):
+        said = " ".join(map(str, size))
+        with pytest.raises(CenError, match=f"^--size {said}: expected one side or H W, multiples"):
             translate(checkpoint, [i2i_data], tmp_path / "x", size=size, runtime=CPU)
+    _save(checkpoint, generator, eval_dropout=False, side=48)
+    with pytest.raises(CenError, match="the default side 48 is not a multiple of 2..num_downs"):
+        translate(checkpoint, [i2i_data], tmp_path / "x", runtime=CPU)
+    assert not (tmp_path / "x").exists()
 
 
 def test_refusals_come_before_anything_is_written(
@@ -166,6 +171,12 @@ def test_refusals_come_before_anything_is_written(
     last.write_bytes(b"not a png")
     with pytest.raises(CenError, match=f"cannot read image {last}"):
         translate(checkpoint, [broken], out, runtime=CPU)
+    for options, message in (
+        ({"runtime": RuntimeConfig(device="cpu", threads=-3)}, "--threads -3: expected >= 1"),
+        ({"seed": 2**64}, f"--seed {2**64}: expected 0 to"),
+    ):
+        with pytest.raises(CenError, match=message):
+            translate(checkpoint, [broken], out, **{"runtime": CPU, **options})
     segmenter = tmp_path / "seg.pth"
     save_checkpoint(segmenter, {"task": "segmentation", "model": {}})
     with pytest.raises(CenError, match="a segmentation checkpoint, expected translation"):
@@ -185,7 +196,8 @@ def test_head_outputs_may_not_overwrite_a_sample_s(
     named = tmp_path / "point_0_view_0_from_reshading.png"
     named.write_bytes(files[0].read_bytes())
     items = [tuple(files), (named, files[1])]
-    with pytest.raises(CenError, match="would both write point_0_view_0_from_reshading.png"):
+    message = "^point_0_view_0_from_reshading.png: written by .* and by the from_reshading head"
+    with pytest.raises(CenError, match=message):
         translate(checkpoint, items, tmp_path / "out", heads=True, runtime=CPU)
     assert len(translate(checkpoint, items, tmp_path / "out", runtime=CPU)) == 2
 
@@ -210,3 +222,23 @@ def test_the_command(i2i_data: Path, generator, tmp_path: Path, capsys) -> None:
     ):  # fmt: skip
         assert main([*base, *extra, "-o", str(tmp_path / "c")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_hidden_files_are_left_out_and_a_stem_that_is_only_a_domain_ending_is_kept(
+    i2i_data: Path, generator, tmp_path: Path
+) -> None:
+    checkpoint = _save(tmp_path / "g.pth", generator, eval_dropout=False)
+    root = tmp_path / "views"
+    for domain in ("reshading", "edge_texture"):
+        (root / domain).mkdir(parents=True)
+        view = (i2i_data / domain / f"point_0_view_0_domain_{domain}.png").read_bytes()
+        (root / domain / f"point_0_view_0_domain_{domain}.png").write_bytes(view)
+        (root / domain / "._point_0_view_0.png").write_bytes(b"resource fork")
+    translate(checkpoint, [root], tmp_path / "a", runtime=CPU)
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["point_0_view_0.png"]
+    for domain in ("reshading", "edge_texture"):
+        (root / domain / f"point_0_view_0_domain_{domain}.png").rename(
+            root / domain / f"_domain_{domain}.png"
+        )
+    with pytest.raises(CenError, match="_domain_edge_texture.png has no reshading partner"):
+        translate(checkpoint, [root], tmp_path / "b", runtime=CPU)

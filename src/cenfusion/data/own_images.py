@@ -22,13 +22,14 @@ class Sample:
 
 
 def _image_files(folder: Path, ending: str) -> dict[str, Path]:
-    """``{stem: path}`` of the images in ``folder``, ``ending`` cut from the stems that end
-    with it; two files with one stem are an error."""
+    """``{stem: path}`` of the images in ``folder`` (hidden files left out), ``ending`` cut
+    from the stems that end with it; two files with one stem are an error."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        hidden = path.name.startswith(".")
+        if hidden or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        stem = path.stem.removesuffix(ending) if ending else path.stem
+        stem = path.stem.removesuffix(ending) or path.stem
         if stem in files:
             raise CenError(
                 f"{folder}: two images named {stem} ({files[stem].name}, {path.name}); keep one"
@@ -52,8 +53,7 @@ def pair_folders(
             if stem not in listing:
                 have = next(lst[stem] for lst in listings if stem in lst)
                 raise CenError(
-                    f"{have} has no {name} partner: expected {folder}/{stem}.* "
-                    f"(files are paired by name across {', '.join(map(str, folders))})"
+                    f"{have} has no {name} partner {folder}/{stem}.* (files pair by name)"
                 )
     return [Sample(s, tuple(lst[s] for lst in listings)) for s in stems]
 
@@ -74,9 +74,9 @@ def collect_samples(
     for item in items:
         if isinstance(item, (str, Path)):
             root = Path(item)
-            if not root.is_dir():
-                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
             paths = [root / n for n in names]
+            if not all(p.is_dir() for p in paths):
+                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
         else:
             paths = [Path(p) for p in item]
             if len(paths) != len(names):
@@ -100,8 +100,8 @@ def check_output_folder(out: Path) -> None:
     """Refuse an output folder ``--out`` that is a file or lies inside one, before any work."""
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        inside = "" if existing == out else f" inside the file {existing}"
-        raise CenError(f"--out {out}: a file{inside}, expected a folder (made if missing)")
+        what = "a file" if existing == out else f"a path inside the file {existing}"
+        raise CenError(f"--out {out}: {what}, expected a folder (made if missing)")
 
 
 def check_output_names(
@@ -127,10 +127,10 @@ def check_output_names(
             start = prefix.format(stem=sample.stem, head=head)
             if start in owners:
                 raise CenError(
-                    f"{owners[start]} and the {head} head of {sample.paths[0]} would both "
-                    f"write {files.format(start)}: rename one, or predict without --heads"
+                    f"{files.format(start)}: written by {owners[start]} and by the {head} "
+                    f"head of sample {sample.stem}; rename one, or predict without --heads"
                 )
-            owners[start] = f"the {head} head of {sample.paths[0]}"
+            owners[start] = f"the {head} head of sample {sample.stem}"
 
 
 def items_from_columns(columns: Mapping[str, Sequence[Path]]) -> list[tuple[Path, ...]]:

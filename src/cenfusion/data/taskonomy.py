@@ -106,7 +106,7 @@ View = tuple[int, int]
 def resolve_domain(domain: str | int) -> str:
     """A domain name from a name or an ``--img-types`` index (``2`` or ``"2"``)."""
     text = str(domain)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         index = int(text)
         if index >= len(DOMAINS):
             raise CenError(f"img-type {index}: expected 0..{len(DOMAINS) - 1} ({_table()})")
@@ -181,13 +181,25 @@ def read_png(path: Path) -> np.ndarray:
         raise CenError(f"cannot read image {path}: {exc}") from None
 
 
+def _sixteen_bit_values(array: np.ndarray) -> bool:
+    """Whether ``array`` is one channel of 16-bit values: uint16, or the 32-bit integers that
+    PIL reads some 16-bit PNGs as, within 0..65535."""
+    if array.ndim != 2:
+        return False
+    if array.dtype == np.uint16:
+        return True
+    return array.dtype in (np.int32, np.int64) and (
+        array.size == 0 or (array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max)
+    )
+
+
 def decode_domain_8bit(values: np.ndarray, domain: str, where: str = "image") -> np.ndarray:
     """Raw image values of ``domain`` -> the released 8-bit image ``(H, W, 3)`` uint8 (module
     docstring). ``values``: ``(H, W)`` or ``(H, W, 3)`` as read from the PNG; ``where`` names
     the file in errors."""
     array = np.asarray(values)
     sixteen_bit = domain in EDGE_MAXIMA or domain in DEPTH_DOMAINS
-    if sixteen_bit and (array.ndim != 2 or array.dtype == np.uint8):
+    if sixteen_bit and not _sixteen_bit_values(array):
         raise CenError(
             f"{where}: {domain} must be a 16-bit single-channel PNG, got {array.dtype} "
             f"{array.shape}"

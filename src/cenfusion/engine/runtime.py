@@ -253,6 +253,7 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
     (:func:`~cenfusion.engine.heap.kept_cpu_memory`). CUDA graphs (``reduce-overhead``) are
     watched for skipped captures (:class:`GraphSkips`); off CUDA the mode is the default.
     The process-wide settings it changes (threads, cuDNN's kernel search) are restored."""
+    RuntimeConfig.validate(settings)
     dist = init_distributed(cuda=settings.device != "cpu") if distributed else DistInfo()
     device = resolve_device(settings.device, settings.gpu, dist.local_rank)
     dtype = _amp_dtype(settings.amp_dtype, device) if settings.amp else None

@@ -241,6 +241,7 @@ def predict(
             ``channels_last`` and ``compile`` are for PyTorch checkpoints.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    runtime.validate()
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
     if size is not None and (len(size) != 2 or min(size) < 1):

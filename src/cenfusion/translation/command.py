@@ -139,7 +139,7 @@ def _run_predict(args: argparse.Namespace) -> None:
         batch_size=o.batch_size,
         runtime=options_from_args(RuntimeConfig, args),
     )
-    print(f"wrote {len(written)} files to {o.out}")
+    print(f"wrote {len(written)} file{'s' * (len(written) != 1)} to {o.out}")
 
 
 def _run_train(args: argparse.Namespace) -> None:

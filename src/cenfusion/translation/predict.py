@@ -78,13 +78,24 @@ def _domains(loaded: LoadedGenerator, given: Sequence[str] | None, where: str) -
     return domains
 
 
-def _check_size(size: tuple[int, int], loaded: LoadedGenerator) -> None:
+def _network_size(
+    size: Sequence[int] | None, loaded: LoadedGenerator, where: str
+) -> tuple[int, int]:
+    """``(H, W)`` the network sees: ``size`` (one side or two), else the run's side."""
     step = 2**loaded.model.config.num_downs
-    if len(size) != 2 or min(size) < 1 or size[0] % step or size[1] % step:
+    if size is None:
+        if loaded.side % step:
+            raise CenError(
+                f"{where}: the default side {loaded.side} is not a multiple of 2**num_downs = "
+                f"{step}; give --size"
+            )
+        return loaded.side, loaded.side
+    if len(size) not in (1, 2) or min(size) < 1 or any(s % step for s in size):
         raise CenError(
-            f"--size {' '.join(map(str, size))}: expected H W (or one side), multiples of "
+            f"--size {' '.join(map(str, size))}: expected one side or H W, multiples of "
             f"2**num_downs = {step}"
         )
+    return (size[0], size[-1])
 
 
 def load_views(sample: Sample, domains: Sequence[str], size: tuple[int, int]) -> Tensor:
@@ -119,19 +130,23 @@ def translate(
             Default: the side its run validated at (256 for a released file).
         heads: also write each branch's translation.
         dropout: sample with the generator's dropout active (default: as its run evaluated).
-        seed: the dropout's random seed.
+        seed: the dropout's random seed. The samples depend on it and on every view
+            of the run, their order, ``batch_size`` and compilation: the same call gives
+            the same samples.
         batch_size: views per forward pass; without dropout, the outputs are those of one
             at a time.
         runtime: device, precision, layout, compile, threads and memory.
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    runtime.validate()
     if batch_size < 1:
         raise CenError(f"--batch-size {batch_size}: expected >= 1")
+    if not 0 <= seed < 2**32:
+        raise CenError(f"--seed {seed}: expected 0 to {2**32 - 1}")
     check_output_folder(out)
     loaded = load_generator(checkpoint)
     given = _domains(loaded, domains, str(checkpoint))
-    shape = (loaded.side, loaded.side) if size is None else tuple(size) * (3 - len(size))
-    _check_size(shape, loaded)
+    shape = _network_size(size, loaded, str(checkpoint))
     endings = [f"_domain_{FILE_DOMAIN.get(d, d)}" for d in given]
     samples = collect_samples(inputs, given, endings)
     order = [given.index(d) for d in (loaded.inputs or given)]
