@@ -23,6 +23,7 @@ from cenfusion.fusion import (
     exchanging_norms,
     set_frozen_stats,
     sparsity_penalty,
+    stack_modalities,
 )
 from cenfusion.models.refinenet import create_cen_refinenet
 
@@ -229,9 +230,37 @@ def test_the_ensemble_refuses_other_counts_and_a_penalty_needs_no_parameters() -
     assert sparsity_penalty(nn.ReLU(), 0.0) == 0
     with pytest.raises(CenError, match=r"^num_modalities=0: expected an integer of at least 1"):
         AlphaEnsemble(0)
-    for lamda in (-1e-3, math.nan, True):
+    for lamda in (-1e-3, math.nan, True, "1e-3", None):
         with pytest.raises(CenError, match=rf"^lamda={lamda!r}: expected a finite number >= 0"):
             sparsity_penalty(nn.ReLU(), lamda)
+    with pytest.raises(
+        CenError, match=r"^lamda: expected one number, got a tensor of shape \(2,\)"
+    ):
+        sparsity_penalty(nn.ReLU(), torch.ones(2))
+    norm = _exchanging_norm()
+    torch.testing.assert_close(
+        sparsity_penalty(norm, torch.tensor(2.0)), sparsity_penalty(norm, 2.0)
+    )
+    for call in (lambda: sparsity_penalty(None, 1e-3), lambda: exchange_stats(None)):
+        with pytest.raises(CenError, match="^model=NoneType: expected a torch.nn.Module"):
+            call()
+
+
+@pytest.mark.parametrize("norm", [ModalityBatchNorm2d, ModalityInstanceNorm2d])
+def test_a_private_norm_refuses_bad_arguments_in_one_line(norm) -> None:
+    for options, message in (
+        ({"num_features": 8, "num_modalities": 2.5}, r"^num_modalities=2.5: expected an integer"),
+        ({"num_features": 8, "num_modalities": "2"}, r"^num_modalities='2': expected an integer"),
+        ({"num_features": -3, "num_modalities": 2}, r"^num_features=-3: expected an integer"),
+        ({"num_features": 8, "num_modalities": 2, "exchange": True, "threshold": -1},
+         r"^threshold=-1: expected a finite number >= 0"),
+        ({"num_features": 8, "num_modalities": 2, "threshold": None},
+         r"^threshold=None: expected a finite number >= 0"),
+        ({"num_features": 8, "num_modalities": 1, "exchange": True},
+         r"^channel exchange needs at least two modalities"),
+    ):  # fmt: skip
+        with pytest.raises(CenError, match=message):
+            norm(**options)
 
 
 def test_ensemble_weights_and_detach() -> None:
@@ -312,6 +341,9 @@ def test_stack_not_a_multiple_of_the_modalities_is_refused(size: tuple[int, int]
     norm = random_norm(3)
     with pytest.raises(ValueError, match="not a multiple of 3 modalities"):
         norm(torch.randn(4, 7, *size))
+    with pytest.raises(ValueError, match="of 4 is not a multiple of 3 modalities .give M tensors"):
+        stack_modalities(torch.randn(4, 7, *size), 3)
+    assert stack_modalities(torch.randn(6, 7, *size), 3).shape == (6, 7, *size)
 
 
 def test_exchange_points_that_select_nothing_are_refused() -> None:
@@ -322,8 +354,16 @@ def test_exchange_points_that_select_nothing_are_refused() -> None:
         convert(copy.deepcopy(net), 2)
     assert str(excinfo.value) == (
         "exchange point 'layer*.*.bn2' matches none of the model's 34 BatchNorms, named like "
-        "bn1, blocks.*.*.bn1, blocks.*.*.bn2, blocks.*.*.bn3"
+        "bn1, blocks.*.*.bn1, blocks.*.*.bn2, blocks.*.*.bn3 (e.g. blocks.0.0.bn1, "
+        "blocks.0.0.bn2, blocks.1.0.bn1)"
     )
+    flat = nn.Sequential(
+        nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+    )
+    with pytest.raises(ExchangePointsError, match=r"named like \* \(e\.g\. 1, 3\)$"):
+        convert(flat, 2)
+    with pytest.raises(ExchangePointsError, match="^the model is itself a BatchNorm2d: convert"):
+        convert(nn.BatchNorm2d(3), 2, ())
     with pytest.raises(ExchangePointsError, match="^exchange point 'blocks.*.bn9' matches"):
         convert(copy.deepcopy(net), 2, ("blocks.*.*.bn2", "blocks.*.bn9"))
     with pytest.raises(ExchangePointsError, match="^the selector matches none of the model's"):
@@ -464,6 +504,22 @@ def test_training_goes_on_after_an_evaluation_in_inference_mode(size: int) -> No
     with torch.no_grad():
         norm.eval()(x)
     assert norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("size", [4, 64])
+def test_a_norm_made_in_inference_mode_runs_and_follows_its_gammas(size: int) -> None:
+    """Parameters made under ``torch.inference_mode`` keep no version counter to cache by:
+    such a norm computes its plan and folded statistics at every call."""
+    x, reference = torch.randn(4, 8, size, size), _exchanging_norm().eval()
+    with torch.inference_mode():
+        norm = _exchanging_norm().eval()
+        assert norm.weight.is_inference()
+        torch.testing.assert_close(norm(x), reference(x))
+        norm.weight[:, 3] = 0.01
+        with torch.no_grad():
+            reference.weight[:, 3] = 0.01
+        torch.testing.assert_close(norm(x), reference(x))
+        assert int(norm.exchange_plan().full_mask.sum()) == 8
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import cenfusion
 from cenfusion import CenError, create_cen_refinenet, load_official_checkpoint
 from cenfusion.models.official import load_official_state_dict, to_official_state_dict
 
@@ -107,7 +108,9 @@ def test_entries_that_are_not_named_tensors(model_and_state) -> None:
     _, state = model_and_state
     with pytest.raises(CenError, match="found int key 0"):
         load_official_state_dict({0: torch.ones(1), **state})
-    with pytest.raises(CenError, match="'module.alpha' is a list, expected a tensor"):
+    with pytest.raises(
+        CenError, match="'module.alpha' holds a value of type list, expected a tensor"
+    ):
         load_official_state_dict({**state, "module.alpha": [1.0, 2.0]})
 
 
@@ -121,3 +124,22 @@ def test_cli_conversion_keeps_the_threshold_asked_for(model_and_state, tmp_path)
     for extra, threshold in (([], 2e-2), (["--threshold", "0.05"], 0.05)):
         assert main(["convert-official", str(path), str(tmp_path / "o.pth"), *extra]) == 0
         assert model_from_checkpoint(tmp_path / "o.pth").config.bn_threshold == threshold
+
+
+def test_a_models_own_state_dict_is_pointed_to_save_segmenter(model_and_state, tmp_path) -> None:
+    """A researcher's ``torch.save(model.state_dict())`` is neither format: the refusal says
+    what to do, and ``save_segmenter`` writes the file every reader takes."""
+    model, _ = model_and_state
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    with pytest.raises(CenError, match=r"the state dict of a cenfusion model, without its set"):
+        cenfusion.load_segmenter(tmp_path / "sd.pth")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "nested.pth")
+    with pytest.raises(CenError, match=r"'segmenter' state dict, found keys state_dict\)$"):
+        cenfusion.load_segmenter(tmp_path / "nested.pth")
+    cenfusion.save_segmenter(model, tmp_path / "mine.pth")
+    loaded = cenfusion.load_segmenter(tmp_path / "mine.pth").model.eval()
+    x = [torch.randn(1, 3, 32, 40) for _ in range(3)]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CenError, match="^save_segmenter: expected a CENRefineNet, got Linear"):
+        cenfusion.save_segmenter(torch.nn.Linear(2, 2), tmp_path / "x.pth")

@@ -112,13 +112,13 @@ def test_local_pretrained_weights_copied_into_every_modality(tmp_path) -> None:
 
 
 def test_bad_arguments_give_clear_errors(tmp_path) -> None:
-    with pytest.raises(CenError, match="--enc 34"):
+    with pytest.raises(CenError, match=r"^depth=34 \(--enc\): expected one of"):
         create_cen_refinenet(depth=34)
     with pytest.raises(CenError, match="not found"):
         create_cen_refinenet(backbone="resnet26", pretrained=tmp_path / "none.pth")
     with pytest.raises(CenError, match="expected one of"):
         create_model("cen_refinenet_r7")
-    with pytest.raises(CenError, match=r"^--enc '50': expected one of \[50, 101, 152\]"):
+    with pytest.raises(CenError, match=r"^depth='50' \(--enc\): expected one of \[50, 101, 152\]"):
         create_cen_refinenet(depth="50")
     for name, value in [("num_classes", 0), ("num_modalities", 2.5), ("decoder_width", True)]:
         with pytest.raises(CenError, match=f"^{name}={value!r}: expected an integer of at least"):
@@ -137,6 +137,10 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_cen_refinenet(backbone="resnet26", exchange_at=lambda name, module: True)
     with pytest.raises(CenError, match="^model cen_refinenet_r50 fixes depth=50; use cen_refin"):
         create_model("cen_refinenet_r50", depth=101)
+    with pytest.raises(CenError, match="^model cen_refinenet_r50 fixes its backbone; use cen_"):
+        create_model("cen_refinenet_r50", backbone="resnet26")
+    with pytest.raises(CenError, match="^backbone=<ResNet module>: expected a timm model name"):
+        create_cen_refinenet(backbone=timm.create_model("resnet26"))
 
 
 def test_weights_not_fetched_say_what_to_do_offline(monkeypatch) -> None:
@@ -152,8 +156,8 @@ def test_weights_not_fetched_say_what_to_do_offline(monkeypatch) -> None:
     with pytest.raises(CenError) as info:
         create_cen_refinenet(depth=50, pretrained="tv_in1k")
     assert str(info.value) == (
-        "pretrained weights 'resnet50.tv_in1k' not fetched (OSError); offline, give --pretrained "
-        f"PATH or fill the caches {HF_HUB_CACHE}, {torch.hub.get_dir()}"
+        "pretrained weights 'resnet50.tv_in1k' not fetched (OSError); offline, give a local file "
+        f"(--pretrained PATH) or fill the caches {HF_HUB_CACHE}, {torch.hub.get_dir()}"
     )
 
 
@@ -198,7 +202,8 @@ def test_checkpoints_record_the_levels_and_older_ones_rebuild_on_levels_1_to_4()
 
 
 def test_an_encoder_without_those_levels_is_refused() -> None:
-    with pytest.raises(CenError, match=r"^--backbone vit_tiny_patch16_224: its feature levels "):
+    message = r"^backbone='vit_tiny_patch16_224' \(--backbone\): its feature levels "
+    with pytest.raises(CenError, match=message):
         create_cen_refinenet(backbone="vit_tiny_patch16_224")
 
 
@@ -215,10 +220,10 @@ def test_a_pretrained_path_is_a_file_whatever_its_name(tmp_path, monkeypatch) ->
     """A path is read as a file, not sent to timm as a weights tag, when it names a folder
     or exists; an unreadable one is one line."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CenError, match="^--pretrained weights: file not found"):
+    with pytest.raises(CenError, match=r"^pretrained='weights' \(--pretrained\): file not found"):
         create_cen_refinenet(backbone="resnet26", pretrained="./weights")
     (tmp_path / "weights").write_text("not weights")
-    with pytest.raises(CenError, match="^--pretrained weights: not a readable state dict"):
+    with pytest.raises(CenError, match=r"^pretrained='weights' \(--pretrained\): not a readable"):
         create_cen_refinenet(backbone="resnet26", pretrained="weights")
 
 

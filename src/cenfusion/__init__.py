@@ -4,7 +4,8 @@
   ``create_cen_refinenet(...)`` and ``CENRefineNet``: the CEN RefineNet for segmentation.
 - ``load_official_checkpoint(path)``: a released CEN ``.pth.tar``, with its outputs;
   ``load_segmenter(path)``: any segmenter file (ours, released, exported ``.onnx``) with what
-  it says of its inputs (modality names and kinds, depth scale); ``load_generator(path)``:
+  it says of its inputs (modality names and kinds, depth scale), ``save_segmenter(model,
+  path)`` the file it reads for a model of one's own; ``load_generator(path)``:
   a translation generator (ours or a released ``checkpoint-gen-N.pkl``) and its domains.
 - ``convert(model, num_modalities)``: channel exchanging in any BatchNorm CNN; its parts
   ``ModalityBatchNorm2d``, ``ModalityInstanceNorm2d``, ``AlphaEnsemble``,
@@ -33,6 +34,7 @@ _LAZY = {
     "sparsity_penalty": "cenfusion.fusion",
     "load_official_checkpoint": "cenfusion.models.official",
     "load_segmenter": "cenfusion.segmentation.modelio",
+    "save_segmenter": "cenfusion.segmentation.modelio",
     "load_generator": "cenfusion.translation.modelio",
     "CENRefineNet": "cenfusion.models.refinenet",
     "create_cen_refinenet": "cenfusion.models.refinenet",
@@ -54,6 +56,7 @@ __all__ = [
     "load_generator",
     "load_official_checkpoint",
     "load_segmenter",
+    "save_segmenter",
     "sparsity_penalty",
 ]
 

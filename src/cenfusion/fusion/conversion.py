@@ -47,9 +47,13 @@ def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
 
 def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
     """The distinct shapes of ``names``, their numeric parts (indices) as ``*``: the first
-    ``limit``, e.g. ``bn1, blocks.*.*.bn1, blocks.*.*.bn2``."""
-    shapes = list(dict.fromkeys(re.sub(r"(?<![^.])\d+(?![^.])", "*", n) for n in names))
-    return ", ".join(shapes[:limit]) + (", ..." if len(shapes) > limit else "")
+    ``limit``, e.g. ``bn1, blocks.*.*.bn1, blocks.*.*.bn2``, then a few names as they are
+    where indices were hidden (``e.g. 0.1, 0.4, 1.1``)."""
+    shaped = {n: re.sub(r"(?<![^.])\d+(?![^.])", "*", n) for n in names}
+    shapes = list(dict.fromkeys(shaped.values()))
+    listed = ", ".join(shapes[:limit]) + (", ..." if len(shapes) > limit else "")
+    hidden = [n for n, shape in shaped.items() if shape != n]
+    return listed + (f" (e.g. {', '.join(hidden[:3])})" if hidden else "")
 
 
 def _check_selection(
@@ -197,6 +201,11 @@ def convert(
         if _private_kind(module) and name
     ]
     names = [name for name, _, _ in targets]
+    if not names and _private_kind(model):
+        raise ExchangePointsError(
+            f"the model is itself a {type(model).__name__}: convert makes the norms inside a "
+            "model private; for one norm, build cenfusion.ModalityBatchNorm2d"
+        )
     if not names:
         shared = _shared_norms(model)
         kept = f" ({_listed(shared)} stay shared)" if shared else ""

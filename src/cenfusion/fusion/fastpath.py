@@ -40,10 +40,13 @@ __all__ = [
 ]
 
 
-def cache_key(tensors: Sequence[Tensor]) -> tuple:
+def cache_key(tensors: Sequence[Tensor]) -> tuple | None:
     """What a cache of values derived from ``tensors`` compares: each tensor's object,
     in-place version and storage (a move or a cast gives new storage). The cache must also
-    hold the tensors, so that no new tensor can take a freed one's ``id`` and address."""
+    hold the tensors, so that no new tensor can take a freed one's ``id`` and address.
+    ``None`` (do not cache) when one is an inference tensor, which keeps no version."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
 
 

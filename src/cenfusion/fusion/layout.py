@@ -22,7 +22,8 @@ def stack_modalities(
 
     Accepts ``M`` tensors ``(B, C, H, W)``, a data loader's batch ``(B, M, C, H, W)``, or an
     already stacked ``(M*B, C, H, W)`` tensor (returned unchanged). With ``num_modalities``
-    the number of modalities given is checked; the tensors of a list must have one shape
+    the number of modalities given is checked (of a stacked tensor, that its batch is a
+    multiple of it); the tensors of a list must have one shape
     (a stack of unequal batches would mix the modalities' samples).
     """
     if isinstance(inputs, Tensor):
@@ -31,6 +32,11 @@ def stack_modalities(
                 inputs.shape[1], num_modalities, " along axis 1 of a (B, M, C, H, W) batch"
             )
             return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
+        if num_modalities is not None and inputs.shape[0] % num_modalities:
+            raise ValueError(
+                f"a stacked batch (M*B, C, H, W) of {inputs.shape[0]} is not a multiple of "
+                f"{num_modalities} modalities (give M tensors (B, C, H, W) as a list)"
+            )
         return inputs
     _check_count(len(inputs), num_modalities, "")
     if any(x.shape != inputs[0].shape for x in inputs[1:]):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cenfusion.arguments import check_count, check_non_negative
+from cenfusion.errors import CenError
 from cenfusion.fusion.fastpath import (
     ExchangePlan,
     NormCall,
@@ -63,12 +65,14 @@ class ModalityNorm(nn.Module):
         threshold: float,
     ) -> None:
         super().__init__()
-        if num_modalities < 1:
-            raise ValueError("num_modalities must be >= 1")
+        check_count("num_features", num_features)
+        check_count("num_modalities", num_modalities)
+        check_non_negative("eps", eps)
+        check_non_negative("threshold", threshold)
         if exchange and num_modalities < 2:
-            raise ValueError("channel exchange needs at least two modalities")
+            raise CenError("channel exchange needs at least two modalities (exchange=False)")
         if exchange and not affine:
-            raise ValueError("channel exchange is driven by the affine scale; set affine=True")
+            raise CenError("channel exchange is driven by the affine scale; set affine=True")
         self.num_features = num_features
         self.num_modalities = num_modalities
         self.eps = eps
@@ -97,7 +101,10 @@ class ModalityNorm(nn.Module):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             self._plan_cache = None
             return exchange_plan(self.exchange_mask())
-        key = (cache_key((self.weight,)), self.threshold, torch.is_inference_mode_enabled())
+        weight = cache_key((self.weight,))
+        if weight is None:
+            return exchange_plan(self.exchange_mask())
+        key = (weight, self.threshold, torch.is_inference_mode_enabled())
         if self._plan_cache is None or self._plan_cache[0] != key:
             self._plan_cache = (key, self.weight, exchange_plan(self.exchange_mask()))
         return self._plan_cache[2]
@@ -207,10 +214,15 @@ class ModalityBatchNorm2d(ModalityNorm):
         """Running statistics without autograd: the fast path's one multiply-add with the
         statistics and affine parameters folded, cached while none of them changes."""
         sources = (self.weight, self.bias, self.running_mean, self.running_var)
-        key = (cache_key(sources), self.eps, x.dim() - 2)
-        if self._fold_cache is None or self._fold_cache[0] != key:
-            self._fold_cache = (key, sources, fold(*sources, self.eps, x.dim() - 2))
-        return folded_inference(x, *self._fold_cache[2], self.exchange_plan())
+        dims, stored = x.dim() - 2, cache_key(sources)
+        if stored is None:
+            folded = fold(*sources, self.eps, dims)
+        else:
+            key = (stored, self.eps, dims)
+            if self._fold_cache is None or self._fold_cache[0] != key:
+                self._fold_cache = (key, sources, fold(*sources, self.eps, dims))
+            folded = self._fold_cache[2]
+        return folded_inference(x, *folded, self.exchange_plan())
 
     @torch.no_grad()
     def load_from_batchnorm(self, bn: nn.BatchNorm2d) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from cenfusion.arguments import check_non_negative
+from cenfusion.errors import CenError
 from cenfusion.fusion.norms import ModalityNorm
 
 __all__ = ["ExchangeStats", "exchange_stats", "exchanging_norms", "sparsity_penalty"]
@@ -16,6 +17,8 @@ __all__ = ["ExchangeStats", "exchange_stats", "exchanging_norms", "sparsity_pena
 
 def exchanging_norms(model: nn.Module) -> list[tuple[str, ModalityNorm]]:
     """The exchanging private norms of ``model`` with their qualified names, in order."""
+    if not isinstance(model, nn.Module):
+        raise CenError(f"model={type(model).__name__}: expected a torch.nn.Module")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModalityNorm) and m.exchange]
 
 
@@ -26,7 +29,12 @@ def sparsity_penalty(model: nn.Module, lamda: float) -> Tensor:
     step rather than a few per norm (on a GPU, each is a kernel the host launches). With
     ``lamda == 0`` it is an exact zero that adds nothing to the graph.
     """
-    if isinstance(lamda, (int, float)):
+    if isinstance(lamda, Tensor):
+        if lamda.numel() != 1:
+            raise CenError(
+                f"lamda: expected one number, got a tensor of shape {tuple(lamda.shape)}"
+            )
+    else:
         check_non_negative("lamda", lamda)
     norms = [norm for _, norm in exchanging_norms(model)]
     if lamda == 0 or not norms:

@@ -139,8 +139,15 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     safe = [np.dtype, numpy_core.multiarray.scalar, type(np.dtype(np.float64))]
     checkpoint = read_released_file(path, safe)
     state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CenError(f"{path}: expected a dict with a 'segmenter' state dict")
+    if not isinstance(state, dict) or any(isinstance(v, dict) for v in state.values()):
+        found = f"keys {', '.join(map(str, list(state)[:3]))}" if state else "no state dict"
+        raise CenError(f"{path}: expected a dict with a 'segmenter' state dict, found {found}")
+    if "ensemble.alpha" in state and any(str(k).startswith("encoder.") for k in state):
+        raise CenError(
+            f"{path}: the state dict of a cenfusion model, without its settings: load it into "
+            "the model it came from (load_state_dict), or save that model with "
+            "cenfusion.save_segmenter"
+        )
     return state
 
 

@@ -241,6 +241,11 @@ def create_encoder(
     or a path to a local state dict (``.pth``/``.safetensors``, classifier keys ignored; an
     existing file, or a name with a folder, is a path).
     """
+    if isinstance(backbone, nn.Module):
+        raise CenError(
+            f"backbone=<{type(backbone).__name__} module>: expected a timm model name (a "
+            "network of one's own takes channel exchange with cenfusion.convert)"
+        )
     if not isinstance(backbone, str):
         raise CenError(f"backbone={backbone!r}: expected a timm model name")
     if pretrained is True:
@@ -285,7 +290,8 @@ def _features(name: str, levels: tuple[int, ...] | None, pretrained: bool) -> nn
     except OSError as err:
         raise CenError(
             f"pretrained weights {name!r} not fetched ({type(err).__name__}); offline, give "
-            f"--pretrained PATH or fill the caches {_hf_cache()}, {torch.hub.get_dir()}"
+            f"a local file (--pretrained PATH) or fill the caches {_hf_cache()}, "
+            f"{torch.hub.get_dir()}"
         ) from err
 
 
@@ -296,7 +302,8 @@ def _levels_at_strides(backbone: str) -> tuple[int, ...]:
     strides = probe.feature_info.reduction()
     if not set(LEVEL_STRIDES) <= set(strides):
         raise CenError(
-            f"--backbone {backbone}: its feature levels have strides {strides}; CEN RefineNet "
+            f"backbone={backbone!r} (--backbone): its feature levels have strides {strides}; "
+            "CEN RefineNet "
             f"needs levels at strides {', '.join(map(str, LEVEL_STRIDES))}"
         )
     indices = probe.feature_info.out_indices
@@ -305,7 +312,7 @@ def _levels_at_strides(backbone: str) -> tuple[int, ...]:
 
 def _load_local_weights(encoder: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise CenError(f"--pretrained {path}: file not found")
+        raise CenError(f"pretrained={str(path)!r} (--pretrained): file not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -314,14 +321,18 @@ def _load_local_weights(encoder: nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CenError(f"--pretrained {path}: not a readable state dict ({err})") from err
+        raise CenError(
+            f"pretrained={str(path)!r} (--pretrained): not a readable state dict ({err})"
+        ) from err
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     expected = encoder.state_dict().keys()
     state = {k: v for k, v in state.items() if k in expected}
     missing = [k for k in expected if k not in state]
     if missing:
-        raise CenError(f"--pretrained {path}: lacks backbone weight {missing[0]!r}")
+        raise CenError(
+            f"pretrained={str(path)!r} (--pretrained): lacks backbone weight {missing[0]!r}"
+        )
     encoder.load_state_dict(state)
 
 
@@ -360,7 +371,7 @@ def create_cen_refinenet(
     pretrained = None if pretrained is False else pretrained
     if backbone is None:
         if depth not in RESNET_DEPTHS:
-            raise CenError(f"--enc {depth!r}: expected one of {sorted(RESNET_DEPTHS)}")
+            raise CenError(f"depth={depth!r} (--enc): expected one of {sorted(RESNET_DEPTHS)}")
         backbone = RESNET_DEPTHS[depth]
     for name, value in [
         ("num_classes", num_classes),

@@ -35,7 +35,8 @@ def _fixed(name: str, family: str, kwargs: dict[str, object], **fixed: object) -
     """``kwargs`` with the variant ``name``'s ``fixed`` arguments, which they must not set."""
     for key, value in fixed.items():
         if key in kwargs:
-            raise CenError(f"model {name} fixes {key}={value}; use {family} for another {key}")
+            said = f"its {key}" if value is None else f"{key}={value}"
+            raise CenError(f"model {name} fixes {said}; use {family} for another {key}")
     return {**kwargs, **fixed}
 
 
@@ -47,17 +48,23 @@ def cen_refinenet(**kwargs: object) -> nn.Module:
 
 @register_model
 def cen_refinenet_r50(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(**_fixed("cen_refinenet_r50", "cen_refinenet", kwargs, depth=50))
+    return create_cen_refinenet(
+        **_fixed("cen_refinenet_r50", "cen_refinenet", kwargs, depth=50, backbone=None)
+    )
 
 
 @register_model
 def cen_refinenet_r101(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(**_fixed("cen_refinenet_r101", "cen_refinenet", kwargs, depth=101))
+    return create_cen_refinenet(
+        **_fixed("cen_refinenet_r101", "cen_refinenet", kwargs, depth=101, backbone=None)
+    )
 
 
 @register_model
 def cen_refinenet_r152(**kwargs: object) -> nn.Module:
-    return create_cen_refinenet(**_fixed("cen_refinenet_r152", "cen_refinenet", kwargs, depth=152))
+    return create_cen_refinenet(
+        **_fixed("cen_refinenet_r152", "cen_refinenet", kwargs, depth=152, backbone=None)
+    )
 
 
 @register_model

@@ -42,8 +42,8 @@ def check_state_dict(state: dict, where: str) -> None:
             )
         if not isinstance(value, Tensor):
             raise CenError(
-                f"{where}: entry {shorten(key, 60)!r} is a {type(value).__name__}, expected "
-                "a tensor"
+                f"{where}: entry {shorten(key, 60)!r} holds a value of type "
+                f"{type(value).__name__}, expected a tensor"
             )
 
 

@@ -35,6 +35,14 @@ def model_record(model: CENRefineNet) -> dict:
     return {"task": TASK, "model_config": model.config.to_dict(), "model": model.state_dict()}
 
 
+def save_segmenter(model: CENRefineNet, path: str | Path) -> None:
+    """Write ``model`` as a checkpoint that :func:`load_segmenter`, ``cen seg predict``,
+    ``seg eval`` and ``export onnx`` read (its config with its weights)."""
+    if not isinstance(model, CENRefineNet):
+        raise CenError(f"save_segmenter: expected a CENRefineNet, got {type(model).__name__}")
+    save_checkpoint(path, model_record(model))
+
+
 def model_from_checkpoint(path: str | Path) -> CENRefineNet:
     """Rebuild the segmentation model stored in a cenfusion checkpoint."""
     state = load_checkpoint(path, task=TASK)
