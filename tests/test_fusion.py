@@ -1,6 +1,7 @@
 import copy
 import fnmatch
 import math
+import warnings
 
 import pytest
 import timm
@@ -619,3 +620,16 @@ def test_a_cumulative_average_of_the_statistics_is_kept_as_batchnorm_keeps_it(si
     for name in ("running_mean", "running_var"):
         expected = getattr(plain, name).expand(2, 3)
         torch.testing.assert_close(getattr(private, name), expected)
+
+
+def test_a_trace_of_a_converted_network_has_no_shape_checks_to_warn_of() -> None:
+    """``torch.jit.trace`` (and the ONNX export) fixes the shapes: checking them would warn
+    at every norm."""
+    model = convert(timm.create_model("resnet18", num_classes=3), 2).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x)
+    ours = [w for w in caught if "cenfusion" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno} {w.message}" for w in ours]
+    torch.testing.assert_close(traced(x), model(x))

@@ -54,7 +54,9 @@ class RuntimeConfig:
 
     device: str = setting("auto", "where to run", choices=("auto", "cpu", "cuda"))
     gpu: tuple[int, ...] = setting((), "CUDA device index(es); under torchrun the local rank")
-    amp: bool = setting(False, "mixed precision: bfloat16 on the CPU, float16 + GradScaler on CUDA")
+    amp: bool = setting(
+        False, "mixed precision: bfloat16 on the CPU, float16 on CUDA (training scales its loss)"
+    )
     amp_dtype: str = setting(
         "auto",
         "with --amp: bfloat16 (no loss scaling), float16 (with a GradScaler; CUDA only), or "

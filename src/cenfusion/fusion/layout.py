@@ -51,8 +51,9 @@ def _check_count(given: int, expected: int | None, where: str) -> None:
 
 
 def split_modalities(x: Tensor, num_modalities: int) -> Tensor:
-    """View a stacked batch ``(M*B, ...)`` as ``(M, B, ...)``."""
-    if x.shape[0] % num_modalities:
+    """View a stacked batch ``(M*B, ...)`` as ``(M, B, ...)`` (checked, except in a trace,
+    which fixes the shapes and would warn at each check)."""
+    if not torch.jit.is_tracing() and x.shape[0] % num_modalities:
         raise ValueError(
             f"stacked batch of {x.shape[0]} is not a multiple of {num_modalities} modalities"
         )
