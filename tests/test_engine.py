@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -705,3 +707,26 @@ def test_a_folder_lock_is_one_holders_and_stays_beside_its_folder(tmp_path: Path
     with FolderLock(run), busy:  # free again, and held while the block runs
         FolderLock(run)
     FolderLock(run).release()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the toolchain's warning is for CPU hosts")
+def test_compiling_on_the_cpu_keeps_the_cuda_toolkit_search_quiet(tmp_path: Path) -> None:
+    """A CPU machine with a CUDA toolkit (CUDA_HOME) but no GPU: torch's toolchain search
+    warns "No CUDA runtime is found" when inductor first loads it; a CPU compile is no place
+    for that news. Without the runtime's quiet load, the same process says it."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    opened = (
+        "from cenfusion.engine.run import RuntimeConfig\n"
+        "from cenfusion.engine.runtime import open_runtime\n"
+        "with open_runtime(RuntimeConfig(device='cpu', compile=True)):\n"
+        "    import torch.utils.cpp_extension\n"
+    )
+    plain = "import torch.utils.cpp_extension\n"
+    said = {}
+    for name, code in (("opened", opened), ("plain", plain)):
+        argv = [sys.executable, "-c", code]
+        done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        said[name] = done.stderr
+    assert "No CUDA runtime is found" in said["plain"]
+    assert "No CUDA runtime is found" not in said["opened"], said["opened"]

@@ -244,6 +244,18 @@ class Runtime:
         return CompiledOrEager(net, self.compile_mode, self.graph_skips, frozen)
 
 
+def _load_compiler_toolchain_quietly() -> None:
+    """Import what inductor builds its CPU code with, whose search for a CUDA toolkit warns
+    "No CUDA runtime is found" on a machine that has one but no GPU: no news on the CPU."""
+    probe = logging.getLogger("torch.utils.cpp_extension")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        probe.setLevel(level)
+
+
 @contextlib.contextmanager
 def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator[Runtime]:
     """Open ``settings`` for a command: with ``distributed``, join torchrun's process group
@@ -267,6 +279,8 @@ def open_runtime(settings: RuntimeConfig, distributed: bool = False) -> Iterator
         )
         mode = "default"
     skips = GraphSkips() if settings.compile and mode == "reduce-overhead" else None
+    if settings.compile and device.type == "cpu":
+        _load_compiler_toolchain_quietly()
     try:
         with kept_cpu_memory(settings.keep_memory, device.type):
             precision = Precision(settings.amp, device, dtype)
