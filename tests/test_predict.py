@@ -305,6 +305,11 @@ def test_bare_names_take_the_kinds_the_checkpoint_was_trained_with(tmp_path) -> 
         np.testing.assert_array_equal(read(tmp_path / "folder" / name), read(given / name))
     with pytest.raises(CenError, match=r"^modality depth:depth: .*own.pt was trained on depth as"):
         predict(checkpoint, [paths], given, runtime=CPU, modalities=["rgb", "depth:depth", "hha"])
+    for names in (["rgb", "depth", "thermal"], ["a:gray", "b:rgb", "c:depth"]):
+        wrong = names[-1].partition(":")[0] if names[0] == "rgb" else "a"
+        with pytest.raises(CenError, match=rf"^modality {wrong}: .*own.pt was trained on rgb, de"):
+            predict(checkpoint, [paths], tmp_path / "wrong", runtime=CPU, modalities=names)
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_gather_cli_inputs() -> None:

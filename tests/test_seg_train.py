@@ -218,6 +218,21 @@ def test_evaluate_only_with_images(data_root, tmp_path) -> None:
     assert (tmp_path / "cen" / "config.yaml").read_bytes() == trained
 
 
+def test_a_one_modality_run_resumes_and_evaluates_with_its_own_settings(
+    data_root, tmp_path
+) -> None:
+    """One modality has nothing to exchange: its run's saved ``exchange: true`` (the
+    default) describes its model, which has no exchange points."""
+    cfg = tiny(data_root, tmp_path, modalities=("depth",), epochs=(1,), lr_enc=(0.01,))
+    train(replace(cfg, lr_dec=(0.01,)))
+    assert cfg.exchange
+    ckpt = tmp_path / "cen" / "last.pth"
+    assert main(["seg", "train", "--runs", str(tmp_path), "-c", "cen", "--evaluate"]) == 0
+    argv = ["seg", "train", "--runs", str(tmp_path), "-c", "cen", "--resume", "--epochs", "2"]
+    assert main(argv) == 0
+    assert load_checkpoint(ckpt)["epoch"] == 2
+
+
 def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> None:
     cfg = tiny(data_root, tmp_path, epochs=(1,), lr_enc=(0.01,), lr_dec=(0.01,))
     train(cfg)

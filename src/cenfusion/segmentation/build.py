@@ -175,6 +175,7 @@ def check_resumed_model(
     shows it."""
     c = model.config
     exchange_points = "exchange points" if c.exchange_at else "no exchange points"
+    exchanges = cfg.exchange and c.num_modalities > 1  # one modality has none to exchange
     if cfg.backbone is not None:
         encoder = ("--backbone", cfg.backbone, cfg.backbone == c.backbone, c.backbone)
     else:
@@ -189,11 +190,11 @@ def check_resumed_model(
         ),
         ("--drop-rate", cfg.drop_rate, cfg.drop_rate == c.drop_rate, c.drop_rate),
         ("--threshold", cfg.threshold, cfg.threshold == c.bn_threshold, c.bn_threshold),
-        ("--exchange", cfg.exchange, cfg.exchange == bool(c.exchange_at), exchange_points),
+        ("--exchange", cfg.exchange, exchanges == bool(c.exchange_at), exchange_points),
         (
             "--exchange-at",
             " ".join(cfg.exchange_at),
-            not (cfg.exchange and c.exchange_at) or tuple(cfg.exchange_at) == c.exchange_at,
+            not (exchanges and c.exchange_at) or tuple(cfg.exchange_at) == c.exchange_at,
             f"exchange points {' '.join(c.exchange_at)}",
         ),
     ):

@@ -58,17 +58,24 @@ OVERLAY_ALPHA = 0.5
 
 
 def check_fits(
-    loaded: LoadedModel, modalities: Sequence[Modality], num_classes: int | None, where: str
+    loaded: LoadedModel, names: Sequence[str], num_classes: int | None, where: str
 ) -> None:
     """Refuse inputs that do not match the network: one input per modality it was trained
-    on, and (when the caller states one) its class count."""
+    on, named as it names them (when it does), and (when the caller states one) its class
+    count. ``names``: the inputs' modality names."""
     config = loaded.model.config
-    given = ", ".join(m.name for m in modalities)
-    if len(modalities) != config.num_modalities:
+    given = ", ".join(names)
+    if len(names) != config.num_modalities:
         trained = f" ({', '.join(loaded.modalities)})" if loaded.modalities else ""
         raise CenError(
             f"{where}: the model takes {config.num_modalities} modalities{trained}, "
-            f"{len(modalities)} given ({given}); give one input per modality it was trained on"
+            f"{len(names)} given ({given}); give one input per modality it was trained on"
+        )
+    unknown = [n for n in names if loaded.modalities and n not in loaded.modalities]
+    if unknown:
+        raise CenError(
+            f"modality {unknown[0]}: {where} was trained on {', '.join(loaded.modalities)}; "
+            "name each input after the modality it is"
         )
     if num_classes is not None and num_classes != config.num_classes:
         raise CenError(
@@ -230,9 +237,9 @@ def predict(
         size: ``(H, W)`` the network sees; predictions come back at each image's own size.
         heads: also write each modality head's prediction.
         modalities: names (``NAME`` or ``NAME:KIND``) of the paths in each item, in order.
-            Default: the names stored in the checkpoint, else ``rgb, depth``. When the
-            checkpoint names the same modalities in another order, the inputs are reordered
-            to the order the model was trained with.
+            Default: the names stored in the checkpoint, else ``rgb, depth``. A checkpoint
+            that names its modalities takes those names alone; given in another order, the
+            inputs are reordered to the order the model was trained with.
         num_classes: if given, must equal the checkpoint's class count.
         batch_size: images per forward pass; consecutive images share one only where the
             network sees them at one size (``size``, or images of equal size). The outputs
@@ -254,6 +261,8 @@ def predict(
     if modalities is None:
         modalities = loaded.modalities or ("rgb", "depth")
     trained_kinds = loaded.trained_kinds()
+    trained = loaded.modalities
+    check_fits(loaded, [m.partition(":")[0] for m in modalities], num_classes, str(checkpoint))
     parsed = [Modality.parse(m, trained_kinds) for m in modalities]
     if len({m.name for m in parsed}) != len(parsed):
         raise CenError(f"modalities {[m.name for m in parsed]}: expected distinct names")
@@ -263,22 +272,14 @@ def predict(
                 f"modality {m.name}:{m.kind}: {checkpoint} was trained on {m.name} as "
                 f"{trained_kinds[m.name]}"
             )
-    check_fits(loaded, parsed, num_classes, str(checkpoint))
     trained_scale = loaded.depth_scale
     if depth_scale is None:
         depth_scale = NYUDV2_DEPTH_SCALE if trained_scale is None else trained_scale
     elif trained_scale not in (None, depth_scale) and any(m.kind == "depth" for m in parsed):
         _warn(f"--depth-scale {depth_scale:g}: {checkpoint} was trained with {trained_scale:g}")
     order = list(range(len(parsed)))
-    trained = loaded.modalities
     if trained is not None and [m.name for m in parsed] != list(trained):
-        if sorted(m.name for m in parsed) == sorted(trained):
-            order = [[m.name for m in parsed].index(n) for n in trained]
-        else:
-            _warn(
-                f"{checkpoint} was trained on {', '.join(trained)}; feeding "
-                f"{', '.join(m.name for m in parsed)} in the order given"
-            )
+        order = [[m.name for m in parsed].index(n) for n in trained]
     samples = collect_samples(inputs, [m.name for m in parsed])
     check_output_names(samples, [m.name for m in parsed] if heads else [])
     check_inputs(samples, parsed)
