@@ -31,6 +31,17 @@ def test_data_check_reports_ok_and_names_a_bad_label(data_root: Path, capsys) ->
     *problems, last = capsys.readouterr().err.splitlines()
     assert problems and all("expected 0..2 or 255" in p for p in problems)
     assert last.startswith("cen: error: ") and f"of {len(problems)} problems" in last
+    base = ["data", "check", str(data_root), "--num-classes", "10"]
+    for extra, refusal in (
+        (["--depth-scale", "-1"], "--depth-scale -1.0: expected >= 0"),
+        (["--mask-column", "-1"], "--mask-column -1: expected >= 0"),
+    ):
+        assert main([*base, *extra]) == 2
+        assert capsys.readouterr().err == f"cen: error: {refusal}\n"
+    assert main([*base, "--lists", "train.txt", "train.txt"]) == 0
+    assert main([*base, "--lists", "train.txt"]) == 0
+    named_twice, named_once = capsys.readouterr().out.splitlines()
+    assert named_twice == named_once, "a list named twice is checked once"
 
 
 def _tiny_checkpoint(tmp_path: Path) -> Path:

@@ -281,3 +281,17 @@ def test_paths_with_spaces_in_a_list_without_tabs_get_a_hint(root: Path, tmp_pat
     (root / "masks" / "v0.png").unlink()  # missing, its name without a space: no hint
     report, said = run(root, tmp_path)
     assert report is None and not any("without tabs" in line for line in said)
+
+
+def test_comment_lines_are_read_as_blank_ones(root: Path, tmp_path: Path) -> None:
+    """``#`` lines are comments: no sample and no column template, and the other lines keep
+    their numbers in what is said of them."""
+    lines = (root / "train.txt").read_text().splitlines()
+    commented = ["# rgb, mask, depth", lines[0], "  # a note", *lines[1:]]
+    (root / "train.txt").write_text("\n".join(commented) + "\n")
+    report, _ = run(root, tmp_path)
+    assert report is not None and report.samples == 5
+    commented[3] = commented[3].replace(".png", ".jpg", 1)
+    (root / "train.txt").write_text("\n".join(commented) + "\n")
+    with pytest.raises(CenError, match=r"train.txt:4: file .*\.jpg does not exist"):
+        check_dataset(root, ["train.txt"], nyudv2_modalities(), 3, cache_dir=tmp_path)

@@ -262,9 +262,11 @@ def test_class_names_resolve_from_most_specific_source(tmp_path) -> None:
     assert resolve_class_names(3, names=["a", "b", "c"]) == ("a", "b", "c")
     with pytest.raises(ValueError):
         resolve_class_names(3, names=["a"])
-    (tmp_path / "classes.txt").write_text("x\ny\n")
+    (tmp_path / "classes.txt").write_text("\ufeffx\n \ny\n", encoding="utf-8")
     assert resolve_class_names(2, tmp_path) == ("x", "y")
-    assert resolve_class_names(40, tmp_path) == NYU40_CLASSES
+    # a root that names its own classes is no NYUDv2: its other counts take generic names
+    assert resolve_class_names(40, tmp_path) == generic_class_names(40)
+    assert resolve_class_names(40, tmp_path / "missing") == NYU40_CLASSES
     assert resolve_class_names(37) == SUN37_CLASSES
     assert resolve_class_names(5) == generic_class_names(5) == tuple(f"class {i}" for i in range(5))
     marker = tmp_path / "synth"

@@ -78,7 +78,8 @@ def declared_class_names(root: Path) -> list[str] | None:
     """Names a data root declares: ``classes.txt``, else a synthetic set's marker file."""
     listed = root / CLASSES_FILE
     if listed.is_file():
-        return [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line]
+        lines = listed.read_text(encoding="utf-8-sig").splitlines()
+        return [line.strip() for line in lines if line.strip()]
     marker = root / SYNTHETIC_MARKER
     if marker.is_file():
         try:
@@ -101,7 +102,8 @@ def resolve_class_names(
     Order: ``names`` when given; the data root's ``classes.txt`` or synthetic marker; the
     embedded synthetic set's names when ``synthetic`` (a run whose config has no data root);
     NYUDv2-40 for 40 classes, SUN RGB-D-37 for 37; else ``class i``. A source whose count
-    differs from ``num_classes`` is skipped, except ``names``, which must fit.
+    differs from ``num_classes`` is skipped, except ``names``, which must fit; a data root
+    that names its classes is no NYUDv2 or SUN RGB-D, whose names it then does not take.
 
     Raises:
         ValueError: ``names`` holds a number of names other than ``num_classes``.
@@ -111,11 +113,14 @@ def resolve_class_names(
             raise ValueError(f"{len(names)} class names given for {num_classes} classes")
         return tuple(names)
     candidates: list[Sequence[str] | None] = []
+    declared = None
     if data_root is not None and Path(data_root).is_dir():
-        candidates.append(declared_class_names(Path(data_root)))
+        declared = declared_class_names(Path(data_root))
+        candidates.append(declared)
     if synthetic:
         candidates.append(SYNTHETIC_CLASSES)
-    candidates += [NYU40_CLASSES, SUN37_CLASSES]
+    if declared is None:
+        candidates += [NYU40_CLASSES, SUN37_CLASSES]
     for found in candidates:
         if found is not None and len(found) == num_classes:
             return tuple(found)

@@ -174,21 +174,23 @@ def check_data_root(root: Path) -> None:
 
 def read_list_file(path: Path) -> list[str]:
     """The lines of the list file ``path``: UTF-8, with or without the byte-order mark some
-    editors write first. Raises :class:`CenError` naming the file (and the line of a byte
-    that is not UTF-8)."""
+    editors write first; a comment line (``#`` first) reads as a blank one, which keeps the
+    others' numbers. Raises :class:`CenError` naming the file (and the line of a byte that is
+    not UTF-8)."""
     if path.is_dir():
         raise CenError(f"list file {path} is a folder, expected a text file of samples")
     if not path.is_file():
         raise CenError(f"list file {path} does not exist")
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig").splitlines()
+        lines = data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise CenError(
             f"list file {path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
             "it as UTF-8"
         ) from None
+    return ["" if line.lstrip().startswith("#") else line for line in lines]
 
 
 def split_line(line: str) -> list[str]:

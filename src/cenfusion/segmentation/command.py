@@ -333,9 +333,10 @@ def _data_check(args: argparse.Namespace) -> None:
 
     o = options_from_args(CheckOptions, args)
     cfg = replace_config(NYUDV2, given_flags(SegmentationConfig, args))
+    cfg.validate()
     report = check_dataset(
         o.root,
-        o.lists,
+        list(dict.fromkeys(o.lists)),
         modality_specs(cfg),
         cfg.num_classes,
         mask_column=cfg.mask_column,
