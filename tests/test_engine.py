@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import typing
 from dataclasses import replace
 from pathlib import Path
@@ -730,3 +731,25 @@ def test_compiling_on_the_cpu_keeps_the_cuda_toolkit_search_quiet(tmp_path: Path
         said[name] = done.stderr
     assert "No CUDA runtime is found" in said["plain"]
     assert "No CUDA runtime is found" not in said["opened"], said["opened"]
+
+
+def test_an_atomic_write_refuses_what_is_no_file_and_names_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename would put a file in place of a folder's name or a device; a folder that
+    takes no new file is said of the path asked for, not of the temporary beside it."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CenError, match=r"folder: a folder, expected a file to write$"):
+        atomic_write(tmp_path / "folder", lambda f: f.write(b"x"))
+    if Path("/dev/null").exists():
+        with pytest.raises(CenError, match=r"^/dev/null: not a regular file, expected a file"):
+            atomic_write(Path("/dev/null"), lambda f: f.write(b"x"))
+
+    def refused(prefix: str, dir: Path) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir / f"{prefix}tmp123"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "x.pth", lambda f: f.write(b"x"))
+    assert caught.value.filename == str(tmp_path / "x.pth")
+    assert caught.value.errno == errno.EACCES

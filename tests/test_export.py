@@ -19,7 +19,7 @@ from cenfusion.segmentation.export import (
     export_onnx,
     max_abs_difference,
 )
-from cenfusion.segmentation.modelio import model_record
+from cenfusion.segmentation.modelio import load_segmenter, model_record
 from cenfusion.segmentation.onnx_segmenter import OnnxSegmenter
 
 TOLERANCE = 1e-4
@@ -147,6 +147,28 @@ def test_an_output_path_that_cannot_be_a_file_is_refused(model, tmp_path: Path) 
         export_onnx(model, tmp_path / "afile" / "m.onnx", height=32, width=32)
     with pytest.raises(CenError, match=r": a folder, expected the ONNX file to write"):
         export_onnx(model, tmp_path, height=32, width=32)
+
+
+def test_export_refuses_an_onnx_input_its_own_input_as_output_and_memory_it_lacks(
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "m.pth"
+    save_checkpoint(checkpoint, model_record(model))
+    with pytest.raises(CenError, match=r"^OUT .*m\.pth: an input of this command; write another"):
+        export_checkpoint(checkpoint, checkpoint, height=32, width=32)
+    assert load_segmenter(checkpoint).model.config == model.config, "the checkpoint is intact"
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"an ONNX file, by name")
+    with pytest.raises(CenError, match=r"m\.onnx: an ONNX file already; export takes a cenfusion"):
+        export_checkpoint(onnx, tmp_path / "again.onnx", height=32, width=32)
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] Cannot allocate memory")
+
+    monkeypatch.setattr(torch.onnx, "export", exhausted)
+    with pytest.raises(CenError, match=r"^--size 32 32: out of memory tracing the network"):
+        export_onnx(model, tmp_path / "big.onnx", height=32, width=32)
+    assert not (tmp_path / "big.onnx").exists()
 
 
 def test_missing_onnxruntime_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

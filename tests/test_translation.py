@@ -553,3 +553,36 @@ def test_translation_demo_code_path_at_tiny_size(data_root: Path, tmp_path: Path
     metrics = run_translation_demo(tiny_demo, report=False)
     assert len(metrics["l1"]) == 3
     assert (tmp_path / "demo-i2i" / "plots" / "samples.png").is_file()
+
+
+def test_convert_official_tells_the_files_apart_by_content_and_keeps_its_inputs(
+    tmp_path: Path, capsys
+) -> None:
+    from cenfusion.models.official import to_official_state_dict
+    from cenfusion.models.refinenet import create_cen_refinenet
+
+    generator = create_cen_unet(ngf=4, num_downs=5)
+    gen = tmp_path / "gen.pth.tar"  # a generator under a segmentation file's name
+    torch.save(released_layout(generator, generator_key_map), gen)
+    dis = tmp_path / "checkpoint-dis-1.pkl"
+    layout = released_layout(create_patchgan(ndf=4), discriminator_key_map)
+    torch.save({k: v for k, v in layout.items() if "insnorm_conv" not in k}, dis)
+    seg = tmp_path / "cen.pkl"  # a segmenter under a translation file's name
+    segmenter = create_cen_refinenet(depth=50, num_classes=3)
+    torch.save({"segmenter": to_official_state_dict(segmenter)}, seg)
+    before = gen.read_bytes()
+    out = tmp_path / "out.pth"
+    for argv, refusal in (
+        ([gen, gen], f"OUT {gen}: an input of this command; write another file"),
+        ([gen, dis, "--discriminator", dis], f"OUT {dis}: an input of this command"),
+        ([seg, out, "--discriminator", dis], "a released segmentation checkpoint, expected a tr"),
+        ([gen, out, "--discriminator", gen], "a released generator, expected its discriminator"),
+        ([gen, out, "--discriminator", seg], "a released segmentation checkpoint, expected a tr"),
+    ):
+        assert main(["convert-official", *map(str, argv)]) == 2, argv
+        assert refusal in capsys.readouterr().err
+    assert gen.read_bytes() == before and not out.exists()
+    assert main(["convert-official", str(gen), str(out), "--discriminator", str(dis)]) == 0
+    assert load_checkpoint(out, task="translation")["discriminator_config"]["ndf"] == 4
+    assert main(["convert-official", str(seg), str(tmp_path / "seg.pth")]) == 0
+    assert load_checkpoint(tmp_path / "seg.pth", task="segmentation")["model_config"]

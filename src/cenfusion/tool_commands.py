@@ -94,7 +94,9 @@ def _export_onnx(args: argparse.Namespace) -> None:
 @dataclass(frozen=True)
 class ConvertOptions:
     checkpoint: Path = setting(
-        REQUIRED, "released .pth.tar, or translation checkpoint-gen-N.pkl", positional=True
+        REQUIRED,
+        "released .pth.tar, or translation checkpoint-gen-N.pkl (told apart)",
+        positional=True,
     )
     out: Path = setting(REQUIRED, "the cenfusion checkpoint to write", positional=True)
     discriminator: Path | None = setting(None, "translation: the released D (.pkl)")
@@ -104,9 +106,13 @@ class ConvertOptions:
 
 
 def _convert_official(args: argparse.Namespace) -> None:
+    from cenfusion.engine.files import refuse_overwriting
+    from cenfusion.models.official_translation import holds_released_generator
+
     o = options_from_args(ConvertOptions, args)
+    refuse_overwriting(o.out, "OUT", [o.checkpoint, o.discriminator])
     threshold = {} if o.threshold is None else {"threshold": o.threshold}  # else each default
-    if o.checkpoint.suffix == ".pkl" or o.discriminator is not None:
+    if o.discriminator is not None or holds_released_generator(o.checkpoint):
         from cenfusion.translation.modelio import convert_official as convert_translation
 
         net = convert_translation(o.checkpoint, o.discriminator, o.out, **threshold)

@@ -32,7 +32,7 @@ from cenfusion.bench.timing import (
     time_steps,
 )
 from cenfusion.engine.run import RuntimeConfig
-from cenfusion.engine.runtime import Precision, Runtime, open_runtime
+from cenfusion.engine.runtime import Precision, Runtime, open_runtime, out_of_memory
 from cenfusion.errors import CenError
 from cenfusion.info import count_flops
 from cenfusion.metrics.generative import InceptionFeatures
@@ -59,8 +59,8 @@ def run_bench(options: BenchOptions, runtime: RuntimeConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
         try:
             measured = [pair for mode in options.modes for pair in _rows(options, mode, opened)]
-        except RuntimeError as err:  # torch.OutOfMemoryError on CUDA, a plain one on the CPU
-            if not isinstance(err, torch.OutOfMemoryError) and "allocate memory" not in str(err):
+        except RuntimeError as err:
+            if not out_of_memory(err):
                 raise
             raise CenError(f"out of {device.type} memory: {_sizes(options)}") from err
         finally:

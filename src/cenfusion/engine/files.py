@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -32,8 +32,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     (``torch.save``'s zip writer) words it as a ``RuntimeError``.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise CenError(f"{path}: {what}, expected a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
     try:
         os.chmod(tmp, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -48,6 +54,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def refuse_overwriting(out: Path, flag: str, sources: Sequence[Path | None]) -> None:
+    """Refuse an output ``out`` (given as ``flag``) that is one of the files a command reads:
+    writing it would destroy them."""
+    for source in sources:
+        if source is not None and out.exists() and source.exists() and out.samefile(source):
+            raise CenError(f"{flag} {out}: an input of this command; write another file")
 
 
 def _new_file_mode() -> int:

@@ -31,6 +31,12 @@ __all__ = [
 ]
 
 
+def out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` says a device ran out of memory: ``torch.OutOfMemoryError`` on CUDA,
+    a plain ``RuntimeError`` from the CPU allocator."""
+    return isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err)
+
+
 def cpu_has_bfloat16() -> bool:
     """Whether oneDNN computes bfloat16 on this CPU (AVX-512 or newer); elsewhere bfloat16
     convolutions take a slow reference path."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 from torch import Tensor
 
 from cenfusion.errors import CenError
@@ -24,7 +23,12 @@ from cenfusion.models.refinenet import (
     CENRefineNetConfig,
     create_cen_refinenet,
 )
-from cenfusion.models.released import check_state_dict, load_mapped, read_released_file
+from cenfusion.models.released import (
+    check_state_dict,
+    load_mapped,
+    numpy_globals,
+    read_released_file,
+)
 
 _LAYER3_BLOCKS_TO_DEPTH = {6: 50, 23: 101, 36: 152}
 
@@ -135,9 +139,7 @@ def load_official_state_dict(
 def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The ``segmenter`` state dict of a released ``.pth.tar`` (read with weights_only)."""
     path = Path(path)
-    numpy_core = getattr(np, "_core", None) or np.core
-    safe = [np.dtype, numpy_core.multiarray.scalar, type(np.dtype(np.float64))]
-    checkpoint = read_released_file(path, safe)
+    checkpoint = read_released_file(path, numpy_globals())
     state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or any(isinstance(v, dict) for v in state.values()):
         found = f"keys {', '.join(map(str, list(state)[:3]))}" if state else "no state dict"

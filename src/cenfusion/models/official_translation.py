@@ -24,7 +24,12 @@ from torch import Tensor
 
 from cenfusion.errors import CenError
 from cenfusion.models.patchgan import PatchDiscriminator, PatchGANConfig
-from cenfusion.models.released import check_state_dict, load_mapped, read_released_file
+from cenfusion.models.released import (
+    check_state_dict,
+    load_mapped,
+    numpy_globals,
+    read_released_file,
+)
 from cenfusion.models.unet import CENUNet, create_cen_unet
 
 __all__ = [
@@ -43,10 +48,22 @@ def is_released_generator(state: dict) -> bool:
     return any(re.fullmatch(r"(module\.)?deconv1\.deconv\.module\.weight", k) for k in state)
 
 
+def holds_released_generator(path: str | Path) -> bool:
+    """Whether the file ``path`` holds a released translation generator (else it may be a
+    released segmentation checkpoint, or no released file at all)."""
+    try:
+        state = read_released_file(Path(path), numpy_globals())
+    except CenError:
+        return False
+    return isinstance(state, dict) and is_released_generator(state)
+
+
 def read_released_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A released ``.pkl`` state dict (read with weights_only), ``module.`` prefixes removed."""
     path = Path(path)
-    state = read_released_file(path)
+    state = read_released_file(path, numpy_globals())
+    if isinstance(state, dict) and "segmenter" in state:
+        raise CenError(f"{path}: a released segmentation checkpoint, expected a translation one")
     if not isinstance(state, dict):
         raise CenError(f"{path}: expected a state dict, found a {type(state).__name__}")
     check_state_dict(state, str(path))
@@ -136,6 +153,8 @@ def _official_generator(path: str | Path, threshold: float) -> CENUNet:
 def _official_discriminator(path: str | Path) -> PatchDiscriminator:
     where = str(path)
     state = read_released_state_dict(path)
+    if is_released_generator(state):
+        raise CenError(f"{path}: a released generator, expected its discriminator (-dis-N.pkl)")
     convs = sorted(int(k[4]) for k in state if re.fullmatch(r"conv\d\.conv\.module\.weight", k))
     if not convs or "conv1.conv.module.weight" not in state:
         raise CenError(f"{where}: not a released CEN translation discriminator (no conv1 layer)")

@@ -7,11 +7,19 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from cenfusion.checkpoint_format import CHECKPOINT_FORMAT, missing_checkpoint
 from cenfusion.errors import CenError, describe_load_error, shorten
+
+
+def numpy_globals() -> list[Any]:
+    """The numpy types a released segmentation checkpoint pickles beside its tensors (its
+    best score), allowed to ``weights_only`` loading."""
+    numpy_core = getattr(np, "_core", None) or np.core
+    return [np.dtype, numpy_core.multiarray.scalar, type(np.dtype(np.float64))]
 
 
 def read_released_file(path: Path, safe_globals: Sequence[Any] = ()) -> Any:

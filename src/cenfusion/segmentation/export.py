@@ -33,10 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cenfusion.engine.files import refuse_overwriting
 from cenfusion.engine.run import RuntimeConfig
+from cenfusion.engine.runtime import out_of_memory
 from cenfusion.errors import CenError
 from cenfusion.models.refinenet import CENRefineNet
-from cenfusion.segmentation.modelio import load_segmenter
+from cenfusion.segmentation.modelio import is_onnx, load_segmenter
 from cenfusion.segmentation.onnx_segmenter import METADATA_PREFIX, OnnxSegmenter, require
 
 HEADS = ("all", "ensemble")
@@ -128,14 +130,14 @@ def export_onnx(
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
     out_axes = {0: "batch", 2: "out_height", 3: "out_width"} if dynamic else {0: "batch"}
     parameter = next(model.parameters())
-    example = tuple(
-        torch.zeros(1, 3, height, width, dtype=parameter.dtype, device=parameter.device)
-        for _ in names
-    )
     buffer = io.BytesIO()
     was_training = model.training
     model.eval()
     try:
+        example = tuple(
+            torch.zeros(1, 3, height, width, dtype=parameter.dtype, device=parameter.device)
+            for _ in names
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             # split_modalities checks the stacked batch with Python ints: always true here.
@@ -153,6 +155,13 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
+    except RuntimeError as err:
+        if not out_of_memory(err):
+            raise
+        raise CenError(
+            f"--size {height} {width}: out of memory tracing the network at that size (a "
+            "smaller one; with --dynamic the file takes any size)"
+        ) from err
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
@@ -194,6 +203,13 @@ def export_checkpoint(
     has them, go along; not how it ran (device, precision, layout): onnxruntime runs the file
     as it was exported.
     """
+    checkpoint, out_path = Path(checkpoint), Path(out_path)
+    if is_onnx(checkpoint):
+        raise CenError(
+            f"{checkpoint}: an ONNX file already; export takes a cenfusion checkpoint or a "
+            "released .pth.tar"
+        )
+    refuse_overwriting(out_path, "OUT", [checkpoint])
     loaded = load_segmenter(checkpoint, official)
     runtime = {f.name for f in fields(RuntimeConfig)}
     settings = loaded.settings and {k: v for k, v in loaded.settings.items() if k not in runtime}
