@@ -264,6 +264,7 @@ def test_the_peak_is_the_faster_of_the_product_and_the_convolution(monkeypatch) 
             "--size 100 100: multiples of 2**num_downs = 256 expected",
         ),
         (["--runs", "0"], "--runs 0: expected >= 1"),
+        (["--json", "b.out", "--profile", "b.out"], "--json and --profile b.out: the same file"),
         (["--warmup", "-1"], "--warmup -1: expected >= 0"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
         (["--modes", "train", "--train-batch", "0"], "--train-batch 0: expected >= 1"),

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from cenfusion.cli import main
 from cenfusion.data.own_images import Sample
 from cenfusion.engine.checkpoint import save_checkpoint
+from cenfusion.info import format_model_info, info_from_checkpoint
 from cenfusion.models.refinenet import create_cen_refinenet
 from cenfusion.segmentation.modelio import load_segmenter, model_record
 from cenfusion.segmentation.predict import load_inputs
@@ -63,6 +65,10 @@ def test_info_and_onnx_export_of_a_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["info"]) == 2 and "--enc" in capsys.readouterr().err
     assert main(["info", str(path), "--num-classes", "5"]) == 2
     assert "--num-classes: with --enc only; " in capsys.readouterr().err
+    info = info_from_checkpoint(path, (32, 32))
+    many = format_model_info(replace(info, classes=tuple(f"c{i}" for i in range(100))))
+    line = next(line for line in many if line.startswith("classes (100): "))
+    assert line.endswith(", c59, ...") and "c60" not in line
 
 
 def test_predict_with_the_onnx_file_equals_the_checkpoint(seg_data: Path, tmp_path: Path) -> None:
@@ -180,9 +186,17 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch, capfd) ->
     assert capfd.readouterr().err == ""
 
 
-def test_info_refuses_a_size_that_is_no_image(capsys) -> None:
-    assert main(["info", "--enc", "50", "--size", "-5", "10"]) == 2
-    assert "--size -5 10: expected two positive numbers H W" in capsys.readouterr().err
+def test_info_refuses_a_size_that_is_no_image_and_counts_below_one(tmp_path, capsys) -> None:
+    for extra, refusal in (
+        (["--size", "-5", "10"], "--size -5 10: expected two positive numbers H W"),
+        (["--num-classes", "0"], "--num-classes 0: expected >= 1"),
+        (["--num-modalities", "-3"], "--num-modalities -3: expected >= 1"),
+    ):
+        assert main(["info", "--enc", "50", *extra]) == 2
+        assert capsys.readouterr().err == f"cen: error: {refusal}\n"
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    assert main(["info", str(tmp_path / "m.onnx")]) == 2
+    assert "m.onnx: an ONNX file; cen info reads cenfusion checkpoints" in capsys.readouterr().err
 
 
 def test_the_demos_epochs_are_one_per_stage(capsys) -> None:

@@ -153,7 +153,7 @@ TABLE: list[tuple[str, Row]] = [
     ("run name a/b", lambda f, s, i, r: (i2i_args(i, r, exp="a/b"), "--exp 'a/b': expected")),
     ("run name ../x", lambda f, s, i, r: (seg_args(s, r, exp="../x"), "--exp '../x': expected")),
     ("empty seg schedule", lambda f, s, i, r: (
-        [*seg_args(s, r), "--num-epoch", "0"], "--epochs [0]: nothing to train")),
+        [*seg_args(s, r), "--num-epoch", "0"], "--epochs 0: nothing to train")),
     ("empty i2i schedule", lambda f, s, i, r: (
         [*i2i_args(i, r), "--epochs", "0"], "--epochs 0: expected >= 1")),
     ("lr-enc", lambda f, s, i, r: ([*seg_args(s, r), "--lr-enc", "-0.1"], "--lr-enc")),

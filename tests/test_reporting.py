@@ -246,6 +246,22 @@ def test_read_run_reports_bad_input_in_one_line(tmp_path) -> None:
     (tmp_path / "metrics.jsonl").write_text("[1, 2]\n")
     with pytest.raises(CenError, match=r"metrics.jsonl:1: expected a JSON object"):
         read_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"epoch": 1}\n\x00\xff\xfe\n')
+    with pytest.raises(CenError, match=r"metrics.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        read_run(tmp_path)
+    with pytest.raises(CenError, match=r"nowhere: no such folder, expected a run folder"):
+        read_run(tmp_path / "nowhere")
+    with pytest.raises(CenError, match=r"metrics.jsonl: a file, expected a run folder"):
+        read_run(tmp_path / "metrics.jsonl")
+
+
+def test_a_line_still_being_appended_is_left_for_later(tmp_path) -> None:
+    """A running run appends its line in pieces: a last line without its newline that is
+    not JSON yet is no error, while one that ends is."""
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "lo')
+    assert [line["epoch"] for line in read_run(tmp_path).epochs] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}')
+    assert [line["epoch"] for line in read_run(tmp_path).epochs] == [1, 2, 3]
 
 
 def test_confusion_round_trip_and_bad_shape(tmp_path) -> None:
@@ -256,6 +272,9 @@ def test_confusion_round_trip_and_bad_shape(tmp_path) -> None:
     with pytest.raises(ValueError):
         save_confusion(tmp_path, {"rgb": np.zeros((2, 3))})
     assert load_confusion(tmp_path / "missing") == {}
+    (tmp_path / "confusion.npz").write_bytes(b"")
+    with pytest.raises(CenError, match=r"confusion.npz: not a readable .npz archive \(EOFError\)"):
+        load_confusion(tmp_path)
 
 
 def test_class_names_resolve_from_most_specific_source(tmp_path) -> None:

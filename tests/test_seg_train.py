@@ -384,8 +384,15 @@ def test_demo_reports_a_failed_run_in_one_line(data_root, tmp_path) -> None:
     assert not (tmp_path / "runs").exists()
     (tmp_path / "afile").write_text("")
     unusable = tiny(data_root, tmp_path / "afile")
-    with pytest.raises(CenError, match=r"^demo (cen|cen-no-exchange): .*afile.*: Not a directory$"):
+    with pytest.raises(CenError, match=r"^--runs .*afile: a file, expected the folder of runs$"):
         run_demo(unusable, report=False, processes=2)
+    for changes, refusal in (
+        ({"seed": -1}, "--seed -1: expected"),
+        ({"epochs": (-1, 5)}, "--epochs -1 5: epochs must be >= 0"),
+    ):
+        with pytest.raises(CenError, match=f"^{refusal}"):
+            run_demo(tiny(data_root, tmp_path / "runs", **changes), report=False, processes=2)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_demo_findings_explain_a_gain_only_where_the_table_shows_one() -> None:

@@ -152,6 +152,10 @@ def _size(size: tuple[int, int] | int | None, default: tuple[int, int]) -> tuple
     return height, width
 
 
+#: Class names ``cen info`` lists before it cuts the line short.
+MAX_CLASSES_SHOWN = 60
+
+
 def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = None) -> ModelInfo:
     """Summarise the model of a cenfusion checkpoint (segmentation or translation).
 
@@ -162,6 +166,11 @@ def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = 
         CenError: not a readable cenfusion checkpoint, or of an unknown task.
     """
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        raise CenError(
+            f"{path}: an ONNX file; cen info reads cenfusion checkpoints (its metadata: "
+            "onnx.load(path).metadata_props)"
+        )
     state = load_checkpoint(path)
     task = task_named(state.get("task"), str(path))
     summary = task.summarize(state, str(path))
@@ -228,7 +237,9 @@ def format_model_info(info: ModelInfo) -> list[str]:
         f"modalities: {', '.join(info.modalities)}",
     ]
     if info.classes:
-        lines.append(f"classes ({len(info.classes)}): {', '.join(info.classes)}")
+        shown = ", ".join(info.classes[:MAX_CLASSES_SHOWN])
+        more = ", ..." if len(info.classes) > MAX_CLASSES_SHOWN else ""
+        lines.append(f"classes ({len(info.classes)}): {shown}{more}")
     if info.progress:
         lines.append(f"training: {info.progress}")
     if not info.exchange_points:

@@ -53,6 +53,9 @@ def _info(args: argparse.Namespace) -> None:
         raise CenError("cen info: give a checkpoint or --enc DEPTH (one of them)")
     given = given_flags(InfoOptions, args)
     fresh = [flag_name(n) for n in ("num_classes", "num_modalities") if n in given]
+    for name in ("num_classes", "num_modalities"):
+        if getattr(o, name) < 1:
+            raise CenError(f"{flag_name(name)} {getattr(o, name)}: expected >= 1")
     if o.checkpoint is not None and fresh:
         raise CenError(f"{' '.join(fresh)}: with --enc only; {o.checkpoint} holds its own")
     if o.checkpoint is not None:

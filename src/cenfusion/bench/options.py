@@ -69,6 +69,8 @@ class BenchOptions:
         for flag, path in (("--json", self.json), ("--profile", self.profile)):
             if path is not None:
                 _check_writable(flag, path)
+        if self.json is not None and self.json == self.profile:
+            raise CenError(f"--json and --profile {self.json}: the same file; give two")
         if "fp16" in self.precisions and device != "cuda":
             raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")
         least, why = _LEAST_TRAIN_SIDE[self.task]

@@ -116,7 +116,8 @@ def _results(run: RunLog) -> str:
         seconds = [
             line["seconds"] for line in run.epochs if isinstance(line.get("seconds"), (int, float))
         ]
-        summary = f"{len(run.epochs)} training epochs logged"
+        count = len(run.epochs)
+        summary = f"{count} training epoch{'s' * (count != 1)} logged"
         if seconds:
             summary += f", {sum(seconds):.0f} s of training"
         parts.append(f"<p>{summary}.</p>")

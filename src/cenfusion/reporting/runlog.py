@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,13 +242,16 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / METRICS
+    if not run_dir.is_dir():
+        what = "a file" if run_dir.exists() else "no such folder"
+        raise CenError(f"{run_dir}: {what}, expected a run folder (runs/EXP)")
     if not metrics_path.is_file():
         raise CenError(f"{run_dir}: no {METRICS}; expected a run folder (runs/EXP)")
     config_path = run_dir / CONFIG
     config: dict[str, Any] = {}
     config_text = ""
     if config_path.is_file():
-        config_text = config_path.read_text(encoding="utf-8")
+        config_text = _text(config_path)
         try:
             loaded = yaml.safe_load(config_text)
         except yaml.YAMLError as err:
@@ -257,21 +261,23 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
         config = loaded or {}
     by_key: dict[tuple[float, float], dict[str, Any]] = {}
     evaluations: list[dict[str, Any]] = []
-    with metrics_path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise CenError(f"{metrics_path}:{number}: not JSON ({err.msg})") from err
-            if not isinstance(line, dict):
-                raise CenError(f"{metrics_path}:{number}: expected a JSON object")
-            line = _lift_translation(line)
-            if "evaluate" in line:
-                evaluations.append(line)
-            else:
-                by_key[_epoch_key(line, len(by_key))] = line
+    texts = _text(metrics_path).splitlines(keepends=True)
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as err:
+            if number == len(texts) and not text.endswith("\n"):
+                break  # the line a running run is appending
+            raise CenError(f"{metrics_path}:{number}: not JSON ({err.msg})") from err
+        if not isinstance(line, dict):
+            raise CenError(f"{metrics_path}:{number}: expected a JSON object")
+        line = _lift_translation(line)
+        if "evaluate" in line:
+            evaluations.append(line)
+        else:
+            by_key[_epoch_key(line, len(by_key))] = line
     keys = sorted(by_key)
     epochs = [by_key[k] for k in keys]
     xs = [
@@ -279,6 +285,16 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
         for rank, line in enumerate(epochs)
     ]
     return RunLog(run_dir, config, config_text, epochs, xs, evaluations, kind or RunKind())
+
+
+def _text(path: Path) -> str:
+    """``path``'s UTF-8 text; a file that is not UTF-8 is one line naming it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CenError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
 
 
 def save_confusion(run_dir: str | Path, matrices: Mapping[str, Any]) -> Path:
@@ -308,7 +324,7 @@ def load_confusion(run_dir: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             matrices = {name: np.asarray(archive[name], dtype=np.int64) for name in archive.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CenError(f"{path}: not a readable .npz archive ({type(err).__name__})") from err
     for name, matrix in matrices.items():
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:

@@ -90,10 +90,11 @@ class SegmentationConfig(RunConfig):
                 f"--epochs, --lr-enc and --lr-dec need one value per stage, got "
                 f"{stages}, {len(self.lr_enc)} and {len(self.lr_dec)}"
             )
+        said = " ".join(map(str, self.epochs))
         if any(e < 0 for e in self.epochs):
-            raise CenError(f"--epochs {list(self.epochs)}: epochs must be >= 0")
+            raise CenError(f"--epochs {said}: epochs must be >= 0")
         if sum(self.epochs) == 0:
-            raise CenError(f"--epochs {list(self.epochs)}: nothing to train")
+            raise CenError(f"--epochs {said}: nothing to train")
         for name in ("lr_enc", "lr_dec"):
             if any(lr <= 0 for lr in getattr(self, name)):
                 raise CenError(

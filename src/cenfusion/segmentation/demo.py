@@ -208,6 +208,10 @@ def run_demo(
         run.name: replace(base, exp=f"demo-{run.name}", threads=threads, quiet=True, **run.changes)
         for run in RUNS
     }
+    for cfg in configs.values():
+        cfg.validate()
+    if base.runs.exists() and not base.runs.is_dir():
+        raise CenError(f"--runs {base.runs}: a file, expected the folder of runs")
     if base.data is None:
         from cenfusion.data.synthetic import ensure_synthetic
 
