@@ -265,6 +265,7 @@ def test_the_peak_is_the_faster_of_the_product_and_the_convolution(monkeypatch) 
         ),
         (["--runs", "0"], "--runs 0: expected >= 1"),
         (["--json", "b.out", "--profile", "b.out"], "--json and --profile b.out: the same file"),
+        (["--json", "/dev/null"], "--json /dev/null: not a regular file, expected a file to write"),
         (["--warmup", "-1"], "--warmup -1: expected >= 0"),
         (["--modes", "train", "--train-size", "32", "32"], "--train-size: at least 64 64"),
         (["--modes", "train", "--train-batch", "0"], "--train-batch 0: expected >= 1"),

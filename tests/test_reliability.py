@@ -611,11 +611,23 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path: Path) -> No
 
 def test_every_reader_says_the_same_of_a_file_that_is_no_checkpoint(tmp_path) -> None:
     text, empty = tmp_path / "text.pth", tmp_path / "empty.pth"
+    config = tmp_path / "log.pth"  # a pickle's GLOBAL opcode, then no module path
     text.write_text("not a checkpoint\n")
     empty.write_bytes(b"")
-    for path, why in ((text, "not a PyTorch file"), (empty, "truncated or damaged")):
+    config.write_text("Config (\n  a: 1\n)\n")
+    cases = ((text, "not a PyTorch file"), (empty, "truncated or damaged"))
+    for path, why in (*cases, (config, "not a PyTorch file")):
         with pytest.raises(CenError) as ours:
             load_checkpoint(path)
         with pytest.raises(CenError) as released:
             read_official_checkpoint(path)
         assert why in str(ours.value) and why in str(released.value)
+
+
+def test_a_models_bare_state_dict_is_named_for_what_it_is(tmp_path) -> None:
+    from cenfusion.models.unet import create_cen_unet
+
+    path = tmp_path / "sd.pth"
+    torch.save(create_cen_unet(ngf=4, num_downs=5).state_dict(), path)
+    with pytest.raises(CenError, match=r"sd.pth: a model's state dict, without its settings: "):
+        load_checkpoint(path)

@@ -50,9 +50,11 @@ def describe_load_error(err: BaseException) -> str:
     first line, shortened.
     """
     text = str(err)
-    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\w+(?:\.\w+)+)", text)
     if unsupported:
         return f"holds Python objects other than tensors ({unsupported.group(1)}), not loaded"
+    if "Unsupported global" in text:  # no module path: text read as a pickle's opcodes
+        return "not a PyTorch file"
     damaged = ("central directory", "PytorchStreamReader", "Ran out of input", "truncated")
     if isinstance(err, EOFError) or any(word in text for word in damaged):
         return "truncated or damaged (the file ends before its data does)"

@@ -19,6 +19,7 @@ from dataclasses import fields
 
 from cenfusion.bench.options import BenchOptions
 from cenfusion.engine.config import add_config_flags, options_from_args
+from cenfusion.engine.files import atomic_write
 from cenfusion.engine.run import RuntimeConfig
 
 __all__ = ["add_bench_parser"]
@@ -31,10 +32,12 @@ def _bench(args: argparse.Namespace) -> None:
     result = run_bench(options, options_from_args(RuntimeConfig, args))
     print(format_table(result))
     if options.json is not None:
-        options.json.write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(options.json, lambda f: f.write(text.encode()))
         print(f"wrote {options.json}")
     if options.profile is not None:
-        options.profile.write_text(format_profiles(result))
+        profiles = format_profiles(result)
+        atomic_write(options.profile, lambda f: f.write(profiles.encode()))
         print(f"wrote {options.profile}")
 
 

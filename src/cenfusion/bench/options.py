@@ -105,6 +105,8 @@ def _check_writable(flag: str, path: Path) -> None:
     """Refuse ``path`` unless a file can be written there (tried now, not after the run)."""
     if path.is_dir():
         raise CenError(f"{flag} {path}: a folder, expected a file to write")
+    if path.exists() and not path.is_file():
+        raise CenError(f"{flag} {path}: not a regular file, expected a file to write")
     if not path.parent.is_dir():
         raise CenError(f"{flag} {path}: no folder {path.parent}, expected a file to write")
     existed = path.exists()

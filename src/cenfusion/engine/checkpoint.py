@@ -43,6 +43,11 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
         raise ForeignCheckpointError(
             f"{path}: not a readable checkpoint: {describe_load_error(err)}"
         ) from err
+    if isinstance(state, dict) and "ensemble.alpha" in state:
+        raise ForeignCheckpointError(
+            f"{path}: a model's state dict, without its settings: load it into its model "
+            "(load_state_dict), or save a segmenter with cenfusion.save_segmenter"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ForeignCheckpointError(
             f"{path}: not a cenfusion checkpoint (released CEN files: `cen convert-official`)"

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cenfusion.engine.files import refuse_overwriting
+from cenfusion.engine.files import atomic_write, refuse_overwriting
 from cenfusion.engine.run import RuntimeConfig
 from cenfusion.engine.runtime import out_of_memory
 from cenfusion.errors import CenError
@@ -180,8 +180,7 @@ def export_onnx(
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, value
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out_path))
+    atomic_write(out_path, lambda f: f.write(proto.SerializeToString()))
     return out_path
 
 
