@@ -27,6 +27,7 @@ from cenfusion.fusion import (
     stack_modalities,
 )
 from cenfusion.models.refinenet import create_cen_refinenet
+from cenfusion.models.unet import create_cen_unet
 
 
 def to_reference(model: nn.Module) -> nn.Module:
@@ -622,14 +623,22 @@ def test_a_cumulative_average_of_the_statistics_is_kept_as_batchnorm_keeps_it(si
         torch.testing.assert_close(getattr(private, name), expected)
 
 
-def test_a_trace_of_a_converted_network_has_no_shape_checks_to_warn_of() -> None:
+@pytest.mark.parametrize("network", ["converted resnet18", "CEN U-Net", "CEN RefineNet"])
+def test_a_trace_of_a_network_has_no_shape_checks_to_warn_of(network: str) -> None:
     """``torch.jit.trace`` (and the ONNX export) fixes the shapes: checking them would warn
-    at every norm."""
-    model = convert(timm.create_model("resnet18", num_classes=3), 2).eval()
+    at every norm, and where a model stacks its modalities."""
     x = torch.randn(4, 3, 32, 32)
+    if network == "CEN U-Net":
+        model = create_cen_unet(ngf=4, num_downs=5).eval()
+    elif network == "CEN RefineNet":
+        model = create_cen_refinenet(backbone="resnet18", num_classes=3, decoder_width=8).eval()
+        x = (list(x.chunk(2)),)
+    else:
+        model = convert(timm.create_model("resnet18", num_classes=3), 2).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         traced = torch.jit.trace(model, x)
     ours = [w for w in caught if "cenfusion" in w.filename]
     assert not ours, [f"{w.filename}:{w.lineno} {w.message}" for w in ours]
-    torch.testing.assert_close(traced(x), model(x))
+    inputs = x if isinstance(x, tuple) else (x,)
+    torch.testing.assert_close(traced(*inputs), model(*inputs))

@@ -530,3 +530,31 @@ def test_the_package_loads_a_runs_segmenter_with_its_inputs(tiny) -> None:
     inputs = [torch.randn(1, 3, 20, 24) for _ in range(2)]
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(inputs), model(inputs))
+
+
+def test_outputs_may_not_write_over_inputs_and_positionals_follow_flags(
+    tiny, tmp_path, capsys
+) -> None:
+    """An input named like an output, in the output folder, is refused before anything is
+    written; a refused run makes no folder; FOLDER may come after -o."""
+    _, checkpoint = tiny
+    own = tmp_path / "own"
+    write_rgb(own / "a.png", 20, 24)
+    write_rgb(own / "a_color.png", 20, 24, seed=1)  # another sample, named as a's output
+    write_depth(own / "d.png", 20, 24)
+    before = {p.name: p.read_bytes() for p in own.iterdir()}
+    items = [(own / "a.png", own / "d.png"), (own / "a_color.png", own / "d.png")]
+    with pytest.raises(CenError, match=r"^--out .*own: a_color.png there is an input, which"):
+        predict(checkpoint, items, own, runtime=CPU)
+    assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    if not torch.cuda.is_available():
+        with pytest.raises(CenError, match="cuda"):
+            predict(checkpoint, items[:1], tmp_path / "out", runtime=RuntimeConfig(device="cuda"))
+        assert not (tmp_path / "out").exists()
+    root = tmp_path / "in"
+    write_rgb(root / "rgb" / "x.png", 20, 24)
+    write_depth(root / "depth" / "x.png", 20, 24)
+    argv = ["seg", "predict", str(checkpoint), "-o", str(tmp_path / "o"), "--device", "cpu"]
+    assert main([*argv, str(root)]) == 0
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == ["x_color.png", "x_label.png", "x_overlay.png"]

@@ -139,6 +139,8 @@ def test_bad_arguments_give_clear_errors(tmp_path) -> None:
         create_model("cen_refinenet_r50", depth=101)
     with pytest.raises(CenError, match="^model cen_refinenet_r50 fixes its backbone; use cen_"):
         create_model("cen_refinenet_r50", backbone="resnet26")
+    restated = create_model("cen_refinenet_r50", depth=50, backbone=None, decoder_width=8)
+    assert restated.config.backbone == "resnet50"
     with pytest.raises(CenError, match="^backbone=<ResNet module>: expected a timm model name"):
         create_cen_refinenet(backbone=timm.create_model("resnet26"))
 

@@ -578,6 +578,7 @@ def test_convert_official_tells_the_files_apart_by_content_and_keeps_its_inputs(
         ([seg, out, "--discriminator", dis], "a released segmentation checkpoint, expected a tr"),
         ([gen, out, "--discriminator", gen], "a released generator, expected its discriminator"),
         ([gen, out, "--discriminator", seg], "a released segmentation checkpoint, expected a tr"),
+        ([dis, out], "a released discriminator; convert its generator, with this file as --di"),
     ):
         assert main(["convert-official", *map(str, argv)]) == 2, argv
         assert refusal in capsys.readouterr().err

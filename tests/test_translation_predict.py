@@ -16,6 +16,7 @@ from cenfusion.engine.run import RuntimeConfig
 from cenfusion.errors import CenError
 from cenfusion.models.official_translation import generator_key_map
 from cenfusion.models.unet import create_cen_unet
+from cenfusion.translation import predict as predict_module
 from cenfusion.translation.evaluate import Evaluator
 from cenfusion.translation.predict import translate
 
@@ -188,6 +189,26 @@ def test_refusals_come_before_anything_is_written(
     assert not out.exists()
 
 
+def test_outputs_may_not_write_over_inputs_and_a_refused_run_leaves_no_folder(
+    i2i_data: Path, generator, tmp_path: Path
+) -> None:
+    checkpoint = _save(tmp_path / "g.pth", generator, eval_dropout=False)
+    own = tmp_path / "own"
+    own.mkdir()
+    for domain in ("reshading", "edge_texture"):
+        view = i2i_data / domain / f"point_0_view_0_domain_{domain}.png"
+        (own / f"{domain}.png").write_bytes(view.read_bytes())
+    before = {p.name: p.read_bytes() for p in own.iterdir()}
+    items = [(own / "reshading.png", own / "edge_texture.png")]
+    with pytest.raises(CenError, match=r"^--out .*own: reshading.png there is an input, which"):
+        translate(checkpoint, items, own, runtime=CPU)
+    assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    if not torch.cuda.is_available():
+        with pytest.raises(CenError, match="cuda"):
+            translate(checkpoint, items, tmp_path / "out", runtime=RuntimeConfig(device="cuda"))
+        assert not (tmp_path / "out").exists()
+
+
 def test_head_outputs_may_not_overwrite_a_sample_s(
     i2i_data: Path, generator, tmp_path: Path
 ) -> None:
@@ -200,6 +221,22 @@ def test_head_outputs_may_not_overwrite_a_sample_s(
     with pytest.raises(CenError, match=message):
         translate(checkpoint, items, tmp_path / "out", heads=True, runtime=CPU)
     assert len(translate(checkpoint, items, tmp_path / "out", runtime=CPU)) == 2
+
+
+def test_dropout_s_seed_on_the_cpu_leaves_every_other_stream_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``torch.manual_seed`` would reseed every CUDA device too, and a CPU run restores
+    only the CPU's stream: it seeds the CPU's alone."""
+    seeded: list[int] = []
+    monkeypatch.setattr(torch, "manual_seed", seeded.append)
+    before = torch.get_rng_state()
+    with predict_module._seeded(7, torch.device("cpu")):
+        drawn = torch.rand(3)
+    assert not seeded and torch.equal(torch.get_rng_state(), before)
+    torch.default_generator.manual_seed(7)
+    assert torch.equal(torch.rand(3), drawn)
+    torch.set_rng_state(before)
 
 
 def test_the_command(i2i_data: Path, generator, tmp_path: Path, capsys) -> None:

@@ -110,12 +110,19 @@ class ConvertOptions:
 
 def _convert_official(args: argparse.Namespace) -> None:
     from cenfusion.engine.files import refuse_overwriting
-    from cenfusion.models.official_translation import holds_released_generator
+    from cenfusion.models.official_translation import released_kind
 
     o = options_from_args(ConvertOptions, args)
     refuse_overwriting(o.out, "OUT", [o.checkpoint, o.discriminator])
     threshold = {} if o.threshold is None else {"threshold": o.threshold}  # else each default
-    if o.discriminator is not None or holds_released_generator(o.checkpoint):
+    kind = released_kind(o.checkpoint)
+    if kind == "discriminator":
+        raise CenError(
+            f"{o.checkpoint}: a released discriminator; convert its generator, with this "
+            "file as --discriminator"
+        )
+    translation = kind == "generator" or (kind is None and o.checkpoint.suffix == ".pkl")
+    if o.discriminator is not None or translation:
         from cenfusion.translation.modelio import convert_official as convert_translation
 
         net = convert_translation(o.checkpoint, o.discriminator, o.out, **threshold)

@@ -69,7 +69,8 @@ class BenchOptions:
         for flag, path in (("--json", self.json), ("--profile", self.profile)):
             if path is not None:
                 _check_writable(flag, path)
-        if self.json is not None and self.json == self.profile:
+        same = self.json and self.profile and self.json.resolve() == self.profile.resolve()
+        if same:
             raise CenError(f"--json and --profile {self.json}: the same file; give two")
         if "fp16" in self.precisions and device != "cuda":
             raise CenError("--precisions fp16: CUDA only (bfloat16 is the CPU's half precision)")

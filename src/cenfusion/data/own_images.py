@@ -3,7 +3,7 @@ file stem), and the outputs' names kept apart. Both tasks' ``predict`` commands 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,12 @@ def collect_samples(
         if isinstance(item, (str, Path)):
             root = Path(item)
             paths = [root / n for n in names]
-            if not all(p.is_dir() for p in paths):
-                raise CenError(f"{root}: expected a folder with subfolders {', '.join(names)}")
+            missing = next((p for p in paths if not p.is_dir()), None)
+            if missing is not None:
+                raise CenError(
+                    f"{root}: no subfolder {missing.name}/ (expected one subfolder per input: "
+                    f"{', '.join(names)})"
+                )
         else:
             paths = [Path(p) for p in item]
             if len(paths) != len(names):
@@ -102,6 +106,18 @@ def check_output_folder(out: Path) -> None:
     if existing is not None and not existing.is_dir():
         what = "a file" if existing == out else f"a path inside the file {existing}"
         raise CenError(f"--out {out}: {what}, expected a folder (made if missing)")
+
+
+def check_outputs_spare_inputs(samples: Sequence[Sample], outputs: Iterable[Path]) -> None:
+    """Refuse outputs that are some sample's input file (``--out`` the input folder, with
+    a name the outputs take): writing them would destroy the pictures still to be read."""
+    inputs = {path.resolve() for sample in samples for path in sample.paths}
+    for output in outputs:
+        if output.resolve() in inputs:
+            raise CenError(
+                f"--out {output.parent}: {output.name} there is an input, which the outputs "
+                "would write over; write them elsewhere"
+            )
 
 
 def check_output_names(

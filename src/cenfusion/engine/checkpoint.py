@@ -45,8 +45,8 @@ def load_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
         ) from err
     if isinstance(state, dict) and "ensemble.alpha" in state:
         raise ForeignCheckpointError(
-            f"{path}: a model's state dict, without its settings: load it into its model "
-            "(load_state_dict), or save a segmenter with cenfusion.save_segmenter"
+            f"{path}: a model's state dict, without its settings; load it into its model "
+            "(load_state_dict)"
         )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ForeignCheckpointError(

@@ -25,7 +25,8 @@ class AlphaEnsemble(nn.Module):
 
     def forward(self, outs: Tensor) -> Tensor:
         """``outs``: ``(M, B, ...)`` per-modality predictions -> ``(B, ...)``."""
-        if not isinstance(outs, Tensor) or outs.dim() < 1 or outs.shape[0] != len(self.alpha):
+        wrong = not isinstance(outs, Tensor) or outs.dim() < 1
+        if wrong or (not torch.jit.is_tracing() and outs.shape[0] != len(self.alpha)):
             shape = tuple(outs.shape) if isinstance(outs, Tensor) else type(outs).__name__
             raise ValueError(
                 f"expected the {len(self.alpha)} modalities' predictions stacked along axis 0, "

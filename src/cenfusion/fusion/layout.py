@@ -32,14 +32,15 @@ def stack_modalities(
                 inputs.shape[1], num_modalities, " along axis 1 of a (B, M, C, H, W) batch"
             )
             return inputs.transpose(0, 1).reshape(-1, *inputs.shape[2:])
-        if num_modalities is not None and inputs.shape[0] % num_modalities:
+        checked = num_modalities is not None and not torch.jit.is_tracing()
+        if checked and inputs.shape[0] % num_modalities:
             raise ValueError(
                 f"a stacked batch (M*B, C, H, W) of {inputs.shape[0]} is not a multiple of "
                 f"{num_modalities} modalities (give M tensors (B, C, H, W) as a list)"
             )
         return inputs
     _check_count(len(inputs), num_modalities, "")
-    if any(x.shape != inputs[0].shape for x in inputs[1:]):
+    if not torch.jit.is_tracing() and any(x.shape != inputs[0].shape for x in inputs[1:]):
         listed = ", ".join(str(tuple(x.shape)) for x in inputs)
         raise ValueError(f"the modalities' tensors must have one shape, got {listed}")
     return torch.cat(list(inputs), dim=0)

@@ -140,9 +140,11 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The ``segmenter`` state dict of a released ``.pth.tar`` (read with weights_only)."""
     path = Path(path)
     checkpoint = read_released_file(path, numpy_globals())
-    state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("segmenter", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or any(isinstance(v, dict) for v in state.values()):
-        found = f"keys {', '.join(map(str, list(state)[:3]))}" if state else "no state dict"
+        found = f"a {type(state).__name__}"
+        if isinstance(state, dict):
+            found = f"keys {', '.join(map(str, list(state)[:3]))}"
         raise CenError(f"{path}: expected a dict with a 'segmenter' state dict, found {found}")
     if "ensemble.alpha" in state and any(str(k).startswith("encoder.") for k in state):
         raise CenError(

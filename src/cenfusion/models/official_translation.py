@@ -48,14 +48,22 @@ def is_released_generator(state: dict) -> bool:
     return any(re.fullmatch(r"(module\.)?deconv1\.deconv\.module\.weight", k) for k in state)
 
 
-def holds_released_generator(path: str | Path) -> bool:
-    """Whether the file ``path`` holds a released translation generator (else it may be a
-    released segmentation checkpoint, or no released file at all)."""
+def released_kind(path: str | Path) -> str | None:
+    """What a released CEN file holds: ``segmenter`` (a segmentation ``.pth.tar``),
+    ``generator`` or ``discriminator`` (translation ``.pkl`` files); None for a file that is
+    none of them or cannot be read (its converter then says why)."""
     try:
         state = read_released_file(Path(path), numpy_globals())
     except CenError:
-        return False
-    return isinstance(state, dict) and is_released_generator(state)
+        return None
+    if not isinstance(state, dict):
+        return None
+    if "segmenter" in state:
+        return "segmenter"
+    if is_released_generator(state):
+        return "generator"
+    layers = [k for k in state if re.fullmatch(r"(module\.)?conv\d\.conv\.module\.weight", k)]
+    return "discriminator" if layers else None
 
 
 def read_released_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -34,7 +34,7 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 def _fixed(name: str, family: str, kwargs: dict[str, object], **fixed: object) -> dict[str, object]:
     """``kwargs`` with the variant ``name``'s ``fixed`` arguments, which they must not set."""
     for key, value in fixed.items():
-        if key in kwargs:
+        if key in kwargs and kwargs[key] != value:
             said = f"its {key}" if value is None else f"{key}={value}"
             raise CenError(f"model {name} fixes {said}; use {family} for another {key}")
     return {**kwargs, **fixed}

@@ -192,7 +192,7 @@ class CENUNet(nn.Module):
     def forward_stacked(self, x: Tensor) -> Tensor:
         """Stacked ``(M*B, C_in, H, W)`` -> per-branch predictions ``(M, B, C_out, H, W)``."""
         size = 2**self.config.num_downs
-        if x.shape[-2] % size or x.shape[-1] % size:
+        if not torch.jit.is_tracing() and (x.shape[-2] % size or x.shape[-1] % size):
             raise ValueError(
                 f"input {tuple(x.shape[-2:])}: sides must be multiples of 2**num_downs = {size}"
             )

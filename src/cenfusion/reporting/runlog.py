@@ -261,7 +261,8 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
         config = loaded or {}
     by_key: dict[tuple[float, float], dict[str, Any]] = {}
     evaluations: list[dict[str, Any]] = []
-    texts = _text(metrics_path).splitlines(keepends=True)
+    texts = [line + "\n" for line in _text(metrics_path).split("\n")]
+    texts[-1] = texts[-1][:-1]  # the text after the last newline, if any
     for number, text in enumerate(texts, 1):
         if not text.strip():
             continue

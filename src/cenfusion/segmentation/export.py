@@ -140,8 +140,6 @@ def export_onnx(
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            # split_modalities checks the stacked batch with Python ints: always true here.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 _ExportGraph(model, heads == "ensemble"),
                 example,

@@ -39,6 +39,7 @@ from cenfusion.data.own_images import (
     Sample,
     check_output_folder,
     check_output_names,
+    check_outputs_spare_inputs,
     collect_samples,
 )
 from cenfusion.data.read_ahead import read_ahead
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 #: Weight of the prediction colours in ``_overlay.png`` (the RGB input gets the rest).
 OVERLAY_ALPHA = 0.5
+#: The files written per sample and head: ``<prefix>_<output>.png``.
+OUTPUTS = ("color", "label", "overlay")
 
 
 def check_fits(
@@ -162,13 +165,9 @@ def _write_prediction(
 ) -> list[Path]:
     colours = colorize(labels, num_classes)
     overlay = OVERLAY_ALPHA * colours.astype(np.float32) + (1 - OVERLAY_ALPHA) * base
-    images = {
-        "color": colours,
-        "label": labels.astype(np.uint8),
-        "overlay": overlay.round().clip(0, 255).astype(np.uint8),
-    }
+    arrays = (colours, labels.astype(np.uint8), overlay.round().clip(0, 255).astype(np.uint8))
     written = []
-    for suffix, array in images.items():
+    for suffix, array in zip(OUTPUTS, arrays):
         path = out / f"{prefix}_{suffix}.png"
         Image.fromarray(array).save(path)
         written.append(path)
@@ -292,7 +291,10 @@ def predict(
     if heads and loaded.heads == "ensemble":
         raise CenError(f"--heads: {checkpoint} was exported with the ensemble head only")
     num = loaded.model.config.num_classes
-    out.mkdir(parents=True, exist_ok=True)
+    prefixes = [s.stem for s in samples]
+    prefixes += [f"{s.stem}_{m.name}" for s in samples for m in parsed] if heads else []
+    planned = [out / f"{p}_{suffix}.png" for p in prefixes for suffix in OUTPUTS]
+    check_outputs_spare_inputs(samples, planned)
     written: list[Path] = []
     pending: list[tuple[str, list[Tensor], int]] = []
 
@@ -315,6 +317,7 @@ def predict(
         pending.clear()
 
     with open_runtime(runtime) as opened:
+        out.mkdir(parents=True, exist_ok=True)
         net = opened.prepare(loaded.model.eval(), frozen=True)
         loads = read_ahead(samples, load, ahead=2 * batch_size)
         quiet = not progress or len(samples) < 2

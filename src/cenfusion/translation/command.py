@@ -98,8 +98,8 @@ class TranslateOptions:
         metavar="DOMAIN=PATH",
     )
     out: Path = setting(REQUIRED, "output folder", aliases=("-o",))
-    size: tuple[int, ...] | None = setting(
-        None, "side (or H W) the network sees (default: its run's crop size)", metavar="N"
+    size: tuple[int, int] | None = setting(
+        None, "size the network sees (default: its run's crop size)", metavar=("H", "W")
     )
     heads: bool = setting(False, "also write each branch's translation")
     dropout: bool | None = setting(

@@ -17,7 +17,8 @@ its run evaluated so (the released way); ``seed`` then fixes the samples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from cenfusion.data.own_images import (
     Sample,
     check_output_folder,
     check_output_names,
+    check_outputs_spare_inputs,
     collect_samples,
 )
 from cenfusion.data.read_ahead import read_ahead
@@ -157,8 +159,9 @@ def translate(
             read_domain_8bit(path, domain)
     dropout = loaded.dropout if dropout is None else dropout
     names = [*(f"from_{d}" for d in trained), None] if heads else [None]
+    planned = [out / f"{_file_stem(s.stem, name)}.png" for s in samples for name in names]
+    check_outputs_spare_inputs(samples, planned)
 
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     model = loaded.model.eval()
     use_dropout(model, dropout)
@@ -167,8 +170,8 @@ def translate(
         paths = [sample.paths[i] for i in order]
         return sample.stem, load_views(Sample(sample.stem, tuple(paths)), trained, shape)
 
-    with open_runtime(runtime) as opened, torch.random.fork_rng(_devices(opened.device)):
-        torch.manual_seed(seed)
+    with open_runtime(runtime) as opened, _seeded(seed, opened.device):
+        out.mkdir(parents=True, exist_ok=True)
         net = opened.prepare(model, frozen=not dropout)
         quiet = not progress or len(samples) < 2
         bar = tqdm(desc="translate", total=len(samples), unit="view", disable=quiet, delay=1)
@@ -179,7 +182,7 @@ def translate(
             with torch.inference_mode(), opened.precision.autocast():
                 translated = net(stack_modalities(views))
             for name, images in zip(names, translated[-len(names) :]):
-                files = [stem if name is None else f"{stem}_{name}" for stem in stems]
+                files = [_file_stem(stem, name) for stem in stems]
                 save_images(images, out, files)
                 written += [out / f"{f}.png" for f in files]
             bar.update(len(chunk))
@@ -187,6 +190,19 @@ def translate(
     return written
 
 
-def _devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose random state ``torch.manual_seed`` sets (every one)."""
-    return list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+def _file_stem(stem: str, head: str | None) -> str:
+    """An output's name without ``.png``: the sample's stem, then its head (a branch)."""
+    return stem if head is None else f"{stem}_{head}"
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The random streams ``device``'s dropout draws from, seeded with ``seed`` and given
+    back as they were: on the CPU its own alone (the caller's CUDA streams stay)."""
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(cuda):
+        if cuda:
+            torch.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        yield
