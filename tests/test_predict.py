@@ -558,3 +558,22 @@ def test_outputs_may_not_write_over_inputs_and_positionals_follow_flags(
     assert main([*argv, str(root)]) == 0
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert written == ["x_color.png", "x_label.png", "x_overlay.png"]
+
+
+def test_depth_of_another_bit_depth_than_trained_on_is_refused(tmp_path, capsys) -> None:
+    """One depth scale cannot read 8- and 16-bit files alike: a checkpoint that records its
+    data's depth bit depth refuses the other, or warns when the caller gives the scale."""
+    checkpoint = tmp_path / "m.pt"
+    save_tiny(checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    save_checkpoint(checkpoint, {**state, "data": {"depth_bits": {"depth": 16}}})
+    rgb = write_rgb(tmp_path / "x.png", 20, 24)
+    sixteen = write_depth(tmp_path / "x_d.png", 20, 24)
+    eight = tmp_path / "x_d8.png"
+    Image.fromarray(np.full((20, 24), 40, np.uint8)).save(eight)
+    predict(checkpoint, [(rgb, sixteen)], tmp_path / "ok", runtime=CPU)
+    with pytest.raises(CenError, match=r"x_d8.png is 8-bit, .*m.pt was trained on 16-bit depth;"):
+        predict(checkpoint, [(rgb, eight)], tmp_path / "no", runtime=CPU)
+    assert not (tmp_path / "no").exists()
+    predict(checkpoint, [(rgb, eight)], tmp_path / "own", runtime=CPU, depth_scale=0.05)
+    assert "x_d8.png is 8-bit" in capsys.readouterr().err

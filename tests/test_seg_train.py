@@ -231,6 +231,7 @@ def test_a_one_modality_run_resumes_and_evaluates_with_its_own_settings(
     argv = ["seg", "train", "--runs", str(tmp_path), "-c", "cen", "--resume", "--epochs", "2"]
     assert main(argv) == 0
     assert load_checkpoint(ckpt)["epoch"] == 2
+    assert load_checkpoint(ckpt)["data"] == {"depth_bits": {"depth": 16}}
 
 
 def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> None:

@@ -158,6 +158,9 @@ class Recipe(ABC):
     train_loader: DataLoader
     #: Whether a higher validation score is better (mIoU) or a lower one (FID, L1).
     higher_is_better: bool = True
+    #: What the data trained on was like, kept with each checkpoint for the readers of its
+    #: model (a segmenter's: each depth modality's bit depth).
+    data_facts: dict[str, Any] | None = None
 
     def start_line(self) -> str:
         """The log line that opens a run: what is trained on what, where."""
@@ -334,6 +337,7 @@ def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dic
         "epoch": epoch,
         "best": asdict(best),
         "rng": capture_rng(),
+        **({"data": recipe.data_facts} if recipe.data_facts else {}),
     }
 
 

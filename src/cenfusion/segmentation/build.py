@@ -65,13 +65,14 @@ def modality_specs(cfg: SegmentationConfig) -> tuple[ModalitySpec, ...]:
     return tuple(specs)
 
 
-def check_data(cfg: SegmentationConfig, training: bool) -> None:
-    """Check every list line, file, size, bit depth and label before anything trains.
+def check_data(cfg: SegmentationConfig, training: bool) -> dict[str, int]:
+    """Check every list line, file, size, bit depth and label before anything trains;
+    returns each depth modality's bit depth.
 
     Facts about unchanged files are cached, so a second start is instant.
     """
     lists = [cfg.train_list, cfg.val_list] if training else [cfg.val_list]
-    check_dataset(
+    report = check_dataset(
         data_root(cfg),
         lists,
         modality_specs(cfg),
@@ -88,6 +89,7 @@ def check_data(cfg: SegmentationConfig, training: bool) -> None:
             f"{cfg.num_classes}: its names go unused (--num-classes {len(declared)} if that is "
             "the data's count)"
         )
+    return report.depth_bits
 
 
 def build_dataset(cfg: SegmentationConfig, train: bool) -> ListFileDataset:

@@ -73,8 +73,8 @@ def convert_official(source: str | Path, out: str | Path, threshold: float = 2e-
 class LoadedModel:
     """A segmenter read from a file, with what the file says of its inputs: the modality
     names it was trained on, each one's kind (how its files were decoded), the factor its
-    raw depth values were multiplied by and the run's settings (each ``None`` when the file
-    does not say, e.g. a released checkpoint)."""
+    raw depth values were multiplied by, the run's settings and its depth files' bit depths
+    (each ``None`` when the file does not say, e.g. a released checkpoint)."""
 
     model: CENRefineNet | OnnxSegmenter
     modalities: tuple[str, ...] | None
@@ -82,6 +82,8 @@ class LoadedModel:
     depth_scale: float | None = None
     kinds: tuple[str, ...] | None = None
     settings: dict | None = None
+    depth_bits: dict[str, int] | None = None
+    """Each depth modality's bit depth in the data it was trained on."""
 
     @property
     def heads(self) -> str:
@@ -159,4 +161,7 @@ def load_segmenter(path: str | Path, official: bool | None = None) -> LoadedMode
     names = tuple(modality_names(entries)) if entries is not None else None
     kinds = tuple(modality_kinds(entries)) if entries is not None else None
     model = model_from_record(state, str(path))
-    return LoadedModel(model, names, False, saved.get("depth_scale"), kinds, state.get("config"))
+    bits = (state.get("data") or {}).get("depth_bits")
+    return LoadedModel(
+        model, names, False, saved.get("depth_scale"), kinds, state.get("config"), bits
+    )

@@ -22,7 +22,7 @@ depth is always resized with nearest neighbour.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cenfusion.data.check import check_images
-from cenfusion.data.listfile import NYUDV2_DEPTH_SCALE, decode_image
+from cenfusion.data.listfile import HIGH_BIT_MODES, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.own_images import (
     Sample,
     check_output_folder,
@@ -132,6 +132,37 @@ def check_inputs(samples: Sequence[Sample], modalities: Sequence[Modality]) -> N
     :class:`CenError` with the first problem; with several, each is listed on stderr first."""
     paths = [path for sample in samples for path in sample.paths]
     check_images(paths, [m.kind for _ in samples for m in modalities])
+
+
+def check_depth_bits(
+    samples: Sequence[Sample],
+    modalities: Sequence[Modality],
+    trained: Mapping[str, int] | None,
+    where: str,
+    own_scale: bool,
+) -> None:
+    """Refuse depth files of another bit depth than the model's training data (``trained``:
+    name -> bits, when the checkpoint says): one depth scale cannot fit both encodings, so
+    the network would see depth some 256 times off. With ``own_scale`` (the caller chose the
+    files' scale) a warning."""
+    odd = []
+    for sample in samples:
+        for path, modality in zip(sample.paths, modalities):
+            want = (trained or {}).get(modality.name)
+            if modality.kind != "depth" or want is None:
+                continue
+            with Image.open(path) as image:
+                bits = 16 if image.mode in HIGH_BIT_MODES else 8
+            if bits != want:
+                odd.append(
+                    f"{path} is {bits}-bit, {where} was trained on {want}-bit {modality.name}"
+                )
+    if not odd:
+        return
+    said = odd[0] + (f" (and {len(odd) - 1} more)" if len(odd) > 1 else "")
+    if not own_scale:
+        raise CenError(f"{said}; convert it, or give --depth-scale for its values")
+    _warn(f"{said}; read with the --depth-scale given")
 
 
 def check_graph_size(
@@ -272,6 +303,7 @@ def predict(
                 f"{trained_kinds[m.name]}"
             )
     trained_scale = loaded.depth_scale
+    own_scale = depth_scale is not None
     if depth_scale is None:
         depth_scale = NYUDV2_DEPTH_SCALE if trained_scale is None else trained_scale
     elif trained_scale not in (None, depth_scale) and any(m.kind == "depth" for m in parsed):
@@ -282,6 +314,7 @@ def predict(
     samples = collect_samples(inputs, [m.name for m in parsed])
     check_output_names(samples, [m.name for m in parsed] if heads else [])
     check_inputs(samples, parsed)
+    check_depth_bits(samples, parsed, loaded.depth_bits, str(checkpoint), own_scale)
     fixed = getattr(loaded.model, "fixed_size", None)
     if fixed is not None:
         check_graph_size(samples, parsed, fixed, size, checkpoint)

@@ -39,7 +39,7 @@ def build_recipe(
 ) -> SegmentationRecipe:
     """Data checked, loaders, and the model: the checkpoint's (checked against the
     settings) or a new one."""
-    check_data(cfg, training=training)
+    depth_bits = check_data(cfg, training=training)
     loaders = build_loaders(cfg, ctx, training=training)
     model = model_from_record(state, where) if state else build_model(cfg)
     if state is not None:
@@ -50,7 +50,10 @@ def build_recipe(
             check_resumed_model(model, cfg, where, training)
         if training:
             check_resumed_depth_scale(saved.get("depth_scale"), cfg, where)
-    return SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
+    recipe = SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
+    if training:
+        recipe.data_facts = {"depth_bits": depth_bits}
+    return recipe
 
 
 def summarize(state: dict[str, Any], where: str) -> ModelSummary:
