@@ -298,7 +298,10 @@ def test_checkpoint_of_another_model_is_refused(data_root, tmp_path, capsys) -> 
         CenError, match=r"^--depth-scale 0.001: the model of .* trained with 0.0002;"
     ):
         train(replace(cfg, exp="more", epochs=(2,), depth_scale=1e-3), resume=ckpt)
+    capsys.readouterr()
     evaluate(SEGMENTATION, replace(cfg, exp="more", depth_scale=1e-3), ckpt)
+    said = "warning: --depth-scale 0.001: the model of "
+    assert said in capsys.readouterr().out
     # saved before exchange points were checked: points its encoder lacks, which never exchanged
     state = load_checkpoint(ckpt)
     state["model_config"]["exchange_at"] = ["blocks.*.*.bn2"]

@@ -157,15 +157,20 @@ def check_same_modalities(
     log.warning(f"warning: {said}; scoring {', '.join(ours)} in their place, in order")
 
 
-def check_resumed_depth_scale(trained: float | None, cfg: SegmentationConfig, where: str) -> None:
+def check_resumed_depth_scale(
+    trained: float | None, cfg: SegmentationConfig, where: str, training: bool = True
+) -> None:
     """Refuse another ``--depth-scale`` on resume: the network learnt its depth at the
-    checkpoint's scale (``trained``; None: not recorded). Scoring other data may change it."""
+    checkpoint's scale (``trained``; None: not recorded). Scoring other data may change it:
+    a warning says so."""
     depth = "depth" in modality_kinds(cfg.modalities)
     if depth and trained is not None and trained != cfg.depth_scale:
-        raise CenError(
-            f"--depth-scale {cfg.depth_scale:g}: the model of {where} was trained with "
-            f"{trained:g}; a resumed run keeps its inputs' encoding"
+        said = (
+            f"--depth-scale {cfg.depth_scale:g}: the model of {where} was trained with {trained:g}"
         )
+        if training:
+            raise CenError(f"{said}; a resumed run keeps its inputs' encoding")
+        log.warning(f"warning: {said}")
 
 
 def check_resumed_model(

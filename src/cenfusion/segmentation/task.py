@@ -48,8 +48,7 @@ def build_recipe(
         check_same_modalities(saved.get("modalities"), cfg, where, training)
         if training or saved:  # without saved settings, cfg's model ones are a preset's
             check_resumed_model(model, cfg, where, training)
-        if training:
-            check_resumed_depth_scale(saved.get("depth_scale"), cfg, where)
+        check_resumed_depth_scale(saved.get("depth_scale"), cfg, where, training)
     recipe = SegmentationRecipe(cfg, ctx, model.to(ctx.device), loaders)
     if training:
         recipe.data_facts = {"depth_bits": depth_bits}
