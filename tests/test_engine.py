@@ -710,6 +710,24 @@ def test_a_folder_lock_is_one_holders_and_stays_beside_its_folder(tmp_path: Path
     FolderLock(run).release()
 
 
+def test_resuming_a_run_still_before_its_first_checkpoint_names_its_process(
+    tmp_path: Path,
+) -> None:
+    """With no ``last.pth`` yet, "nothing to resume" would be wrong while the run is going."""
+    from cenfusion.engine.files import FolderLock
+    from cenfusion.engine.run import LAST, resume_path
+
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    busy = rf"^{run} is in use by another cen process \(pid {os.getpid()}\)"
+    with FolderLock(run), pytest.raises(CenError, match=busy):
+        resume_path(Path(LAST), run)
+    with pytest.raises(CenError, match="^--resume: nothing to resume, .* stopped before"):
+        resume_path(Path(LAST), run)
+    FolderLock.refuse_if_held(run)
+    FolderLock(run).release()  # the probe took no lock
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the toolchain's warning is for CPU hosts")
 def test_compiling_on_the_cpu_keeps_the_cuda_toolkit_search_quiet(tmp_path: Path) -> None:
     """A CPU machine with a CUDA toolkit (CUDA_HOME) but no GPU: torch's toolchain search

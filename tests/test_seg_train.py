@@ -164,6 +164,19 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
     assert len(read_log(tmp_path / "cut" / "cen")) == 3
 
 
+def test_training_goes_on_alike_whichever_epochs_validate(data_root, tmp_path) -> None:
+    """A validation draws from the random streams (its loader's seed): training must not
+    see it, or a finished run extended would not repeat the longer schedule run at once."""
+    weights = []
+    for every, validated in ((1, [True, True, True]), (2, [False, True, True])):
+        one_stage = {"epochs": (3,), "lr_enc": (0.02,), "lr_dec": (0.02,)}
+        train(tiny(data_root, tmp_path / str(every), val_every=every, **one_stage))
+        assert ["val" in line for line in read_log(tmp_path / str(every) / "cen")] == validated
+        weights.append(load_checkpoint(tmp_path / str(every) / "cen" / "last.pth")["model"])
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
 def test_a_taken_run_folder_is_refused_before_data_and_model_are_built(data_root, tmp_path) -> None:
     cfg = tiny(data_root, tmp_path)
     cfg.run_dir.mkdir(parents=True)

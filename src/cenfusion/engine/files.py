@@ -56,6 +56,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def _in_use(folder: Path, owner: str) -> CenError:
+    return CenError(
+        f"{folder} is in use by another cen process (pid {owner or 'unknown'}): wait for it "
+        "to end, or choose another -c EXP"
+    )
+
+
 def refuse_overwriting(out: Path, flag: str, sources: Sequence[Path | None]) -> None:
     """Refuse an output ``out`` (given as ``flag``) that is one of the files a command reads:
     writing it would destroy them."""
@@ -105,13 +112,25 @@ class FolderLock:
         except BlockingIOError:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise CenError(
-                f"{folder} is in use by another cen process (pid {owner}): wait for it to "
-                "end, or choose another -c EXP"
-            ) from None
+            raise _in_use(folder, owner) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    @staticmethod
+    def refuse_if_held(folder: Path) -> None:
+        """Refuse ``folder`` when another process holds its lock, taking none (a shared
+        probe: probes of several processes at once do not stand in each other's way)."""
+        path = lock_file(folder)
+        if fcntl is None or not path.is_file():
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(folder, os.read(fd, 32).decode(errors="replace").strip()) from None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Give the lock up (closing its file); a second call does nothing."""

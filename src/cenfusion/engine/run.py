@@ -28,7 +28,7 @@ from cenfusion.engine.config import (
     replace_config,
     setting,
 )
-from cenfusion.engine.files import atomic_write
+from cenfusion.engine.files import FolderLock, atomic_write
 from cenfusion.errors import CenError
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ def resume_path(resume: Path | None, run_dir: Path) -> Path | None:
                 f"--resume: {run_dir} holds no {LAST}, only {BEST}; --resume {run_dir / BEST} "
                 "continues from it"
             )
+        FolderLock.refuse_if_held(run_dir)  # a run still before its first checkpoint
         stopped = " (its run stopped before the first checkpoint)" if run_dir.is_dir() else ""
         raise CenError(
             f"--resume: nothing to resume, {run_dir} holds no {LAST}{stopped}; "

@@ -328,6 +328,13 @@ class Scalars:
             self.writer.close()
 
 
+def _random_streams_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Validation draws from the random streams (a loader's seed, a generator's dropout):
+    forked, so that training goes on as if it had not run, whichever epochs validate."""
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    return torch.random.fork_rng(cuda)
+
+
 def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dict[str, Any]:
     return {
         **recipe.state_dict(),
@@ -390,7 +397,8 @@ def fit(
             record.update(recipe.epoch_record())
             improved = False
             if recipe.wants_validation(epoch):
-                metrics, score = recipe.validate(epoch)
+                with _random_streams_kept(recipe.ctx.device):
+                    metrics, score = recipe.validate(epoch)
                 improved = best.update(score, epoch, metrics)
                 record.update(val=metrics, best=improved)
             folder.append_metrics(record)
