@@ -710,22 +710,35 @@ def test_a_folder_lock_is_one_holders_and_stays_beside_its_folder(tmp_path: Path
     FolderLock(run).release()
 
 
-def test_resuming_a_run_still_before_its_first_checkpoint_names_its_process(
-    tmp_path: Path,
-) -> None:
-    """With no ``last.pth`` yet, "nothing to resume" would be wrong while the run is going."""
+def test_a_run_still_before_its_first_checkpoint_names_its_process(tmp_path: Path) -> None:
+    """With no checkpoint yet, "nothing to resume" or "already holds a run; --resume
+    continues it" would be wrong advice while the run goes on in another process."""
     from cenfusion.engine.files import FolderLock
-    from cenfusion.engine.run import LAST, resume_path
+    from cenfusion.engine.run import LAST, RunFolder, resume_path
 
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
-    busy = rf"^{run} is in use by another cen process \(pid {os.getpid()}\)"
-    with FolderLock(run), pytest.raises(CenError, match=busy):
-        resume_path(Path(LAST), run)
+    (run / "metrics.jsonl").write_text('{"evaluate": "x.pth"}\n')  # a run folder's work
+    holder = "import sys, time; from pathlib import Path; from cenfusion.engine.files import "
+    holder += "FolderLock; FolderLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)"
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(run)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline() == "held\n"
+        busy = rf"^{run} is in use by another cen process \(pid {other.pid}\)"
+        with pytest.raises(CenError, match=busy):
+            resume_path(Path(LAST), run)
+        with pytest.raises(CenError, match=busy):
+            RunFolder.check_claim(run, resuming=False, force=False)
+    finally:
+        other.kill()
+        other.wait()
     with pytest.raises(CenError, match="^--resume: nothing to resume, .* stopped before"):
         resume_path(Path(LAST), run)
-    FolderLock.refuse_if_held(run)
-    FolderLock(run).release()  # the probe took no lock
+    with FolderLock(run):  # this process's own lock is no other's
+        assert RunFolder.check_claim(run, resuming=True, force=False)
+    FolderLock(run).release()  # the probes took no lock
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the toolchain's warning is for CPU hosts")

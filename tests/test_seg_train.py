@@ -536,6 +536,24 @@ def test_ddp_training_on_cpu_with_gloo(data_root, tmp_path) -> None:
     assert f"/ {val_samples} val samples" in start and "2 processes" in start
 
 
+def test_another_runs_checkpoint_may_not_write_over_a_run(data_root, tmp_path) -> None:
+    """Continuing (or scoring) run A's checkpoint in run B's folder would replace B's
+    checkpoints, or mix A's results into B's log: refused, B kept as it was."""
+    one = {"epochs": (1,), "lr_enc": (0.01,), "lr_dec": (0.01,)}
+    a, b = (tiny(data_root, tmp_path, exp=exp, **one) for exp in ("a", "b"))
+    train(a)
+    train(b)
+    kept = {p.name: p.read_bytes() for p in b.run_dir.iterdir() if p.is_file()}
+    foreign = r"^--resume .*a/last.pth: another run's checkpoint, and .*b holds a run of its own"
+    with pytest.raises(CenError, match=foreign):
+        train(replace(b, epochs=(2,)), resume=a.run_dir / "last.pth")
+    with pytest.raises(CenError, match=foreign):
+        evaluate(SEGMENTATION, b, a.run_dir / "last.pth")
+    assert {p.name: p.read_bytes() for p in b.run_dir.iterdir() if p.is_file()} == kept
+    evaluate(SEGMENTATION, b, b.run_dir / "last.pth")  # its own, as ever
+    evaluate(SEGMENTATION, replace(b, exp="a-scored"), a.run_dir / "last.pth")
+
+
 def test_a_run_another_process_writes_is_refused(data_root, tmp_path) -> None:
     import subprocess
     import sys

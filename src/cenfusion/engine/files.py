@@ -120,7 +120,8 @@ class FolderLock:
     @staticmethod
     def refuse_if_held(folder: Path) -> None:
         """Refuse ``folder`` when another process holds its lock, taking none (a shared
-        probe: probes of several processes at once do not stand in each other's way)."""
+        probe: probes of several processes at once do not stand in each other's way; the
+        lock this process holds passes)."""
         path = lock_file(folder)
         if fcntl is None or not path.is_file():
             return
@@ -128,7 +129,9 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _in_use(folder, os.read(fd, 32).decode(errors="replace").strip()) from None
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+            if owner != str(os.getpid()):  # this process's own lock is no other's
+                raise _in_use(folder, owner) from None
         finally:
             os.close(fd)
 

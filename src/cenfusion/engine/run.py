@@ -97,7 +97,9 @@ class RunConfig(RuntimeConfig):
     runs: Path = setting(Path("runs"), "folder of run folders")
     data: Path | None = setting(None, "data root (none: the embedded synthetic set)")
     batch_size: int = setting(1, "samples per step and process")
-    val_every: int = setting(5, "validate every N epochs", aliases=("--eval-every",))
+    val_every: int = setting(
+        5, "validate every N epochs (of a stage) and at the end", aliases=("--eval-every",)
+    )
     workers: int = setting(4, "data-loading processes")
     seed: int = setting(0, "random seed", aliases=("--random-seed",))
     quiet: bool = setting(False, "no progress bar")
@@ -204,6 +206,18 @@ def resume_path(resume: Path | None, run_dir: Path) -> Path | None:
     return run_dir / LAST
 
 
+def refuse_foreign_checkpoint(path: Path, checkpoint: Path, doing: str) -> None:
+    """Refuse ``checkpoint`` from outside the run folder ``path`` when ``path`` holds a run
+    of its own (a checkpoint): continuing or scoring another run's model there would write
+    over that run's checkpoints or mix its results with another model's."""
+    own = any((path / name).is_file() for name in (LAST, BEST))
+    if own and checkpoint.resolve().parent != path.resolve():
+        raise CenError(
+            f"--resume {checkpoint}: another run's checkpoint, and {path} holds a run of its "
+            f"own, which {doing} would mix into; choose another -c EXP"
+        )
+
+
 def holds_run(path: Path) -> bool:
     """Whether ``path`` holds work to keep: a checkpoint, or a metrics line (an evaluation's
     scores). A folder whose run stopped before its first checkpoint holds none."""
@@ -256,8 +270,10 @@ class RunFolder:
 
     @staticmethod
     def check_claim(path: Path, resuming: bool, force: bool) -> bool:
-        """Whether ``path`` holds a run, after refusing one that neither ``resuming`` nor
-        ``force`` may take; writes nothing, so a run checks it before its slow set-up."""
+        """Whether ``path`` holds a run, after refusing one that another process holds, or
+        that neither ``resuming`` nor ``force`` may take; writes nothing, so a run checks it
+        before its slow set-up."""
+        FolderLock.refuse_if_held(path)
         kept = holds_run(path)
         if kept and not resuming and not force:
             raise CenError(

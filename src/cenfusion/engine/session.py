@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.engine.checkpoint import load_checkpoint, saved_config
-from cenfusion.engine.run import BEST, LAST, RunFolder, RunModeOptions, log, resume_path
+from cenfusion.engine.run import (
+    BEST,
+    LAST,
+    RunFolder,
+    RunModeOptions,
+    log,
+    refuse_foreign_checkpoint,
+    resume_path,
+)
 from cenfusion.engine.task import Task
 from cenfusion.engine.trainer import BestScore, fit, prepare
 from cenfusion.errors import CenError
@@ -32,6 +40,8 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
                 f"--force: not with --resume {where}, which continues its run; --force starts "
                 "afresh (alone, or with --resume of weights only)"
             )
+        if continuing:
+            refuse_foreign_checkpoint(cfg.run_dir, Path(where), "continuing it")
         RunFolder.check_claim(cfg.run_dir, continuing, force)
         recipe = task.build_recipe(cfg, ctx, state, where, True)
         done, end = (int(state["epoch"]) if continuing else 0), recipe.num_epochs()
@@ -66,6 +76,7 @@ def evaluate(task: Task, cfg: Any, checkpoint: Path | None = None, **options: An
     images) and one ``{"evaluate": ...}`` line goes to the metrics log. Returns the metrics.
     """
     path = checkpoint_to_evaluate(cfg.run_dir, checkpoint)
+    refuse_foreign_checkpoint(cfg.run_dir, path, "its scores and images")
     with prepare(cfg) as ctx:
         state = load_checkpoint(path, task=task.name)
         recipe = task.build_recipe(cfg, ctx, state, str(path), False)

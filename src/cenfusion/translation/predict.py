@@ -94,8 +94,7 @@ def _network_size(
         return loaded.side, loaded.side
     if len(size) not in (1, 2) or min(size) < 1 or any(s % step for s in size):
         raise CenError(
-            f"--size {' '.join(map(str, size))}: expected one side or H W, multiples of "
-            f"2**num_downs = {step}"
+            f"--size {' '.join(map(str, size))}: expected H W, multiples of 2**num_downs = {step}"
         )
     return (size[0], size[-1])
 
