@@ -16,6 +16,7 @@ from released_files import released_layout
 
 from cenfusion import CenError
 from cenfusion.cli import main
+from cenfusion.data.taskonomy import check_domain_modes
 from cenfusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from cenfusion.engine.config import options_from_args
 from cenfusion.engine.launch import free_port, rank_env
@@ -294,9 +295,19 @@ def test_a_broken_view_is_found_before_training(data_root: Path, tmp_path: Path)
     first = (root / "val.txt").read_text().splitlines()[0].strip()
     broken = root / first.replace("{domain}", "edge_texture")
     broken.write_bytes(broken.read_bytes()[:300])
-    with pytest.raises(CenError, match=f"^cannot read image {broken.relative_to(root)}"):
+    with pytest.raises(CenError, match=f"^{root}: cannot read image {broken.relative_to(root)}"):
         train(tiny(root, tmp_path, "broken"))
     assert not (tmp_path / "broken").exists()
+    # a view of the wrong bit depth for its domain, found from its header before training
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(broken)
+    eight_bit = f"^{broken}: edge_texture must be a 16-bit single-channel PNG, got L$"
+    with pytest.raises(CenError, match=eight_bit):
+        train(tiny(root, tmp_path, "broken"))
+    assert not (tmp_path / "broken").exists()
+    shading = root / first.replace("{domain}", "reshading")
+    Image.fromarray(np.zeros((40, 40), np.uint16)).save(shading)
+    with pytest.raises(CenError, match=f"^{shading}: reshading must be an 8-bit image, got I;16"):
+        check_domain_modes([(shading, "reshading")])
 
 
 def test_validation_views_that_are_training_views_are_warned_of(

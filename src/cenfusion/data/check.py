@@ -466,7 +466,7 @@ def check_root_images(
     for path in tqdm(paths, desc="data check", unit="file", disable=not show):
         found = checker._lookup(path, "rgb")
         if isinstance(found, str):
-            checker.problems.append(found)
+            checker.problems.append(f"{root}: {found}")
     cache.save()
     _raise_problems(checker.problems, max_problems, report)
 

@@ -60,6 +60,7 @@ __all__ = [
     "DOMAINS",
     "KNOWN_DOMAINS",
     "TaskonomyDataset",
+    "check_domain_modes",
     "decode_domain",
     "decode_domain_8bit",
     "domain_file",
@@ -221,6 +222,29 @@ def decode_domain_8bit(values: np.ndarray, domain: str, where: str = "image") ->
     if image.ndim == 3 and image.shape[-1] == 3:
         return image
     raise CenError(f"{where}: {domain} image of shape {array.shape} is neither grey nor RGB")
+
+
+#: PIL modes of the images each kind of domain may be stored as.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+EIGHT_BIT_MODES = ("L", "RGB", "P", "RGBA", "LA", "CMYK", "YCbCr")
+
+
+def check_domain_modes(files: Sequence[tuple[Path, str]]) -> None:
+    """Refuse, from their headers alone, files whose storage their domain cannot be decoded
+    from (:func:`decode_domain_8bit`'s rules): a wrong file must not surface at the first
+    validation, epochs into a run. ``files``: ``(path, domain)`` pairs."""
+    odd = []
+    for path, domain in files:
+        with Image.open(path) as image:
+            mode = image.mode
+        if domain in EDGE_MAXIMA or domain in DEPTH_DOMAINS:
+            if mode not in SIXTEEN_BIT_MODES:
+                odd.append(f"{path}: {domain} must be a 16-bit single-channel PNG, got {mode}")
+        elif domain not in SEGMENT_DOMAINS and mode not in EIGHT_BIT_MODES:
+            odd.append(f"{path}: {domain} must be an 8-bit image, got {mode}")
+    if odd:
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise CenError(odd[0] + more)
 
 
 def to_tensor(image: np.ndarray) -> Tensor:

@@ -6,7 +6,12 @@ import torch
 
 from cenfusion.data.check import check_root_images
 from cenfusion.data.synthetic_taskonomy import ensure_synthetic_taskonomy
-from cenfusion.data.taskonomy import TaskonomyDataset, domain_file, view_name
+from cenfusion.data.taskonomy import (
+    TaskonomyDataset,
+    check_domain_modes,
+    domain_file,
+    view_name,
+)
 from cenfusion.engine.distributed import on_main
 from cenfusion.engine.run import log
 from cenfusion.errors import CenError
@@ -48,8 +53,9 @@ def datasets(
         )
     views = [view for part in (train_set, val_set) if part is not None for view in part.views]
     domains = [*val_set.inputs, val_set.target]
-    files = [val_set.root / domain_file(d, v) for v in dict.fromkeys(views) for d in domains]
-    check_root_images(val_set.root, files, progress=not cfg.quiet, report=log.info)
+    pairs = [(val_set.root / domain_file(d, v), d) for v in dict.fromkeys(views) for d in domains]
+    check_root_images(val_set.root, [f for f, _ in pairs], progress=not cfg.quiet, report=log.info)
+    check_domain_modes(pairs)
     return train_set, val_set
 
 
