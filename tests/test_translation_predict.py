@@ -148,7 +148,7 @@ def test_sizes_other_than_the_run_s(i2i_data: Path, generator, tmp_path: Path) -
 
 
 def test_refusals_come_before_anything_is_written(
-    i2i_data: Path, generator, tmp_path: Path
+    i2i_data: Path, generator, tmp_path: Path, capsys
 ) -> None:
     checkpoint = _save(tmp_path / "g.pth", generator, eval_dropout=False)
     out = tmp_path / "out"
@@ -172,6 +172,12 @@ def test_refusals_come_before_anything_is_written(
     last.write_bytes(b"not a png")
     with pytest.raises(CenError, match=f"cannot read image {last}"):
         translate(checkpoint, [broken], out, runtime=CPU)
+    first = min((broken / "reshading").iterdir())
+    first.write_bytes(b"not a png either")
+    with pytest.raises(CenError, match=r"\(1 of 2 problems\)$"):  # each said, not the first
+        translate(checkpoint, [broken], out, runtime=CPU)
+    said = capsys.readouterr().err
+    assert f"cannot read image {first}" in said and f"cannot read image {last}" in said
     for options, message in (
         ({"runtime": RuntimeConfig(device="cpu", threads=-3)}, "--threads -3: expected >= 1"),
         ({"seed": 2**64}, f"--seed {2**64}: expected 0 to"),

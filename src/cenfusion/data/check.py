@@ -351,7 +351,7 @@ def check_dataset(
     bar.close()
     depth_bits = _check_depth_bits(checker.problems, checker.depth_files, allow_mixed_depth)
     cache.save()
-    _raise_problems(checker.problems, max_problems, report)
+    raise_problems(checker.problems, max_problems, report)
     _say_shared_samples(lists, report or _to_stderr)
     labels = tuple(sorted(checker.labels))
     return CheckReport(samples, len(checker.seen), checker.read, depth_bits, labels)
@@ -431,9 +431,11 @@ def _say_shared_samples(lists: list[tuple[Path, list[str]]], say: Callable[[str]
                 )
 
 
-def _raise_problems(
+def raise_problems(
     problems: list[str], max_problems: int, report: Callable[[str], None] | None
 ) -> None:
+    """Raise the first of ``problems`` as one :class:`CenError` line, each of several said
+    first (``report``, else stderr) up to ``max_problems``."""
     if not problems:
         return
     if len(problems) == 1:
@@ -468,7 +470,7 @@ def check_root_images(
         if isinstance(found, str):
             checker.problems.append(f"{root}: {found}")
     cache.save()
-    _raise_problems(checker.problems, max_problems, report)
+    raise_problems(checker.problems, max_problems, report)
 
 
 def check_images(
@@ -493,4 +495,4 @@ def check_images(
             decode_image(path, kind)
         except CenError as err:
             problems.append(str(err))
-    _raise_problems(problems, max_problems, report)
+    raise_problems(problems, max_problems, report)

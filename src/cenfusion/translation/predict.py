@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from cenfusion.data.check import MAX_PROBLEMS, raise_problems
 from cenfusion.data.own_images import (
     Sample,
     check_output_folder,
@@ -153,9 +154,14 @@ def translate(
     order = [given.index(d) for d in (loaded.inputs or given)]
     check_output_names(samples, [f"from_{d}" for d in given] if heads else [], files="{}.png")
     trained = [given[i] for i in order]
+    problems = []
     for sample in samples:
         for path, domain in zip(sample.paths, given):
-            read_domain_8bit(path, domain)
+            try:
+                read_domain_8bit(path, domain)
+            except CenError as err:
+                problems.append(str(err))
+    raise_problems(problems, MAX_PROBLEMS, None)
     dropout = loaded.dropout if dropout is None else dropout
     names = [*(f"from_{d}" for d in trained), None] if heads else [None]
     planned = [out / f"{_file_stem(s.stem, name)}.png" for s in samples for name in names]
