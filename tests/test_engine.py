@@ -714,7 +714,7 @@ def test_a_run_still_before_its_first_checkpoint_names_its_process(tmp_path: Pat
     """With no checkpoint yet, "nothing to resume" or "already holds a run; --resume
     continues it" would be wrong advice while the run goes on in another process."""
     from cenfusion.engine.files import FolderLock
-    from cenfusion.engine.run import LAST, RunFolder, resume_path
+    from cenfusion.engine.run import LAST, resume_path
 
     run = tmp_path / "runs" / "run"
     run.mkdir(parents=True)
@@ -730,14 +730,14 @@ def test_a_run_still_before_its_first_checkpoint_names_its_process(tmp_path: Pat
         with pytest.raises(CenError, match=busy):
             resume_path(Path(LAST), run)
         with pytest.raises(CenError, match=busy):
-            RunFolder.check_claim(run, resuming=False, force=False)
+            FolderLock.refuse_if_held(run)
     finally:
         other.kill()
         other.wait()
     with pytest.raises(CenError, match="^--resume: nothing to resume, .* stopped before"):
         resume_path(Path(LAST), run)
     with FolderLock(run):  # this process's own lock is no other's
-        assert RunFolder.check_claim(run, resuming=True, force=False)
+        FolderLock.refuse_if_held(run)
     FolderLock(run).release()  # the probes took no lock
 
 

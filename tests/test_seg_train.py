@@ -570,6 +570,8 @@ def test_a_run_another_process_writes_is_refused(data_root, tmp_path) -> None:
         busy = rf"^{cfg.run_dir} is in use by another cen process \(pid {other.pid}\)"
         with pytest.raises(CenError, match=busy):
             train(replace(cfg, epochs=(2,)), resume=cfg.run_dir / "last.pth")
+        with pytest.raises(CenError, match=busy):  # not "already holds a run; --resume ..."
+            train(replace(cfg, epochs=(2,)))
         with pytest.raises(CenError, match=busy):
             evaluate(SEGMENTATION, cfg)
         with pytest.raises(CenError, match=busy):  # cen seg eval -c EXP adds to the run too

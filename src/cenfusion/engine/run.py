@@ -270,10 +270,8 @@ class RunFolder:
 
     @staticmethod
     def check_claim(path: Path, resuming: bool, force: bool) -> bool:
-        """Whether ``path`` holds a run, after refusing one that another process holds, or
-        that neither ``resuming`` nor ``force`` may take; writes nothing, so a run checks it
-        before its slow set-up."""
-        FolderLock.refuse_if_held(path)
+        """Whether ``path`` holds a run, after refusing one that neither ``resuming`` nor
+        ``force`` may take; writes nothing, so a run checks it before its slow set-up."""
         kept = holds_run(path)
         if kept and not resuming and not force:
             raise CenError(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cenfusion.engine.checkpoint import load_checkpoint, saved_config
+from cenfusion.engine.files import FolderLock
 from cenfusion.engine.run import (
     BEST,
     LAST,
@@ -42,6 +43,8 @@ def train(task: Task, cfg: Any, resume: Path | None = None, force: bool = False)
             )
         if continuing:
             refuse_foreign_checkpoint(cfg.run_dir, Path(where), "continuing it")
+        if ctx.dist.is_main:  # under DDP the main rank may hold it already: it alone probes
+            FolderLock.refuse_if_held(cfg.run_dir)
         RunFolder.check_claim(cfg.run_dir, continuing, force)
         recipe = task.build_recipe(cfg, ctx, state, where, True)
         done, end = (int(state["epoch"]) if continuing else 0), recipe.num_epochs()
