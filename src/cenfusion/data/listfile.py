@@ -181,16 +181,21 @@ def read_list_file(path: Path) -> list[str]:
         raise CenError(f"list file {path} is a folder, expected a text file of samples")
     if not path.is_file():
         raise CenError(f"list file {path} does not exist")
+    lines = read_utf8(path, "list file ").splitlines()
+    return ["" if line.lstrip().startswith("#") else line for line in lines]
+
+
+def read_utf8(path: Path, what: str = "") -> str:
+    """``path``'s UTF-8 text (a byte-order mark dropped); a byte that is not UTF-8 is one
+    :class:`CenError` line naming ``what`` (e.g. ``"list file "``), the file and its line."""
     data = path.read_bytes()
     try:
-        lines = data.decode("utf-8-sig").splitlines()
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise CenError(
-            f"list file {path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
-            "it as UTF-8"
+            f"{what}{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8"
         ) from None
-    return ["" if line.lstrip().startswith("#") else line for line in lines]
 
 
 def split_line(line: str) -> list[str]:

@@ -21,6 +21,11 @@ class Sample:
     paths: tuple[Path, ...]
 
 
+def _stem(path: Path, ending: str) -> str:
+    """``path``'s stem without ``ending`` (kept whole where nothing else would be left)."""
+    return path.stem.removesuffix(ending) or path.stem
+
+
 def _image_files(folder: Path, ending: str) -> dict[str, Path]:
     """``{stem: path}`` of the images in ``folder`` (hidden files left out), ``ending`` cut
     from the stems that end with it; two files with one stem are an error."""
@@ -29,7 +34,7 @@ def _image_files(folder: Path, ending: str) -> dict[str, Path]:
         hidden = path.name.startswith(".")
         if hidden or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        stem = path.stem.removesuffix(ending) or path.stem
+        stem = _stem(path, ending)
         if stem in files:
             raise CenError(
                 f"{folder}: two images named {stem} ({files[stem].name}, {path.name}); keep one"
@@ -93,8 +98,7 @@ def collect_samples(
         if all(p.is_dir() for p in paths):
             samples += pair_folders(paths, names, endings)
         elif all(p.is_file() for p in paths):
-            stem = paths[0].stem.removesuffix(endings[0]) if endings else paths[0].stem
-            samples.append(Sample(stem or paths[0].stem, tuple(paths)))
+            samples.append(Sample(_stem(paths[0], endings[0] if endings else ""), tuple(paths)))
         else:
             raise CenError(f"{', '.join(map(str, paths))}: give files or folders, not both")
     return samples

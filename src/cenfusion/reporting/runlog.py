@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cenfusion.data.listfile import read_utf8
 from cenfusion.engine.files import atomic_write
 from cenfusion.engine.run import CONFIG, CONFUSION, METRICS
 from cenfusion.errors import CenError
@@ -251,7 +252,7 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
     config: dict[str, Any] = {}
     config_text = ""
     if config_path.is_file():
-        config_text = _text(config_path)
+        config_text = read_utf8(config_path)
         try:
             loaded = yaml.safe_load(config_text)
         except yaml.YAMLError as err:
@@ -261,7 +262,7 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
         config = loaded or {}
     by_key: dict[tuple[float, float], dict[str, Any]] = {}
     evaluations: list[dict[str, Any]] = []
-    texts = [line + "\n" for line in _text(metrics_path).split("\n")]
+    texts = [line + "\n" for line in read_utf8(metrics_path).split("\n")]
     texts[-1] = texts[-1][:-1]  # the text after the last newline, if any
     for number, text in enumerate(texts, 1):
         if not text.strip():
@@ -286,16 +287,6 @@ def read_run(run_dir: str | Path, kind: RunKind | None = None) -> RunLog:
         for rank, line in enumerate(epochs)
     ]
     return RunLog(run_dir, config, config_text, epochs, xs, evaluations, kind or RunKind())
-
-
-def _text(path: Path) -> str:
-    """``path``'s UTF-8 text; a file that is not UTF-8 is one line naming it."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise CenError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x})") from None
 
 
 def save_confusion(run_dir: str | Path, matrices: Mapping[str, Any]) -> Path:

@@ -100,9 +100,9 @@ def _network_size(
     return (size[0], size[-1])
 
 
-def load_views(sample: Sample, domains: Sequence[str], size: tuple[int, int]) -> Tensor:
-    """The sample's views ``(M, 3, H, W)`` in ``[-1, 1]``, decoded as in validation."""
-    images = [read_domain_8bit(p, d) for p, d in zip(sample.paths, domains)]
+def load_views(paths: Sequence[Path], domains: Sequence[str], size: tuple[int, int]) -> Tensor:
+    """One sample's views ``(M, 3, H, W)`` in ``[-1, 1]``, decoded as in validation."""
+    images = [read_domain_8bit(p, d) for p, d in zip(paths, domains)]
     return torch.stack([to_tensor(resize_8bit(im, size)) for im in images])
 
 
@@ -172,8 +172,7 @@ def translate(
     use_dropout(model, dropout)
 
     def load(sample: Sample) -> tuple[str, Tensor]:
-        paths = [sample.paths[i] for i in order]
-        return sample.stem, load_views(Sample(sample.stem, tuple(paths)), trained, shape)
+        return sample.stem, load_views([sample.paths[i] for i in order], trained, shape)
 
     with open_runtime(runtime) as opened, _seeded(seed, opened.device):
         out.mkdir(parents=True, exist_ok=True)
