@@ -148,8 +148,8 @@ SEG_ALIASES = {
 I2I_ALIASES = {
     "--gpu 1": ("gpu", [1]),
     "-c run2": ("exp", "run2"),
-    "-i 3 1 0": ("img_types", [3, 1, 0]),
-    "--img-types 3 1 0": ("img_types", [3, 1, 0]),
+    "-i 3 1 0": ("img_types", ["3", "1", "0"]),
+    "--img-types 3 normal 0": ("img_types", ["3", "normal", "0"]),
     "--num-epochs 7": ("epochs", 7),
     "--val-every 3": ("val_every", 3),
     "--lrG 0.1": ("lr_g", 0.1),

@@ -255,6 +255,7 @@ def run_cli(*argv: str) -> None:
         (["2", "0", "0"], "the target 0 .rgb. is also an input"),
         (["2", "0"], "at least two inputs"),
         (["5", "7", "0"], r"principal_curvature \(img-type 5\) missing on disk"),
+        (["reshading", "Rgb"], r"'Rgb' is not a domain \(0=rgb 1=normal"),
     ],
 )
 def test_wrong_img_types_give_one_line(
@@ -339,7 +340,7 @@ def test_cli_flags_override_saved_config_on_resume(
     data_root: Path, tmp_path: Path, i2i_argv
 ) -> None:
     flags = ["--epochs", "1", "--eval-every", "1", "--batch-size", "2", "--device", "cpu"]
-    run_cli(*i2i_argv(data_root, tmp_path, "cli", *flags, "--img-types", "2", "6", "0"))
+    run_cli(*i2i_argv(data_root, tmp_path, "cli", *flags, "--img-types", "reshading", "6", "rgb"))
     saved = TranslationConfig.from_yaml(tmp_path / "cli" / "config.yaml")
     assert saved.img_types == (2, 6, 0) and saved.resize_to == 36 and saved.fid is False
     run_cli("i2i", "train", "-c", "cli", "--runs", str(tmp_path), "--resume", "--epochs", "2")

@@ -67,10 +67,11 @@ def _flag_type(annotation: Any) -> tuple[Any, int | str | None]:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _flag_type(inner[0])
+        # several types (``int | str``): the flag takes text, which the dataclass reads
+        return _flag_type(inner[0]) if len(inner) == 1 else (str, None)
     if origin is tuple:
         items = typing.get_args(annotation)
-        return items[0], "+" if items[-1] is Ellipsis else len(items)
+        return _flag_type(items[0])[0], "+" if items[-1] is Ellipsis else len(items)
     return annotation, None
 
 

@@ -20,22 +20,39 @@ _TABLE = " ".join(f"{i}={d}" for i, d in enumerate(DOMAINS))
 #: more than one pixel (24 -> 12 -> 6 -> 3 -> 2; 16 ends at 1x1).
 MIN_CROP = 24
 
-__all__ = ["TranslationConfig"]
+__all__ = ["TranslationConfig", "domain_index"]
+
+
+def domain_index(domain: int | str) -> int:
+    """An ``--img-types`` entry as its index: an index (``2``, ``"2"``) or a name
+    (``"reshading"``); the range is checked with the other settings."""
+    if isinstance(domain, int):
+        return domain
+    text = str(domain)
+    if text.isascii() and text.removeprefix("-").isdigit():
+        return int(text)
+    if text in DOMAINS:
+        return DOMAINS.index(text)
+    raise CenError(f"--img-types: {text!r} is not a domain ({_TABLE})")
 
 
 @dataclass(frozen=True)
 class TranslationConfig(RunConfig):
     """One translation run (defaults: the released recipe, shading + texture -> RGB).
 
-    ``img_types``: Taskonomy domain indices, the inputs (at least two) then the target.
+    ``img_types``: Taskonomy domain indices (names given are read as their index), the inputs
+    (at least two) then the target.
     ``data``: a Taskonomy root, or None for the embedded synthetic set (generated into the
     cache on first use). ``load_size`` None means ``crop_size * 286 / 256`` (pix2pix).
     """
 
     exp: str = setting("cen_i2i", "experiment name: the run folder RUNS/EXP", aliases=("-c",))
     seed: int = setting(1, "random seed", aliases=("--random-seed",))
-    img_types: tuple[int, ...] = setting(
-        (2, 7, 0), f"input domains then the target; {_TABLE}", aliases=("-i",), metavar="T"
+    img_types: tuple[int | str, ...] = setting(
+        (2, 7, 0),
+        f"input domains then the target, by index or name; {_TABLE}",
+        aliases=("-i",),
+        metavar="T",
     )
     epochs: int = setting(300, "training epochs", aliases=("--num-epochs",))
     crop_size: int = setting(256, "training crop and validation side", aliases=("--size",))
@@ -64,7 +81,7 @@ class TranslationConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "img_types", tuple(int(t) for t in self.img_types))
+        object.__setattr__(self, "img_types", tuple(map(domain_index, self.img_types)))
 
     @property
     def resize_to(self) -> int:
