@@ -416,6 +416,7 @@ def test_model_info_from_a_real_checkpoint(seg_checkpoint) -> None:
     assert 0.2 < info.exchange_overall < 0.8
     assert info.progress == "4 of 5 epochs done; best ensemble mIoU 12.50"
     lines = format_model_info(info)
+    assert info.target is None and not any(line.startswith("target") for line in lines)
     assert info.classes == SYNTHETIC_CLASSES
     assert f"classes ({len(SYNTHETIC_CLASSES)}): {', '.join(SYNTHETIC_CLASSES)}" in lines
     assert sum(line.strip().startswith("encoder.layer") for line in lines) == len(stats.per_point)
@@ -425,6 +426,7 @@ def test_model_info_of_a_translation_run_and_an_encoder_depth(i2i_run) -> None:
     info = info_from_checkpoint(i2i_run / "last.pth")
     assert info.task == "translation" and info.input_size == (32, 32)
     assert info.modalities == ("reshading", "edge_texture") and info.classes == ()
+    assert info.target == "rgb" and "target: rgb" in format_model_info(info)
     assert [p.name for p in info.exchange_points] == ["down.1.norm", "down.2.norm", "down.3.norm"]
     unet = create_cen_unet(num_downs=5, ngf=4).train()
     assert count_flops(unet, 2, (32, 32)) == info.flops and unet.training

@@ -52,7 +52,8 @@ class ExchangePointInfo:
 class ModelInfo:
     """A summary of a CEN model. ``flops``: one forward pass of every modality at
     ``input_size`` (batch 1 per modality); ``classes``: class names (empty for translation);
-    ``progress``: where the checkpoint's training stood, if it says."""
+    ``progress``: where the checkpoint's training stood, if it says; ``target``: the domain
+    a translation model outputs, if known."""
 
     source: str
     task: str
@@ -66,6 +67,7 @@ class ModelInfo:
     exchange_points: tuple[ExchangePointInfo, ...]
     exchange_overall: float
     progress: str | None = None
+    target: str | None = None
 
 
 def count_flops(model: nn.Module, num_modalities: int, size: tuple[int, int]) -> int:
@@ -100,6 +102,7 @@ def model_info(
     task: str = "segmentation",
     source: str = "",
     progress: str | None = None,
+    target: str | None = None,
 ) -> ModelInfo:
     """Summarise ``model`` (any CEN network taking ``(M*B, 3, H, W)``) at input ``size``."""
     num_modalities = int(getattr(model, "num_modalities", 0)) or max(
@@ -127,6 +130,7 @@ def model_info(
         exchange_points=points,
         exchange_overall=float(record["overall"]),
         progress=progress,
+        target=target,
     )
 
 
@@ -185,6 +189,7 @@ def info_from_checkpoint(path: str | Path, size: tuple[int, int] | int | None = 
         task.name,
         str(path),
         summary.progress,
+        summary.target,
     )
 
 
@@ -236,6 +241,8 @@ def format_model_info(info: ModelInfo) -> list[str]:
         f"FLOPs: {_si(info.flops)}, {inputs}",
         f"modalities: {', '.join(info.modalities)}",
     ]
+    if info.target:
+        lines.append(f"target: {info.target}")
     if info.classes:
         shown = ", ".join(info.classes[:MAX_CLASSES_SHOWN])
         more = ", ..." if len(info.classes) > MAX_CLASSES_SHOWN else ""

@@ -35,13 +35,15 @@ KEPT_FOR_SCORING = "an evaluation scores the checkpoint's model as it is"
 class ModelSummary:
     """What ``cen info`` reads from a task's checkpoint: the model with its weights, the names
     of its modalities and classes (empty where they do not apply), the input size its FLOPs
-    are counted at, and how far its training went (None when the checkpoint does not say)."""
+    are counted at, how far its training went (None when the checkpoint does not say) and
+    what a translation model outputs (None for segmentation)."""
 
     model: nn.Module
     modalities: Sequence[str]
     classes: Sequence[str]
     default_size: tuple[int, int]
     progress: str | None
+    target: str | None = None
 
 
 @dataclass(frozen=True)

@@ -80,14 +80,16 @@ def _check_checkpoint(
 
 
 def summarize(state: dict[str, Any], where: str) -> ModelSummary:
-    """The checkpoint's generator, its input domains, and the epoch it was saved at."""
+    """The checkpoint's generator, its input and target domains, and the epoch it was saved
+    at."""
     model = generator_from_record(state, where)
     config = state.get("config") or {}
-    types = config.get("img_types", [])
-    modalities = [DOMAINS[t] for t in types[:-1] if 0 <= t < len(DOMAINS)]
+    names = [DOMAINS[t] if 0 <= t < len(DOMAINS) else None for t in config.get("img_types", [])]
+    modalities = [n for n in names[:-1] if n is not None]
     side = int(config.get("crop_size", INFO_SIDE))
     progress = f"epoch {state['epoch']}" if "epoch" in state else None
-    return ModelSummary(model, modalities, (), (side, side), progress)
+    target = names[-1] if names else None
+    return ModelSummary(model, modalities, (), (side, side), progress, target)
 
 
 def head_names(config: Mapping[str, Any], count: int) -> list[str] | None:
