@@ -30,6 +30,7 @@ from cenfusion.engine.config import (
     flag_name,
     given_flags,
     options_from_args,
+    replace_config,
 )
 from cenfusion.engine.files import atomic_write
 from cenfusion.engine.launch import free_port, rank_env
@@ -178,6 +179,23 @@ def test_released_flag_spellings(command, cls, line, expected) -> None:
     args = build_parser().parse_args([*command, *line.split()])
     name, value = expected
     assert given_flags(cls, args) == {name: value}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["seg", "train", "--data", ""],
+        ["seg", "predict", "ckpt.pth", "--rgb", "a.png", "--depth", "b.png", "-o", ""],
+        ["i2i", "predict", "ckpt.pth", "x/", "--out", ""],
+        ["export", "onnx", "ckpt.pth", ""],
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "expected a path, got an empty one" in capsys.readouterr().err
+    with pytest.raises(CenError, match="flags: runs: expected a path, got ''"):
+        replace_config(SegmentationConfig(), {"runs": ""})
 
 
 @pytest.mark.parametrize("task", [SEGMENTATION, TRANSLATION])

@@ -78,6 +78,17 @@ def _flag_type(annotation: Any) -> tuple[Any, int | str | None]:
 _EXPLICIT_NONE = "<none>"
 
 
+def _path(text: str) -> Path:
+    """A path flag's value; an empty one (an unset shell variable) would mean the current
+    folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return Path(text)
+
+
+_PARSERS: dict[Any, Any] = {Path: _path}
+
+
 def _none_or(kind: Any) -> Any:
     def parse(text: str) -> Any:
         return _EXPLICIT_NONE if text.lower() == "none" else kind(text)
@@ -142,9 +153,10 @@ def add_config_flags(
                 options["action"] = "extend"
             if meta["bare"] is not None:
                 nargs, options["const"] = "?", meta["bare"]
+            parse = _PARSERS.get(kind, kind)
             action = parser.add_argument(
                 *names,
-                type=_none_or(kind) if optional else kind,
+                type=_none_or(parse) if optional else parse,
                 nargs=nargs,
                 choices=meta["choices"],
                 metavar=meta["metavar"]
@@ -241,7 +253,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if annotation is Path:
-        if not isinstance(value, (str, Path)):
+        if not isinstance(value, (str, Path)) or value == "":
             raise CenError(f"{where}: expected a path, got {value!r}")
         return Path(value)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
