@@ -131,10 +131,6 @@ def test_another_family_trains_with_its_own_exchange_points(data_root, tmp_path)
     assert len(names) >= 8
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("interrupt_at", [1, 2])
 def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interrupt_at) -> None:
     full = train(tiny(data_root, tmp_path / "full"))
@@ -144,17 +140,19 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, monkeypatch, interru
 
     def stop_after(self, epoch):
         if epoch > interrupt_at:
-            raise Interrupt
+            raise KeyboardInterrupt
         return real_begin(self, epoch)
 
     cfg = tiny(data_root, tmp_path / "cut")
     monkeypatch.setattr(SegmentationRecipe, "begin_epoch", stop_after)
-    with pytest.raises(Interrupt):
+    with pytest.raises(KeyboardInterrupt):
         train(cfg)
     monkeypatch.setattr(SegmentationRecipe, "begin_epoch", real_begin)
     last = tmp_path / "cut" / "cen" / "last.pth"
     stopped = load_checkpoint(last)
     assert (stopped["stage"], stopped["epoch"]) == (0, interrupt_at)
+    said = f"interrupted in epoch {interrupt_at + 1} of 3; last.pth holds epoch {interrupt_at}"
+    assert f"{said}, --resume continues" in (last.parent / "log.txt").read_text()
 
     resumed = train(resolved(last), resume=last)
     got = load_checkpoint(last)

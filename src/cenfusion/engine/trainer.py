@@ -388,6 +388,7 @@ def fit(
     if after_validation is not None and folder.is_main:
         reports = BackgroundCalls(after_validation, "drawing the run's reports")
     total = recipe.num_epochs()
+    done = start
     try:
         for epoch in range(start + 1, total + 1):
             record: dict[str, Any] = {"epoch": epoch}
@@ -412,9 +413,14 @@ def fit(
                     save_checkpoint(folder.path / BEST, state)
             if folder.is_main:
                 save_checkpoint(folder.path / LAST, state)
+            done = epoch
             log.info(recipe.describe(record), extra={EPOCH_RECORD: record})
         if reports is not None:
             reports.finish()
+    except KeyboardInterrupt:
+        saved = f"{LAST} holds epoch {done}, --resume continues" if done else "no checkpoint yet"
+        log.info(f"interrupted in epoch {done + 1} of {total}; {saved}")
+        raise
     finally:
         scalars.close()
         if reports is not None:
