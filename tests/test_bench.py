@@ -26,9 +26,9 @@ def no_floor(monkeypatch) -> None:
 
 def test_segmentation_rows_side_by_side(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    argv = ["bench", "--enc", "50", "--size", "32", "32", "--modes", "infer", "train"]
+    argv = ["bench", "--enc", "50", "--size", "32", "32", "--modes", "infer", "train", "infer"]
     argv += ["--train-size", "64", "64", "--train-batch", "2", "--precisions", "fp32", "bf16"]
-    argv += ["--runs", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
+    argv += ["fp32", "--runs", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())

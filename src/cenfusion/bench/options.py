@@ -53,6 +53,10 @@ class BenchOptions:
         "the share of its time the device was busy (the rest: waiting for the host)",
     )
 
+    def __post_init__(self) -> None:
+        for name in ("modes", "precisions"):  # a value given twice is one row
+            object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
+
     def validate(self, device: str) -> None:
         """Raise :class:`CenError` (one line) for options that cannot run, before any row
         does (a file for --json or --profile must be writable at the end)."""
