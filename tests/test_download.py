@@ -26,6 +26,7 @@ class FileServer:
     files: dict[str, bytes] = field(default_factory=dict)
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a cut
     ignore_range: bool = False
+    etags: bool = False  # send each file's ETag (no If-Range: a server that ignores it)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -54,6 +55,8 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             else:
                 self.send_response(200)
+            if state.etags:
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
             cut = state.cut_after.pop(self.path, None)
@@ -150,22 +153,63 @@ def test_cut_connection_leaves_part_that_a_later_call_resumes(
     assert server.requests[-1] == ("/big.bin", "bytes=123457-")
 
 
+def _cut(server: FileServer, path: str, body: bytes, after: int, dest: Path) -> Path:
+    """Leave ``dest``'s ``.part`` holding ``body[:after]``, as a transfer cut there does."""
+    server.files[path] = body
+    server.cut_after[path] = after
+    with pytest.raises(CenError):
+        download(f"{server.base}{path}", dest, retries=0, progress=False)
+    part = dest.with_name(dest.name + ".part")
+    assert part.read_bytes() == body[:after]
+    return part
+
+
 def test_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
     body = _payload(200_000, seed=3)
-    server.files["/a.bin"] = body
+    _cut(server, "/a.bin", body, 5000, tmp_path / "a.bin")
     server.ignore_range = True
-    (tmp_path / "a.bin.part").write_bytes(b"x" * 5000)
     download(f"{server.base}/a.bin", tmp_path / "a.bin", progress=False)
     assert (tmp_path / "a.bin").read_bytes() == body
-    assert server.requests == [("/a.bin", "bytes=5000-")]
+    assert server.requests[-1] == ("/a.bin", "bytes=5000-")
 
 
 def test_complete_part_file_is_finished_on_416(server: FileServer, tmp_path: Path) -> None:
     body = _payload(4000, seed=4)
-    server.files["/a.bin"] = body
-    (tmp_path / "a.bin.part").write_bytes(body)
+    part = _cut(server, "/a.bin", body, 1000, tmp_path / "a.bin")
+    with open(part, "ab") as f:
+        f.write(body[1000:])  # the last bytes came, the process ended before the rename
     download(f"{server.base}/a.bin", tmp_path / "a.bin", progress=False)
     assert (tmp_path / "a.bin").read_bytes() == body
+    assert server.requests[-1] == ("/a.bin", "bytes=4000-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_a_part_of_another_url_or_of_no_record_is_not_resumed(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """A user switching to a mirror that serves another version must not get a splice."""
+    dest = tmp_path / "d.mat"
+    _cut(server, "/old/d.mat", _payload(90_000, seed=6), 30_000, dest)
+    new = server.files["/new/d.mat"] = _payload(90_000, seed=7)
+    download(f"{server.base}/new/d.mat", dest, progress=False)
+    assert dest.read_bytes() == new and server.requests[-1] == ("/new/d.mat", None)
+    dest.unlink()
+    dest.with_name("d.mat.part").write_bytes(b"bytes of unknown origin")
+    assert download(f"{server.base}/new/d.mat", dest, progress=False).read_bytes() == new
+    assert server.requests[-1] == ("/new/d.mat", None)
+
+
+@pytest.mark.parametrize("same_length", [False, True])
+def test_a_part_whose_file_changed_on_the_server_starts_over(
+    server: FileServer, tmp_path: Path, same_length: bool
+) -> None:
+    server.etags = same_length  # another length tells without one; the same length needs it
+    dest = tmp_path / "a.bin"
+    _cut(server, "/a.bin", _payload(80_000, seed=8), 20_000, dest)
+    changed = server.files["/a.bin"] = _payload(80_000 if same_length else 85_000, seed=9)
+    download(f"{server.base}/a.bin", dest, progress=False)
+    assert dest.read_bytes() == changed
+    assert [r for _, r in server.requests[-2:]] == ["bytes=20000-", None]
 
 
 def test_checksum_mismatch_keeps_file_aside(server: FileServer, tmp_path: Path) -> None:

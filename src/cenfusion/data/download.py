@@ -4,8 +4,11 @@ A file is streamed to ``DEST.part`` next to its destination and renamed to ``DES
 it is complete (and its SHA-256 matches, when one is given, and it reads as the format it
 should have, when a check is given: a mirror's error page saved under a data file's name is
 removed, not kept). An interrupted transfer leaves the
-``.part`` file behind; the next attempt, in the same call or a later one, asks the server for
-the rest with an HTTP ``Range`` request and starts over when the server ignores it.
+``.part`` file behind, with a ``.part.source`` record of its URL and of the version the
+server gave (``ETag``, ``Last-Modified``, length); the next attempt, in the same call or a
+later one, asks the server for the rest with an HTTP ``Range`` request, and starts over when
+the server ignores it, when the ``.part`` was begun from another URL (another mirror) or
+without a record, and when the file on the server is no longer the version it began with.
 
 Example::
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import threading
@@ -180,6 +184,24 @@ def download_many(
                 raise
 
 
+def _source_record(part: Path) -> Path:
+    return part.with_name(part.name + ".source")
+
+
+def _read_source(part: Path) -> dict[str, object]:
+    """What ``part`` was begun from (empty when it has no readable record)."""
+    try:
+        record = json.loads(_source_record(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _drop_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _source_record(part).unlink(missing_ok=True)
+
+
 def _fetch(
     url: str,
     dest: Path,
@@ -201,6 +223,8 @@ def _fetch(
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if part.exists() and _read_source(part).get("url") != url:
+        _drop_part(part)  # begun from another mirror: its bytes may be of another file
     attempt = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
@@ -221,25 +245,33 @@ def _fetch(
         actual = sha256_file(part)
         if actual != expected:
             os.replace(part, bad)
+            _drop_part(part)
             raise CenError(
                 f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
                 f"the file was kept as {bad}"
             )
     problem = check(part) if check is not None else None
     if problem is not None:
-        part.unlink()
+        _drop_part(part)
         raise CenError(
             f"{url}: the file it gave {problem}; removed, so a rerun fetches it again; {advice}"
         )
     os.replace(part, dest)
+    _drop_part(part)
     return dest
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | None:
-    """Open ``url`` from byte ``offset``; None when the server says the part is already whole."""
+def _open(
+    url: str, offset: int, timeout: float, version: str | None = None
+) -> http.client.HTTPResponse | None:
+    """Open ``url`` from byte ``offset``; None when the server says the part is already whole.
+    ``version``: the part's ``ETag`` or ``Last-Modified``, so that a server that knows the
+    file changed sends it whole (``If-Range``)."""
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if version:
+            headers["If-Range"] = version
     try:
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -264,7 +296,8 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | N
 def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or rewrite it when not resumable)."""
     offset = part.stat().st_size if part.exists() else 0
-    response = _open(url, offset, timeout)
+    began = _read_source(part) if offset else {}
+    response = _open(url, offset, timeout, _version(began))
     if response is None:
         bar.adjust(offset, offset)
         return
@@ -274,15 +307,27 @@ def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
         if offset and response.status == 206:
             span = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
             if span is None or int(span[1]) != offset:
-                part.unlink()
+                _drop_part(part)
                 raise _TransferError(
                     f"server answered a resume from byte {offset} with an unexpected range; "
                     "starting over"
                 )
             start = offset
             total = int(span[3]) if span[3] != "*" else None
+            if _changed(began, total, response.headers.get("ETag")):
+                response.close()
+                _drop_part(part)
+                return _transfer(url, part, bar, timeout)
         if total is None and length is not None and length.isdigit():
             total = start + int(length)
+        if not start:
+            record = {
+                "url": url,
+                "etag": response.headers.get("ETag"),
+                "last_modified": response.headers.get("Last-Modified"),
+                "length": total,
+            }
+            _source_record(part).write_text(json.dumps(record), encoding="utf-8")
         reported_total = total or 0
         bar.adjust(start, reported_total)
         received = start
@@ -299,6 +344,22 @@ def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
             raise
         if total is None:
             bar.adjust(0, received)
+
+
+def _version(began: dict[str, object]) -> str | None:
+    """The part's ``If-Range`` validator: a strong ETag, else its Last-Modified date."""
+    etag, modified = began.get("etag"), began.get("last_modified")
+    if isinstance(etag, str) and not etag.startswith("W/"):
+        return etag
+    return modified if isinstance(modified, str) else None
+
+
+def _changed(began: dict[str, object], total: int | None, etag: str | None) -> bool:
+    """Whether the server's file is no longer the one the part was begun from."""
+    length = began.get("length")
+    if length is not None and total is not None and length != total:
+        return True
+    return bool(began.get("etag")) and etag is not None and etag != began["etag"]
 
 
 def _read(response: http.client.HTTPResponse) -> bytes:
