@@ -347,6 +347,32 @@ def test_prepare_fetches_only_requested_domains_and_split_views(
     assert float(dataset[0]["target"][0, 0, 0]) == pytest.approx(4 / 127.5 - 1)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"train.txt": "rgb/mine.png\tlabels/mine.png"}, "its train.txt is not the train split"),
+        ({"val.txt": domain_file("rgb", (5, 0)).replace("rgb", "{domain}")}, "val.txt is not"),
+        ({"cenfusion-synthetic-taskonomy.json": "{}"}, "holds cenfusion-synthetic-taskonomy"),
+        ({"notes/a.txt": "x"}, "holds notes, not of a Taskonomy download; give an empty"),
+    ],
+)
+def test_prepare_refuses_a_folder_of_other_content(
+    server: tuple[str, Path, list[str]], tmp_path: Path, content: dict[str, str], message: str
+) -> None:
+    """The download writes into its folder: another set's files would mix with its views,
+    and one's own list files would be written over."""
+    url, _, requests = server
+    out = tmp_path / "out"
+    for name, text in content.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    splits = {"train": [(1, 0)], "val": [(4, 0)]}
+    with pytest.raises(CenError, match=message):
+        prepare_taskonomy(out, ["rgb"], base_url=url, workers=1, progress=False, splits=splits)
+    assert requests == [] and {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_prepare_reports_missing_remote_file(
     server: tuple[str, Path, list[str]], tmp_path: Path
 ) -> None:
@@ -362,7 +388,7 @@ def test_prepare_reports_missing_remote_file(
         )
     assert "\n" not in str(info.value)
     assert str(info.value).endswith(
-        "; run again to resume an interrupted transfer, or --base-url MIRROR"
+        "; --base-url MIRROR for another copy (a rerun keeps the files already fetched)"
     )
 
 

@@ -255,7 +255,7 @@ def run_cli(*argv: str) -> None:
         (["2", "0", "0"], "the target 0 .rgb. is also an input"),
         (["2", "0"], "at least two inputs"),
         (["5", "7", "0"], r"principal_curvature \(img-type 5\) missing on disk"),
-        (["reshading", "Rgb"], r"'Rgb' is not a domain \(0=rgb 1=normal"),
+        (["reshading", "Rgb"], r"'Rgb' is not one of the translation domains \(0=rgb 1="),
     ],
 )
 def test_wrong_img_types_give_one_line(

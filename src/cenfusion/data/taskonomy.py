@@ -367,6 +367,32 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def _refuse_other_content(out: Path, splits: dict[str, Sequence[View]]) -> None:
+    """Refuse an ``out`` that holds anything but an earlier download of these splits: the
+    download writes into it (a rerun resumes, more domains join), so it would mix its views
+    with another set's files or write over one's own list files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CenError(f"{out}: a file, expected a folder (made if missing)")
+    advice = "give an empty folder, or an earlier download's to resume it or add domains"
+    for entry in sorted(out.iterdir()):
+        if entry.is_dir() and entry.name in KNOWN_DOMAINS:
+            continue
+        split = entry.name.removesuffix(".txt")
+        if entry.name.endswith(".txt") and split in splits:
+            try:
+                same = read_split_file(entry) == list(splits[split])
+            except (CenError, OSError, UnicodeDecodeError):
+                same = False
+            if same:
+                continue
+            raise CenError(
+                f"{out}: its {entry.name} is not the {split} split this download writes; {advice}"
+            )
+        raise CenError(f"{out}: holds {entry.name}, not of a Taskonomy download; {advice}")
+
+
 def prepare_taskonomy(
     out: str | Path,
     domains: Sequence[str | int] = ("reshading", "edge_texture", "rgb"),
@@ -381,7 +407,8 @@ def prepare_taskonomy(
     tens of GB across all domains; only what is asked for is fetched), ``workers`` at a time
     with :func:`~cenfusion.data.download.download_many`: files already present are skipped
     and interrupted ones resume; a file that is not an image (a mirror's error page) is
-    removed. Writes ``train.txt`` and ``val.txt`` at the end.
+    removed. Writes ``train.txt`` and ``val.txt`` at the end. ``out`` is empty or an
+    earlier download of the same splits (anything else is refused).
 
     ``splits`` (default: the released 1000/500 views) maps split names to views.
     """
@@ -390,6 +417,7 @@ def prepare_taskonomy(
     if not names:
         raise CenError("cen data taskonomy: name at least one domain with --domains")
     chosen = {s: load_split(s) for s in SPLITS} if splits is None else dict(splits)
+    _refuse_other_content(out, chosen)
     base = base_url.rstrip("/")
     items = [
         (f"{base}/{domain_file(domain, view)}", out / domain_file(domain, view))
@@ -397,7 +425,7 @@ def prepare_taskonomy(
         for views in chosen.values()
         for view in views
     ]
-    advice = "run again to resume an interrupted transfer, or --base-url MIRROR"
+    advice = "--base-url MIRROR for another copy (a rerun keeps the files already fetched)"
     download_many(items, workers=workers, progress=progress, advice=advice, check=image_problem)
     for split, views in chosen.items():
         write_split_file(out / f"{split}.txt", views)

@@ -33,7 +33,7 @@ def domain_index(domain: int | str) -> int:
         return int(text)
     if text in DOMAINS:
         return DOMAINS.index(text)
-    raise CenError(f"--img-types: {text!r} is not a domain ({_TABLE})")
+    raise CenError(f"--img-types: {text!r} is not one of the translation domains ({_TABLE})")
 
 
 @dataclass(frozen=True)
