@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import shutil
 import threading
 import zipfile
@@ -239,6 +241,25 @@ def test_truncated_zip_gives_error_and_no_output(tmp_path: Path) -> None:
     assert not out.exists() and _leftovers(tmp_path) == []
     assert not (tmp_path / "sunrgbd.work" / "SUNRGBD").exists()
     assert _leftovers(tmp_path / "sunrgbd.work") == []
+
+
+def test_a_full_disk_while_extracting_blames_the_folder_not_the_archive(
+    tmp_path: Path, monkeypatch
+) -> None:
+    _fabricate(tmp_path / "release")
+    _zip_trees(tmp_path / "release", tmp_path / "zips")
+
+    def full(self, member, path=None, pwd=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", full)
+    work = tmp_path / "sunrgbd.work"
+    with pytest.raises(CenError) as info:
+        prepare_sunrgbd(tmp_path / "sunrgbd", from_dir=tmp_path / "zips", progress=False)
+    assert str(info.value) == (
+        f"{work}: cannot extract SUNRGBD.zip there (No space left on device); the archive is kept"
+    )
+    assert _leftovers(work) == []
 
 
 def test_missing_image_gives_error_and_no_output(tmp_path: Path) -> None:

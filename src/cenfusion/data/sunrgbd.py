@@ -28,6 +28,7 @@ depth is ``<scene>/depth_bfx/<depthname>`` (or ``<scene>/depth/<depthname>`` for
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 import zipfile
@@ -192,14 +193,31 @@ def _extract(archive: Path, name: str, work: Path, progress: bool) -> Path:
                 zf.extract(member, tmp)
         (tmp / name).rename(target)
         source.write_text(origin)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+    except OSError as exc:
+        read = exc.filename is not None and Path(exc.filename) == archive
+        if read or exc.errno not in _WRITING_ERRORS:
+            raise _corrupt(archive, exc) from None
         raise CenError(
-            f"{archive}: cannot extract, the archive is truncated or corrupt; delete it and "
-            f"fetch it again ({one_line(exc)})"
+            f"{work}: cannot extract {archive.name} there ({exc.strerror}); the archive is kept"
         ) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise _corrupt(archive, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+#: Errors of the folder extracted into, not of the archive read.
+_WRITING_ERRORS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+)
+
+
+def _corrupt(archive: Path, exc: BaseException) -> CenError:
+    return CenError(
+        f"{archive}: cannot extract, the archive is truncated or corrupt; delete it and "
+        f"fetch it again ({one_line(exc)})"
+    )
 
 
 def _read_meta(path: Path) -> list[tuple[PurePosixPath, str]]:
