@@ -267,6 +267,30 @@ def test_released_folder_with_missing_file_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "nyudv2").exists()
 
 
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        ("masks", r"train\.txt:2: mask masks/000003\.png has label 200, expected 0\.\.39"),
+        ("depth", r"depth .*8-bit"),
+        ("rgb", r"val\.txt:1: rgb/000002\.png is 7x8, expected 6x8"),
+    ],
+)
+def test_released_folder_is_checked_whole_not_by_its_first_sample(
+    tmp_path: Path, spoil: str, message: str
+) -> None:
+    released = tmp_path / "released"
+    _released_folder(released)
+    if spoil == "masks":
+        Image.fromarray(np.full((6, 8), 200, np.uint8)).save(released / "masks" / "000003.png")
+    elif spoil == "depth":
+        Image.fromarray(np.full((6, 8), 9, np.uint8)).save(released / "depth" / "000002.png")
+    else:
+        Image.fromarray(np.zeros((7, 8, 3), np.uint8)).save(released / "rgb" / "000002.png")
+    with pytest.raises(CenError, match=message):
+        prepare_nyudv2(tmp_path / "nyudv2", from_dir=released, progress=False)
+    assert not (tmp_path / "nyudv2").exists()
+
+
 def test_released_folder_with_bad_line_is_refused(tmp_path: Path) -> None:
     released = tmp_path / "released"
     _released_folder(released)

@@ -42,9 +42,10 @@ import scipy.io
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cenfusion.data.check import check_dataset
 from cenfusion.data.class_names import NYU40_CLASSES
 from cenfusion.data.download import FROM_ADVICE, download, one_line
-from cenfusion.data.listfile import read_list_file, split_line
+from cenfusion.data.listfile import nyudv2_modalities, read_list_file, split_line
 from cenfusion.data.staging import output_folder, staging
 from cenfusion.errors import CenError
 
@@ -93,7 +94,8 @@ def prepare_nyudv2(
         out: output folder; returned untouched when it already holds a complete data set.
         from_dir: a folder with the three source files already downloaded, or a released
             preprocessed folder (``rgb/ depth/ masks/ train.txt val.txt``), which is
-            validated and hard-linked (copied across file systems) as it is. Without it the
+            checked whole (every file, size, bit depth and label, as ``cen data check``)
+            and hard-linked (copied across file systems) as it is. Without it the
             sources are downloaded into ``OUT.work`` beside ``out`` and kept there, so a
             rerun skips them.
         urls: download locations, used only without ``from_dir``.
@@ -112,6 +114,8 @@ def prepare_nyudv2(
             raise CenError(f"--from {from_dir}: not a folder")
         if all((from_dir / name).is_file() for name in LIST_FILES):
             check_layout(from_dir)
+            modalities = nyudv2_modalities()
+            check_dataset(from_dir, LIST_FILES, modalities, len(NYU40_CLASSES), progress=progress)
             with staging(out) as tmp:
                 _copy_layout(from_dir, tmp, progress)
             return out
@@ -329,7 +333,8 @@ def load_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
         data = scipy.io.loadmat(path, variable_names=list(names))
     except _MAT_ERRORS as exc:
         raise CenError(
-            f"{path}: not a readable MATLAB v5 file, possibly truncated ({one_line(exc)})"
+            f"{path}: not a readable MATLAB v5 file, possibly truncated; delete it and fetch it "
+            f"again ({one_line(exc)})"
         ) from None
     for name in names:
         if name not in data:
