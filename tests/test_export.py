@@ -67,6 +67,26 @@ def test_all_heads_dynamic_size_match_torch(model: CENRefineNet, tmp_path: Path)
     model.train()
 
 
+def test_a_backbone_of_padded_sizes_exports_a_graph_its_segmenter_pads_for(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = create_cen_refinenet(
+        backbone="dla46_c", num_classes=3, decoder_width=16, exchange_at="*.bn2"
+    ).eval()
+    for dynamic in (False, True):
+        with pytest.raises(CenError, match=r"--size 60 80: dla46_c takes sides in multiples of"):
+            export_onnx(net, tmp_path / "odd.onnx", height=60, width=80, dynamic=dynamic)
+    path = export_onnx(net, tmp_path / "d.onnx", height=64, width=64, dynamic=True)
+    segmenter = OnnxSegmenter(path)
+    assert segmenter.size_multiple == 32
+    for height, width in [(64, 96), (37, 81)]:
+        rgb, depth = inputs(1, height, width)
+        with torch.no_grad():
+            expected = net([rgb, depth])
+        got = segmenter([rgb, depth])
+        assert got.shape == expected.shape == (3, 1, 3, -(-height // 4), -(-width // 4))
+        assert (got - expected).abs().max() < TOLERANCE
+
+
 def test_ensemble_only_fixed_size(model: CENRefineNet, tmp_path: Path) -> None:
     path = export_onnx(model, tmp_path / "e.onnx", heads="ensemble", height=64, width=64)
     segmenter = OnnxSegmenter(path)

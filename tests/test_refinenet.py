@@ -57,6 +57,26 @@ def test_output_shapes_and_stacked_input(h: int, w: int) -> None:
         assert torch.equal(o, s)
 
 
+def test_a_backbone_that_needs_a_multiple_of_its_stride_takes_any_size_padded() -> None:
+    """DLA fuses branches of different strides: at 37x81 its own forward fails, so the
+    input is padded to 64x96 and the logits cropped to what the size gives."""
+    torch.manual_seed(0)
+    model = create_cen_refinenet(
+        backbone="dla46_c", num_classes=4, decoder_width=16, exchange_at="*.bn2"
+    ).eval()
+    assert model.size_multiple == 32
+    rgb, depth = torch.randn(2, 3, 37, 81), torch.randn(2, 3, 37, 81)
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad():
+        model.encoder(torch.cat([rgb, depth]))
+    with torch.no_grad():
+        got = model([rgb, depth])
+        padded = model([F.pad(x, (0, 96 - 81, 0, 64 - 37)) for x in (rgb, depth)])
+    assert got.shape == (3, 2, 4, 10, 21) and padded.shape == (3, 2, 4, 16, 24)
+    assert torch.equal(got, padded[..., :10, :21])
+    any_size = create_cen_refinenet(backbone="mobilenetv3_small_050", exchange_at="blocks.*")
+    assert any_size.size_multiple == 1 and create_model("cen_refinenet_r50").size_multiple == 1
+
+
 def test_wrong_modality_count_is_refused() -> None:
     model = create_cen_refinenet(backbone="resnet26", num_classes=3, num_modalities=2)
     with pytest.raises(ValueError, match="^expected 2 modalities, got 3$"):

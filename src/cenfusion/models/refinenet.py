@@ -10,6 +10,7 @@ follows the released system layer for layer
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -190,6 +191,11 @@ class CENRefineNet(nn.Module):
     ``forward(inputs)``: a list of ``M`` tensors ``(B, 3, H, W)`` or the stacked
     ``(M*B, 3, H, W)``; returns the stacked logits ``(M + 1, B, K, ceil(H/4), ceil(W/4))``,
     one head per modality in input order, the ensemble last.
+
+    ``size_multiple``: 1 when the encoder takes any input size (ResNet); else inputs are
+    padded with zeros at the bottom and right to a multiple of it, as mmsegmentation's
+    ``size_divisor``, and the logits cropped back (HRNet and DLA fuse branches of different
+    strides, TResNet folds space into channels: each refuses an odd side).
     """
 
     def __init__(self, config: CENRefineNetConfig, encoder: nn.Module | None = None) -> None:
@@ -197,6 +203,7 @@ class CENRefineNet(nn.Module):
         if encoder is None:
             encoder = create_encoder(config.backbone, levels=config.encoder_levels)
         self.config = replace(config, encoder_levels=tuple(encoder.feature_info.out_indices))
+        self.size_multiple = 1 if _ANY_SIZE.fullmatch(config.backbone) else size_multiple(encoder)
         self.encoder = convert(
             encoder, config.num_modalities, config.exchange_at, config.bn_threshold
         )
@@ -215,7 +222,14 @@ class CENRefineNet(nn.Module):
 
     def forward_stacked(self, x: Tensor) -> Tensor:
         """Stacked ``(M*B, 3, H, W)`` -> per-modality logits ``(M, B, K, h, w)``."""
-        return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
+        height, width = x.shape[-2:]
+        step = self.size_multiple
+        # a traced graph takes multiples of the step (the ONNX export's check), unpadded
+        if step == 1 or torch.jit.is_tracing() or not (height % step or width % step):
+            return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
+        padded = F.pad(x, (0, -width % step, 0, -height % step))
+        logits = self.decoder(self.encoder(padded))[..., : -(-height // 4), : -(-width // 4)]
+        return split_modalities(logits, self.num_modalities)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
         heads = self.forward_stacked(stack_modalities(inputs, self.num_modalities))
@@ -229,6 +243,31 @@ class CENRefineNet(nn.Module):
         """Decoder, classifier and ensemble weights (the higher learning rate group)."""
         encoder_ids = {id(p) for p in self.encoder.parameters()}
         return [p for p in self.parameters() if id(p) not in encoder_ids]
+
+
+#: An odd input side, which an encoder that needs a multiple of its stride refuses.
+_ODD_SIZE = (33, 47)
+#: Backbones known to take any size (timm's ResNets), spared the trial.
+_ANY_SIZE = re.compile(r"resnet\d+[a-z]?(_narrow)?")
+
+
+def size_multiple(encoder: nn.Module) -> int:
+    """1 when ``encoder`` (a timm feature backbone) runs on an odd input size, else its
+    largest feature stride. Tried once, in eval mode and without gradients, on the
+    encoder's device (a meta encoder computes nothing)."""
+    parameter = next(encoder.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            encoder(torch.zeros(1, 3, *_ODD_SIZE, device=device, dtype=dtype))
+    except (RuntimeError, ValueError, AssertionError):
+        return max(encoder.feature_info.reduction())
+    finally:
+        encoder.train(was_training)
+    return 1
 
 
 def create_encoder(

@@ -122,6 +122,12 @@ def export_onnx(
     """
     names = tuple(modalities or default_modality_names(model.num_modalities))
     _check_export_arguments(heads, height, width, opset, names, model.num_modalities)
+    step = model.size_multiple
+    if height % step or width % step:
+        raise CenError(
+            f"--size {height} {width}: {model.config.backbone} takes sides in multiples of "
+            f"{step}; export at such a size (with --dynamic the file pads other sizes)"
+        )
     out_path = Path(out_path)
     _check_out_path(out_path)
     onnx = require("onnx")
@@ -168,6 +174,7 @@ def export_onnx(
         "heads": heads,
         "num_classes": str(model.config.num_classes),
         "model_config": json.dumps(model.config.to_dict()),
+        "size_multiple": str(model.size_multiple),
     }
     if depth_scale is not None:
         metadata["depth_scale"] = repr(float(depth_scale))

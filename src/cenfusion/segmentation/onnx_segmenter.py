@@ -82,6 +82,8 @@ class OnnxSegmenter:
         self.kinds: tuple[str, ...] | None = None if kinds is None else tuple(json.loads(kinds))
         settings = meta.get(METADATA_PREFIX + "settings")
         self.settings: dict | None = None if settings is None else json.loads(settings)
+        #: Sides a free-size graph takes (its backbone's stride; 1: any): others are padded.
+        self.size_multiple = int(meta.get(METADATA_PREFIX + "size_multiple", "1"))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
 
@@ -127,8 +129,14 @@ class OnnxSegmenter:
         feed = dict(zip(self.modalities, arrays))
         for name, array in feed.items():
             self._check_shape(name, array.shape)
+        height, width = arrays[0].shape[-2:]
+        step = self.size_multiple
+        if self.fixed_size is None and (height % step or width % step):
+            pad = ((0, 0), (0, 0), (0, -height % step), (0, -width % step))
+            feed = {name: np.pad(array, pad) for name, array in feed.items()}
         outputs = self.session.run(None, feed)
-        return torch.from_numpy(np.stack(outputs)).to(device)
+        logits = np.stack(outputs)[..., : -(-height // 4), : -(-width // 4)]
+        return torch.from_numpy(np.ascontiguousarray(logits)).to(device)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Refuse, in one line, an input the graph was not exported for (onnxruntime's own
