@@ -12,7 +12,9 @@ import pickle
 import re
 
 #: The longest line an error may print (longer ones lose words from the middle).
-MAX_LINE = 199
+MAX_LINE = 299
+#: A URL with folders between its host and its last part.
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*://[^/\s]+)/[^\s]*(/[^/\s]+/?)$")
 
 
 class CenError(Exception):
@@ -25,10 +27,14 @@ class ForeignCheckpointError(CenError):
 
 def shorten(text: str, limit: int = 80) -> str:
     """``text`` on one line (whitespace collapsed), at most ``limit`` characters: a longer
-    one loses whole words from its middle, since its start names the culprit and its end
-    often the file or command to use, kept whole up to half the room; a word longer than
-    its room is cut."""
+    one first loses the middle folders of its URLs (``http://host/.../file.mat``: the host
+    and the file still say which), then whole words from its middle, since its start names
+    the culprit and its end often the file or command to use, kept whole up to half the
+    room; a word longer than its room is cut."""
     flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    flat = " ".join(_URL.sub(r"\1/...\2", word) for word in flat.split(" "))
     if len(flat) <= limit:
         return flat
     mark = " ... "

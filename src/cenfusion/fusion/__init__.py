@@ -19,6 +19,7 @@ from cenfusion.fusion.conversion import (
     RESNET_EXCHANGE_POINTS,
     ExchangePointsError,
     ExchangeSelector,
+    NoBatchNormError,
     convert,
 )
 from cenfusion.fusion.ensemble import AlphaEnsemble
@@ -45,6 +46,7 @@ __all__ = [
     "ModalityBatchNorm2d",
     "ModalityInstanceNorm2d",
     "ModalityNorm",
+    "NoBatchNormError",
     "convert",
     "exchange_stats",
     "exchanging_norms",

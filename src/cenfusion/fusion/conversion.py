@@ -20,6 +20,7 @@ __all__ = [
     "ExchangePointsError",
     "ExchangeSelector",
     "ModalityBatchNormAct2d",
+    "NoBatchNormError",
     "convert",
 ]
 
@@ -31,6 +32,10 @@ RESNET_EXCHANGE_POINTS: tuple[str, ...] = ("layer*.*.bn2",)
 
 class ExchangePointsError(CenError):
     """Exchange points that select none of a model's BatchNorms."""
+
+
+class NoBatchNormError(ExchangePointsError):
+    """A model without any BatchNorm2d: not the exchange points' fault but the model's."""
 
 
 def _patterns(exchange_at: Sequence[str]) -> list[str]:
@@ -48,8 +53,10 @@ def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
 def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
     """The distinct shapes of ``names``, their numeric parts (indices) as ``*``: the first
     ``limit``, e.g. ``bn1, blocks.*.*.bn1, blocks.*.*.bn2``, then a few names as they are
-    where indices were hidden (``e.g. 0.1, 0.4, 1.1``)."""
-    shaped = {n: re.sub(r"(?<![^.])\d+(?![^.])", "*", n) for n in names}
+    where indices were hidden (``e.g. 0.1, 0.4, 1.1``). The digits ending a part before the
+    last count as an index too (``denseblock*.denselayer*.norm2``); the last part's are the
+    norm's own name (``bn1``, ``bn2``)."""
+    shaped = {n: re.sub(r"(?<![^.])\d+(?![^.])|(?<=[^\d.])\d+(?=\.)", "*", n) for n in names}
     shapes = list(dict.fromkeys(shaped.values()))
     listed = ", ".join(shapes[:limit]) + (", ..." if len(shapes) > limit else "")
     hidden = [n for n, shape in shaped.items() if shape != n]
@@ -209,7 +216,7 @@ def convert(
     if not names:
         shared = _shared_norms(model)
         kept = f" ({_listed(shared)} stay shared)" if shared else ""
-        raise ExchangePointsError(
+        raise NoBatchNormError(
             f"the model has no BatchNorm2d to make private{kept}: channel exchange needs a "
             "BatchNorm CNN"
         )

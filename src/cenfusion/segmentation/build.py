@@ -16,7 +16,7 @@ from cenfusion.engine.run import log
 from cenfusion.engine.task import KEPT_FOR_SCORING, KEPT_FOR_TRAINING
 from cenfusion.engine.trainer import Context
 from cenfusion.errors import CenError
-from cenfusion.fusion import ExchangePointsError
+from cenfusion.fusion import ExchangePointsError, NoBatchNormError
 from cenfusion.models.refinenet import CENRefineNet
 from cenfusion.models.registry import create_model
 from cenfusion.segmentation.config import SegmentationConfig, modality_kinds, modality_names
@@ -39,6 +39,8 @@ def build_model(cfg: SegmentationConfig) -> CENRefineNet:
             exchange=cfg.exchange,
             exchange_at=cfg.exchange_at,
         )
+    except NoBatchNormError as err:
+        raise CenError(f"--backbone {cfg.backbone}: {err}") from None
     except ExchangePointsError as err:
         encoder = cfg.backbone or f"resnet{cfg.enc}"
         raise CenError(f"--exchange-at {' '.join(cfg.exchange_at)}: {encoder}: {err}") from None
