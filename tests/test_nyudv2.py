@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -329,6 +331,36 @@ def test_an_output_link_is_written_through_and_the_current_folder_refused(
     monkeypatch.chdir(tmp_path / "here")
     with pytest.raises(CenError, match=r"^\.: the current folder; name a folder to write"):
         prepare_nyudv2(Path("."), from_dir=tmp_path / "src", progress=False)
+
+
+def test_a_folder_that_cannot_be_written_is_named_not_its_hidden_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fabricate(tmp_path / "src")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CenError, match=r"afile/nyu: a path inside the file .*afile, expected a"):
+        prepare_nyudv2(tmp_path / "afile" / "nyu", from_dir=tmp_path / "src", progress=False)
+    save = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        if "masks" in str(fp):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() says it
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(CenError) as info:
+        prepare_nyudv2(tmp_path / "nyu", from_dir=tmp_path / "src", progress=False)
+    assert str(info.value) == (
+        f"{tmp_path / 'nyu'}: cannot write the data set (No space left on device); nothing was kept"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"]
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / ".nyu.tmp-1"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(CenError, match=rf"nyu: cannot write in {tmp_path} \(Read-only file"):
+        prepare_nyudv2(tmp_path / "nyu", from_dir=tmp_path / "src", progress=False)
 
 
 def test_a_killed_conversions_folder_is_removed_by_the_next(tmp_path: Path) -> None:

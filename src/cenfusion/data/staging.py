@@ -22,6 +22,9 @@ def output_folder(out: Path) -> Path:
     since it would be swapped under the shell that is in it."""
     if Path(out).resolve() == Path.cwd().resolve():
         raise CenError(f"{out}: the current folder; name a folder to write (made if missing)")
+    inside = next((p for p in Path(out).parents if p.exists()), None)
+    if inside is not None and not inside.is_dir():
+        raise CenError(f"{out}: a path inside the file {inside}, expected a folder to write")
     return Path(out).resolve() if Path(out).is_symlink() else Path(out)
 
 
@@ -43,9 +46,17 @@ def staging(out: Path) -> Iterator[Path]:
         if found and not _alive(found[1]):
             shutil.rmtree(stale, ignore_errors=True)
     prefix = f".{out.name}.tmp-{os.getpid()}@{host}-"
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     try:
-        yield tmp
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    except OSError as exc:
+        raise CenError(f"{out}: cannot write in {out.parent} ({exc.strerror})") from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
+                raise  # a source file's, which names itself
+            raise CenError(f"{out}: cannot write the data set ({exc.strerror}); nothing was kept")
         tmp.chmod(0o755)
         try:
             if out.is_dir():
