@@ -160,6 +160,8 @@ TABLE: list[tuple[str, Row]] = [
     ("ResNet's exchange points on EfficientNet", lambda f, s, i, r: (
         [*seg_args(s, r), "--backbone", "efficientnet_b0", "--pretrained", "none"],
         "--exchange-at layer*.*.bn2: efficientnet_b0: exchange point 'layer*.*.bn2' matches none")),
+    ("a million loader processes", lambda f, s, i, r: (
+        [*seg_args(s, r), "--workers", "1000000"], "--workers 1000000: expected 0 to 256")),
     ("a backbone without BatchNorm", lambda f, s, i, r: (
         [*seg_args(s, r), "--backbone", "convnext_atto", "--pretrained", "none"],
         "--backbone convnext_atto: the model has no BatchNorm2d to make private")),
@@ -280,7 +282,7 @@ TABLE: list[tuple[str, Row]] = [
         "last.pth: a file, expected a folder")),
     ("predict with --threads 0", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(r / "t"), "--threads", "0"],
-        "--threads 0: expected >= 1")),
+        "--threads 0: expected 1 to 1024")),
     ("predict into a file's subfolder", lambda f, s, i, r: (
         ["seg", "predict", str(f["ours"]), str(f["images"]), "-o", str(f["text"] / "out")],
         "out: a path inside the file")),
@@ -354,6 +356,38 @@ def test_a_long_line_first_loses_the_folders_of_its_urls() -> None:
     assert shorten(line, len(line) - 1) == line.replace(url, short)
     cut = shorten(line, 120)
     assert cut.startswith(f"cannot download {short} after") and " ... " in cut
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                "allocate memory: you tried to allocate 10000000000000 bytes. Error code 12"
+            ),
+            "(DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000",
+        ),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "(CUDA out"),
+        (RuntimeError("Storage size calculation overflowed with sizes=[3, 10, 10]"), "(Storage"),
+        (MemoryError(), "(MemoryError)"),
+    ],
+)
+def test_a_size_the_memory_cannot_hold_is_one_line_not_a_bug_report(
+    seg_root, tmp_path, monkeypatch, capsys, error, said
+) -> None:
+    def too_big(*args: object, **kwargs: object) -> None:
+        raise error
+
+    from cenfusion.engine import session
+
+    monkeypatch.setattr(session, "train", too_big)
+    assert main(seg_args(seg_root, tmp_path)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"cen: error: out of memory {said}") and len(line) <= MAX_LINE
+    assert line.endswith(
+        "; smaller --batch-size, --crop-size, --size or --scales, or --amp, may fit"
+    )
 
 
 def test_internal_error_shows_a_short_traceback_and_how_to_report(

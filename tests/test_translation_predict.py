@@ -179,7 +179,7 @@ def test_refusals_come_before_anything_is_written(
     said = capsys.readouterr().err
     assert f"cannot read image {first}" in said and f"cannot read image {last}" in said
     for options, message in (
-        ({"runtime": RuntimeConfig(device="cpu", threads=-3)}, "--threads -3: expected >= 1"),
+        ({"runtime": RuntimeConfig(device="cpu", threads=-3)}, "--threads -3: expected 1 to 1024"),
         ({"seed": 2**64}, f"--seed {2**64}: expected 0 to"),
     ):
         with pytest.raises(CenError, match=message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from cenfusion.engine.config import (
     setting,
 )
 from cenfusion.engine.run import LogRouting, RunConfig
+from cenfusion.engine.runtime import out_of_memory
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
 from cenfusion.tasks import COMMANDS
 from cenfusion.tool_commands import add_tool_parsers
@@ -87,6 +89,14 @@ def _one_line(err: CenError) -> str:
     return shorten(text, MAX_LINE - len("cen: error: "))
 
 
+def _memory_line(err: BaseException) -> str:
+    """One line for a size the memory cannot hold: a setting's to change, not a bug."""
+    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    said = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", said)
+    advice = "smaller --batch-size, --crop-size, --size or --scales, or --amp, may fit"
+    return shorten(f"out of memory ({said}); {advice}", MAX_LINE - len("cen: error: "))
+
+
 def _report_internal_error(err: BaseException) -> None:
     """A short traceback (the innermost frames) and where to report it."""
     frames = traceback.extract_tb(err.__traceback__)[-INTERNAL_FRAMES:]
@@ -137,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cen: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 (every unexpected error ends here)
+        if out_of_memory(err):
+            print(f"cen: error: {_memory_line(err)}", file=sys.stderr)
+            return 2
         _report_internal_error(err)
         return 1
     return 0

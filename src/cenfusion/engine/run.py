@@ -45,6 +45,11 @@ ATOMIC_FILES = (LAST, BEST, METRICS, CONFIG, CONFUSION)
 EPOCH_RECORD = "epoch_record"
 
 
+#: Far beyond any machine's use, short of what the system cannot start (a million threads
+#: or loader processes end in an out-of-memory error, not a run).
+MAX_THREADS, MAX_WORKERS = 1024, 256
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how a command runs its model: device, GPUs, precision, memory layout,
@@ -83,8 +88,8 @@ class RuntimeConfig:
 
     def validate(self) -> None:
         """Raise :class:`CenError` (one line) for settings that cannot run."""
-        if self.threads is not None and self.threads < 1:
-            raise CenError(f"--threads {self.threads}: expected >= 1")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise CenError(f"--threads {self.threads}: expected 1 to {MAX_THREADS}")
         if any(g < 0 for g in self.gpu):
             raise CenError(f"--gpu {' '.join(map(str, self.gpu))}: expected indices >= 0")
 
@@ -154,8 +159,8 @@ class RunConfig(RuntimeConfig):
         for name in ("batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise CenError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
-        if self.workers < 0:
-            raise CenError(f"--workers {self.workers}: expected >= 0")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise CenError(f"--workers {self.workers}: expected 0 to {MAX_WORKERS}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise CenError(
                 "--tensorboard: the tensorboard package is not installed (pip install tensorboard)"

@@ -31,10 +31,16 @@ __all__ = [
 ]
 
 
-def out_of_memory(err: RuntimeError) -> bool:
+def out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` says a device ran out of memory: ``torch.OutOfMemoryError`` on CUDA,
-    a plain ``RuntimeError`` from the CPU allocator."""
-    return isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err)
+    a plain ``RuntimeError`` from the CPU allocator (or of a size past what it can count),
+    Python's ``MemoryError``."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "allocate memory" in text or "Storage size calculation overflowed" in text
+    )
 
 
 def cpu_has_bfloat16() -> bool:
