@@ -160,6 +160,8 @@ TABLE: list[tuple[str, Row]] = [
     ("ResNet's exchange points on EfficientNet", lambda f, s, i, r: (
         [*seg_args(s, r), "--backbone", "efficientnet_b0", "--pretrained", "none"],
         "--exchange-at layer*.*.bn2: efficientnet_b0: exchange point 'layer*.*.bn2' matches none")),
+    ("empty pretrained", lambda f, s, i, r: (
+        [*seg_args(s, r), "--pretrained", ""], "--pretrained '': expected a timm tag, a file")),
     ("a million loader processes", lambda f, s, i, r: (
         [*seg_args(s, r), "--workers", "1000000"], "--workers 1000000: expected 0 to 256")),
     ("a backbone without BatchNorm", lambda f, s, i, r: (
@@ -206,6 +208,8 @@ TABLE: list[tuple[str, Row]] = [
     ("i2i lamda", lambda f, s, i, r: ([*i2i_args(i, r), "--lamda", "-1"], "--lamda")),
     ("i2i crop", lambda f, s, i, r: ([*i2i_args(i, r), "--crop-size", "7"], "--crop-size")),
     ("i2i lr", lambda f, s, i, r: ([*i2i_args(i, r), "--lr-g", "0"], "--lr-g")),
+    ("i2i batch beyond the views", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--batch-size", "100000"], "views, fewer than one batch per process")),
     ("negative mask column", lambda f, s, i, r: (
         [*seg_args(s, r), "--mask-column", "-1"], "--mask-column -1: expected >= 0")),
     ("modality name with a slash", lambda f, s, i, r: (

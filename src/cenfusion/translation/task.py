@@ -43,6 +43,11 @@ def build_recipe(
             f"--fid: {val_set.root / 'val.txt'} lists {len(val_set)} view; FID and KID need at "
             "least 2 (add views, or --no-fid)"
         )
+    if train_set is not None and len(train_set) < cfg.batch_size * ctx.dist.world_size:
+        raise CenError(
+            f"--batch-size {cfg.batch_size}: {train_set.root / 'train.txt'} lists "
+            f"{len(train_set)} views, fewer than one batch per process"
+        )
     train = ctx.train_loader(train_set, cfg, drop_last=False) if train_set is not None else None
     recipe = TranslationRecipe(cfg, ctx, (train, ctx.loader(val_set, cfg)))
     if state is not None:
