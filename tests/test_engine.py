@@ -181,6 +181,17 @@ def test_released_flag_spellings(command, cls, line, expected) -> None:
     assert given_flags(cls, args) == {name: value}
 
 
+def test_numbers_in_other_scripts_are_refused(capsys) -> None:
+    """Python reads int("３") as 3 and float("٠.١") as 0.1; a flag that took them would run
+    what the line does not show."""
+    for flag, value in (("--batch-size", "３"), ("--threshold", "٠.١"), ("--enc", "１０１")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["seg", "train", flag, value])
+        assert f"value: '{value}'" in capsys.readouterr().err
+    args = build_parser().parse_args(["seg", "train", "--batch-size", "3", "--enc", "101"])
+    assert given_flags(SegmentationConfig, args) == {"batch_size": 3, "enc": 101}
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -98,6 +98,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["yaml"].write_text("lamda: 0.1\n")
     paths["utf16"] = folder / "utf16.yaml"
     paths["utf16"].write_bytes(b"\xff\xfe bad\n")
+    paths["octal"] = folder / "octal.yaml"
+    paths["octal"].write_text("batch_size: 2\nseed: 010\n")
+    paths["twice"] = folder / "twice.yaml"
+    paths["twice"].write_text("batch_size: 2\nworkers: 0\nbatch_size: 3\n")
+    paths["fifo"] = folder / "fifo.yaml"
+    os.mkfifo(paths["fifo"])
     paths["nan"] = folder / "nan.yaml"
     paths["nan"].write_text("threshold: .nan\n")
     return paths
@@ -248,6 +254,13 @@ TABLE: list[tuple[str, Row]] = [
         f"--inception {f['text']}: not loadable by torch.jit")),
     ("config not UTF-8", lambda f, s, i, r: (
         [*seg_args(s, r), "--config", str(f["utf16"])], "utf16.yaml: not UTF-8 text")),
+    ("config integer that YAML reads as octal", lambda f, s, i, r: (
+        [*seg_args(s, r), "--config", str(f["octal"])],
+        "octal.yaml: line 2: '010' reads as 8 in YAML; write the decimal number")),
+    ("config key given twice", lambda f, s, i, r: (
+        [*seg_args(s, r), "--config", str(f["twice"])], "twice.yaml: line 3: batch_size is given")),
+    ("config a pipe", lambda f, s, i, r: (
+        [*i2i_args(i, r), "--config", str(f["fifo"])], "fifo.yaml: not a regular file")),
     ("config a folder", lambda f, s, i, r: (
         [*i2i_args(i, r), "--config", str(f["images"])], "images: a folder, expected a YAML")),
     ("threshold nan", lambda f, s, i, r: (

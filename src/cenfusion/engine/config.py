@@ -86,7 +86,19 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-_PARSERS: dict[Any, Any] = {Path: _path}
+def _ascii(kind: type) -> Any:
+    """``kind`` read from ASCII text only: Python's ``int("３")`` is 3, which no flag means."""
+
+    def parse(text: str) -> Any:
+        if not text.isascii():
+            raise ValueError(text)
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse says "invalid int value: '３'"
+    return parse
+
+
+_PARSERS: dict[Any, Any] = {Path: _path, int: _ascii(int), float: _ascii(float)}
 
 
 def _none_or(kind: Any) -> Any:
@@ -283,14 +295,48 @@ def replace_config(config: C, updates: dict[str, Any], where: str = "flags") -> 
     return config_from_dict(type(config), {**config_to_dict(config), **updates}, where)
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML as settings are written: a key given twice, or an integer that YAML 1.1 reads
+    otherwise than it looks (``010`` is 8, ``1:30`` is 90, ``0x10``, ``1_0``), is refused
+    rather than silently taken."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise CenError(f"line {line}: {key} is given twice")
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if not _PLAIN_INT.fullmatch(node.value):
+            line = node.start_mark.line + 1
+            raise CenError(
+                f"line {line}: {node.value!r} reads as {super().construct_yaml_int(node)} in "
+                "YAML; write the decimal number, or quote it for text"
+            )
+        return super().construct_yaml_int(node)
+
+
+_PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_SettingsLoader.add_constructor("tag:yaml.org,2002:int", _SettingsLoader.construct_yaml_int)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise CenError(f"--config {path}: a folder, expected a YAML file of settings")
-    if not path.is_file():
+    if not path.exists():
         raise CenError(f"--config {path}: file not found")
+    if not path.is_file():
+        raise CenError(f"--config {path}: not a regular file, expected a YAML file of settings")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SettingsLoader) or {}
+    except CenError as err:
+        raise CenError(f"--config {path}: {err}") from None
     except UnicodeDecodeError as err:
         raise CenError(
             f"--config {path}: not UTF-8 text (byte {err.start}), expected a YAML file"
