@@ -92,6 +92,8 @@ def test_several_gpus_without_cuda_is_one_line(
     assert main([task, "train", "--runs", str(tmp_path), "--gpu", "0", "1"]) == 2
     expected = "cen: error: --gpu 0 1: no CUDA device is visible (use --device cpu)\n"
     assert capsys.readouterr().err == expected
+    assert main([task, "train", "--runs", str(tmp_path), "--gpu", "0", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "cen: error: --gpu 0 1 with --device cpu: choose one\n"
     assert not any(tmp_path.iterdir())
 
 

@@ -110,6 +110,8 @@ def run_per_gpu(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     import torch
 
     listed = " ".join(map(str, gpus))
+    if getattr(args, "device", None) == "cpu":
+        raise CenError(f"--gpu {listed} with --device cpu: choose one")
     if not torch.cuda.is_available():
         raise CenError(f"--gpu {listed}: no CUDA device is visible (use --device cpu)")
     if len(set(gpus)) != len(gpus):
