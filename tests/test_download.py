@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +28,7 @@ class FileServer:
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a cut
     ignore_range: bool = False
     etags: bool = False  # send each file's ETag (no If-Range: a server that ignores it)
+    stall_after: dict[str, int] = field(default_factory=dict)  # bytes sent before silence
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -59,6 +61,12 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
+            stall = state.stall_after.pop(self.path, None)
+            if stall is not None:
+                self.wfile.write(body[start : start + stall])
+                self.wfile.flush()
+                time.sleep(2.0)
+                return
             cut = state.cut_after.pop(self.path, None)
             if cut is None:
                 self.wfile.write(body[start:])
@@ -162,6 +170,20 @@ def _cut(server: FileServer, path: str, body: bytes, after: int, dest: Path) -> 
     part = dest.with_name(dest.name + ".part")
     assert part.read_bytes() == body[:after]
     return part
+
+
+def test_the_bytes_before_a_stalled_server_went_silent_are_kept(
+    server: FileServer, tmp_path: Path
+) -> None:
+    body = _payload(300_000, seed=10)
+    server.files["/a.bin"] = body
+    server.stall_after["/a.bin"] = 70_000
+    dest = tmp_path / "a.bin"
+    with pytest.raises(CenError, match="timed out"):
+        download(f"{server.base}/a.bin", dest, retries=0, progress=False, timeout=0.5)
+    assert dest.with_name("a.bin.part").read_bytes() == body[:70_000]
+    download(f"{server.base}/a.bin", dest, progress=False)
+    assert dest.read_bytes() == body and server.requests[-1] == ("/a.bin", "bytes=70000-")
 
 
 def test_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:

@@ -363,8 +363,9 @@ def _changed(began: dict[str, object], total: int | None, etag: str | None) -> b
 
 
 def _read(response: http.client.HTTPResponse) -> bytes:
-    """The next block of ``response``; b"" at its end (or where the server cut it short)."""
+    """The next block of ``response``, as much as has come (a stalled server's last bytes are
+    kept for the resume); b"" at its end (or where the server cut it short)."""
     try:
-        return response.read(_CHUNK)
+        return response.read1(_CHUNK)
     except (http.client.HTTPException, OSError) as exc:
         raise _TransferError(f"connection lost ({one_line(exc)})") from None
