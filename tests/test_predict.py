@@ -546,6 +546,8 @@ def test_outputs_may_not_write_over_inputs_and_positionals_follow_flags(
     items = [(own / "a.png", own / "d.png"), (own / "a_color.png", own / "d.png")]
     with pytest.raises(CenError, match=r"^--out .*own: a_color.png there is an input, which"):
         predict(checkpoint, items, own, runtime=CPU)
+    with pytest.raises(CenError, match=r"^--out .*own: a folder of the inputs, where the out"):
+        predict(checkpoint, items[:1], own, runtime=CPU)
     assert {p.name: p.read_bytes() for p in own.iterdir()} == before
     if not torch.cuda.is_available():
         with pytest.raises(CenError, match="cuda"):

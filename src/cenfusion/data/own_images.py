@@ -114,13 +114,23 @@ def check_output_folder(out: Path) -> None:
 
 def check_outputs_spare_inputs(samples: Sequence[Sample], outputs: Iterable[Path]) -> None:
     """Refuse outputs that are some sample's input file (``--out`` the input folder, with
-    a name the outputs take): writing them would destroy the pictures still to be read."""
+    a name the outputs take): writing them would destroy the pictures still to be read; and
+    outputs into a folder of inputs, where a later run on that folder would read them as
+    inputs."""
     inputs = {path.resolve() for sample in samples for path in sample.paths}
+    folders = {path.parent for path in inputs}
+    outputs = list(outputs)
     for output in outputs:
         if output.resolve() in inputs:
             raise CenError(
                 f"--out {output.parent}: {output.name} there is an input, which the outputs "
                 "would write over; write them elsewhere"
+            )
+    for output in outputs:
+        if output.resolve().parent in folders:
+            raise CenError(
+                f"--out {output.parent}: a folder of the inputs, where the outputs would be "
+                "read as inputs by a later run on it; write them elsewhere"
             )
 
 
