@@ -226,6 +226,13 @@ def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
         task.resolve_config("nope", None, {}, None)
     with pytest.raises(CenError, match="checkpoint: unknown setting 'colour'"):
         task.resolve_config(None, None, {}, {**saved, "colour": 1})
+    yaml_file.write_text("seed: 99999999999\nworkers: 1\n")
+    with pytest.raises(
+        CenError, match=rf"^--seed 99999999999: .* \(set in --config {yaml_file}\)$"
+    ):
+        task.resolve_config(None, yaml_file, {}, None)
+    with pytest.raises(CenError, match=r"^--seed 5000000000: expected 0 to \d+$"):
+        task.resolve_config(None, yaml_file, {"seed": 5_000_000_000}, None)
 
 
 def test_yaml_numbers_and_single_values_read_as_flags_do(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cenfusion.engine.config import config_from_dict, load_yaml, replace_config
+from cenfusion.engine.config import config_from_dict, flag_name, load_yaml, replace_config
 from cenfusion.errors import CenError
 
 if TYPE_CHECKING:
@@ -111,5 +111,22 @@ class Task:
         if yaml_path is not None:
             base = replace_config(base, from_yaml, f"--config {yaml_path}")
         resolved = replace_config(base, dict(flags))
-        resolved.validate()
+        try:
+            resolved.validate()
+        except CenError as err:
+            raise _with_source(err, from_yaml, flags, yaml_path) from None
         return resolved
+
+
+def _with_source(
+    err: CenError, from_yaml: Mapping[str, Any], flags: Mapping[str, Any], path: Path | None
+) -> CenError:
+    """``err`` naming the YAML file when the setting it begins with came from there, not
+    from a flag: the user typed no such flag."""
+    text = str(err)
+    named = [
+        key
+        for key in from_yaml
+        if key not in flags and any(text.startswith(flag_name(key) + end) for end in " :,")
+    ]
+    return CenError(f"{text} (set in --config {path})") if named else err
