@@ -407,6 +407,22 @@ def test_a_size_the_memory_cannot_hold_is_one_line_not_a_bug_report(
     )
 
 
+def test_a_loader_workers_memory_error_is_said_and_sizes_advised_where_they_are_flags() -> None:
+    from cenfusion.cli import _memory_line
+
+    worker = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\nRuntimeError: [enforce fail at '
+        "alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 80 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    assert _memory_line(worker, "data") == (
+        "out of memory (DefaultCPUAllocator: can't allocate memory: you tried to allocate 80 "
+        "bytes. Error code 12 (Cannot allocate memory))"
+    )
+    assert _memory_line(worker, "seg").endswith("or --amp, may fit")
+
+
 def test_internal_error_shows_a_short_traceback_and_how_to_report(
     seg_root, tmp_path, monkeypatch, capsys
 ) -> None:

@@ -20,7 +20,6 @@ from cenfusion.engine.config import (
     setting,
 )
 from cenfusion.engine.run import LogRouting, RunConfig
-from cenfusion.engine.runtime import out_of_memory
 from cenfusion.errors import MAX_LINE, CenError, describe_os_error, shorten
 from cenfusion.tasks import COMMANDS
 from cenfusion.tool_commands import add_tool_parsers
@@ -89,12 +88,32 @@ def _one_line(err: CenError) -> str:
     return shorten(text, MAX_LINE - len("cen: error: "))
 
 
-def _memory_line(err: BaseException) -> str:
-    """One line for a size the memory cannot hold: a setting's to change, not a bug."""
-    said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    said = re.sub(r"^\[enforce fail at [^\]]*\] [^.]*\. ", "", said)
+#: The commands whose sizes are settings (the others read what they are given).
+_SIZED = ("seg", "i2i", "bench", "demo")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the memory could not hold what was asked (torch's own errors
+    only once torch is in: the command line starts without it)."""
+    if isinstance(err, MemoryError):
+        return True
+    if "torch" not in sys.modules:
+        return False
+    from cenfusion.engine.runtime import out_of_memory
+
+    return out_of_memory(err)
+
+
+def _memory_line(err: BaseException, command: str | None) -> str:
+    """One line for a size the memory cannot hold: a setting's to change, not a bug. A
+    loader worker's error carries the worker's message on its last line."""
+    lines = str(err).strip().splitlines()
+    said = next((x for x in reversed(lines) if "memory" in x or "overflow" in x), None)
+    said = said or (lines[0] if lines else type(err).__name__)
+    said = re.sub(r"^(\w+Error: )?\[enforce fail at [^\]]*\] [^.]*\. ", "", said)
     advice = "smaller --batch-size, --crop-size, --size or --scales, or --amp, may fit"
-    return shorten(f"out of memory ({said}); {advice}", MAX_LINE - len("cen: error: "))
+    line = f"out of memory ({said})" + (f"; {advice}" if command in _SIZED else "")
+    return shorten(line, MAX_LINE - len("cen: error: "))
 
 
 def _report_internal_error(err: BaseException) -> None:
@@ -147,8 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cen: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 (every unexpected error ends here)
-        if out_of_memory(err):
-            print(f"cen: error: {_memory_line(err)}", file=sys.stderr)
+        if _out_of_memory(err):
+            print(f"cen: error: {_memory_line(err, args.command)}", file=sys.stderr)
             return 2
         _report_internal_error(err)
         return 1
