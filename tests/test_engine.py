@@ -209,6 +209,15 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys) -
         replace_config(SegmentationConfig(), {"runs": ""})
 
 
+def test_an_empty_flag_is_refused_but_a_checkpoints_empty_setting_reads_as_before() -> None:
+    """An unset shell variable (``--pretrained "$W"``) would train from random weights under
+    the released recipe; a checkpoint saved with ``pretrained: ''`` meant none, and still does."""
+    with pytest.raises(CenError, match=r"^--pretrained '': expected a value, got an empty one"):
+        SEGMENTATION.resolve_config(None, None, {"pretrained": ""}, None)
+    saved = {**config_to_dict(SegmentationConfig()), "pretrained": ""}
+    assert SEGMENTATION.resolve_config(None, None, {}, saved).pretrained_weights is None
+
+
 @pytest.mark.parametrize("task", [SEGMENTATION, TRANSLATION])
 def test_one_settings_rule_for_every_task(task, tmp_path: Path) -> None:
     """Checkpoint's settings (else the preset) < YAML file < flags."""

@@ -167,7 +167,7 @@ TABLE: list[tuple[str, Row]] = [
         [*seg_args(s, r), "--backbone", "efficientnet_b0", "--pretrained", "none"],
         "--exchange-at layer*.*.bn2: efficientnet_b0: exchange point 'layer*.*.bn2' matches none")),
     ("empty pretrained", lambda f, s, i, r: (
-        [*seg_args(s, r), "--pretrained", ""], "--pretrained '': expected a timm tag, a file")),
+        [*seg_args(s, r), "--pretrained", ""], "--pretrained '': expected a value, got an")),
     ("a million loader processes", lambda f, s, i, r: (
         [*seg_args(s, r), "--workers", "1000000"], "--workers 1000000: expected 0 to 256")),
     ("a backbone without BatchNorm", lambda f, s, i, r: (

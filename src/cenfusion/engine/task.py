@@ -86,9 +86,15 @@ class Task:
         the flags that were given.
 
         Raises:
-            CenError: an unknown preset, a setting of the wrong name or type, or settings
-                that cannot run together (checked once all are in).
+            CenError: an empty flag (a shell's unset variable: ``--pretrained ""`` would
+                read as no weights), an unknown preset, a setting of the wrong name or type,
+                or settings that cannot run together (checked once all are in).
         """
+        empty = [name for name, value in flags.items() if value == ""]
+        if empty:
+            raise CenError(
+                f"{flag_name(empty[0])} '': expected a value, got an empty one (an unset variable?)"
+            )
         if saved is not None and preset is None:
             base = config_from_dict(self.config, dict(saved), where)
         else:

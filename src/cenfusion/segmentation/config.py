@@ -84,11 +84,6 @@ class SegmentationConfig(RunConfig):
     def validate(self) -> None:
         """Raise :class:`CenError` (one line naming the flag) for settings that cannot run."""
         super().validate()
-        if self.pretrained is not None and not self.pretrained.strip():
-            raise CenError(
-                f"--pretrained {self.pretrained!r}: expected a timm tag, a file, or none (an "
-                "empty value would silently train from random weights)"
-            )
         stages = len(self.epochs)
         if not (stages == len(self.lr_enc) == len(self.lr_dec)) or stages == 0:
             raise CenError(
@@ -158,7 +153,7 @@ class SegmentationConfig(RunConfig):
     @property
     def pretrained_weights(self) -> str | None:
         """The timm tag or file of the encoder's weights; ``none`` means random init."""
-        return None if self.pretrained in (None, "none") else self.pretrained
+        return None if self.pretrained in (None, "", "none") else self.pretrained
 
     @property
     def uses_frozen_bn(self) -> bool:
