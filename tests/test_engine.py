@@ -209,6 +209,19 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys) -
         replace_config(SegmentationConfig(), {"runs": ""})
 
 
+def test_an_interrupted_run_says_what_resumes_it() -> None:
+    from cenfusion.engine.trainer import _interrupted_line
+
+    assert _interrupted_line(0, 0, 5, "x") == "interrupted in epoch 1 of 5; no checkpoint yet"
+    assert _interrupted_line(3, 1, 5, "x") == (
+        "interrupted in epoch 4 of 5; last.pth holds epoch 3, --resume continues"
+    )
+    assert _interrupted_line(2, 2, 5, "other/last.pth") == (
+        "interrupted in epoch 3 of 5; nothing saved here since other/last.pth (epoch 2)"
+    )
+    assert _interrupted_line(5, 0, 5, "x").startswith("interrupted after its last epoch; last")
+
+
 def test_an_empty_flag_is_refused_but_a_checkpoints_empty_setting_reads_as_before() -> None:
     """An unset shell variable (``--pretrained "$W"``) would train from random weights under
     the released recipe; a checkpoint saved with ``pretrained: ''`` meant none, and still does."""

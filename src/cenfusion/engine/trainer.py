@@ -348,6 +348,16 @@ def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dic
     }
 
 
+def _interrupted_line(done: int, start: int, total: int, where: str) -> str:
+    """What a run stopped by Ctrl-C leaves: the epoch it stopped in, what resumes it."""
+    when = f"in epoch {done + 1} of {total}" if done < total else "after its last epoch"
+    if done > start:
+        return f"interrupted {when}; {LAST} holds epoch {done}, --resume continues"
+    if start:
+        return f"interrupted {when}; nothing saved here since {where} (epoch {start})"
+    return f"interrupted {when}; no checkpoint yet"
+
+
 def fit(
     recipe: Recipe,
     config: Any,
@@ -418,8 +428,7 @@ def fit(
         if reports is not None:
             reports.finish()
     except KeyboardInterrupt:
-        saved = f"{LAST} holds epoch {done}, --resume continues" if done else "no checkpoint yet"
-        log.info(f"interrupted in epoch {done + 1} of {total}; {saved}")
+        log.info(_interrupted_line(done, start, total, where))
         raise
     finally:
         scalars.close()
