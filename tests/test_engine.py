@@ -181,10 +181,28 @@ def test_released_flag_spellings(command, cls, line, expected) -> None:
     assert given_flags(cls, args) == {name: value}
 
 
+def test_settings_files_mean_what_they_show(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1:30.0 as 90.0 and 1_0.5 as 10.5; merge keys stay usable."""
+    from cenfusion.engine.config import load_yaml
+
+    path = tmp_path / "s.yaml"
+    for text, said in (("lamda: 1:30.0\n", "'1:30.0' reads as 90.0"), ("lamda: 1_0.5\n", "10.5")):
+        path.write_text(text)
+        with pytest.raises(CenError, match=f"^--config {path}: line 1: .*{said}"):
+            load_yaml(path)
+    path.write_text("base: &b {seed: 1, workers: 2}\nrun:\n  <<: *b\n  seed: 3\nlamda: 2.5e-3\n")
+    assert load_yaml(path) == {
+        "base": {"seed": 1, "workers": 2},
+        "run": {"seed": 3, "workers": 2},
+        "lamda": 0.0025,
+    }
+
+
 def test_numbers_in_other_scripts_are_refused(capsys) -> None:
     """Python reads int("３") as 3 and float("٠.١") as 0.1; a flag that took them would run
     what the line does not show."""
-    for flag, value in (("--batch-size", "３"), ("--threshold", "٠.١"), ("--enc", "１０１")):
+    numbers = [("--batch-size", "３"), ("--threshold", "٠.١"), ("--enc", "１０１")]
+    for flag, value in [*numbers, ("--batch-size", "1_0"), ("--lamda", "1_0.5")]:
         with pytest.raises(SystemExit):
             build_parser().parse_args(["seg", "train", flag, value])
         assert f"value: '{value}'" in capsys.readouterr().err

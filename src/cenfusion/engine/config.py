@@ -87,10 +87,11 @@ def _path(text: str) -> Path:
 
 
 def _ascii(kind: type) -> Any:
-    """``kind`` read from ASCII text only: Python's ``int("３")`` is 3, which no flag means."""
+    """``kind`` read from ASCII text without ``_``: Python's ``int("３")`` is 3 and
+    ``int("1_0")`` 10, which no flag means (and settings files refuse)."""
 
     def parse(text: str) -> Any:
-        if not text.isascii():
+        if not text.isascii() or "_" in text:
             raise ValueError(text)
         return kind(text)
 
@@ -296,13 +297,15 @@ def replace_config(config: C, updates: dict[str, Any], where: str = "flags") -> 
 
 
 class _SettingsLoader(yaml.SafeLoader):
-    """YAML as settings are written: a key given twice, or an integer that YAML 1.1 reads
+    """YAML as settings are written: a key given twice, or a number that YAML 1.1 reads
     otherwise than it looks (``010`` is 8, ``1:30`` is 90, ``0x10``, ``1_0``), is refused
     rather than silently taken."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base`` brings keys in, to be overridden
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, typing.Hashable) and key in seen:
                 line = key_node.start_mark.line + 1
@@ -320,9 +323,19 @@ class _SettingsLoader(yaml.SafeLoader):
             )
         return super().construct_yaml_int(node)
 
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        if "_" in node.value or ":" in node.value:
+            line = node.start_mark.line + 1
+            raise CenError(
+                f"line {line}: {node.value!r} reads as {super().construct_yaml_float(node)} in "
+                "YAML; write the decimal number, or quote it for text"
+            )
+        return super().construct_yaml_float(node)
+
 
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
 _SettingsLoader.add_constructor("tag:yaml.org,2002:int", _SettingsLoader.construct_yaml_int)
+_SettingsLoader.add_constructor("tag:yaml.org,2002:float", _SettingsLoader.construct_yaml_float)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
