@@ -373,12 +373,15 @@ def test_exchange_points_that_select_nothing_are_refused() -> None:
     dense = timm.create_model("densenet121", features_only=True)
     with pytest.raises(ExchangePointsError) as excinfo:
         convert(dense, 2)
-    # the digits that end a part before the last are indices too; a shape is a pattern
+    # the digits that end a part are indices too, but for the norm's own name; a shape is
+    # a pattern
     assert str(excinfo.value).startswith(
         "exchange point 'layer*.*.bn2' matches none of the model's 121 BatchNorms, named like "
         "features_norm0, features_denseblock*.denselayer*.norm1, "
-        "features_denseblock*.denselayer*.norm2, features_transition*.norm, features_norm5 (e.g."
+        "features_denseblock*.denselayer*.norm2, features_transition1.norm, "
     )
+    with pytest.raises(ExchangePointsError, match=r"named like stem.bn, s\*.b\*.conv1.bn, s\*"):
+        convert(timm.create_model("regnetx_002", features_only=True), 2)  # conv1.bn is a name
     assert len(exchanging_norms(convert(dense, 2, "features_denseblock*.denselayer*.norm2"))) == 58
     bn2 = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d) and n.endswith("bn2")]
     converted = convert(copy.deepcopy(net), 2, "blocks.*.*.bn2")

@@ -53,14 +53,24 @@ def _matcher(exchange_at: ExchangeSelector) -> Callable[[str, nn.Module], bool]:
 def _name_shapes(names: Sequence[str], limit: int = 6) -> str:
     """The distinct shapes of ``names``, their numeric parts (indices) as ``*``: the first
     ``limit``, e.g. ``bn1, blocks.*.*.bn1, blocks.*.*.bn2``, then a few names as they are
-    where indices were hidden (``e.g. 0.1, 0.4, 1.1``). The digits ending a part before the
-    last count as an index too (``denseblock*.denselayer*.norm2``); the last part's are the
-    norm's own name (``bn1``, ``bn2``)."""
-    shaped = {n: re.sub(r"(?<![^.])\d+(?![^.])|(?<=[^\d.])\d+(?=\.)", "*", n) for n in names}
+    where indices were hidden (``e.g. 0.1, 0.4, 1.1``). The digits ending a part count as an
+    index too (``denseblock*.denselayer*.norm2``), except in the norm's own name: its last
+    part (``bn2``), or its last two when the last has no digits (RegNet's ``conv2.bn``)."""
+    shaped = {n: _shape(n) for n in names}
     shapes = list(dict.fromkeys(shaped.values()))
     listed = ", ".join(shapes[:limit]) + (", ..." if len(shapes) > limit else "")
     hidden = [n for n, shape in shaped.items() if shape != n]
     return listed + (f" (e.g. {', '.join(hidden[:3])})" if hidden else "")
+
+
+def _shape(name: str) -> str:
+    """``name`` with its indices as ``*`` (see :func:`_name_shapes`)."""
+    parts = name.split(".")
+    own = 1 if re.search(r"\d", parts[-1]) or len(parts) == 1 else 2
+    return ".".join(
+        "*" if part.isdigit() else part if i >= len(parts) - own else re.sub(r"\d+$", "*", part)
+        for i, part in enumerate(parts)
+    )
 
 
 def _check_selection(
