@@ -546,9 +546,14 @@ def test_outputs_may_not_write_over_inputs_and_positionals_follow_flags(
     items = [(own / "a.png", own / "d.png"), (own / "a_color.png", own / "d.png")]
     with pytest.raises(CenError, match=r"^--out .*own: a_color.png there is an input, which"):
         predict(checkpoint, items, own, runtime=CPU)
-    with pytest.raises(CenError, match=r"^--out .*own: a folder of the inputs, where the out"):
-        predict(checkpoint, items[:1], own, runtime=CPU)
     assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    pair = tmp_path / "pair"
+    write_rgb(pair / "rgb" / "x.png", 20, 24)
+    write_depth(pair / "depth" / "x.png", 20, 24)
+    with pytest.raises(CenError, match=r"^--out .*depth: a folder of the inputs, where the out"):
+        predict(checkpoint, [(pair / "rgb", pair / "depth")], pair / "depth", runtime=CPU)
+    predict(checkpoint, items[:1], own, runtime=CPU)  # files given one by one: theirs to place
+    assert (own / "a_label.png").is_file()
     if not torch.cuda.is_available():
         with pytest.raises(CenError, match="cuda"):
             predict(checkpoint, items[:1], tmp_path / "out", runtime=RuntimeConfig(device="cuda"))

@@ -15,10 +15,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pg
 
 @dataclass(frozen=True)
 class Sample:
-    """One prediction to make: one file per input; outputs are named after ``stem``."""
+    """One prediction to make: one file per input; outputs are named after ``stem``.
+    ``paired``: its files were found in folders given as inputs (paired by stem)."""
 
     stem: str
     paths: tuple[Path, ...]
+    paired: bool = False
 
 
 def _stem(path: Path, ending: str) -> str:
@@ -60,7 +62,7 @@ def pair_folders(
                 raise CenError(
                     f"{have} has no {name} partner {folder}/{stem}.* (files pair by name)"
                 )
-    return [Sample(s, tuple(lst[s] for lst in listings)) for s in stems]
+    return [Sample(s, tuple(lst[s] for lst in listings), paired=True) for s in stems]
 
 
 def collect_samples(
@@ -115,10 +117,10 @@ def check_output_folder(out: Path) -> None:
 def check_outputs_spare_inputs(samples: Sequence[Sample], outputs: Iterable[Path]) -> None:
     """Refuse outputs that are some sample's input file (``--out`` the input folder, with
     a name the outputs take): writing them would destroy the pictures still to be read; and
-    outputs into a folder of inputs, where a later run on that folder would read them as
-    inputs."""
+    outputs into a folder given as inputs, where a later run on that folder would read them
+    as inputs."""
     inputs = {path.resolve() for sample in samples for path in sample.paths}
-    folders = {path.parent for path in inputs}
+    folders = {path.resolve().parent for s in samples if s.paired for path in s.paths}
     outputs = list(outputs)
     for output in outputs:
         if output.resolve() in inputs:
