@@ -29,6 +29,7 @@ class FileServer:
     ignore_range: bool = False
     etags: bool = False  # send each file's ETag (no If-Range: a server that ignores it)
     stall_after: dict[str, int] = field(default_factory=dict)  # bytes sent before silence
+    if_range: list[str | None] = field(default_factory=list)  # each request's If-Range
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -39,6 +40,7 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             state.requests.append((self.path, self.headers.get("Range")))
+            state.if_range.append(self.headers.get("If-Range"))
             body = state.files.get(self.path)
             if body is None:
                 self.send_error(404)
@@ -192,7 +194,7 @@ def test_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: 
     server.ignore_range = True
     download(f"{server.base}/a.bin", tmp_path / "a.bin", progress=False)
     assert (tmp_path / "a.bin").read_bytes() == body
-    assert server.requests[-1] == ("/a.bin", "bytes=5000-")
+    assert server.requests == [("/a.bin", None), ("/a.bin", "bytes=5000-")]
 
 
 def test_complete_part_file_is_finished_on_416(server: FileServer, tmp_path: Path) -> None:
@@ -227,11 +229,16 @@ def test_a_part_whose_file_changed_on_the_server_starts_over(
 ) -> None:
     server.etags = same_length  # another length tells without one; the same length needs it
     dest = tmp_path / "a.bin"
-    _cut(server, "/a.bin", _payload(80_000, seed=8), 20_000, dest)
+    first = _payload(80_000, seed=8)
+    _cut(server, "/a.bin", first, 20_000, dest)
     changed = server.files["/a.bin"] = _payload(80_000 if same_length else 85_000, seed=9)
     download(f"{server.base}/a.bin", dest, progress=False)
     assert dest.read_bytes() == changed
     assert [r for _, r in server.requests[-2:]] == ["bytes=20000-", None]
+    # the resume names the version it continues, for a server that honours If-Range
+    assert server.if_range[-2] == (
+        f'"{hashlib.sha256(first).hexdigest()[:16]}"' if same_length else None
+    )
 
 
 def test_checksum_mismatch_keeps_file_aside(server: FileServer, tmp_path: Path) -> None:

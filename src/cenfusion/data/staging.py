@@ -56,7 +56,10 @@ def staging(out: Path) -> Iterator[Path]:
         except OSError as exc:
             if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
                 raise  # a source file's, which names itself
-            raise CenError(f"{out}: cannot write the data set ({exc.strerror}); nothing was kept")
+            cause = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+            raise CenError(
+                f"{out}: cannot write the data set ({cause}); nothing was kept"
+            ) from None
         tmp.chmod(0o755)
         try:
             if out.is_dir():

@@ -253,21 +253,31 @@ _ANY_SIZE = re.compile(r"resnet\d+[a-z]?(_narrow)?")
 
 def size_multiple(encoder: nn.Module) -> int:
     """1 when ``encoder`` (a timm feature backbone) runs on an odd input size, else its
-    largest feature stride. Tried once, in eval mode and without gradients, on the
-    encoder's device (a meta encoder computes nothing)."""
+    largest feature stride, where it runs on that size padded to the stride (else 1: the
+    encoder's own error then says what it needs). Tried in eval mode, without gradients,
+    on the encoder's device (a meta encoder computes nothing); each module's mode is kept."""
+    step = max(encoder.feature_info.reduction())
+    padded = tuple(-(-side // step) * step for side in _ODD_SIZE)
+    if _runs_at(encoder, _ODD_SIZE) or not _runs_at(encoder, padded):
+        return 1
+    return step
+
+
+def _runs_at(encoder: nn.Module, size: tuple[int, ...]) -> bool:
     parameter = next(encoder.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
-    was_training = encoder.training
+    modes = {module: module.training for module in encoder.modules()}
     encoder.eval()
     try:
         with torch.no_grad():
-            encoder(torch.zeros(1, 3, *_ODD_SIZE, device=device, dtype=dtype))
+            encoder(torch.zeros(1, 3, *size, device=device, dtype=dtype))
     except (RuntimeError, ValueError, AssertionError):
-        return max(encoder.feature_info.reduction())
+        return False
     finally:
-        encoder.train(was_training)
-    return 1
+        for module, training in modes.items():
+            module.training = training
+    return True
 
 
 def create_encoder(
