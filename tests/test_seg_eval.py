@@ -1,6 +1,7 @@
 """``cen seg eval``: the released single-scale protocol and multi-scale + flip."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -37,6 +38,19 @@ from cenfusion.segmentation.task import SEGMENTATION
 def same(a, b) -> bool:
     """Equal scores, NaN included (JSON writes NaN as NaN)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def close(a, b) -> bool:
+    """The scores of one function computed by two runtimes (PyTorch, ONNX Runtime): their
+    logits differ by float rounding, which may flip the few pixels whose classes tie within
+    it (a random network has such ties); a pixel of these 3 images is 0.011 points."""
+    for head in a:
+        x, y = a[head], b[head]
+        if any(abs(x[k] - y[k]) > 0.05 for k in ("pixel_acc", "mean_acc", "miou")):
+            return False
+        if [math.isnan(v) for v in x["iou"]] != [math.isnan(v) for v in y["iou"]]:
+            return False
+    return a.keys() == b.keys()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +123,7 @@ def test_probability_path_keeps_the_argmax(setup) -> None:
     for p, h in zip(probs, logits):
         assert p.shape == (1, cfg.num_classes, 48, 64)
         torch.testing.assert_close(p.sum(1), torch.ones(1, 48, 64))
-        up = nn.functional.interpolate(h, size=(48, 64), mode="bilinear", align_corners=False)
+        up = nn.functional.interpolate(h, size=(48, 64), mode="bicubic", align_corners=False)
         assert (p.argmax(1) == up.argmax(1)).float().mean() > 0.999
 
 
@@ -176,7 +190,7 @@ def test_multi_scale_flip_is_the_average_of_every_pass() -> None:
                 batch = [x.flip(-1) for x in resized] if mirrored else resized
                 for i, logits in enumerate(model(batch)):
                     up = nn.functional.interpolate(
-                        logits, (20, 28), mode="bilinear", align_corners=False
+                        logits, (20, 28), mode="bicubic", align_corners=False
                     )
                     expected[i] += (up.flip(-1) if mirrored else up).softmax(1)
                 passes += 1
@@ -251,7 +265,7 @@ def test_an_exported_onnx_file_scores_as_its_checkpoint(setup, tmp_path) -> None
     expected = evaluate_protocols(cfg, checkpoint, protocols)
     got = evaluate_protocols(cfg, onnx, protocols, batch_size=3)
     for protocol in protocols:
-        assert same(got[protocol.label], expected[protocol.label]), protocol.label
+        assert close(got[protocol.label], expected[protocol.label]), protocol.label
     with pytest.raises(CenError, match="--channels-last: for PyTorch checkpoints; .* onnxrun"):
         evaluate_protocols(replace(cfg, channels_last=True), onnx)
     ensemble = export_checkpoint(checkpoint, tmp_path / "e.onnx", heads="ensemble", dynamic=True)
@@ -267,14 +281,14 @@ def test_cli_evaluates_an_onnx_file_with_its_runs_settings_not_how_it_ran(setup,
     onnx = export_checkpoint(checkpoint, tmp_path / "m.onnx", dynamic=True)
     assert main(["seg", "eval", "--resume", str(onnx), "-c", "x", "--runs", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "x" / "metrics.jsonl").read_text())
-    assert same(record["val"], evaluate_checkpoint(cfg, checkpoint))
+    assert close(record["val"], evaluate_checkpoint(cfg, checkpoint))
     bare = export_onnx(model, tmp_path / "BARE.ONNX", dynamic=True)  # no settings: the preset's
     data = ["--data", str(cfg.data), "--preset", "synthetic", "--num-classes", str(cfg.num_classes)]
     assert (
         main(["seg", "eval", "--resume", str(bare), *data, "-c", "y", "--runs", str(tmp_path)]) == 0
     )
     record = json.loads((tmp_path / "y" / "metrics.jsonl").read_text())
-    assert same(record["val"], evaluate_checkpoint(cfg, checkpoint))
+    assert close(record["val"], evaluate_checkpoint(cfg, checkpoint))
     assert main(["seg", "eval", "--resume", str(bare), *data, "--amp"]) == 2
 
 

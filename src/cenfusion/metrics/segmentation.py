@@ -32,7 +32,18 @@ __all__ = [
     "SegmentationMetric",
     "confusion_matrix",
     "scores_from_confusion",
+    "upsample_logits",
 ]
+
+
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Logits ``(B, C, h, w)`` resized to ``size`` ``(H, W)`` for the argmax, as the
+    released evaluation does: bicubic (OpenCV's ``INTER_CUBIC``: the cubic's ``a = -0.75``,
+    pixel centres aligned, edges repeated), in float32. A bilinear resize moves about a tenth
+    of an mIoU point against the released scores."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.float()
+    return F.interpolate(logits.float(), size=tuple(size), mode="bicubic", align_corners=False)
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
@@ -111,9 +122,8 @@ def scores_from_confusion(confmat: Tensor) -> dict[str, float | list[float]]:
 class SegmentationMetric:
     """Global confusion matrix over a data set, summed across processes on :meth:`compute`.
 
-    Logits are resized to the label size with bilinear interpolation
-    (``align_corners=False``) before the argmax, so that scores are taken at the label's
-    full resolution as in the released evaluation.
+    Logits are resized to the label size (:func:`upsample_logits`) before the argmax, so
+    that scores are taken at the label's full resolution as in the released evaluation.
 
     Args:
         num_classes: number of classes ``C``; labels ``>= C`` (255) are ignored.
@@ -146,10 +156,7 @@ class SegmentationMetric:
                 raise ValueError(
                     f"logits have {preds.shape[1]} channels, expected {self.num_classes}"
                 )
-            if preds.shape[2:] != target.shape[1:]:
-                preds = F.interpolate(
-                    preds.float(), size=target.shape[1:], mode="bilinear", align_corners=False
-                )
+            preds = upsample_logits(preds, target.shape[1:])
             counts = _counts(preds.argmax(dim=1).to(target.device), target, self.num_classes)
         elif preds.dim() == target.dim():
             counts = confusion_matrix(preds, target, self.num_classes)

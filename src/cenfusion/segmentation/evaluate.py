@@ -5,8 +5,8 @@ multi-scale + flip test-time augmentation.
   argmax, as the released CEN code scores; training's validation is this (:func:`evaluate`).
 - **multi-scale 0.5-1.5 + flip**, as most later RGB-D papers report: the inputs resized by
   each of 0.5, 0.75, 1, 1.25, 1.5 (photographs bilinearly, depth with nearest neighbour) and
-  each also mirrored left-right; every pass's logits are resized (bilinear) to the label
-  size, mirrored back, turned into **softmax probabilities**, and the probabilities are
+  each also mirrored left-right; every pass's logits are resized to the label size as in
+  the single-scale protocol (bicubic), mirrored back, turned into **softmax probabilities**, and the probabilities are
   averaged over the passes before the argmax. Averaging
   probabilities rather than logits keeps one over-confident scale from outvoting the others.
 
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
@@ -35,7 +34,11 @@ from cenfusion.engine.run import METRICS, append_metrics, log
 from cenfusion.engine.runtime import Precision, open_runtime
 from cenfusion.errors import CenError
 from cenfusion.fusion import split_modalities, stack_modalities
-from cenfusion.metrics.segmentation import MultiHeadSegmentationMetric, format_scores
+from cenfusion.metrics.segmentation import (
+    MultiHeadSegmentationMetric,
+    format_scores,
+    upsample_logits,
+)
 from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.modelio import check_onnx_runtime, is_onnx, load_segmenter
@@ -142,9 +145,7 @@ class TestTimeAugmentation(nn.Module):
                 batch = [x.flip(-1) for x in scaled] if mirrored else scaled
                 probs = []
                 for logits in self.model(batch):
-                    up = F.interpolate(
-                        logits.float(), size=(height, width), mode="bilinear", align_corners=False
-                    )
+                    up = upsample_logits(logits, (height, width))
                     probs.append((up.flip(-1) if mirrored else up).softmax(dim=1))
                 total = probs if total is None else [t + p for t, p in zip(total, probs)]
                 passes += 1

@@ -220,7 +220,7 @@ def predict_batch(
     ``samples``: per sample ``M`` normalised tensors ``(3, H, W)``; the network sees them at
     ``size`` when given (resized), else at their own size, which must then be the same for
     all. Each sample's logits are resized back to its own ``(H, W)`` before the argmax
-    (bilinear, as in evaluation). ``precision``: the autocast the network runs under.
+    (bicubic, as in evaluation). ``precision``: the autocast the network runs under.
     """
     batch = []
     for m, kind in enumerate(kinds):

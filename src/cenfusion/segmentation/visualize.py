@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from cenfusion.data.transforms import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+from cenfusion.metrics.segmentation import upsample_logits
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -49,9 +49,9 @@ def input_to_rgb(x: Tensor, kind: str) -> np.ndarray:
 
 
 def predict_labels(logits: Tensor, size: Sequence[int]) -> np.ndarray:
-    """Logits ``(C, h, w)`` -> labels ``(H, W)`` at ``size`` (bilinear resize, then argmax)."""
-    up = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return up[0].argmax(0).byte().cpu().numpy()
+    """Logits ``(C, h, w)`` -> labels ``(H, W)`` at ``size``, resized as evaluation does
+    (:func:`~cenfusion.metrics.segmentation.upsample_logits`), then argmax."""
+    return upsample_logits(logits[None], size)[0].argmax(0).byte().cpu().numpy()
 
 
 def save_prediction_panel(
