@@ -34,7 +34,7 @@ from cenfusion.reporting.html import write_report
 from cenfusion.reporting.plots import plot_exchange_overall, write_plots
 from cenfusion.reporting.runlog import load_confusion, read_run, save_confusion
 
-CLASSES = ("wall", "floor", "ceiling", "poster", "cabinet", "rug")
+CLASSES = ("wall", "floor", "ceiling", "poster", "cabinet", "cost $^$")  # "$": no mathematics
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -99,7 +99,12 @@ def seg_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         lines.append(line)
     resumed = {**lines[3], "train_loss": 99.0}
-    evaluation = {"evaluate": "runs/seg/best.pth", "val": lines[-1]["val"]}
+    evaluation = {
+        "evaluate": "runs/seg/best.pth",
+        "protocol": "multi-scale 0.5-1.5 + flip",
+        "data": "data/<nyu>",
+        "val": lines[-1]["val"],
+    }
     write_lines(run / "metrics.jsonl", [*lines[:5], resumed, lines[5], evaluation])
     counts = rng.integers(0, 50, size=(6, 6)) + np.eye(6, dtype=np.int64) * 200
     save_confusion(run, {"rgb": torch.from_numpy(counts), "ensemble": counts})
@@ -329,7 +334,9 @@ def test_report_segmentation_content(seg_report) -> None:
     page = seg_report.read_text()
     assert self_contained(page)
     assert len(re.findall("<img ", page)) == 8 + 2  # the plots and images/a.png, images/b.png
-    assert "stage 2, epoch 3" in page and "runs/seg/best.pth" in page
+    assert "stage 2, epoch 3" in page
+    heading = "Evaluation of runs/seg/best.pth (multi-scale 0.5-1.5 + flip, data/&lt;nyu&gt;)"
+    assert f"<h3>{heading}</h3>" in page
     from cenfusion.reporting.html import _epoch_label
 
     assert _epoch_label({"stage": 2, "epoch": 20}, 20.0) == "epoch 20 (stage 2)"

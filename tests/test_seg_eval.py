@@ -203,6 +203,20 @@ def test_multi_scale_flip_is_the_average_of_every_pass() -> None:
     assert (got - single).abs().max() > 1e-2 and (got - two_scales).abs().max() > 1e-3
 
 
+def test_multi_scale_sides_round_half_up_as_mmsegmentation_does() -> None:
+    seen = []
+
+    class Recording(StridedModel):
+        def forward(self, inputs):
+            seen.append(tuple(inputs[0].shape[-2:]))
+            return super().forward(inputs)
+
+    inputs = [torch.randn(1, 3, 21, 29), torch.randn(1, 3, 21, 29)]
+    with torch.no_grad():
+        TestTimeAugmentation(Recording(), ["rgb", "depth"], (0.5, 1.5), flip=False)(inputs)
+    assert seen == [(11, 15), (32, 44)]  # 10.5 -> 11, 14.5 -> 15, 31.5 -> 32, 43.5 -> 44
+
+
 def test_multi_scale_flip_differs_from_single_scale(setup) -> None:
     cfg, _, checkpoint = setup
     single = evaluate_checkpoint(cfg, checkpoint)
@@ -255,6 +269,7 @@ def test_cli_prints_both_tables_and_appends_json_lines(setup, tmp_path, capsys) 
         "multi-scale 0.75, 1.25 + flip",
     ]
     assert records[1]["scales"] == [0.75, 1.25] and records[1]["flip"] is True
+    assert (records[1]["data"], records[1]["val_list"]) == (str(cfg.data), "val.txt")
     assert same(records[0]["val"], evaluate_checkpoint(cfg, checkpoint))
 
 

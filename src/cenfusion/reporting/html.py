@@ -104,7 +104,9 @@ def _results(run: RunLog) -> str:
         scores = line_scores(line, run)
         if scores:
             what = line.get("checkpoint", line.get("evaluate"))
-            parts.append(f"<h3>Evaluation of {html.escape(str(what))}</h3>")
+            how = [line[k] for k in ("protocol", "data", "val_list") if line.get(k)]
+            said = f" ({', '.join(map(str, how))})" if how else ""
+            parts.append(f"<h3>Evaluation of {html.escape(str(what) + said)}</h3>")
             parts.append(_score_table(scores))
     xs, fractions = run.exchange_overall()
     if fractions:

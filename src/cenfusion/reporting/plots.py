@@ -65,6 +65,12 @@ def _figure(width_px: int, height_px: int, **subplots: Any) -> tuple[Any, Any]:
     return fig, fig.subplots(**subplots)
 
 
+def _literal(texts: Sequence[str]) -> list[str]:
+    """Names drawn as written: matplotlib reads ``$...$`` as mathematics (and fails on some),
+    and a class name is the user's text."""
+    return [str(t).replace("$", r"\$") for t in texts]
+
+
 def _save(fig: Any, path: Path) -> Path:
     """Save at the figure's exact pixel size (no tight bounding box), whole or not at all:
     plots are drawn beside a training that may be stopped at any moment."""
@@ -142,7 +148,9 @@ def plot_class_iou(
         values = np.array([float(v) if v is not None else np.nan for v in iou[:k]])
         offset = (i - (len(heads) - 1) / 2) * height
         ax.barh(rows + offset, values, height, label=head)
-    ax.set_yticks(rows, list(class_names), fontsize=8)
+        for row in np.flatnonzero(np.isnan(values)):  # absent from labels and prediction
+            ax.text(0.5, row + offset, "n/a", fontsize=6, va="center", color="0.4")
+    ax.set_yticks(rows, _literal(class_names), fontsize=8)
     ax.set_ylim(k - 0.5, -0.5)
     ax.set_xlim(0, 100)
     ax.set_xlabel("IoU (%)")
@@ -164,8 +172,8 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, p
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     names = list(class_names)[:k] + [str(i) for i in range(len(class_names), k)]
     font = 8 if k <= 20 else 6
-    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
-    ax.set_yticks(range(k), names, fontsize=font)
+    ax.set_xticks(range(k), _literal(names), rotation=90, fontsize=font)
+    ax.set_yticks(range(k), _literal(names), fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
     ax.set_title(title)

@@ -5,10 +5,11 @@ multi-scale + flip test-time augmentation.
   argmax, as the released CEN code scores; training's validation is this (:func:`evaluate`).
 - **multi-scale 0.5-1.5 + flip**, as most later RGB-D papers report: the inputs resized by
   each of 0.5, 0.75, 1, 1.25, 1.5 (photographs bilinearly, depth with nearest neighbour) and
-  each also mirrored left-right; every pass's logits are resized to the label size as in
-  the single-scale protocol (bicubic), mirrored back, turned into **softmax probabilities**, and the probabilities are
-  averaged over the passes before the argmax. Averaging
-  probabilities rather than logits keeps one over-confident scale from outvoting the others.
+  each also mirrored left-right (sides rounded half up, as mmsegmentation does); every
+  pass's logits are resized to the label size as in the single-scale protocol (bicubic),
+  mirrored back, turned into **softmax probabilities**, and the probabilities are averaged
+  over the passes before the argmax. Averaging probabilities rather than logits keeps one
+  over-confident scale from outvoting the others.
 
 Both use the same evaluation loop and metric (one global confusion matrix per head, each
 modality and the ensemble): the augmentation is a module wrapped around the model
@@ -39,7 +40,12 @@ from cenfusion.metrics.segmentation import (
     format_scores,
     upsample_logits,
 )
-from cenfusion.segmentation.build import build_dataset, check_model_fits, check_same_modalities
+from cenfusion.segmentation.build import (
+    build_dataset,
+    check_model_fits,
+    check_same_modalities,
+    data_root,
+)
 from cenfusion.segmentation.config import SegmentationConfig
 from cenfusion.segmentation.modelio import check_onnx_runtime, is_onnx, load_segmenter
 from cenfusion.segmentation.predict import resize_input
@@ -139,7 +145,7 @@ class TestTimeAugmentation(nn.Module):
         total: list[Tensor] | None = None
         passes = 0
         for scale in self.scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
             scaled = [resize_input(x, k, size) for x, k in zip(inputs, self.kinds)]
             for mirrored in (False, True) if self.flip else (False,):
                 batch = [x.flip(-1) for x in scaled] if mirrored else scaled
@@ -314,6 +320,8 @@ def run_evaluation(
                     {
                         "evaluate": str(checkpoint),
                         "protocol": protocol.label,
+                        "data": str(data_root(cfg)),
+                        "val_list": cfg.val_list,
                         "scales": list(protocol.scales),
                         "flip": protocol.flip,
                         "val": results[protocol.label],
