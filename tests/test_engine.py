@@ -72,6 +72,7 @@ def _example(cls: type, field: dataclasses.Field) -> tuple[list[str], object]:
         return [flag_name(field.name) if value else "--no-" + field.name.replace("_", "-")], value
     if typing.get_origin(kind) is tuple:
         item = typing.get_args(kind)[0]
+        item = str if typing.get_args(item) else item  # several types: the flag takes text
         value = [item(3), item(4)] if item is not str else ["a", "b"]
         return [flag_name(field.name), *map(str, value)], value
     choices = field.metadata.get("choices")
@@ -230,21 +231,32 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(argv, capsys) -
 def test_an_interrupted_run_says_what_resumes_it() -> None:
     from cenfusion.engine.trainer import _interrupted_line
 
-    assert _interrupted_line(0, 0, 5, "x") == "interrupted in epoch 1 of 5; no checkpoint yet"
-    assert _interrupted_line(3, 1, 5, "x") == (
-        "interrupted in epoch 4 of 5; last.pth holds epoch 3, --resume continues"
-    )
-    assert _interrupted_line(2, 2, 5, "other/last.pth") == (
+    line = _interrupted_line
+    assert line(0, 0, 5, "x", False) == "interrupted in epoch 1 of 5; no checkpoint yet"
+    holds = "last.pth holds epoch 3, --resume continues"
+    assert line(3, 1, 5, "x", False) == f"interrupted in epoch 4 of 5; {holds}"
+    assert line(3, 3, 5, "runs/a/last.pth", True) == f"interrupted in epoch 4 of 5; {holds}"
+    assert line(2, 2, 5, "other/last.pth", False) == (
         "interrupted in epoch 3 of 5; nothing saved here since other/last.pth (epoch 2)"
     )
-    assert _interrupted_line(5, 0, 5, "x").startswith("interrupted after its last epoch; last")
+    assert line(5, 0, 5, "x", False).startswith("interrupted after its last epoch; last")
 
 
-def test_an_empty_flag_is_refused_but_a_checkpoints_empty_setting_reads_as_before() -> None:
+def test_an_empty_flag_is_refused_but_a_checkpoints_empty_setting_reads_as_before(
+    tmp_path: Path,
+) -> None:
     """An unset shell variable (``--pretrained "$W"``) would train from random weights under
     the released recipe; a checkpoint saved with ``pretrained: ''`` meant none, and still does."""
     with pytest.raises(CenError, match=r"^--pretrained '': expected a value, got an empty one"):
         SEGMENTATION.resolve_config(None, None, {"pretrained": ""}, None)
+    with pytest.raises(CenError, match=r"^--pretrained ' ': expected a value, got an empty one"):
+        SEGMENTATION.resolve_config(None, None, {"pretrained": " "}, None)
+    settings = tmp_path / "s.yaml"
+    settings.write_text("pretrained: ''\n")
+    with pytest.raises(
+        CenError, match=rf"^--pretrained '': .*empty one \(set in --config {settings}"
+    ):
+        SEGMENTATION.resolve_config(None, settings, {}, None)
     saved = {**config_to_dict(SegmentationConfig()), "pretrained": ""}
     assert SEGMENTATION.resolve_config(None, None, {}, saved).pretrained_weights is None
 

@@ -552,6 +552,13 @@ def test_outputs_may_not_write_over_inputs_and_positionals_follow_flags(
     write_depth(pair / "depth" / "x.png", 20, 24)
     with pytest.raises(CenError, match=r"^--out .*depth: a folder of the inputs, where the out"):
         predict(checkpoint, [(pair / "rgb", pair / "depth")], pair / "depth", runtime=CPU)
+    linked = tmp_path / "linked"  # a data set of links to files kept elsewhere
+    (linked / "rgb").mkdir(parents=True)
+    (linked / "depth").mkdir()
+    (linked / "rgb" / "x.png").symlink_to(pair / "rgb" / "x.png")
+    (linked / "depth" / "x.png").symlink_to(pair / "depth" / "x.png")
+    with pytest.raises(CenError, match=r"^--out .*linked/rgb: a folder of the inputs, where"):
+        predict(checkpoint, [(linked / "rgb", linked / "depth")], linked / "rgb", runtime=CPU)
     predict(checkpoint, items[:1], own, runtime=CPU)  # files given one by one: theirs to place
     assert (own / "a_label.png").is_file()
     if not torch.cuda.is_available():

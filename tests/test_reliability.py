@@ -421,6 +421,10 @@ def test_a_loader_workers_memory_error_is_said_and_sizes_advised_where_they_are_
         "bytes. Error code 12 (Cannot allocate memory))"
     )
     assert _memory_line(worker, "seg").endswith("or --amp, may fit")
+    assert _memory_line(worker, "bench").endswith(
+        "; smaller --size, --train-size, --batch or --train-batch may fit"
+    )
+    assert _memory_line(worker, "demo") == _memory_line(worker, "data")
 
 
 def test_internal_error_shows_a_short_traceback_and_how_to_report(

@@ -88,8 +88,12 @@ def _one_line(err: CenError) -> str:
     return shorten(text, MAX_LINE - len("cen: error: "))
 
 
-#: The commands whose sizes are settings (the others read what they are given).
-_SIZED = ("seg", "i2i", "bench", "demo")
+#: What may fit in memory, by command (the others read what they are given).
+_SMALLER = {
+    "seg": "smaller --batch-size, --crop-size, --size or --scales, or --amp, may fit",
+    "i2i": "smaller --batch-size or --crop-size, or --amp, may fit",
+    "bench": "smaller --size, --train-size, --batch or --train-batch may fit",
+}
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -111,8 +115,8 @@ def _memory_line(err: BaseException, command: str | None) -> str:
     said = next((x for x in reversed(lines) if "memory" in x or "overflow" in x), None)
     said = said or (lines[0] if lines else type(err).__name__)
     said = re.sub(r"^(\w+Error: )?\[enforce fail at [^\]]*\] [^.]*\. ", "", said)
-    advice = "smaller --batch-size, --crop-size, --size or --scales, or --amp, may fit"
-    line = f"out of memory ({said})" + (f"; {advice}" if command in _SIZED else "")
+    advice = _SMALLER.get(command or "")
+    line = f"out of memory ({said})" + (f"; {advice}" if advice else "")
     return shorten(line, MAX_LINE - len("cen: error: "))
 
 

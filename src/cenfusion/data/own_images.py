@@ -120,7 +120,7 @@ def check_outputs_spare_inputs(samples: Sequence[Sample], outputs: Iterable[Path
     outputs into a folder given as inputs, where a later run on that folder would read them
     as inputs."""
     inputs = {path.resolve() for sample in samples for path in sample.paths}
-    folders = {path.resolve().parent for s in samples if s.paired for path in s.paths}
+    folders = {path.parent.resolve() for s in samples if s.paired for path in s.paths}
     outputs = list(outputs)
     for output in outputs:
         if output.resolve() in inputs:
@@ -129,7 +129,7 @@ def check_outputs_spare_inputs(samples: Sequence[Sample], outputs: Iterable[Path
                 "would write over; write them elsewhere"
             )
     for output in outputs:
-        if output.resolve().parent in folders:
+        if output.parent.resolve() in folders:
             raise CenError(
                 f"--out {output.parent}: a folder of the inputs, where the outputs would be "
                 "read as inputs by a later run on it; write them elsewhere"

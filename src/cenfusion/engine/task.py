@@ -90,11 +90,14 @@ class Task:
                 read as no weights), an unknown preset, a setting of the wrong name or type,
                 or settings that cannot run together (checked once all are in).
         """
-        empty = [name for name, value in flags.items() if value == ""]
-        if empty:
-            raise CenError(
-                f"{flag_name(empty[0])} '': expected a value, got an empty one (an unset variable?)"
-            )
+        from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
+        for source, given_here in (("", flags), (f" (set in --config {yaml_path})", from_yaml)):
+            empty = [k for k, v in given_here.items() if isinstance(v, str) and not v.strip()]
+            if empty:
+                raise CenError(
+                    f"{flag_name(empty[0])} {given_here[empty[0]]!r}: expected a value, got an "
+                    f"empty one{source or ' (an unset variable?)'}"
+                )
         if saved is not None and preset is None:
             base = config_from_dict(self.config, dict(saved), where)
         else:
@@ -102,7 +105,6 @@ class Task:
             if name not in self.presets:
                 raise CenError(f"--preset {name}: expected one of {', '.join(self.presets)}")
             base = self.presets[name]
-        from_yaml = load_yaml(yaml_path) if yaml_path is not None else {}
         given = {**from_yaml, **flags}
         defaults = {f.name: f.default for f in fields(self.config)}
         superseded = {

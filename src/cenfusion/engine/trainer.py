@@ -348,10 +348,11 @@ def _checkpoint(recipe: Recipe, config: Any, epoch: int, best: BestScore) -> dic
     }
 
 
-def _interrupted_line(done: int, start: int, total: int, where: str) -> str:
-    """What a run stopped by Ctrl-C leaves: the epoch it stopped in, what resumes it."""
+def _interrupted_line(done: int, start: int, total: int, where: str, here: bool) -> str:
+    """What a run stopped by Ctrl-C leaves: the epoch it stopped in, what resumes it.
+    ``here``: the checkpoint it resumed (``where``) is this run folder's own."""
     when = f"in epoch {done + 1} of {total}" if done < total else "after its last epoch"
-    if done > start:
+    if done > start or (start and here):
         return f"interrupted {when}; {LAST} holds epoch {done}, --resume continues"
     if start:
         return f"interrupted {when}; nothing saved here since {where} (epoch {start})"
@@ -428,7 +429,8 @@ def fit(
         if reports is not None:
             reports.finish()
     except KeyboardInterrupt:
-        log.info(_interrupted_line(done, start, total, where))
+        here = Path(where).resolve().parent == folder.path.resolve()
+        log.info(_interrupted_line(done, start, total, where, here))
         raise
     finally:
         scalars.close()

@@ -39,8 +39,9 @@ __all__ = [
 def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     """Logits ``(B, C, h, w)`` resized to ``size`` ``(H, W)`` for the argmax, as the
     released evaluation does: bicubic (OpenCV's ``INTER_CUBIC``: the cubic's ``a = -0.75``,
-    pixel centres aligned, edges repeated), in float32. A bilinear resize moves about a tenth
-    of an mIoU point against the released scores."""
+    pixel centres aligned, edges repeated), in float32; the two differ by the float rounding
+    of the sample position (about 1e-5 at NYUDv2's 4x, up to 1e-3 at other ratios). A
+    bilinear resize moved the demo's mIoU by 0.2 to 1 point."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits.float()
     return F.interpolate(logits.float(), size=tuple(size), mode="bicubic", align_corners=False)
