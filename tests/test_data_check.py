@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from cenfusion.data import check
-from cenfusion.data.check import check_dataset, check_images
+from cenfusion.data.check import check_dataset
 from cenfusion.data.listfile import ModalitySpec, nyudv2_modalities
+from cenfusion.data.own_images import check_images
 from cenfusion.errors import CenError
 
 HEIGHT, WIDTH = 6, 8
@@ -110,6 +111,10 @@ def test_a_sample_in_both_lists_is_warned_of(root: Path, tmp_path: Path) -> None
     said.clear()
     check_dataset(root, ["val.txt", "val.txt"], nyudv2_modalities(), NUM_CLASSES, **arguments)
     assert said == []
+    append_line(root / "val.txt", "rgb/t1.png\tmasks/t1.png\tdepth/t1.png")  # now twice
+    check_dataset(root, ["val.txt"], nyudv2_modalities(), NUM_CLASSES, **arguments)
+    once = "lists 1 sample more than once, e.g. the one of rgb/t1.png; each line counts"
+    assert said == [f"warning: {root / 'val.txt'} {once}"]
 
 
 def append_line(path: Path, line: str) -> None:

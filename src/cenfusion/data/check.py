@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,11 +414,18 @@ def _to_stderr(line: str) -> None:
 
 
 def _say_shared_samples(lists: list[tuple[Path, list[str]]], say: Callable[[str], None]) -> None:
-    """Warn of a sample in two list files: a validation list sharing samples with the
-    training list scores what the network has seen."""
-    samples = [
-        (path, {tuple(split_line(x.strip())) for x in lines if x.strip()}) for path, lines in lists
-    ]
+    """Warn of a sample listed twice: in one list it counts twice (in a validation list, in
+    the scores); in two, a validation list sharing samples with the training list scores
+    what the network has seen."""
+    samples = []
+    for path, lines in lists:
+        listed = Counter(tuple(split_line(x.strip())) for x in lines if x.strip())
+        repeated = sorted(s for s, n in listed.items() if n > 1)
+        if repeated:
+            many = len(repeated) > 1
+            say(f"warning: {path} lists {len(repeated)} sample{'s' * many} more than once, "
+                f"e.g. the one of {repeated[0][0]}; each line counts")  # fmt: skip
+        samples.append((path, set(listed)))
     for i, (first, own) in enumerate(samples):
         for later, theirs in samples[i + 1 :]:
             shared = own & theirs
@@ -471,28 +478,3 @@ def check_root_images(
             checker.problems.append(f"{root}: {found}")
     cache.save()
     raise_problems(checker.problems, max_problems, report)
-
-
-def check_images(
-    paths: Iterable[str | Path],
-    kinds: Iterable[str] | None = None,
-    *,
-    max_problems: int = MAX_PROBLEMS,
-    report: Callable[[str], None] | None = None,
-) -> None:
-    """Decode every image of ``paths`` (as ``kinds``, one per path; default ``rgb``) before
-    any output is written, reporting every unreadable one as for :func:`check_dataset`."""
-    paths = [Path(p) for p in paths]
-    kinds = list(kinds) if kinds is not None else ["rgb"] * len(paths)
-    if len(kinds) != len(paths):
-        raise ValueError(f"{len(paths)} paths but {len(kinds)} kinds")
-    problems = []
-    for path, kind in zip(paths, kinds):
-        if not path.is_file():
-            problems.append(f"file {path} does not exist")
-            continue
-        try:
-            decode_image(path, kind)
-        except CenError as err:
-            problems.append(str(err))
-    raise_problems(problems, max_problems, report)

@@ -3,10 +3,12 @@ file stem), and the outputs' names kept apart. Both tasks' ``predict`` commands 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cenfusion.data.check import MAX_PROBLEMS, raise_problems
+from cenfusion.data.listfile import decode_image
 from cenfusion.errors import CenError
 
 #: File types read from input folders.
@@ -173,3 +175,28 @@ def items_from_columns(columns: Mapping[str, Sequence[Path]]) -> list[tuple[Path
         listed = ", ".join(f"{n} {c}" for n, c in counts.items())
         raise CenError(f"each input needs as many paths as the others, got {listed}")
     return list(zip(*columns.values()))
+
+
+def check_images(
+    paths: Iterable[str | Path],
+    kinds: Iterable[str] | None = None,
+    *,
+    max_problems: int = MAX_PROBLEMS,
+    report: Callable[[str], None] | None = None,
+) -> None:
+    """Decode every image of ``paths`` (as ``kinds``, one per path; default ``rgb``) before
+    any output is written, reporting every unreadable one as for :func:`check_dataset`."""
+    paths = [Path(p) for p in paths]
+    kinds = list(kinds) if kinds is not None else ["rgb"] * len(paths)
+    if len(kinds) != len(paths):
+        raise ValueError(f"{len(paths)} paths but {len(kinds)} kinds")
+    problems = []
+    for path, kind in zip(paths, kinds):
+        if not path.is_file():
+            problems.append(f"file {path} does not exist")
+            continue
+        try:
+            decode_image(path, kind)
+        except CenError as err:
+            problems.append(str(err))
+    raise_problems(problems, max_problems, report)

@@ -33,10 +33,10 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cenfusion.data.check import check_images
 from cenfusion.data.listfile import HIGH_BIT_MODES, NYUDV2_DEPTH_SCALE, decode_image
 from cenfusion.data.own_images import (
     Sample,
+    check_images,
     check_output_folder,
     check_output_names,
     check_outputs_spare_inputs,
