@@ -30,6 +30,7 @@ class FileServer:
     etags: bool = False  # send each file's ETag (no If-Range: a server that ignores it)
     stall_after: dict[str, int] = field(default_factory=dict)  # bytes sent before silence
     if_range: list[str | None] = field(default_factory=list)  # each request's If-Range
+    modified: dict[str, str] = field(default_factory=dict)  # path -> its Last-Modified
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -61,6 +62,8 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_response(200)
             if state.etags:
                 self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+            if self.path in state.modified:
+                self.send_header("Last-Modified", state.modified[self.path])
             self.send_header("Content-Length", str(len(body) - start))
             self.end_headers()
             stall = state.stall_after.pop(self.path, None)
@@ -271,6 +274,52 @@ def test_unreachable_server_names_url(tmp_path: Path) -> None:
     with pytest.raises(CenError, match=re.escape(url) + f".*; {ADVICE}$"):
         download(url, tmp_path / "x.bin", retries=0, progress=False, timeout=5)
     assert not os.listdir(tmp_path)
+
+
+def test_a_part_of_a_file_changed_on_a_server_that_says_only_its_date_starts_over(
+    server: FileServer, tmp_path: Path
+) -> None:
+    dest = tmp_path / "a.bin"
+    server.modified["/a.bin"] = "Mon, 07 Dec 2026 10:00:00 GMT"
+    _cut(server, "/a.bin", _payload(60_000, seed=11), 15_000, dest)
+    changed = server.files["/a.bin"] = _payload(60_000, seed=12)
+    server.modified["/a.bin"] = "Tue, 08 Dec 2026 10:00:00 GMT"
+    assert download(f"{server.base}/a.bin", dest, progress=False).read_bytes() == changed
+    assert server.if_range[-2] == "Mon, 07 Dec 2026 10:00:00 GMT"
+
+
+def test_a_whole_part_of_another_length_is_not_taken_for_the_file(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """The server's file shrank to the part's length: its 416 says "whole", the record's
+    length says otherwise."""
+    dest = tmp_path / "a.bin"
+    _cut(server, "/a.bin", _payload(90_000, seed=13), 30_000, dest)
+    shrunk = server.files["/a.bin"] = _payload(30_000, seed=14)
+    assert download(f"{server.base}/a.bin", dest, progress=False).read_bytes() == shrunk
+
+
+def test_one_process_at_a_time_downloads_a_file_and_a_bad_record_starts_over(
+    server: FileServer, tmp_path: Path
+) -> None:
+    import fcntl
+
+    body = server.files["/a.bin"] = _payload(20_000, seed=15)
+    dest = tmp_path / "a.bin"
+    lock = tmp_path / "a.bin.part.lock"
+    with open(lock, "w") as held:  # another process's download, under way
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CenError, match="a.bin: another process is downloading it now"):
+            download(f"{server.base}/a.bin", dest, progress=False)
+    lock.unlink()
+    (tmp_path / "a.bin.part").write_bytes(body[:5000])
+    (tmp_path / "a.bin.part.source").write_text("[" * 100_000)  # json recurses past its limit
+    assert download(f"{server.base}/a.bin", dest, progress=False).read_bytes() == body
+    (tmp_path / "b.bin.part").write_bytes(b"x")
+    (tmp_path / "b.bin.part.source").mkdir()
+    server.files["/b.bin"] = body
+    assert download(f"{server.base}/b.bin", tmp_path / "b.bin", progress=False).read_bytes() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
 
 
 def test_download_many_in_parallel(server: FileServer, tmp_path: Path) -> None:

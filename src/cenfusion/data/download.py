@@ -17,23 +17,30 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import re
+import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
 from cenfusion.errors import CenError
+
+try:
+    import fcntl
+except ImportError:  # Windows: downloads go unlocked
+    fcntl = None  # type: ignore[assignment]
 
 _CHUNK = 1 << 20
 _USER_AGENT = "cenfusion-downloader"
@@ -192,17 +199,61 @@ def _read_source(part: Path) -> dict[str, object]:
     """What ``part`` was begun from (empty when it has no readable record)."""
     try:
         record = json.loads(_source_record(part).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return record if isinstance(record, dict) else {}
 
 
 def _drop_part(part: Path) -> None:
     part.unlink(missing_ok=True)
-    _source_record(part).unlink(missing_ok=True)
+    record = _source_record(part)
+    if record.is_dir() and not record.is_symlink():
+        shutil.rmtree(record)
+    record.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _fetching_alone(dest: Path) -> Iterator[None]:
+    """Hold ``dest``'s download lock (``DEST.part.lock``, removed after): a second process
+    fetching the same file appended to the first one's ``.part``. Where the system has no
+    ``flock`` (Windows) nothing is locked."""
+    if fcntl is None:
+        yield
+        return
+    lock = dest.with_name(dest.name + ".part.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(lock).st_ino != os.fstat(fd).st_ino:  # its holder removed it meanwhile
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        raise CenError(
+            f"{dest}: another process is downloading it now; let it finish, or stop it"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _fetch(
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    bar: _Progress,
+    retries: int,
+    timeout: float,
+    advice: str,
+    check: FileCheck | None,
+) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _fetching_alone(dest):
+        return _fetch_alone(url, dest, sha256, bar, retries, timeout, advice, check)
+
+
+def _fetch_alone(
     url: str,
     dest: Path,
     sha256: str | None,
@@ -221,7 +272,6 @@ def _fetch(
             dest.unlink()
         else:
             return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if part.exists() and _read_source(part).get("url") != url:
         _drop_part(part)  # begun from another mirror: its bytes may be of another file
@@ -299,6 +349,9 @@ def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
     began = _read_source(part) if offset else {}
     response = _open(url, offset, timeout, _version(began))
     if response is None:
+        if began.get("length") not in (None, offset):  # whole, but of another length
+            _drop_part(part)
+            return _transfer(url, part, bar, timeout)
         bar.adjust(offset, offset)
         return
     with response:
@@ -314,7 +367,7 @@ def _transfer(url: str, part: Path, bar: _Progress, timeout: float) -> None:
                 )
             start = offset
             total = int(span[3]) if span[3] != "*" else None
-            if _changed(began, total, response.headers.get("ETag")):
+            if _changed(began, total, response.headers):
                 response.close()
                 _drop_part(part)
                 return _transfer(url, part, bar, timeout)
@@ -354,12 +407,17 @@ def _version(began: dict[str, object]) -> str | None:
     return modified if isinstance(modified, str) else None
 
 
-def _changed(began: dict[str, object], total: int | None, etag: str | None) -> bool:
-    """Whether the server's file is no longer the one the part was begun from."""
+def _changed(began: dict[str, object], total: int | None, headers: Any) -> bool:
+    """Whether the server's file is no longer the one the part was begun from: another
+    length, ETag or Last-Modified date (a server that ignores If-Range still says them)."""
     length = began.get("length")
     if length is not None and total is not None and length != total:
         return True
-    return bool(began.get("etag")) and etag is not None and etag != began["etag"]
+    for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        now = headers.get(header)
+        if began.get(key) and now is not None and now != began[key]:
+            return True
+    return False
 
 
 def _read(response: http.client.HTTPResponse) -> bytes:
