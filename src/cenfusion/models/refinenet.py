@@ -224,11 +224,14 @@ class CENRefineNet(nn.Module):
         """Stacked ``(M*B, 3, H, W)`` -> per-modality logits ``(M, B, K, h, w)``."""
         height, width = x.shape[-2:]
         step = self.size_multiple
+        # sizes by floor division alone, which compiled code takes with symbolic sizes
+        below = (height + step - 1) // step * step - height
+        right = (width + step - 1) // step * step - width
         # a traced graph takes multiples of the step (the ONNX export's check), unpadded
-        if step == 1 or torch.jit.is_tracing() or not (height % step or width % step):
+        if step == 1 or torch.jit.is_tracing() or not (below or right):
             return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
-        padded = F.pad(x, (0, -width % step, 0, -height % step))
-        logits = self.decoder(self.encoder(padded))[..., : -(-height // 4), : -(-width // 4)]
+        padded = F.pad(x, (0, right, 0, below))
+        logits = self.decoder(self.encoder(padded))[..., : (height + 3) // 4, : (width + 3) // 4]
         return split_modalities(logits, self.num_modalities)
 
     def forward(self, inputs: Sequence[Tensor] | Tensor) -> Tensor:
