@@ -250,65 +250,52 @@ def _fetch(
 ) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _fetching_alone(dest):
-        return _fetch_alone(url, dest, sha256, bar, retries, timeout, advice, check)
-
-
-def _fetch_alone(
-    url: str,
-    dest: Path,
-    sha256: str | None,
-    bar: _Progress,
-    retries: int,
-    timeout: float,
-    advice: str,
-    check: FileCheck | None,
-) -> Path:
-    expected = sha256.strip().lower() if sha256 else None
-    bad = dest.with_name(dest.name + ".bad")
-    if dest.is_file():
-        if expected is not None and sha256_file(dest) != expected:
-            os.replace(dest, bad)
-        elif check is not None and check(dest) is not None:
-            dest.unlink()
-        else:
-            return dest
-    part = dest.with_name(dest.name + ".part")
-    if part.exists() and _read_source(part).get("url") != url:
-        _drop_part(part)  # begun from another mirror: its bytes may be of another file
-    attempt = 0
-    while True:
-        before = part.stat().st_size if part.exists() else 0
-        try:
-            _transfer(url, part, bar, timeout)
-            break
-        except CenError as exc:
-            raise CenError(f"{exc}; {advice}") from None
-        except _TransferError as exc:
-            attempt += 1
-            if attempt > retries:
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise CenError(f"cannot download {url}{tries}: {exc}; {advice}") from None
-            made_progress = part.exists() and part.stat().st_size > before
-            if not made_progress:
-                time.sleep(min(attempt, 5))
-    if expected is not None:
-        actual = sha256_file(part)
-        if actual != expected:
-            os.replace(part, bad)
+        expected = sha256.strip().lower() if sha256 else None
+        bad = dest.with_name(dest.name + ".bad")
+        if dest.is_file():
+            if expected is not None and sha256_file(dest) != expected:
+                os.replace(dest, bad)
+            elif check is not None and check(dest) is not None:
+                dest.unlink()
+            else:
+                return dest
+        part = dest.with_name(dest.name + ".part")
+        if part.exists() and _read_source(part).get("url") != url:
+            _drop_part(part)  # begun from another mirror: its bytes may be of another file
+        attempt = 0
+        while True:
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                _transfer(url, part, bar, timeout)
+                break
+            except CenError as exc:
+                raise CenError(f"{exc}; {advice}") from None
+            except _TransferError as exc:
+                attempt += 1
+                if attempt > retries:
+                    tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    raise CenError(f"cannot download {url}{tries}: {exc}; {advice}") from None
+                made_progress = part.exists() and part.stat().st_size > before
+                if not made_progress:
+                    time.sleep(min(attempt, 5))
+        if expected is not None:
+            actual = sha256_file(part)
+            if actual != expected:
+                os.replace(part, bad)
+                _drop_part(part)
+                raise CenError(
+                    f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
+                    f"the file was kept as {bad}"
+                )
+        problem = check(part) if check is not None else None
+        if problem is not None:
             _drop_part(part)
             raise CenError(
-                f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
-                f"the file was kept as {bad}"
+                f"{url}: the file it gave {problem}; removed, so a rerun fetches it again; {advice}"
             )
-    problem = check(part) if check is not None else None
-    if problem is not None:
+        os.replace(part, dest)
         _drop_part(part)
-        raise CenError(
-            f"{url}: the file it gave {problem}; removed, so a rerun fetches it again; {advice}"
-        )
-    os.replace(part, dest)
-    _drop_part(part)
-    return dest
+        return dest
 
 
 def _open(
