@@ -13,6 +13,8 @@ import re
 
 #: The longest line an error may print (longer ones lose words from the middle).
 MAX_LINE = 299
+#: Problems listed before a check gives up listing (it still counts them all).
+MAX_PROBLEMS = 50
 #: A URL with folders between its host and its last part.
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*://[^/\s]+)/[^\s]*(/[^/\s]+/?)$")
 

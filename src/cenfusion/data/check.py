@@ -45,10 +45,8 @@ from cenfusion.data.listfile import (
     read_list_file,
     split_line,
 )
-from cenfusion.errors import CenError
+from cenfusion.errors import MAX_PROBLEMS, CenError
 
-#: Problems listed before the check gives up listing (it still counts them all).
-MAX_PROBLEMS = 50
 #: Raised whenever what a file must be changes, so that older verdicts are not reused.
 CACHE_VERSION = 2
 MASK = "mask"

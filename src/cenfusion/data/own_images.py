@@ -7,9 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cenfusion.data.check import MAX_PROBLEMS, raise_problems
-from cenfusion.data.listfile import decode_image
-from cenfusion.errors import CenError
+from cenfusion.errors import MAX_PROBLEMS, CenError
 
 #: File types read from input folders.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -186,6 +184,9 @@ def check_images(
 ) -> None:
     """Decode every image of ``paths`` (as ``kinds``, one per path; default ``rgb``) before
     any output is written, reporting every unreadable one as for :func:`check_dataset`."""
+    from cenfusion.data.check import raise_problems  # numpy and torch: not at the CLI's start
+    from cenfusion.data.listfile import decode_image
+
     paths = [Path(p) for p in paths]
     kinds = list(kinds) if kinds is not None else ["rgb"] * len(paths)
     if len(kinds) != len(paths):
