@@ -307,30 +307,30 @@ class _SettingsLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # ``<<: *base`` brings keys in, to be overridden
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                line = key_node.start_mark.line + 1
-                raise CenError(f"line {line}: {key} is given twice")
-            if isinstance(key, typing.Hashable):
-                seen.add(key)
+            if not isinstance(key, typing.Hashable):
+                continue
+            if key in seen:
+                raise CenError(f"line {key_node.start_mark.line + 1}: {key} is given twice")
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        if not _PLAIN_INT.fullmatch(node.value):
-            line = node.start_mark.line + 1
-            raise CenError(
-                f"line {line}: {node.value!r} reads as {super().construct_yaml_int(node)} in "
-                "YAML; write the decimal number, or quote it for text"
-            )
-        return super().construct_yaml_int(node)
+        value = super().construct_yaml_int(node)
+        return _as_written(node, value, _PLAIN_INT.fullmatch(node.value) is not None)
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
-        if "_" in node.value or ":" in node.value:
-            line = node.start_mark.line + 1
-            raise CenError(
-                f"line {line}: {node.value!r} reads as {super().construct_yaml_float(node)} in "
-                "YAML; write the decimal number, or quote it for text"
-            )
-        return super().construct_yaml_float(node)
+        value = super().construct_yaml_float(node)
+        return _as_written(node, value, "_" not in node.value and ":" not in node.value)
+
+
+def _as_written(node: yaml.ScalarNode, value: Any, plain: bool) -> Any:
+    """``value`` if its text is a plain number, else a refusal naming the line."""
+    if not plain:
+        raise CenError(
+            f"line {node.start_mark.line + 1}: {node.value!r} reads as {value} in YAML; write "
+            "the decimal number, or quote it for text"
+        )
+    return value
 
 
 _PLAIN_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")

@@ -224,9 +224,7 @@ class CENRefineNet(nn.Module):
         """Stacked ``(M*B, 3, H, W)`` -> per-modality logits ``(M, B, K, h, w)``."""
         height, width = x.shape[-2:]
         step = self.size_multiple
-        # sizes by floor division alone, which compiled code takes with symbolic sizes
-        below = (height + step - 1) // step * step - height
-        right = (width + step - 1) // step * step - width
+        below, right = padding_to(height, step), padding_to(width, step)
         # a traced graph takes multiples of the step (the ONNX export's check), unpadded
         if step == 1 or torch.jit.is_tracing() or not (below or right):
             return split_modalities(self.decoder(self.encoder(x)), self.num_modalities)
@@ -254,13 +252,19 @@ _ODD_SIZE = (33, 47)
 _ANY_SIZE = re.compile(r"resnet\d+[a-z]?(_narrow)?")
 
 
+def padding_to(side: int, step: int) -> int:
+    """What pads ``side`` to a multiple of ``step``; by floor division alone, which compiled
+    code takes with symbolic sizes (a modulo failed inductor)."""
+    return (side + step - 1) // step * step - side
+
+
 def size_multiple(encoder: nn.Module) -> int:
     """1 when ``encoder`` (a timm feature backbone) runs on an odd input size, else its
     largest feature stride, where it runs on that size padded to the stride (else 1: the
     encoder's own error then says what it needs). Tried in eval mode, without gradients,
     on the encoder's device (a meta encoder computes nothing); each module's mode is kept."""
     step = max(encoder.feature_info.reduction())
-    padded = tuple(-(-side // step) * step for side in _ODD_SIZE)
+    padded = tuple(side + padding_to(side, step) for side in _ODD_SIZE)
     if _runs_at(encoder, _ODD_SIZE) or not _runs_at(encoder, padded):
         return 1
     return step

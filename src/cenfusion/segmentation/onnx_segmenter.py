@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cenfusion.errors import CenError
-from cenfusion.models.refinenet import CENRefineNetConfig
+from cenfusion.models.refinenet import CENRefineNetConfig, padding_to
 
 __all__ = ["METADATA_PREFIX", "OnnxSegmenter", "require"]
 
@@ -132,7 +132,7 @@ class OnnxSegmenter:
         height, width = arrays[0].shape[-2:]
         step = self.size_multiple
         if self.fixed_size is None and (height % step or width % step):
-            pad = ((0, 0), (0, 0), (0, -height % step), (0, -width % step))
+            pad = ((0, 0), (0, 0), (0, padding_to(height, step)), (0, padding_to(width, step)))
             feed = {name: np.pad(array, pad) for name, array in feed.items()}
         outputs = self.session.run(None, feed)
         logits = np.stack(outputs)[..., : -(-height // 4), : -(-width // 4)]
